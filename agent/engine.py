@@ -1,0 +1,81 @@
+"""What the API adapters need from the serving side, as one protocol.
+
+The adapters in `agent/api/` depend only on this protocol and on `agent.generation`; the
+implementation (`agent.runtime.service.LocalEngine`, later the cluster router) lives below them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import msgspec
+
+from agent.generation import GenerationEvent, GenerationRequest
+
+
+class ModelNotFound(LookupError):
+    """No model of that name is in the store or placed in the cluster."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"model '{name}' not found")
+        self.name = name
+
+
+class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    architecture: str
+    parameters: int
+    quantization: str  # "F32", "F16", "Q4" ...
+    size_bytes: int
+    context_length: int
+    digest: str
+    modified_at: float  # unix seconds
+    chat_template: str | None = None
+
+
+class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """One message of a conversation in the shape chat templates expect."""
+
+    role: str  # system | user | assistant | tool
+    content: str = ""
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class LoadedModel(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    size_bytes: int
+    expires_at: float | None = None
+
+
+class Engine(Protocol):
+    def list_models(self) -> list[ModelInfo]:
+        """Every model this node can serve (store and placed instances)."""
+        ...
+
+    def get_model(self, name: str) -> ModelInfo:
+        """The model's info; raises ModelNotFound."""
+        ...
+
+    def loaded_models(self) -> list[LoadedModel]:
+        """Models with a running instance (Ollama's /api/ps)."""
+        ...
+
+    async def render_chat(
+        self,
+        model: str,
+        messages: list[ChatMessage],
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """Apply the model's chat template (with a generation prompt) and tokenize."""
+        ...
+
+    async def tokenize(self, model: str, text: str) -> list[int]:
+        """Tokenize raw text for a plain completion (adds BOS where the model wants it)."""
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Run a request; the stream ends with Finished or Failed. Closing it cancels the request."""
+        ...

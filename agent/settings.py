@@ -1,0 +1,108 @@
+"""Node settings: one source of truth, from flags > env FLOCK_* > flock.toml > defaults.
+
+Nothing else in flock reads `os.environ` for configuration; the runner gets its settings passed
+in explicitly by the agent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_PORT = 52415
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _default_home() -> Path:
+    return Path.home() / ".flock"
+
+
+def _default_models_dir() -> Path:
+    return Path.home() / ".cache" / "flock" / "models"
+
+
+class NodeSettings(BaseSettings):
+    """Everything one node needs to know about itself."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLOCK_",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # Where this node keeps its state (node id, logs, runner sockets) and its model store.
+    state_dir: Path = Field(default_factory=_default_home)
+    models_dir: Path = Field(default_factory=_default_models_dir)
+    config_file: Path | None = None
+
+    # HTTP
+    host: str = "0.0.0.0"
+    port: int = Field(default=DEFAULT_PORT, ge=1, le=65535)
+    ollama_port: int | None = Field(default=None, ge=1, le=65535)
+    api_keys: list[str] = Field(default_factory=list)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    cors_origins: list[str] = Field(default_factory=list)
+
+    # What to serve when no cluster spec says otherwise.
+    model: str | None = DEFAULT_MODEL
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+    # Runner behaviour
+    max_batch: int = Field(default=16, ge=1, le=256)
+    max_queue: int = Field(default=64, ge=0)
+    prefill_chunk: int = Field(default=512, ge=16)
+    max_tokens_default: int = Field(default=2048, ge=1)
+    memory_cap_bytes: int | None = Field(default=None, ge=0)
+    blas: Literal["auto", "off"] = "auto"
+    blas_threads: int | None = Field(default=None, ge=1)
+    compile_step: bool = True
+    fuse_projections: bool = True
+
+    # Observability
+    metrics_enabled: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, _toml_path()))
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.state_dir / "run"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+
+def _toml_path() -> Path | None:
+    """flock.toml: $FLOCK_CONFIG_FILE, else <state_dir>/flock.toml when it exists."""
+    explicit = os.environ.get("FLOCK_CONFIG_FILE")
+    if explicit:
+        return Path(explicit)
+    state = os.environ.get("FLOCK_STATE_DIR")
+    candidate = (Path(state) if state else _default_home()) / "flock.toml"
+    return candidate if candidate.exists() else None
+
+
+def load_settings(**overrides: Any) -> NodeSettings:
+    """Settings with the given flag values on top (None means 'flag not given')."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return NodeSettings(**given)
