@@ -1,0 +1,219 @@
+"""`flock` command line: run the agent, manage models, and talk to a running node."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+
+MIN_PYTHON = (3, 11)
+
+
+def _settings_from(args: argparse.Namespace) -> Any:
+    from agent.settings import load_settings
+
+    return load_settings(
+        state_dir=getattr(args, "state_dir", None),
+        models_dir=getattr(args, "models_dir", None),
+        host=getattr(args, "host", None),
+        port=getattr(args, "port", None),
+        ollama_port=getattr(args, "ollama_port", None),
+        model=getattr(args, "model", None),
+        log_level=getattr(args, "log_level", None),
+        log_format=getattr(args, "log_format", None),
+        blas=getattr(args, "blas", None),
+        max_batch=getattr(args, "max_batch", None),
+        prefill_chunk=getattr(args, "prefill_chunk", None),
+        metrics_enabled=getattr(args, "metrics", None),
+        api_keys=getattr(args, "api_key", None) or None,
+    )
+
+
+def _add_store_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", type=Path, help="node state directory (default ~/.flock)")
+    p.add_argument("--models-dir", type=Path,
+                   help="model store (default ~/.cache/flock/models)")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.server import serve
+
+    return serve(_settings_from(args))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from agent.models.store import ModelStore
+
+    settings = _settings_from(args)
+    models = ModelStore(settings.models_dir).list()
+    if args.json:
+        print(json.dumps([_model_row(settings, m.name) for m in models], indent=2))
+        return 0
+    if not models:
+        print(f"no models in {settings.models_dir} (try: flock pull smollm2-135m)")
+        return 0
+    print(f"{'NAME':<28} {'ARCH':<8} {'QUANT':<6} {'SIZE':>10}  PATH")
+    for m in models:
+        info = ModelStore(settings.models_dir).info(m.name)
+        print(f"{info.name:<28} {info.architecture:<8} {info.quantization:<6} "
+              f"{info.size_bytes / 1e6:>8.0f}MB  {m.path}")
+    return 0
+
+
+def _model_row(settings: Any, name: str) -> dict[str, Any]:
+    from agent.models.store import ModelStore
+
+    info = ModelStore(settings.models_dir).info(name)
+    return {"name": info.name, "architecture": info.architecture,
+            "quantization": info.quantization, "size_bytes": info.size_bytes,
+            "context_length": info.context_length, "digest": info.digest}
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from agent.models.fetch import FetchError, pull
+    from agent.models.store import ModelStore
+
+    settings = _settings_from(args)
+    try:
+        stored = pull(ModelStore(settings.models_dir), args.name, dtype=args.dtype,
+                      progress=lambda line: print(line, file=sys.stderr))
+    except FetchError as exc:
+        print(f"flock pull: {exc}", file=sys.stderr)
+        return 1
+    print(f"pulled {stored.name} -> {stored.path}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from agent.models.gguf import GGUFImportError
+    from agent.models.store import ModelStore
+
+    settings = _settings_from(args)
+    try:
+        stored = ModelStore(settings.models_dir).import_gguf(args.file, name=args.name,
+                                                             dtype=args.dtype)
+    except (GGUFImportError, FileNotFoundError, ValueError) as exc:
+        print(f"flock import: {exc}", file=sys.stderr)
+        return 1
+    print(f"imported {stored.name} -> {stored.path}")
+    return 0
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    import platform
+
+    from agent import sysinfo
+
+    settings = _settings_from(args)
+    try:
+        import mlx.core as mx
+
+        mlx_version = mx.__version__
+    except ImportError:
+        mlx_version = "missing"
+    from agent.runtime.blas import describe_blas
+
+    rows = {
+        "flock": __version__,
+        "python": platform.python_version(),
+        "platform": f"{sys.platform}-{platform.machine()}",
+        "mlx": mlx_version,
+        "backend": sysinfo.backend_name(),
+        "blas": describe_blas(settings),
+    }
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for key, value in rows.items():
+            print(f"{key + ':':<10} {value}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from agent.chat_client import stream_chat
+
+    return stream_chat(args.url, args.model, args.prompt, max_tokens=args.max_tokens)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flock", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"flock {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, fn: Callable[[argparse.Namespace], int], help_: str
+                ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(fn=fn)
+        return p
+
+    run = command("run", cmd_run, "run the node agent (APIs on port 52415)")
+    _add_store_flags(run)
+    run.add_argument("--host", help="bind address (default 0.0.0.0)")
+    run.add_argument("--port", type=int, help="API port (default 52415)")
+    run.add_argument("--ollama-port", type=int,
+                     help="also serve the Ollama API here (e.g. 11434)")
+    run.add_argument("--model", help="model to load at start (store name or path)")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-format", choices=["text", "json"])
+    run.add_argument("--blas", choices=["auto", "off"],
+                     help="interpose an optimised BLAS for runners on Linux (default auto)")
+    run.add_argument("--max-batch", type=int, help="sequences decoded together (default 16)")
+    run.add_argument("--prefill-chunk", type=int,
+                     help="prompt tokens per prefill slice while others decode (default 512)")
+    run.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=None,
+                     help="export Prometheus metrics on /metrics (default on)")
+    run.add_argument("--api-key", action="append", help="require this API key (repeatable)")
+
+    models = command("models", cmd_models, "list the models in the local store")
+    _add_store_flags(models)
+    models.add_argument("--json", action="store_true")
+
+    pull = command("pull", cmd_pull, "fetch a model into the store (e.g. smollm2-135m)")
+    _add_store_flags(pull)
+    pull.add_argument("name")
+    pull.add_argument("--dtype", default="float32",
+                      choices=["float32", "float16", "bfloat16", "keep"])
+
+    imp = command("import", cmd_import, "import a llama-family GGUF file into the store")
+    _add_store_flags(imp)
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--name")
+    imp.add_argument("--dtype", default="float32",
+                     choices=["float32", "float16", "bfloat16", "keep"])
+
+    version = command("version", cmd_version, "print version, platform, MLX backend and BLAS")
+    _add_store_flags(version)
+    version.add_argument("--json", action="store_true")
+
+    chat = command("chat", cmd_chat, "stream one chat answer from a running node")
+    chat.add_argument("prompt")
+    chat.add_argument("--url", default="http://127.0.0.1:52415")
+    chat.add_argument("--model", default="smollm2-135m")
+    chat.add_argument("--max-tokens", type=int, default=256)
+
+    demo = command("demo", cmd_demo,
+                   "pull the default model, start a node, stream a chat answer")
+    _add_store_flags(demo)
+    demo.add_argument("--port", type=int, default=52415)
+    demo.add_argument("--prompt", default="What is the capital of France?")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    if sys.version_info < MIN_PYTHON:
+        print(f"flock needs Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer "
+              f"(this is {sys.version.split()[0]})", file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args))

@@ -1,0 +1,307 @@
+"""The decoder flock runs: llama-family weights as plain arrays, projections fused at load time.
+
+One implementation covers llama, mistral, qwen2 (q/k/v bias) and qwen3 (q/k norms). Keeping the
+math here, rather than calling mlx-lm's modules, lets the runner batch rows with different
+positions, write a preallocated KV cache, compile the whole decode step, hold only a layer range
+(pipeline stages) and shard heads (tensor parallel). Checkpoints stay as they are on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.rope_utils import initialize_rope
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class UnsupportedModel(ValueError):
+    """The checkpoint's architecture or layout is one flock's decoder does not run."""
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_traditional: bool
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> DecoderConfig:
+        arch = cfg.get("model_type", "")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModel(
+                f"architecture '{arch}' is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        if cfg.get("quantization") or cfg.get("quantization_config"):
+            # Quantized checkpoints run through mlx-lm's quantized layers; see load_decoder.
+            pass
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        return cls(
+            architecture=arch,
+            hidden_size=hidden,
+            num_layers=int(cfg["num_hidden_layers"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            vocab_size=int(cfg["vocab_size"]),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_traditional=bool(cfg.get("rope_traditional", False)),
+            rope_scaling=cfg.get("rope_scaling"),
+            max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", arch != "qwen2")),
+            attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+            qk_norm=arch == "qwen3",
+        )
+
+
+@dataclass(frozen=True)
+class LayerRange:
+    """Layers [start, stop) of a model held by one pipeline stage."""
+
+    start: int
+    stop: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.stop:
+            raise ValueError(f"bad layer range [{self.start}, {self.stop})")
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class Layer:
+    attn_norm: mx.array
+    ffn_norm: mx.array
+    # Fused [q; k; v] rows when fused, else None and q/k/v separate.
+    wqkv: mx.array | None
+    bqkv: mx.array | None
+    wq: mx.array | None
+    wk: mx.array | None
+    wv: mx.array | None
+    bq: mx.array | None
+    bk: mx.array | None
+    bv: mx.array | None
+    wo: mx.array
+    w_gate_up: mx.array | None
+    w_gate: mx.array | None
+    w_up: mx.array | None
+    w_down: mx.array
+    q_norm: mx.array | None = None
+    k_norm: mx.array | None = None
+
+
+@dataclass
+class Decoder:
+    """Weights of one stage: embedding when first, norm and head when last, and its layers."""
+
+    config: DecoderConfig
+    layers_range: LayerRange
+    layers: list[Layer]
+    embed: mx.array | None
+    norm: mx.array | None
+    lm_head: mx.array | None  # None with tied embeddings: the embedding is used instead
+    rope: Any
+    # Heads held by this rank (tensor parallel divides them).
+    local_heads: int = 0
+    local_kv_heads: int = 0
+    group: Any = None  # mx.distributed group for tensor parallel, None when alone
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_first(self) -> bool:
+        return self.layers_range.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.layers_range.stop == self.config.num_layers
+
+    @property
+    def head_weight(self) -> mx.array:
+        assert self.lm_head is not None or self.embed is not None
+        return self.lm_head if self.lm_head is not None else self.embed  # type: ignore[return-value]
+
+    def weight_bytes(self) -> int:
+        total = 0
+        for layer in self.layers:
+            for value in vars(layer).values():
+                if isinstance(value, mx.array):
+                    total += value.nbytes
+        for value in (self.embed, self.norm, self.lm_head):
+            if value is not None:
+                total += value.nbytes
+        return total
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    return json.loads((model_dir / "config.json").read_text())
+
+
+def _safetensor_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / f for f in files]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UnsupportedModel(f"no .safetensors weights in {model_dir}")
+    return files
+
+
+def _wanted(name: str, layers: LayerRange, first: bool, last: bool, tied: bool) -> bool:
+    if name.startswith("model.layers."):
+        index = int(name.split(".")[2])
+        return layers.start <= index < layers.stop
+    if name.startswith("model.embed_tokens."):
+        return first or (last and tied)
+    if name.startswith("model.norm."):
+        return last
+    if name.startswith("lm_head."):
+        return last and not tied
+    return False
+
+
+def load_weights(model_dir: Path, config: DecoderConfig, layers: LayerRange) -> dict[str, mx.array]:
+    """Only the tensors this stage needs; mx.load maps lazily, so others are never read."""
+    first, last = layers.start == 0, layers.stop == config.num_layers
+    weights: dict[str, mx.array] = {}
+    for path in _safetensor_files(model_dir):
+        for name, value in mx.load(str(path)).items():
+            if _wanted(name, layers, first, last, config.tie_word_embeddings):
+                weights[name] = value
+    return weights
+
+
+def _dequantized(weights: dict[str, mx.array], prefix: str, quant: dict[str, Any] | None,
+                 dtype: mx.Dtype) -> mx.array:
+    w = weights[prefix + ".weight"]
+    scales = weights.get(prefix + ".scales")
+    if scales is not None:
+        assert quant is not None
+        w = mx.dequantize(w, scales, weights.get(prefix + ".biases"),
+                          group_size=int(quant["group_size"]), bits=int(quant["bits"]))
+    return w.astype(dtype)
+
+
+def load_decoder(
+    model_dir: Path,
+    *,
+    layers: LayerRange | None = None,
+    dtype: mx.Dtype | None = None,
+    fuse: bool = True,
+    group: Any = None,
+) -> Decoder:
+    """Load a stage of the model at `model_dir`, optionally sharded over a tensor-parallel group.
+
+    Quantized checkpoints are dequantized to `dtype` (float32 on CPU, where MLX runs quantized
+    matmuls ~50x slower than float32).
+    """
+    raw = read_config(model_dir)
+    config = DecoderConfig.from_hf(raw)
+    layers = layers or LayerRange(0, config.num_layers)
+    if layers.stop > config.num_layers:
+        raise ValueError(f"layer range {layers} exceeds the model's {config.num_layers} layers")
+    dtype = dtype or mx.float32
+    quant = raw.get("quantization") or raw.get("quantization_config")
+    weights = load_weights(model_dir, config, layers)
+
+    tp = group.size() if group is not None else 1
+    rank = group.rank() if group is not None else 0
+    if config.num_heads % tp or config.num_kv_heads % tp or config.intermediate_size % tp:
+        raise UnsupportedModel(
+            f"tensor parallel over {tp} ranks needs {tp} to divide heads ({config.num_heads}), "
+            f"KV heads ({config.num_kv_heads}) and the MLP width ({config.intermediate_size})"
+        )
+    hd = config.head_dim
+
+    def rows(w: mx.array, parts: int) -> mx.array:
+        # The slice of output rows this rank owns ("all-to-sharded").
+        size = w.shape[0] // parts
+        return w[rank * size:(rank + 1) * size] if parts > 1 else w
+
+    def cols(w: mx.array, parts: int) -> mx.array:
+        # The slice of input columns this rank owns ("sharded-to-all").
+        size = w.shape[1] // parts
+        return w[:, rank * size:(rank + 1) * size] if parts > 1 else w
+
+    def get(name: str) -> mx.array:
+        return _dequantized(weights, name, quant, dtype)
+
+    def maybe(name: str) -> mx.array | None:
+        return weights[name].astype(dtype) if name in weights else None
+
+    built: list[Layer] = []
+    for index in range(layers.start, layers.stop):
+        p = f"model.layers.{index}."
+        wq = rows(get(p + "self_attn.q_proj"), tp)
+        wk = rows(get(p + "self_attn.k_proj"), tp)
+        wv = rows(get(p + "self_attn.v_proj"), tp)
+        bq, bk, bv = (maybe(p + f"self_attn.{n}_proj.bias") for n in "qkv")
+        if bq is not None and bk is not None and bv is not None:
+            bq, bk, bv = rows(bq, tp), rows(bk, tp), rows(bv, tp)
+        w_gate = rows(get(p + "mlp.gate_proj"), tp)
+        w_up = rows(get(p + "mlp.up_proj"), tp)
+        layer = Layer(
+            attn_norm=weights[p + "input_layernorm.weight"].astype(dtype),
+            ffn_norm=weights[p + "post_attention_layernorm.weight"].astype(dtype),
+            wqkv=None, bqkv=None, wq=wq, wk=wk, wv=wv, bq=bq, bk=bk, bv=bv,
+            wo=cols(get(p + "self_attn.o_proj"), tp),
+            w_gate_up=None, w_gate=w_gate, w_up=w_up,
+            w_down=cols(get(p + "mlp.down_proj"), tp),
+            q_norm=maybe(p + "self_attn.q_norm.weight"),
+            k_norm=maybe(p + "self_attn.k_norm.weight"),
+        )
+        if fuse:
+            # One matmul instead of three (and two): the input is read once, and at batch 1 the
+            # per-call overhead of small matmuls dominates on CPU.
+            layer.wqkv = mx.concatenate([wq, wk, wv], axis=0)
+            layer.wq = layer.wk = layer.wv = None
+            if bq is not None and bk is not None and bv is not None:
+                layer.bqkv = mx.concatenate([bq, bk, bv], axis=0)
+                layer.bq = layer.bk = layer.bv = None
+            layer.w_gate_up = mx.concatenate([w_gate, w_up], axis=0)
+            layer.w_gate = layer.w_up = None
+        built.append(layer)
+
+    first, last = layers.start == 0, layers.stop == config.num_layers
+    embed = None
+    if first or (last and config.tie_word_embeddings):
+        embed = get("model.embed_tokens")
+    decoder = Decoder(
+        config=config,
+        layers_range=layers,
+        layers=built,
+        embed=embed,
+        norm=weights["model.norm.weight"].astype(dtype) if last else None,
+        lm_head=get("lm_head") if last and not config.tie_word_embeddings else None,
+        rope=initialize_rope(hd, config.rope_theta, config.rope_traditional,
+                             config.rope_scaling, config.max_position_embeddings),
+        local_heads=config.num_heads // tp,
+        local_kv_heads=config.num_kv_heads // tp,
+        group=group,
+    )
+    arrays = [v for layer in built for v in vars(layer).values() if isinstance(v, mx.array)]
+    arrays += [a for a in (decoder.embed, decoder.norm, decoder.lm_head) if a is not None]
+    mx.eval(arrays)
+    del weights
+    return decoder

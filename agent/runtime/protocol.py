@@ -1,0 +1,100 @@
+"""Messages between an agent and its runner process, and their framing on a byte stream.
+
+Frames are a 4-byte big-endian length followed by a msgpack body. The runner's stdin carries
+agent -> runner messages and a private copy of its stdout carries runner -> agent messages
+(the runner points fd 1 at stderr so stray prints from libraries cannot corrupt the stream).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgspec
+
+from agent.generation import Failed, Finished, GenerationRequest, TokenChunk
+
+HEADER = struct.Struct(">I")
+MAX_FRAME = 256 * 1024 * 1024
+
+
+class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a runner needs, passed explicitly (runners read no settings of their own)."""
+
+    model_name: str
+    model_dir: str
+    dtype: str = "float32"
+    max_batch: int = 16
+    max_queue: int = 64
+    prefill_chunk: int = 512
+    context_length: int | None = None  # cap; None means the model's own
+    kv_budget_bytes: int | None = None  # None: computed from free memory after weights
+    memory_cap_bytes: int | None = None
+    compile_step: bool = True
+    fuse_projections: bool = True
+    stats_interval_s: float = 1.0
+
+
+class Submit(msgspec.Struct, frozen=True, tag="submit"):
+    request: GenerationRequest
+
+
+class Cancel(msgspec.Struct, frozen=True, tag="cancel"):
+    id: str
+
+
+class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
+    pass
+
+
+class Ready(msgspec.Struct, frozen=True, tag="ready", kw_only=True):
+    model_name: str
+    weight_bytes: int
+    kv_budget_bytes: int
+    kv_bytes_per_token: int
+    context_length: int
+    load_seconds: float
+    blas: str = ""
+
+
+class Stats(msgspec.Struct, frozen=True, tag="stats"):
+    values: dict[str, float]
+
+
+class RunnerError(msgspec.Struct, frozen=True, tag="runner_error"):
+    """The runner could not start (bad model, out of memory...); it exits after sending this."""
+
+    message: str
+
+
+ToRunner = Submit | Cancel | Shutdown
+FromRunner = TokenChunk | Finished | Failed | Ready | Stats | RunnerError
+
+_encoder = msgspec.msgpack.Encoder()
+to_runner_decoder = msgspec.msgpack.Decoder(ToRunner)
+from_runner_decoder = msgspec.msgpack.Decoder(FromRunner)
+
+
+def frame(message: Any) -> bytes:
+    body = _encoder.encode(message)
+    return HEADER.pack(len(body)) + body
+
+
+class FrameBuffer:
+    """Accumulates bytes and yields complete frame bodies."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        bodies = []
+        while len(self._buffer) >= HEADER.size:
+            (size,) = HEADER.unpack_from(self._buffer)
+            if size > MAX_FRAME:
+                raise ValueError(f"frame of {size} bytes exceeds the limit")
+            if len(self._buffer) < HEADER.size + size:
+                break
+            bodies.append(bytes(self._buffer[HEADER.size:HEADER.size + size]))
+            del self._buffer[: HEADER.size + size]
+        return bodies

@@ -1,0 +1,158 @@
+"""The runner process: loads one model (or one stage of it), runs the scheduler, streams tokens.
+
+It is the data plane: a runner that dies takes down one instance, never the agent. While it has
+nothing to do it blocks on its control pipe (no spinning); while sequences run it polls the pipe
+between steps so new requests join the running batch.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from agent.generation import Failed
+from agent.runtime.protocol import (
+    Cancel,
+    FrameBuffer,
+    Ready,
+    RunnerConfig,
+    RunnerError,
+    Shutdown,
+    Stats,
+    Submit,
+    frame,
+    to_runner_decoder,
+)
+
+WEIGHT_HEADROOM = 0.8  # share of free memory (after weights) the KV cache may take
+
+
+class Outbox:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def send(self, message: Any) -> None:
+        data = frame(message)
+        view = memoryview(data)
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
+
+
+def kv_budget(config: RunnerConfig, weight_bytes: int, bytes_per_token: int, context: int) -> int:
+    """KV bytes this runner may use: what memory allows, never more than the batch can use."""
+    from agent import sysinfo
+
+    if config.kv_budget_bytes is not None:
+        return config.kv_budget_bytes
+    free = sysinfo.available_memory_bytes()
+    if config.memory_cap_bytes is not None:
+        free = min(free, max(0, config.memory_cap_bytes - weight_bytes))
+    allowed = int(free * WEIGHT_HEADROOM)
+    useful = config.max_batch * context * bytes_per_token
+    return max(min(allowed, useful), 16 * bytes_per_token)
+
+
+def load(config: RunnerConfig) -> tuple[Any, Ready]:
+    import mlx.core as mx
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from agent.runtime.kv import KvGeometry, KvSlots
+    from agent.runtime.model import load_decoder
+    from agent.runtime.scheduler import Scheduler, SchedulerLimits
+
+    started = time.perf_counter()
+    model_dir = Path(config.model_dir)
+    dtype = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}.get(
+        config.dtype, mx.float32)
+    decoder = load_decoder(model_dir, dtype=dtype, fuse=config.fuse_projections)
+    tokenizer = load_tokenizer(model_dir)
+    context = decoder.config.max_position_embeddings
+    if config.context_length:
+        context = min(context, config.context_length)
+    geometry = KvGeometry(len(decoder.layers), decoder.local_kv_heads, decoder.config.head_dim,
+                          dtype)
+    weights = decoder.weight_bytes()
+    budget = kv_budget(config, weights, geometry.bytes_per_token, context)
+    limits = SchedulerLimits(
+        max_batch=config.max_batch,
+        max_queue=config.max_queue,
+        prefill_chunk=config.prefill_chunk,
+        context_length=context,
+        kv_budget_bytes=budget,
+    )
+    ready = Ready(
+        model_name=config.model_name,
+        weight_bytes=weights,
+        kv_budget_bytes=budget,
+        kv_bytes_per_token=geometry.bytes_per_token,
+        context_length=context,
+        load_seconds=time.perf_counter() - started,
+        blas=os.environ.get("FLOCK_BLAS_DESCRIPTION", ""),
+    )
+    return (decoder, tokenizer, KvSlots(geometry), limits), ready
+
+
+def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
+    from agent.runtime.scheduler import Scheduler
+
+    try:
+        (decoder, tokenizer, kv, limits), ready = load(config)
+        scheduler = Scheduler(decoder, tokenizer, kv, limits, outbox.send,
+                              compiled=config.compile_step)
+    except Exception as exc:  # the agent reports it; the runner must not hang
+        outbox.send(RunnerError(message=f"{type(exc).__name__}: {exc}"))
+        return 1
+    outbox.send(ready)
+    frames = FrameBuffer()
+    next_stats = 0.0
+    while True:
+        timeout = config.stats_interval_s if scheduler.idle else 0.0
+        readable, _, _ = select.select([inbox_fd], [], [], timeout)
+        if readable:
+            data = os.read(inbox_fd, 1 << 20)
+            if not data:
+                return 0  # the agent is gone
+            for body in frames.feed(data):
+                message = to_runner_decoder.decode(body)
+                if isinstance(message, Submit):
+                    scheduler.submit(message.request)
+                elif isinstance(message, Cancel):
+                    scheduler.cancel(message.id)
+                elif isinstance(message, Shutdown):
+                    for request_id in list(scheduler.running):
+                        scheduler.cancel(request_id)
+                    scheduler.step()
+                    return 0
+        try:
+            scheduler.step()
+        except Exception as exc:
+            # A broken step fails the requests in it, not the runner.
+            for request_id in list(scheduler.running):
+                outbox.send(Failed(id=request_id, code="internal",
+                                   message=f"generation failed: {type(exc).__name__}: {exc}"))
+                scheduler.kv.release(scheduler.running[request_id].row)
+                del scheduler.running[request_id]
+        now = time.monotonic()
+        if now >= next_stats:
+            outbox.send(Stats(values=scheduler.snapshot()))
+            next_stats = now + config.stats_interval_s
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    config = msgspec.json.decode(argv[0], type=RunnerConfig)
+    # Keep the real stdout for frames; anything printed goes to stderr instead.
+    out_fd = os.dup(1)
+    os.dup2(2, 1)
+    return serve(config, 0, Outbox(out_fd))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,343 @@
+"""Continuous batching: requests join and leave one running batch, token by token.
+
+Each `step()` runs at most one prefill chunk (so a long prompt never freezes running streams)
+and one decode step for every sequence past its prompt. Admission is checked against the
+context length and the KV budget before any work starts: a request that can never fit fails at
+once, one that cannot fit now waits in a bounded queue, and a full queue answers "overloaded".
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from agent.generation import (
+    Failed,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    TokenChunk,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from agent.runtime.kv import KvSlots
+from agent.runtime.model import Decoder
+from agent.runtime.sampling import RowSampler, top_logprobs
+from agent.runtime.step import make_decode_fn, prefill
+from agent.runtime.stops import StopMatcher
+
+Emit = Callable[[GenerationEvent], None]
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_batch: int = 16
+    max_queue: int = 64
+    prefill_chunk: int = 512  # tokens per prefill slice while other streams decode
+    solo_prefill_chunk: int = 2048  # slice size when nothing else is decoding
+    context_length: int = 8192
+    kv_budget_bytes: int = 1 << 30
+
+
+@dataclass
+class Sequence:
+    request: GenerationRequest
+    row: int
+    sampler: RowSampler
+    detokenizer: Any
+    stops: StopMatcher
+    max_tokens: int
+    prefilled: int = 0
+    length: int = 0  # tokens whose KV is in the cache
+    next_token: int | None = None  # sampled, not yet in the cache
+    generated: int = 0
+    cached_tokens: int = 0
+    arrived: float = field(default_factory=time.monotonic)
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt_tokens
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.prefilled < len(self.prompt)
+
+    @property
+    def reserved_tokens(self) -> int:
+        return len(self.prompt) + self.max_tokens
+
+
+@dataclass
+class SchedulerStats:
+    prompt_tokens_total: int = 0
+    generated_tokens_total: int = 0
+    requests_total: int = 0
+    rejected_total: int = 0
+    decode_steps_total: int = 0
+    decode_seconds_total: float = 0.0
+
+
+class Scheduler:
+    """Owns the KV slots of one runner and decides what runs in each step."""
+
+    def __init__(
+        self,
+        decoder: Decoder,
+        tokenizer: Any,
+        kv: KvSlots,
+        limits: SchedulerLimits,
+        emit: Emit,
+        *,
+        compiled: bool = True,
+    ) -> None:
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.kv = kv
+        self.limits = limits
+        self.emit = emit
+        self.decode_fn = make_decode_fn(decoder, compiled=compiled)
+        self.eos_ids: set[int] = set(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self.waiting: deque[GenerationRequest] = deque()
+        self.running: dict[str, Sequence] = {}
+        self.cancelled: set[str] = set()
+        self.stats = SchedulerStats()
+
+    # ---- admission --------------------------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.waiting
+
+    def kv_reserved_bytes(self) -> int:
+        per_token = self.kv.geometry.bytes_per_token
+        return sum(seq.reserved_tokens for seq in self.running.values()) * per_token
+
+    def kv_used_bytes(self) -> int:
+        per_token = self.kv.geometry.bytes_per_token
+        return sum(seq.length for seq in self.running.values()) * per_token
+
+    def submit(self, request: GenerationRequest) -> None:
+        problem = self._never_fits(request)
+        if problem is not None:
+            self.stats.rejected_total += 1
+            self.emit(Failed(id=request.id, code="bad_request", message=problem))
+            return
+        if len(self.waiting) >= self.limits.max_queue and not self._fits_now(request):
+            self.stats.rejected_total += 1
+            self.emit(Failed(id=request.id, code="overloaded",
+                             message="the server is at capacity; retry shortly"))
+            return
+        self.waiting.append(request)
+
+    def cancel(self, request_id: str) -> None:
+        self.cancelled.add(request_id)
+
+    def _max_tokens(self, request: GenerationRequest) -> int:
+        room = self.limits.context_length - len(request.prompt_tokens)
+        return max(0, min(request.sampling.max_tokens, room))
+
+    def _never_fits(self, request: GenerationRequest) -> str | None:
+        prompt = len(request.prompt_tokens)
+        if prompt == 0:
+            return "the prompt is empty"
+        if prompt >= self.limits.context_length:
+            return (f"the prompt has {prompt} tokens, but the model's context is "
+                    f"{self.limits.context_length} tokens (at most "
+                    f"{self.limits.context_length - 1} prompt tokens leave room for one reply token)")
+        need = (prompt + max(1, self._max_tokens(request))) * self.kv.geometry.bytes_per_token
+        if need > self.limits.kv_budget_bytes:
+            return (f"the request needs {need} bytes of KV cache ({prompt} prompt tokens + "
+                    f"{self._max_tokens(request)} reply tokens) but this node's KV budget is "
+                    f"{self.limits.kv_budget_bytes} bytes; shorten the prompt or max_tokens")
+        return None
+
+    def _fits_now(self, request: GenerationRequest) -> bool:
+        if len(self.running) >= self.limits.max_batch:
+            return False
+        need = (len(request.prompt_tokens) + self._max_tokens(request))
+        need *= self.kv.geometry.bytes_per_token
+        return self.kv_reserved_bytes() + need <= self.limits.kv_budget_bytes
+
+    def _admit(self) -> None:
+        while self.waiting:
+            request = self.waiting[0]
+            if request.id in self.cancelled:
+                self.waiting.popleft()
+                self.cancelled.discard(request.id)
+                self._finish_unstarted(request, "cancelled")
+                continue
+            if not self._fits_now(request):
+                return
+            self.waiting.popleft()
+            max_tokens = self._max_tokens(request)
+            row = self.kv.acquire(request.id, len(request.prompt_tokens) + 1)
+            self.running[request.id] = Sequence(
+                request=request,
+                row=row,
+                sampler=RowSampler(request.sampling),
+                detokenizer=self.tokenizer.detokenizer,
+                stops=StopMatcher(request.sampling.stop),
+                max_tokens=max_tokens,
+            )
+            self.stats.requests_total += 1
+            self.stats.prompt_tokens_total += len(request.prompt_tokens)
+            if max_tokens == 0:
+                self._finish(self.running[request.id], "length")
+
+    def _finish_unstarted(self, request: GenerationRequest, reason: str) -> None:
+        usage = Usage(prompt_tokens=len(request.prompt_tokens), completion_tokens=0)
+        self.emit(Finished(id=request.id, reason=reason, usage=usage))  # type: ignore[arg-type]
+
+    # ---- the step ---------------------------------------------------------------------------
+    def step(self) -> None:
+        """One scheduling round: admit, one prefill chunk, one decode step."""
+        self._drop_cancelled()
+        self._admit()
+        if not self.running:
+            return
+        decoding = [s for s in self.running.values() if not s.in_prefill and s.next_token is not None]
+        prefilling = [s for s in self.running.values() if s.in_prefill]
+        if prefilling:
+            chunk = self.limits.prefill_chunk if decoding else self.limits.solo_prefill_chunk
+            self._prefill_chunk(prefilling[0], chunk)
+        if decoding:
+            self._decode(decoding)
+        self._compact()
+
+    def _drop_cancelled(self) -> None:
+        for request_id in list(self.cancelled):
+            seq = self.running.get(request_id)
+            if seq is not None:
+                self.cancelled.discard(request_id)
+                self._finish(seq, "cancelled")
+
+    def _prefill_chunk(self, seq: Sequence, chunk: int) -> None:
+        start = seq.prefilled
+        tokens = seq.prompt[start:start + chunk]
+        self.kv.ensure_capacity(start + len(tokens) + 1)
+        logits = prefill(self.decoder, mx.array(tokens), start, seq.row, self.kv.keys,
+                         self.kv.values)
+        seq.prefilled = seq.length = start + len(tokens)
+        if seq.in_prefill:
+            mx.eval(self.kv.keys, self.kv.values)
+            return
+        self._sample_and_emit([seq], logits)
+
+    def _decode(self, decoding: list[Sequence]) -> None:
+        started = time.perf_counter()
+        self.kv.ensure_capacity(max(s.length for s in self.running.values()) + 1)
+        rows = self.kv.rows
+        tokens = [0] * rows
+        positions = [0] * rows
+        # Rows still in prefill get a harmless write at their next free position, which their
+        # next prefill chunk overwrites; free rows write at 0.
+        for seq in self.running.values():
+            positions[seq.row] = seq.length
+        for seq in decoding:
+            tokens[seq.row] = seq.next_token  # type: ignore[assignment]
+        out = self.decode_fn(mx.array(tokens), mx.array(positions), *self.kv.keys,
+                             *self.kv.values)
+        layers = len(self.kv.keys)
+        self.kv.keys = list(out[1:1 + layers])
+        self.kv.values = list(out[1 + layers:])
+        logits = out[0]
+        for seq in decoding:
+            seq.length += 1
+        self._sample_and_emit(decoding, logits, rows_of=[s.row for s in decoding])
+        self.stats.decode_steps_total += 1
+        self.stats.decode_seconds_total += time.perf_counter() - started
+
+    def _sample_and_emit(self, seqs: list[Sequence], logits: mx.array,
+                         rows_of: list[int] | None = None) -> None:
+        """Pick each sequence's next token from its logits row and stream it out."""
+        rows = rows_of if rows_of is not None else [0] * len(seqs)
+        if not any(s.sampler.needs_logits for s in seqs):
+            chosen = mx.argmax(logits, axis=-1)
+            mx.eval(chosen, self.kv.keys, self.kv.values)
+            ids = chosen.tolist()
+            picks = [(int(ids[row]), None) for row in rows]
+        else:
+            picks = []
+            pending = []
+            for seq, row in zip(seqs, rows, strict=True):
+                row_logits = seq.sampler.adjust(logits[row], seq.prompt[-64:])
+                token = seq.sampler.choose(row_logits)
+                lp = None
+                if seq.request.sampling.logprobs:
+                    lp = top_logprobs(logits[row], token, seq.request.sampling.top_logprobs)
+                pending.append((token, lp))
+            mx.eval([p[0] for p in pending], [p[1] for p in pending if p[1] is not None],
+                    self.kv.keys, self.kv.values)
+            for token, lp in pending:
+                picks.append((int(token.item()), lp))
+        for seq, (token, lp) in zip(seqs, picks, strict=True):
+            self._accept(seq, token, lp)
+
+    def _accept(self, seq: Sequence, token: int, lp: Any) -> None:
+        seq.generated += 1
+        seq.sampler.history.append(token)
+        self.stats.generated_tokens_total += 1
+        request = seq.request
+        if token in self.eos_ids or token in request.sampling.stop_token_ids:
+            self._finish(seq, "stop")
+            return
+        seq.detokenizer.add_token(token)
+        text, stop = seq.stops.feed(seq.detokenizer.last_segment)
+        logprobs = None
+        if lp is not None:
+            logprobs = [self._logprob_entry(token, lp)]
+        if text or logprobs:
+            self.emit(TokenChunk(id=request.id, text=text, token_ids=[token], logprobs=logprobs))
+        if stop is not None:
+            self._finish(seq, "stop", stop_sequence=stop, flush=False)
+            return
+        seq.next_token = token
+        if seq.generated >= seq.max_tokens or seq.length + 1 >= self.limits.context_length:
+            self._finish(seq, "length")
+
+    def _logprob_entry(self, token: int, lp: Any) -> TokenLogprob:
+        chosen, ids, values = lp
+        decode = self.tokenizer.decode
+        top = [TopLogprob(int(i), decode([int(i)]), float(v))
+               for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+        return TokenLogprob(token, decode([token]), float(chosen.item()), top)
+
+    def _finish(self, seq: Sequence, reason: str, *, stop_sequence: str | None = None,
+                flush: bool = True) -> None:
+        if flush and reason != "cancelled":
+            seq.detokenizer.finalize()
+            tail = seq.stops.flush(seq.detokenizer.last_segment)
+            if tail:
+                self.emit(TokenChunk(id=seq.request.id, text=tail, token_ids=[]))
+        usage = Usage(prompt_tokens=len(seq.prompt), completion_tokens=seq.generated,
+                      cached_tokens=seq.cached_tokens)
+        self.emit(Finished(id=seq.request.id, reason=reason, usage=usage,  # type: ignore[arg-type]
+                           stop_sequence=stop_sequence))
+        self.kv.release(seq.row)
+        del self.running[seq.request.id]
+
+    def _compact(self) -> None:
+        lengths = {seq.row: seq.length for seq in self.running.values()}
+        mapping = self.kv.compact(lengths)
+        for seq in self.running.values():
+            seq.row = mapping.get(seq.row, seq.row)
+
+    # ---- reporting ------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, float]:
+        return {
+            "active": float(len(self.running)),
+            "queued": float(len(self.waiting)),
+            "kv_used_bytes": float(self.kv_used_bytes()),
+            "kv_reserved_bytes": float(self.kv_reserved_bytes()),
+            "kv_allocated_bytes": float(self.kv.allocated_bytes),
+            "kv_capacity_bytes": float(self.limits.kv_budget_bytes),
+            "prompt_tokens_total": float(self.stats.prompt_tokens_total),
+            "generated_tokens_total": float(self.stats.generated_tokens_total),
+            "decode_steps_total": float(self.stats.decode_steps_total),
+            "decode_seconds_total": self.stats.decode_seconds_total,
+        }

@@ -1,0 +1,246 @@
+"""LocalEngine: the Engine the APIs call on one node — model store, tokenizers, runner processes.
+
+A model gets a runner on first use (as Ollama loads on demand) or at start-up; requests are
+templated and tokenized here so adapters and runners never parse each other's formats. A runner
+that crashes is restarted with backoff; the agent itself keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.engine import ChatMessage, LoadedModel, ModelInfo, ModelNotFound
+from agent.generation import Failed, GenerationEvent, GenerationRequest
+from agent.models.store import ModelStore
+from agent.runtime.client import RunnerProcess, RunnerStartError
+from agent.runtime.environment import runner_environment
+from agent.runtime.protocol import RunnerConfig
+from agent.settings import NodeSettings
+
+log = logging.getLogger("flock.engine")
+
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+def canonical_name(name: str) -> str:
+    """Ollama clients send `name:latest`; flock's store has one version per name."""
+    return name.removesuffix(":latest")
+
+
+@dataclass
+class Instance:
+    name: str
+    model_dir: Path
+    info: ModelInfo
+    tokenizer: Any
+    runner: RunnerProcess
+    started_at: float = field(default_factory=time.time)
+    restarts: int = 0
+
+
+class LocalEngine:
+    """Serves the models of this node's store from runner subprocesses."""
+
+    def __init__(self, settings: NodeSettings, store: ModelStore | None = None,
+                 metrics: Any = None) -> None:
+        self.settings = settings
+        self.store = store or ModelStore(settings.models_dir)
+        self.metrics = metrics
+        self.instances: dict[str, Instance] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._closing = False
+        self._restart_tasks: set[asyncio.Task[None]] = set()
+
+    # ---- Engine protocol ------------------------------------------------------------------
+    def list_models(self) -> list[ModelInfo]:
+        infos = {m.name: self.store.info(m.name) for m in self.store.list()}
+        for instance in self.instances.values():
+            infos.setdefault(instance.name, instance.info)
+        return sorted(infos.values(), key=lambda m: m.name)
+
+    def get_model(self, name: str) -> ModelInfo:
+        name = canonical_name(name)
+        if name in self.instances:
+            return self.instances[name].info
+        return self.store.info(name)
+
+    def loaded_models(self) -> list[LoadedModel]:
+        return [
+            LoadedModel(name=i.name, size_bytes=i.runner.ready.weight_bytes if i.runner.ready else 0)
+            for i in self.instances.values()
+            if i.runner.alive
+        ]
+
+    async def render_chat(self, model: str, messages: list[ChatMessage],
+                          tools: list[dict[str, Any]] | None = None) -> list[int]:
+        instance = await self.ensure_loaded(model)
+        conversation = [_message_dict(m) for m in messages]
+        kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": True}
+        if tools:
+            kwargs["tools"] = tools
+        ids = instance.tokenizer.apply_chat_template(conversation, **kwargs)
+        return list(ids)
+
+    async def tokenize(self, model: str, text: str) -> list[int]:
+        instance = await self.ensure_loaded(model)
+        return list(instance.tokenizer.encode(text))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        try:
+            instance = await self.ensure_loaded(request.model)
+        except ModelNotFound as exc:
+            yield Failed(id=request.id, code="not_found", message=str(exc))
+            return
+        except RunnerStartError as exc:
+            yield Failed(id=request.id, code="internal", message=f"the model failed to load: {exc}")
+            return
+        stream = instance.runner.generate(request)
+        try:
+            async for event in stream:
+                yield event
+        finally:
+            await stream.aclose()
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def context_length(self, model: str) -> int | None:
+        instance = self.instances.get(canonical_name(model))
+        if instance and instance.runner.ready:
+            return instance.runner.ready.context_length
+        return None
+
+    async def ensure_loaded(self, model: str) -> Instance:
+        name = canonical_name(model)
+        instance = self.instances.get(name)
+        if instance is not None and instance.runner.ready is not None:
+            return instance
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            instance = self.instances.get(name)
+            if instance is not None and instance.runner.ready is not None:
+                return instance
+            return await self._load(name)
+
+    async def _load(self, name: str) -> Instance:
+        model_dir = self.store.resolve(name)  # raises ModelNotFound
+        info = self.store.info(name) if not Path(name).exists() else _path_info(model_dir, name)
+        tokenizer = await asyncio.to_thread(_load_tokenizer, model_dir)
+        runner = self._new_runner(name, model_dir)
+        started = time.perf_counter()
+        await runner.start()
+        log.info("model %s ready in %.1fs (%s)", name, time.perf_counter() - started,
+                 runner.ready)
+        instance = Instance(name=name, model_dir=model_dir, info=info, tokenizer=tokenizer,
+                            runner=runner)
+        self.instances[name] = instance
+        return instance
+
+    def _new_runner(self, name: str, model_dir: Path) -> RunnerProcess:
+        s = self.settings
+        config = RunnerConfig(
+            model_name=name,
+            model_dir=str(model_dir),
+            dtype="float32" if s.dtype == "auto" else s.dtype,
+            max_batch=s.max_batch,
+            max_queue=s.max_queue,
+            prefill_chunk=s.prefill_chunk,
+            memory_cap_bytes=s.memory_cap_bytes,
+            compile_step=s.compile_step,
+            fuse_projections=s.fuse_projections,
+        )
+        env, warning = runner_environment(s)
+        if warning:
+            log.warning(warning)
+        return RunnerProcess(
+            config,
+            env,
+            on_stats=lambda stats: self._on_stats(name, stats),
+            on_exit=lambda code: self._on_runner_exit(name, code),
+        )
+
+    def _on_stats(self, name: str, stats: dict[str, float]) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_runner_stats(name, stats)
+
+    def _on_runner_exit(self, name: str, code: int | None) -> None:
+        instance = self.instances.get(name)
+        if self._closing or instance is None or instance.runner.ready is None:
+            return
+        log.error("runner for %s exited with code %s; restarting", name, code)
+        if self.metrics is not None:
+            self.metrics.runner_restarted(name)
+        task = asyncio.get_running_loop().create_task(self._restart(instance))
+        self._restart_tasks.add(task)
+        task.add_done_callback(self._restart_tasks.discard)
+
+    async def _restart(self, instance: Instance) -> None:
+        delay = RESTART_BACKOFF_S[min(instance.restarts, len(RESTART_BACKOFF_S) - 1)]
+        instance.restarts += 1
+        await asyncio.sleep(delay)
+        if self._closing:
+            return
+        runner = self._new_runner(instance.name, instance.model_dir)
+        try:
+            await runner.start()
+        except RunnerStartError as exc:
+            log.error("restart of %s failed: %s", instance.name, exc)
+            self._on_runner_exit(instance.name, None)
+            return
+        instance.runner = runner
+
+    async def unload(self, model: str) -> None:
+        instance = self.instances.pop(canonical_name(model), None)
+        if instance is not None:
+            await instance.runner.stop()
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in list(self._restart_tasks):
+            task.cancel()
+        for name in list(self.instances):
+            with contextlib.suppress(Exception):
+                await self.unload(name)
+
+    def in_flight(self) -> int:
+        return sum(i.runner.in_flight for i in self.instances.values())
+
+
+def _message_dict(message: ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls is not None:
+        out["tool_calls"] = message.tool_calls
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        out["name"] = message.name
+    return out
+
+
+def _load_tokenizer(model_dir: Path) -> Any:
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    return load_tokenizer(model_dir)
+
+
+def _path_info(model_dir: Path, name: str) -> ModelInfo:
+    import json
+
+    config = json.loads((model_dir / "config.json").read_text())
+    size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    return ModelInfo(
+        name=name,
+        architecture=config.get("model_type", "unknown"),
+        parameters=0,
+        quantization="Q" + str(config["quantization"]["bits"]) if config.get("quantization")
+        else "F32",
+        size_bytes=size,
+        context_length=int(config.get("max_position_embeddings") or 0),
+        digest="",
+        modified_at=model_dir.stat().st_mtime,
+    )

@@ -1,0 +1,105 @@
+"""`flock run`: one node's agent process — engine, HTTP listeners, graceful shutdown.
+
+SIGTERM/SIGINT stop accepting new connections, let in-flight requests finish within a bound,
+stop the runners, and exit 0: a deliberate stop stays stopped (service managers restart crashes
+only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Generator
+from typing import Any
+
+import uvicorn
+
+from agent.settings import NodeSettings
+
+log = logging.getLogger("flock")
+
+SHUTDOWN_GRACE_S = 30.0
+
+
+class _Listener(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to the agent (several share one loop)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _setup_logging(settings: NodeSettings) -> None:
+    try:
+        from agent.logs import setup_logging
+    except ImportError:
+        logging.basicConfig(level=settings.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return
+    setup_logging(settings.log_level, settings.log_format, settings.logs_dir)
+
+
+def _metrics(settings: NodeSettings) -> Any:
+    try:
+        from agent.metrics import create_metrics
+    except ImportError:
+        return None
+    return create_metrics(settings.metrics_enabled)
+
+
+async def run_agent(settings: NodeSettings, *, started: asyncio.Event | None = None) -> int:
+    from agent.api.app import create_app
+    from agent.runtime.service import LocalEngine
+
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    metrics = _metrics(settings)
+    engine = LocalEngine(settings, metrics=metrics)
+    ready = {"value": settings.model is None}
+    app = create_app(engine, settings, ready=lambda: ready["value"], metrics=metrics)
+    listeners = [
+        _Listener(uvicorn.Config(app, host=settings.host, port=port, log_level="warning",
+                                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S, lifespan="on"))
+        for port in [settings.port, settings.ollama_port]
+        if port is not None
+    ]
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+
+    serving = [asyncio.create_task(listener.serve()) for listener in listeners]
+    log.info("flock listening on http://%s:%d", settings.host, settings.port)
+    if started is not None:
+        started.set()
+    load_task = None
+    if settings.model:
+        async def load_default() -> None:
+            try:
+                await engine.ensure_loaded(settings.model)  # type: ignore[arg-type]
+                ready["value"] = True
+            except Exception as exc:
+                log.error("could not load %s: %s", settings.model, exc)
+        load_task = asyncio.create_task(load_default())
+
+    stop_wait = asyncio.create_task(stopping.wait())
+    done, _ = await asyncio.wait([stop_wait, *serving], return_when=asyncio.FIRST_COMPLETED)
+    failed = [t for t in serving if t in done and t.exception() is not None]
+    log.info("shutting down: waiting for %d in-flight requests", engine.in_flight())
+    for listener in listeners:
+        listener.should_exit = True
+    await asyncio.gather(*serving, return_exceptions=True)
+    if load_task is not None:
+        load_task.cancel()
+    await engine.close()
+    stop_wait.cancel()
+    if failed:
+        log.error("listener failed: %s", failed[0].exception())
+        return 1
+    return 0
+
+
+def serve(settings: NodeSettings) -> int:
+    _setup_logging(settings)
+    return asyncio.run(run_agent(settings))
