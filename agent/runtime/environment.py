@@ -1,0 +1,75 @@
+"""The process environment a runner starts with: OpenBLAS preloaded on Linux, bounded BLAS threads.
+
+The agent calls `runner_environment` for every runner it spawns and passes the result as the
+subprocess's `env`; this is the only place the base environment (os.environ) is read.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+
+from agent.runtime.blas import BlasSetup, BlasUnavailable, resolve_blas
+from agent.settings import NodeSettings
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (honours taskset and cpusets, unlike os.cpu_count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def blas_threads(settings: NodeSettings, ranks_on_this_machine: int = 1) -> int:
+    """BLAS threads per runner: the setting, else an equal share of the cores."""
+    if settings.blas_threads is not None:
+        return settings.blas_threads
+    return max(1, usable_cores() // max(1, ranks_on_this_machine))
+
+
+def with_blas(
+    base: Mapping[str, str], setup: BlasSetup | BlasUnavailable | None, threads: int
+) -> tuple[dict[str, str], str | None]:
+    """base plus the BLAS variables for one runner, and a warning when it falls back.
+
+    setup None means interposition is switched off (blas = "off"): no preload, no warning.
+    """
+    env = dict(base)
+    # Idle OpenBLAS workers spin, so ranks sharing a machine must split its cores. numpy's own
+    # bundled OpenBLAS reads the same variable, so it is set even without the shim;
+    # OMP_NUM_THREADS covers OpenMP builds of the system libopenblas (MLX's CPU backend uses no
+    # OpenMP). OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE from base pass through untouched.
+    env["OPENBLAS_NUM_THREADS"] = str(threads)
+    env["OMP_NUM_THREADS"] = str(threads)
+    if setup is None:
+        return env, None
+    if isinstance(setup, BlasUnavailable):
+        return env, (
+            f"runners use MLX's reference BLAS (prompt processing ~12x slower): {setup.reason}; "
+            'pip install scipy-openblas32, or set blas = "off" to silence this'
+        )
+    preload = env.get("LD_PRELOAD", "")
+    # The shim goes first so its cblas_* win over any other preloaded BLAS.
+    env["LD_PRELOAD"] = f"{setup.shim}:{preload}" if preload else str(setup.shim)
+    env["FLOCK_BLAS_LIB"] = setup.library.path
+    return env, None
+
+
+def runner_environment(
+    settings: NodeSettings,
+    *,
+    ranks_on_this_machine: int = 1,
+    base: Mapping[str, str] | None = None,
+) -> tuple[dict[str, str], str | None]:
+    """The env for one runner subprocess, and a one-line warning when BLAS falls back.
+
+    ranks_on_this_machine: how many runners of the instance share this machine's cores.
+    base: the environment to extend (default: this process's).
+    """
+    env = dict(os.environ if base is None else base)
+    if sys.platform != "linux":
+        return env, None  # MLX uses Accelerate and Metal on macOS
+    threads = blas_threads(settings, ranks_on_this_machine)
+    setup = resolve_blas(settings.state_dir) if settings.blas == "auto" else None
+    return with_blas(env, setup, threads)
