@@ -77,5 +77,5 @@ class Engine(Protocol):
         ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        """Run a request; the stream ends with Finished or Failed. Closing it cancels the request."""
+        """Run a request; the stream ends with Finished or Failed; closing it cancels it."""
         ...

@@ -131,8 +131,9 @@ class RunnerProcess:
         elif isinstance(message, Ready):
             if self._ready_future and not self._ready_future.done():
                 self._ready_future.set_result(message)
-        elif isinstance(message, RunnerError) and self._ready_future and not self._ready_future.done():
-            self._ready_future.set_exception(RunnerStartError(message.message))
+        elif isinstance(message, RunnerError):
+            if self._ready_future and not self._ready_future.done():
+                self._ready_future.set_exception(RunnerStartError(message.message))
 
     def _send(self, message: object) -> None:
         if not self.alive or self._process is None or self._process.stdin is None:
@@ -176,7 +177,7 @@ class RunnerProcess:
                 process.stdin.close()
         try:
             await asyncio.wait_for(process.wait(), grace)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             process.kill()
             await process.wait()
         if self._reader:

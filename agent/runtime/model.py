@@ -46,12 +46,10 @@ class DecoderConfig:
     def from_hf(cls, cfg: dict[str, Any]) -> DecoderConfig:
         arch = cfg.get("model_type", "")
         if arch not in SUPPORTED_ARCHITECTURES:
+            supported = ", ".join(SUPPORTED_ARCHITECTURES)
             raise UnsupportedModel(
-                f"architecture '{arch}' is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+                f"architecture '{arch}' is not supported (supported: {supported})"
             )
-        if cfg.get("quantization") or cfg.get("quantization_config"):
-            # Quantized checkpoints run through mlx-lm's quantized layers; see load_decoder.
-            pass
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         return cls(
@@ -244,11 +242,16 @@ def load_decoder(
         size = w.shape[1] // parts
         return w[:, rank * size:(rank + 1) * size] if parts > 1 else w
 
+    # Tensors are popped as they are used and each layer is evaluated at once, so the
+    # checkpoint's copy is freed as we go and peak memory stays near the final size.
     def get(name: str) -> mx.array:
-        return _dequantized(weights, name, quant, dtype)
+        value = _dequantized(weights, name, quant, dtype)
+        for suffix in (".weight", ".scales", ".biases"):
+            weights.pop(name + suffix, None)
+        return value
 
     def maybe(name: str) -> mx.array | None:
-        return weights[name].astype(dtype) if name in weights else None
+        return weights.pop(name).astype(dtype) if name in weights else None
 
     built: list[Layer] = []
     for index in range(layers.start, layers.stop):
@@ -262,8 +265,8 @@ def load_decoder(
         w_gate = rows(get(p + "mlp.gate_proj"), tp)
         w_up = rows(get(p + "mlp.up_proj"), tp)
         layer = Layer(
-            attn_norm=weights[p + "input_layernorm.weight"].astype(dtype),
-            ffn_norm=weights[p + "post_attention_layernorm.weight"].astype(dtype),
+            attn_norm=weights.pop(p + "input_layernorm.weight").astype(dtype),
+            ffn_norm=weights.pop(p + "post_attention_layernorm.weight").astype(dtype),
             wqkv=None, bqkv=None, wq=wq, wk=wk, wv=wv, bq=bq, bk=bk, bv=bv,
             wo=cols(get(p + "self_attn.o_proj"), tp),
             w_gate_up=None, w_gate=w_gate, w_up=w_up,
@@ -281,6 +284,7 @@ def load_decoder(
                 layer.bq = layer.bk = layer.bv = None
             layer.w_gate_up = mx.concatenate([w_gate, w_up], axis=0)
             layer.w_gate = layer.w_up = None
+        mx.eval([v for v in vars(layer).values() if isinstance(v, mx.array)])
         built.append(layer)
 
     first, last = layers.start == 0, layers.stop == config.num_layers
@@ -292,7 +296,7 @@ def load_decoder(
         layers_range=layers,
         layers=built,
         embed=embed,
-        norm=weights["model.norm.weight"].astype(dtype) if last else None,
+        norm=weights.pop("model.norm.weight").astype(dtype) if last else None,
         lm_head=get("lm_head") if last and not config.tie_word_embeddings else None,
         rope=initialize_rope(hd, config.rope_theta, config.rope_traditional,
                              config.rope_scaling, config.max_position_embeddings),
@@ -300,8 +304,5 @@ def load_decoder(
         local_kv_heads=config.num_kv_heads // tp,
         group=group,
     )
-    arrays = [v for layer in built for v in vars(layer).values() if isinstance(v, mx.array)]
-    arrays += [a for a in (decoder.embed, decoder.norm, decoder.lm_head) if a is not None]
-    mx.eval(arrays)
-    del weights
+    mx.eval([a for a in (decoder.embed, decoder.norm, decoder.lm_head) if a is not None])
     return decoder

@@ -63,9 +63,10 @@ def load(config: RunnerConfig) -> tuple[Any, Ready]:
     import mlx.core as mx
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
+    from agent.runtime.blas import describe_blas
     from agent.runtime.kv import KvGeometry, KvSlots
     from agent.runtime.model import load_decoder
-    from agent.runtime.scheduler import Scheduler, SchedulerLimits
+    from agent.runtime.scheduler import SchedulerLimits
 
     started = time.perf_counter()
     model_dir = Path(config.model_dir)
@@ -94,7 +95,7 @@ def load(config: RunnerConfig) -> tuple[Any, Ready]:
         kv_bytes_per_token=geometry.bytes_per_token,
         context_length=context,
         load_seconds=time.perf_counter() - started,
-        blas=os.environ.get("FLOCK_BLAS_DESCRIPTION", ""),
+        blas=describe_blas(),
     )
     return (decoder, tokenizer, KvSlots(geometry), limits), ready
 

@@ -36,7 +36,8 @@ class RowSampler:
     @property
     def _penalised(self) -> bool:
         p = self.params
-        return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+        return (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                or p.frequency_penalty != 0.0)
 
     def adjust(self, logits: mx.array, prompt_tail: list[int]) -> mx.array:
         """Penalties over recent tokens, as llama.cpp/mlx-lm (repetition) and OpenAI define them."""

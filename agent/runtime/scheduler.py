@@ -127,7 +127,8 @@ class Scheduler:
             self.stats.rejected_total += 1
             self.emit(Failed(id=request.id, code="bad_request", message=problem))
             return
-        if len(self.waiting) >= self.limits.max_queue and not self._fits_now(request):
+        free_slots = max(0, self.limits.max_batch - len(self.running))
+        if len(self.waiting) >= free_slots + self.limits.max_queue:
             self.stats.rejected_total += 1
             self.emit(Failed(id=request.id, code="overloaded",
                              message="the server is at capacity; retry shortly"))
@@ -148,7 +149,8 @@ class Scheduler:
         if prompt >= self.limits.context_length:
             return (f"the prompt has {prompt} tokens, but the model's context is "
                     f"{self.limits.context_length} tokens (at most "
-                    f"{self.limits.context_length - 1} prompt tokens leave room for one reply token)")
+                    f"{self.limits.context_length - 1} prompt tokens leave room for one reply "
+                    "token)")
         need = (prompt + max(1, self._max_tokens(request))) * self.kv.geometry.bytes_per_token
         if need > self.limits.kv_budget_bytes:
             return (f"the request needs {need} bytes of KV cache ({prompt} prompt tokens + "
@@ -200,7 +202,8 @@ class Scheduler:
         self._admit()
         if not self.running:
             return
-        decoding = [s for s in self.running.values() if not s.in_prefill and s.next_token is not None]
+        decoding = [s for s in self.running.values()
+                    if not s.in_prefill and s.next_token is not None]
         prefilling = [s for s in self.running.values() if s.in_prefill]
         if prefilling:
             chunk = self.limits.prefill_chunk if decoding else self.limits.solo_prefill_chunk

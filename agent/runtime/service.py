@@ -73,7 +73,8 @@ class LocalEngine:
 
     def loaded_models(self) -> list[LoadedModel]:
         return [
-            LoadedModel(name=i.name, size_bytes=i.runner.ready.weight_bytes if i.runner.ready else 0)
+            LoadedModel(name=i.name,
+                        size_bytes=i.runner.ready.weight_bytes if i.runner.ready else 0)
             for i in self.instances.values()
             if i.runner.alive
         ]

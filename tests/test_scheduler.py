@@ -1,0 +1,166 @@
+"""The continuous-batching scheduler on a tiny real model: admission, batching, cancellation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+from agent.generation import (
+    Failed,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    SamplingParams,
+    TokenChunk,
+)
+from agent.runtime.kv import KvGeometry, KvSlots
+from agent.runtime.model import load_decoder
+from agent.runtime.scheduler import Scheduler, SchedulerLimits
+from tests.tiny_models import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "m")
+
+
+def make_scheduler(model_dir: Path, **limits: int) -> tuple[Scheduler, list[GenerationEvent]]:
+    events: list[GenerationEvent] = []
+    dec = load_decoder(model_dir)
+    kv = KvSlots(KvGeometry(len(dec.layers), dec.local_kv_heads, dec.config.head_dim), chunk=32)
+    defaults = {"context_length": 512, "kv_budget_bytes": 1 << 30}
+    sched = Scheduler(dec, load_tokenizer(model_dir), kv, SchedulerLimits(**(defaults | limits)),
+                      events.append)
+    return sched, events
+
+
+def request(rid: str, prompt: list[int], max_tokens: int = 8, **sampling: object
+            ) -> GenerationRequest:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    if sampling:
+        params = SamplingParams(**({"max_tokens": max_tokens, "temperature": 0.0} | sampling))
+    return GenerationRequest(id=rid, model="tiny", prompt_tokens=prompt, sampling=params)
+
+
+def run_all(sched: Scheduler, limit: int = 500) -> None:
+    for _ in range(limit):
+        if sched.idle:
+            return
+        sched.step()
+    raise AssertionError("scheduler did not finish")
+
+
+def tokens_of(events: list[GenerationEvent], rid: str) -> list[int]:
+    return [t for e in events if isinstance(e, TokenChunk) and e.id == rid for t in e.token_ids]
+
+
+def final(events: list[GenerationEvent], rid: str) -> Finished | Failed:
+    ends = [e for e in events if isinstance(e, Finished | Failed) and e.id == rid]
+    assert len(ends) == 1
+    return ends[0]
+
+
+def test_batched_requests_generate_what_each_generates_alone(tiny_dir: Path) -> None:
+    prompts = {"a": [10, 20, 30], "b": list(range(40, 75)), "c": [200, 201]}
+    alone = {}
+    for rid, prompt in prompts.items():
+        sched, events = make_scheduler(tiny_dir)
+        sched.submit(request(rid, prompt, 12))
+        run_all(sched)
+        alone[rid] = tokens_of(events, rid)
+    sched, events = make_scheduler(tiny_dir)
+    sched.submit(request("a", prompts["a"], 12))
+    sched.step()
+    sched.step()  # "a" is decoding when the others join
+    sched.submit(request("b", prompts["b"], 12))
+    sched.submit(request("c", prompts["c"], 12))
+    run_all(sched)
+    for rid in prompts:
+        assert tokens_of(events, rid) == alone[rid]
+        end = final(events, rid)
+        assert isinstance(end, Finished) and end.reason == "length"
+        assert end.usage.completion_tokens == 12 and end.usage.prompt_tokens == len(prompts[rid])
+    assert sched.kv.rows == 1  # compacted once everyone left
+
+
+def test_prompt_longer_than_context_fails_before_any_work(tiny_dir: Path) -> None:
+    sched, events = make_scheduler(tiny_dir, context_length=16)
+    sched.submit(request("long", list(range(3, 40))))
+    end = final(events, "long")
+    assert isinstance(end, Failed) and end.code == "bad_request"
+    assert "37 tokens" in end.message and "16" in end.message
+    assert sched.idle
+
+
+def test_request_over_the_whole_kv_budget_is_rejected_as_never_fitting(tiny_dir: Path) -> None:
+    sched, events = make_scheduler(tiny_dir, kv_budget_bytes=10_000)
+    sched.submit(request("big", list(range(3, 100)), 100))
+    end = final(events, "big")
+    assert isinstance(end, Failed) and end.code == "bad_request" and "KV" in end.message
+
+
+def test_full_queue_answers_overloaded(tiny_dir: Path) -> None:
+    sched, events = make_scheduler(tiny_dir, max_batch=1, max_queue=1)
+    for i in range(3):
+        sched.submit(request(str(i), [5, 6, 7], 4))
+    sched.step()  # "0" runs, "1" waits ...
+    sched.submit(request("3", [5, 6], 4))  # ... so the queue is full
+    overloaded = [e for e in events if isinstance(e, Failed) and e.code == "overloaded"]
+    assert {e.id for e in overloaded} == {"2", "3"}
+    run_all(sched)
+    assert isinstance(final(events, "1"), Finished)
+
+
+def test_cancel_frees_the_row_and_reports_cancelled(tiny_dir: Path) -> None:
+    sched, events = make_scheduler(tiny_dir)
+    sched.submit(request("x", [5, 6, 7], 100))
+    sched.submit(request("y", [8, 9], 5))
+    sched.step()
+    sched.step()
+    sched.cancel("x")
+    run_all(sched)
+    end = final(events, "x")
+    assert isinstance(end, Finished) and end.reason == "cancelled"
+    assert end.usage.completion_tokens < 100
+    assert sched.kv.owners() == [None]
+
+
+def test_stop_token_ids_end_generation(tiny_dir: Path) -> None:
+    sched, events = make_scheduler(tiny_dir)
+    sched.submit(request("free", [5, 6, 7], 6))
+    run_all(sched)
+    first = tokens_of(events, "free")[0]
+    sched2, events2 = make_scheduler(tiny_dir)
+    sched2.submit(request("stopped", [5, 6, 7], 6, stop_token_ids=(first,)))
+    run_all(sched2)
+    end = final(events2, "stopped")
+    assert isinstance(end, Finished) and end.reason == "stop"
+    assert end.usage.completion_tokens == 1 and tokens_of(events2, "stopped") == []
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_dir: Path) -> None:
+    def sample(others: int) -> list[int]:
+        sched, events = make_scheduler(tiny_dir)
+        sched.submit(request("s", [5, 6, 7], 10, temperature=1.0, seed=1234, top_p=0.9))
+        for i in range(others):
+            sched.submit(request(f"o{i}", [9, 9, 9], 10, temperature=1.0))
+        run_all(sched)
+        return tokens_of(events, "s")
+
+    assert sample(0) == sample(0) == sample(2)
+
+
+def test_logprobs_report_the_chosen_token_and_alternatives(tiny_dir: Path) -> None:
+    sched, events = make_scheduler(tiny_dir)
+    sched.submit(request("lp", [5, 6, 7], 3, logprobs=True, top_logprobs=3))
+    run_all(sched)
+    chunks = [e for e in events if isinstance(e, TokenChunk) and e.logprobs]
+    assert len(chunks) == 3
+    for chunk in chunks:
+        entry = chunk.logprobs[0]  # type: ignore[index]
+        assert len(entry.top) == 3 and entry.logprob <= 0.0
+        # greedy: the chosen token is the most likely one
+        assert entry.top[0].token_id == entry.token_id
+        assert abs(entry.top[0].logprob - entry.logprob) < 1e-5
