@@ -131,9 +131,9 @@ class RunnerProcess:
         elif isinstance(message, Ready):
             if self._ready_future and not self._ready_future.done():
                 self._ready_future.set_result(message)
-        elif isinstance(message, RunnerError):
-            if self._ready_future and not self._ready_future.done():
-                self._ready_future.set_exception(RunnerStartError(message.message))
+        elif (isinstance(message, RunnerError) and self._ready_future
+              and not self._ready_future.done()):
+            self._ready_future.set_exception(RunnerStartError(message.message))
 
     def _send(self, message: object) -> None:
         if not self.alive or self._process is None or self._process.stdin is None:
