@@ -11,6 +11,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 
 import msgspec
 
@@ -29,6 +30,10 @@ from agent.runtime.protocol import (
 )
 
 log = logging.getLogger("flock.runner")
+
+# The directory holding the `agent` package (a checkout, a venv's site-packages, or the zipapp's
+# unpacked site-packages): the runner starts there so `-m agent.runtime.runner` always resolves.
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 class RunnerStartError(RuntimeError):
@@ -74,6 +79,7 @@ class RunnerProcess:
         self._process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agent.runtime.runner",
             msgspec.json.encode(self.config).decode(),
+            cwd=str(PACKAGE_ROOT),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

@@ -146,7 +146,7 @@ class LocalEngine:
         s = self.settings
         config = RunnerConfig(
             model_name=name,
-            model_dir=str(model_dir),
+            model_dir=str(model_dir.resolve()),
             dtype="float32" if s.dtype == "auto" else s.dtype,
             max_batch=s.max_batch,
             max_queue=s.max_queue,
