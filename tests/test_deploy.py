@@ -18,10 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from agent.metrics import FlockMetrics, create_metrics
-from agent.service import ScrapeTarget, example_files, prometheus_targets, write_prometheus_targets
-from tests.deploy_tools import (
+from deploy_tools import (
     PrometheusServer,
     dashboard_expressions,
     ensure_prometheus,
@@ -32,6 +29,9 @@ from tests.deploy_tools import (
     promql_selector_labels,
     substitute_grafana_variables,
 )
+
+from agent.metrics import FlockMetrics, create_metrics
+from agent.service import ScrapeTarget, example_files, prometheus_targets, write_prometheus_targets
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"

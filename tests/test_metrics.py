@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import pytest
+from deploy_tools import ensure_promtool, exercise_every_metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import metrics as metrics_module
@@ -20,7 +21,6 @@ from agent.metrics import (
     create_metrics,
     status_class,
 )
-from tests.deploy_tools import ensure_promtool, exercise_every_metric
 
 
 class FakeClock:
