@@ -17,6 +17,7 @@ from agent.generation import (
 )
 from agent.runtime.kv import KvGeometry, KvSlots
 from agent.runtime.model import load_decoder
+from agent.runtime.prefix import PrefixCache
 from agent.runtime.scheduler import Scheduler, SchedulerLimits
 from tests.tiny_models import make_tiny_model
 
@@ -26,13 +27,14 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "m")
 
 
-def make_scheduler(model_dir: Path, **limits: int) -> tuple[Scheduler, list[GenerationEvent]]:
+def make_scheduler(model_dir: Path, *, prefix: PrefixCache | None = None,
+                   **limits: int) -> tuple[Scheduler, list[GenerationEvent]]:
     events: list[GenerationEvent] = []
     dec = load_decoder(model_dir)
     kv = KvSlots(KvGeometry(len(dec.layers), dec.local_kv_heads, dec.config.head_dim), chunk=32)
     defaults = {"context_length": 512, "kv_budget_bytes": 1 << 30}
     sched = Scheduler(dec, load_tokenizer(model_dir), kv, SchedulerLimits(**(defaults | limits)),
-                      events.append)
+                      events.append, prefix_cache=prefix)
     return sched, events
 
 
@@ -164,3 +166,40 @@ def test_logprobs_report_the_chosen_token_and_alternatives(tiny_dir: Path) -> No
         # greedy: the chosen token is the most likely one
         assert entry.top[0].token_id == entry.token_id
         assert abs(entry.top[0].logprob - entry.logprob) < 1e-5
+
+
+def test_second_turn_reuses_the_first_turns_cache_and_generates_the_same(tiny_dir: Path) -> None:
+    turn1 = list(range(10, 60))
+    sched, events = make_scheduler(tiny_dir, prefix=PrefixCache(1 << 26))
+    sched.submit(request("t1", turn1, 8))
+    run_all(sched)
+    reply = tokens_of(events, "t1")
+    turn2 = turn1 + reply + [70, 71, 72, 73]
+    sched.submit(request("t2", turn2, 8))
+    run_all(sched)
+    end = final(events, "t2")
+    assert isinstance(end, Finished)
+    # Every token of turn 1 whose KV was computed is reused (the last reply token never was).
+    assert end.usage.cached_tokens == len(turn1) + len(reply) - 1
+    cold, cold_events = make_scheduler(tiny_dir)
+    cold.submit(request("t2", turn2, 8))
+    run_all(cold)
+    assert tokens_of(events, "t2") == tokens_of(cold_events, "t2")
+    assert final(cold_events, "t2").usage.cached_tokens == 0  # type: ignore[union-attr]
+
+
+def test_prefix_cache_evicts_to_stay_within_its_byte_bound(tiny_dir: Path) -> None:
+    dec = load_decoder(tiny_dir)
+    per_token = KvGeometry(len(dec.layers), dec.local_kv_heads, dec.config.head_dim).bytes_per_token
+    bound = per_token * 100
+    prefix = PrefixCache(bound)
+    sched, events = make_scheduler(tiny_dir, prefix=prefix)
+    for i in range(6):
+        sched.submit(request(f"p{i}", [3 + i] * 40, 4))
+        run_all(sched)
+        assert prefix.bytes <= bound
+    assert prefix.stats.evictions >= 3 and len(prefix.entries) <= 2
+    # The newest conversation is still cached and still gives the same answer.
+    sched.submit(request("again", [3 + 5] * 40 + tokens_of(events, "p5")[:3] + [9], 4))
+    run_all(sched)
+    assert final(events, "again").usage.cached_tokens > 0  # type: ignore[union-attr]

@@ -30,6 +30,7 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     context_length: int | None = None  # cap; None means the model's own
     kv_budget_bytes: int | None = None  # None: computed from free memory after weights
     memory_cap_bytes: int | None = None
+    prefix_cache_bytes: int | None = None  # None: a quarter of the KV budget
     compile_step: bool = True
     fuse_projections: bool = True
     stats_interval_s: float = 1.0

@@ -66,6 +66,7 @@ def load(config: RunnerConfig) -> tuple[Any, Ready]:
     from agent.runtime.blas import describe_blas
     from agent.runtime.kv import KvGeometry, KvSlots
     from agent.runtime.model import load_decoder
+    from agent.runtime.prefix import PrefixCache
     from agent.runtime.scheduler import SchedulerLimits
 
     started = time.perf_counter()
@@ -97,16 +98,19 @@ def load(config: RunnerConfig) -> tuple[Any, Ready]:
         load_seconds=time.perf_counter() - started,
         blas=describe_blas(),
     )
-    return (decoder, tokenizer, KvSlots(geometry), limits), ready
+    prefix_bytes = config.prefix_cache_bytes
+    if prefix_bytes is None:
+        prefix_bytes = budget // 4
+    return (decoder, tokenizer, KvSlots(geometry), limits, PrefixCache(prefix_bytes)), ready
 
 
 def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
     from agent.runtime.scheduler import Scheduler
 
     try:
-        (decoder, tokenizer, kv, limits), ready = load(config)
+        (decoder, tokenizer, kv, limits, prefix), ready = load(config)
         scheduler = Scheduler(decoder, tokenizer, kv, limits, outbox.send,
-                              compiled=config.compile_step)
+                              compiled=config.compile_step, prefix_cache=prefix)
     except Exception as exc:  # the agent reports it; the runner must not hang
         outbox.send(RunnerError(message=f"{type(exc).__name__}: {exc}"))
         return 1

@@ -28,6 +28,7 @@ from agent.generation import (
 )
 from agent.runtime.kv import KvSlots
 from agent.runtime.model import Decoder
+from agent.runtime.prefix import PrefixCache, copy_rows
 from agent.runtime.sampling import RowSampler, top_logprobs
 from agent.runtime.step import make_decode_fn, prefill
 from agent.runtime.stops import StopMatcher
@@ -95,6 +96,7 @@ class Scheduler:
         emit: Emit,
         *,
         compiled: bool = True,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.decoder = decoder
         self.tokenizer = tokenizer
@@ -107,6 +109,7 @@ class Scheduler:
         self.running: dict[str, Sequence] = {}
         self.cancelled: set[str] = set()
         self.stats = SchedulerStats()
+        self.prefix = prefix_cache
 
     # ---- admission --------------------------------------------------------------------------
     @property
@@ -186,10 +189,28 @@ class Scheduler:
                 stops=StopMatcher(request.sampling.stop),
                 max_tokens=max_tokens,
             )
+            self._reuse_prefix(self.running[request.id])
             self.stats.requests_total += 1
             self.stats.prompt_tokens_total += len(request.prompt_tokens)
             if max_tokens == 0:
                 self._finish(self.running[request.id], "length")
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        if self.prefix is None:
+            return
+        n, entry = self.prefix.lookup(seq.prompt)
+        if entry is None:
+            return
+        self.kv.write_row(seq.row, [k[:, :, :n] for k in entry.keys],
+                          [v[:, :, :n] for v in entry.values])
+        seq.prefilled = seq.length = seq.cached_tokens = n
+
+    def _remember_prefix(self, seq: Sequence) -> None:
+        if self.prefix is None or seq.length < self.prefix.min_tokens:
+            return
+        tokens = (seq.prompt + seq.sampler.history)[: seq.length]
+        keys, values = self.kv.read_row(seq.row, seq.length)
+        self.prefix.store(tokens, copy_rows(keys), copy_rows(values))
 
     def _finish_unstarted(self, request: GenerationRequest, reason: str) -> None:
         usage = Usage(prompt_tokens=len(request.prompt_tokens), completion_tokens=0)
@@ -321,6 +342,8 @@ class Scheduler:
                       cached_tokens=seq.cached_tokens)
         self.emit(Finished(id=seq.request.id, reason=reason, usage=usage,  # type: ignore[arg-type]
                            stop_sequence=stop_sequence))
+        if not seq.in_prefill:
+            self._remember_prefix(seq)
         self.kv.release(seq.row)
         del self.running[seq.request.id]
 
@@ -343,4 +366,8 @@ class Scheduler:
             "generated_tokens_total": float(self.stats.generated_tokens_total),
             "decode_steps_total": float(self.stats.decode_steps_total),
             "decode_seconds_total": self.stats.decode_seconds_total,
+            "prefix_hits": float(self.prefix.stats.hits if self.prefix else 0),
+            "prefix_misses": float(self.prefix.stats.misses if self.prefix else 0),
+            "evictions": float(self.prefix.stats.evictions if self.prefix else 0),
+            "prefix_cache_bytes": float(self.prefix.bytes if self.prefix else 0),
         }
