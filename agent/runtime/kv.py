@@ -40,9 +40,12 @@ class KvGeometry:
 class KvSlots:
     """Rows of preallocated KV cache shared by a runner's sequences."""
 
-    def __init__(self, geometry: KvGeometry, *, chunk: int = 256) -> None:
+    def __init__(self, geometry: KvGeometry, *, chunk: int = 256,
+                 journal: list[tuple] | None = None) -> None:
         self.geometry = geometry
         self.chunk = chunk
+        # Layout changes, recorded for pipeline followers whose caches mirror this one.
+        self.journal = journal
         self.rows = 0
         self.capacity = 0
         self.keys: list[mx.array] = []
@@ -74,6 +77,10 @@ class KvSlots:
     def release(self, row: int) -> None:
         self._owner[row] = None
 
+    def resize(self, rows: int, capacity: int) -> None:
+        """Grow to exactly `rows` x `capacity` (a follower mirroring its head)."""
+        self._resize(rows=rows, capacity=capacity)
+
     def ensure_capacity(self, tokens: int) -> None:
         """Make room for `tokens` positions in every row (grows by whole chunks)."""
         if tokens > self.capacity:
@@ -92,20 +99,26 @@ class KvSlots:
         new_capacity = max(self.chunk, _round_up(longest + 1, self.chunk))
         new_capacity = min(new_capacity, self.capacity)
         mapping = {row: index for index, row in enumerate(used)}
-        if used:
-            index = mx.array(used + [used[0]] * (new_rows - len(used)))
-            self.keys = [k[index, :, :new_capacity] for k in self.keys]
-            self.values = [v[index, :, :new_capacity] for v in self.values]
-        else:
-            self.keys = [k[:1, :, :new_capacity] for k in self.keys]
-            self.values = [v[:1, :, :new_capacity] for v in self.values]
+        index = used + [used[0] if used else 0] * (new_rows - len(used))
         owners = [self._owner[row] for row in used]
+        self.gather(index, new_capacity)
         self._owner = owners + [None] * (new_rows - len(used))
-        self.rows, self.capacity = new_rows, new_capacity
-        mx.eval(self.keys, self.values)
         return mapping
 
+    def gather(self, index: list[int], capacity: int) -> None:
+        """Keep rows `index` (in that order) and the first `capacity` positions."""
+        if self.journal is not None:
+            self.journal.append(("gather", list(index), capacity))
+        rows = mx.array(index)
+        self.keys = [k[rows, :, :capacity] for k in self.keys]
+        self.values = [v[rows, :, :capacity] for v in self.values]
+        self._owner = (self._owner + [None] * len(index))[: len(index)]
+        self.rows, self.capacity = len(index), capacity
+        mx.eval(self.keys, self.values)
+
     def _resize(self, *, rows: int, capacity: int) -> None:
+        if self.journal is not None:
+            self.journal.append(("resize", rows, capacity))
         g = self.geometry
         if not self.keys:
             shape = (rows, g.kv_heads, capacity, g.head_dim)

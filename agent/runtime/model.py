@@ -9,7 +9,7 @@ positions, write a preallocated KV cache, compile the whole decode step, hold on
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,15 +124,11 @@ class Decoder:
     local_heads: int = 0
     local_kv_heads: int = 0
     group: Any = None  # mx.distributed group for tensor parallel, None when alone
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_first(self) -> bool:
-        return self.layers_range.start == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.layers_range.stop == self.config.num_layers
+    # Whether this stage turns token ids into hidden states, and hidden states into logits.
+    # A pipeline's head does both: the last stage hands its hidden states back to the head,
+    # so sampling, stop strings and the scheduler live in one process.
+    embeds: bool = True
+    projects: bool = True
 
     @property
     def head_weight(self) -> mx.array:
@@ -166,26 +162,26 @@ def _safetensor_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _wanted(name: str, layers: LayerRange, first: bool, last: bool, tied: bool) -> bool:
+def _wanted(name: str, layers: LayerRange, embeds: bool, projects: bool, tied: bool) -> bool:
     if name.startswith("model.layers."):
         index = int(name.split(".")[2])
         return layers.start <= index < layers.stop
     if name.startswith("model.embed_tokens."):
-        return first or (last and tied)
+        return embeds or (projects and tied)
     if name.startswith("model.norm."):
-        return last
+        return projects
     if name.startswith("lm_head."):
-        return last and not tied
+        return projects and not tied
     return False
 
 
-def load_weights(model_dir: Path, config: DecoderConfig, layers: LayerRange) -> dict[str, mx.array]:
+def load_weights(model_dir: Path, config: DecoderConfig, layers: LayerRange, *, embeds: bool,
+                 projects: bool) -> dict[str, mx.array]:
     """Only the tensors this stage needs; mx.load maps lazily, so others are never read."""
-    first, last = layers.start == 0, layers.stop == config.num_layers
     weights: dict[str, mx.array] = {}
     for path in _safetensor_files(model_dir):
         for name, value in mx.load(str(path)).items():
-            if _wanted(name, layers, first, last, config.tie_word_embeddings):
+            if _wanted(name, layers, embeds, projects, config.tie_word_embeddings):
                 weights[name] = value
     return weights
 
@@ -208,6 +204,8 @@ def load_decoder(
     dtype: mx.Dtype | None = None,
     fuse: bool = True,
     group: Any = None,
+    embeds: bool | None = None,
+    projects: bool | None = None,
 ) -> Decoder:
     """Load a stage of the model at `model_dir`, optionally sharded over a tensor-parallel group.
 
@@ -221,7 +219,9 @@ def load_decoder(
         raise ValueError(f"layer range {layers} exceeds the model's {config.num_layers} layers")
     dtype = dtype or mx.float32
     quant = raw.get("quantization") or raw.get("quantization_config")
-    weights = load_weights(model_dir, config, layers)
+    embeds = layers.start == 0 if embeds is None else embeds
+    projects = layers.stop == config.num_layers if projects is None else projects
+    weights = load_weights(model_dir, config, layers, embeds=embeds, projects=projects)
 
     tp = group.size() if group is not None else 1
     rank = group.rank() if group is not None else 0
@@ -287,22 +287,23 @@ def load_decoder(
         mx.eval([v for v in vars(layer).values() if isinstance(v, mx.array)])
         built.append(layer)
 
-    first, last = layers.start == 0, layers.stop == config.num_layers
     embed = None
-    if first or (last and config.tie_word_embeddings):
+    if embeds or (projects and config.tie_word_embeddings):
         embed = get("model.embed_tokens")
     decoder = Decoder(
         config=config,
         layers_range=layers,
         layers=built,
         embed=embed,
-        norm=weights.pop("model.norm.weight").astype(dtype) if last else None,
-        lm_head=get("lm_head") if last and not config.tie_word_embeddings else None,
+        norm=weights.pop("model.norm.weight").astype(dtype) if projects else None,
+        lm_head=get("lm_head") if projects and not config.tie_word_embeddings else None,
         rope=initialize_rope(hd, config.rope_theta, config.rope_traditional,
                              config.rope_scaling, config.max_position_embeddings),
         local_heads=config.num_heads // tp,
         local_kv_heads=config.num_kv_heads // tp,
         group=group,
+        embeds=embeds,
+        projects=projects,
     )
     mx.eval([a for a in (decoder.embed, decoder.norm, decoder.lm_head) if a is not None])
     return decoder

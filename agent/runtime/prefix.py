@@ -17,6 +17,7 @@ import mlx.core as mx
 
 @dataclass
 class PrefixEntry:
+    id: int
     tokens: tuple[int, ...]
     keys: list[mx.array]  # per layer: (1, kv_heads, len(tokens), head_dim)
     values: list[mx.array]
@@ -47,9 +48,12 @@ def common_prefix_length(a: tuple[int, ...] | list[int], b: tuple[int, ...] | li
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int, *, min_tokens: int = 16) -> None:
+    def __init__(self, max_bytes: int, *, min_tokens: int = 16,
+                 journal: list[tuple] | None = None) -> None:
         self.max_bytes = max_bytes
         self.min_tokens = min_tokens
+        self.journal = journal  # drops, recorded for pipeline followers that mirror entries
+        self._next_id = 0
         self.entries: OrderedDict[tuple[int, ...], PrefixEntry] = OrderedDict()
         self.bytes = 0
         self.stats = PrefixStats()
@@ -70,33 +74,39 @@ class PrefixCache:
         self.stats.hit_tokens += best_len
         return best_len, best
 
-    def store(self, tokens: list[int], keys: list[mx.array], values: list[mx.array]) -> None:
-        """Keep a sequence's KV; `keys`/`values` must be independent copies (see copy_rows)."""
+    def store(self, tokens: list[int], keys: list[mx.array], values: list[mx.array]
+              ) -> int | None:
+        """Keep a sequence's KV (independent copies, see copy_rows); returns the entry's id, or
+        None when it is not kept."""
         if len(tokens) < self.min_tokens or self.max_bytes <= 0:
-            return
+            return None
         key = tuple(tokens)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return None
+        entry = PrefixEntry(self._next_id, key, keys, values)
+        if entry.nbytes > self.max_bytes:
+            return None
+        self._next_id += 1
         # An entry that is a prefix of the new one is redundant: the new one covers it.
         for old in [t for t in self.entries if len(t) <= len(key) and key[:len(t)] == t]:
             self._drop(old)
-        if key in self.entries:
-            self.entries.move_to_end(key)
-            return
-        entry = PrefixEntry(key, keys, values)
-        if entry.nbytes > self.max_bytes:
-            return
         self.entries[key] = entry
         self.bytes += entry.nbytes
         while self.bytes > self.max_bytes and self.entries:
             self._drop(next(iter(self.entries)))
             self.stats.evictions += 1
+        return entry.id
 
     def _drop(self, key: tuple[int, ...]) -> None:
         entry = self.entries.pop(key)
         self.bytes -= entry.nbytes
+        if self.journal is not None:
+            self.journal.append(("prefix_drop", entry.id))
 
     def clear(self) -> None:
-        self.entries.clear()
-        self.bytes = 0
+        for key in list(self.entries):
+            self._drop(key)
 
 
 def copy_rows(arrays: list[mx.array]) -> list[mx.array]:

@@ -34,6 +34,17 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     compile_step: bool = True
     fuse_projections: bool = True
     stats_interval_s: float = 1.0
+    # Pipeline role. "solo": the whole model here. "head": layers [layer_start, layer_stop) plus
+    # the embedding, the final norm and the head; it connects to `downstream` and accepts the
+    # last stage's link back on `listen`. "follower": accepts its upstream on `listen` and
+    # connects to `downstream` (the next follower, or the head's `listen` when it is last).
+    role: str = "solo"
+    layer_start: int | None = None
+    layer_stop: int | None = None
+    listen: str | None = None
+    downstream: str | None = None
+    link_timeout_s: float = 30.0
+    startup_timeout_s: float = 600.0
 
 
 class Submit(msgspec.Struct, frozen=True, tag="submit"):

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from agent.generation import Failed
+from agent.runtime.links import StageLinkError
 from agent.runtime.protocol import (
     Cancel,
     FrameBuffer,
@@ -59,13 +60,13 @@ def kv_budget(config: RunnerConfig, weight_bytes: int, bytes_per_token: int, con
     return max(min(allowed, useful), 16 * bytes_per_token)
 
 
-def load(config: RunnerConfig) -> tuple[Any, Ready]:
+def load(config: RunnerConfig, journal: list[tuple] | None = None) -> tuple[Any, Ready]:
     import mlx.core as mx
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     from agent.runtime.blas import describe_blas
     from agent.runtime.kv import KvGeometry, KvSlots
-    from agent.runtime.model import load_decoder
+    from agent.runtime.model import LayerRange, load_decoder
     from agent.runtime.prefix import PrefixCache
     from agent.runtime.scheduler import SchedulerLimits
 
@@ -73,7 +74,12 @@ def load(config: RunnerConfig) -> tuple[Any, Ready]:
     model_dir = Path(config.model_dir)
     dtype = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}.get(
         config.dtype, mx.float32)
-    decoder = load_decoder(model_dir, dtype=dtype, fuse=config.fuse_projections)
+    layers = None
+    if config.layer_start is not None and config.layer_stop is not None:
+        layers = LayerRange(config.layer_start, config.layer_stop)
+    head = config.role in ("solo", "head")
+    decoder = load_decoder(model_dir, dtype=dtype, fuse=config.fuse_projections, layers=layers,
+                           embeds=head, projects=head)
     tokenizer = load_tokenizer(model_dir)
     context = decoder.config.max_position_embeddings
     if config.context_length:
@@ -101,16 +107,53 @@ def load(config: RunnerConfig) -> tuple[Any, Ready]:
     prefix_bytes = config.prefix_cache_bytes
     if prefix_bytes is None:
         prefix_bytes = budget // 4
-    return (decoder, tokenizer, KvSlots(geometry), limits, PrefixCache(prefix_bytes)), ready
+    kv = KvSlots(geometry, journal=journal)
+    prefix = PrefixCache(prefix_bytes, journal=journal)
+    return (decoder, tokenizer, kv, limits, prefix), ready
+
+
+def _connect_pipeline(config: RunnerConfig, listener: Any) -> tuple[Any, Any]:
+    """(downstream link, upstream link) for a head or a follower, within the start-up deadline."""
+    from agent.runtime.links import StageLink
+
+    deadline = time.monotonic() + config.startup_timeout_s
+    timeout = config.link_timeout_s
+    assert config.downstream is not None
+    if config.role == "head":
+        downstream = StageLink.connect(config.downstream, deadline=deadline, timeout=timeout)
+        upstream = StageLink.accept(listener, deadline=deadline, timeout=timeout)
+    else:
+        upstream = StageLink.accept(listener, deadline=deadline, timeout=timeout)
+        downstream = StageLink.connect(config.downstream, deadline=deadline, timeout=timeout)
+    listener.close()
+    return downstream, upstream
 
 
 def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
+    from agent.runtime.compute import PipelineHeadCompute
+    from agent.runtime.follower import Follower, follow
+    from agent.runtime.links import listen
     from agent.runtime.scheduler import Scheduler
 
+    journal: list[tuple] | None = [] if config.role == "head" else None
     try:
-        (decoder, tokenizer, kv, limits, prefix), ready = load(config)
+        # Listen before loading: the peer may connect while we are still reading weights.
+        listener = listen(config.listen) if config.role != "solo" and config.listen else None
+        (decoder, tokenizer, kv, limits, prefix), ready = load(config, journal)
+        if config.role == "follower":
+            downstream, upstream = _connect_pipeline(config, listener)
+            outbox.send(ready)
+            return follow(Follower(decoder, kv, compiled=config.compile_step), upstream,
+                          downstream, inbox_fd)
+        compute = None
+        if config.role == "head":
+            downstream, upstream = _connect_pipeline(config, listener)
+            assert journal is not None
+            compute = PipelineHeadCompute(decoder, kv, journal, compiled=config.compile_step,
+                                          downstream=downstream, upstream=upstream)
         scheduler = Scheduler(decoder, tokenizer, kv, limits, outbox.send,
-                              compiled=config.compile_step, prefix_cache=prefix)
+                              compiled=config.compile_step, prefix_cache=prefix,
+                              compute=compute)
     except Exception as exc:  # the agent reports it; the runner must not hang
         outbox.send(RunnerError(message=f"{type(exc).__name__}: {exc}"))
         return 1
@@ -134,9 +177,17 @@ def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
                     for request_id in list(scheduler.running):
                         scheduler.cancel(request_id)
                     scheduler.step()
+                    scheduler.compute.close()
                     return 0
         try:
             scheduler.step()
+        except StageLinkError as exc:
+            # A pipeline stage died or hung: this instance cannot compute any more. Fail every
+            # request now and exit, so the agent can re-place the model.
+            for request_id in [*scheduler.running, *(r.id for r in scheduler.waiting)]:
+                outbox.send(Failed(id=request_id, code="internal",
+                                   message=f"a pipeline stage failed: {exc}"))
+            return 3
         except Exception as exc:
             # A broken step fails the requests in it, not the runner.
             for request_id in list(scheduler.running):

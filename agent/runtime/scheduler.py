@@ -26,11 +26,11 @@ from agent.generation import (
     TopLogprob,
     Usage,
 )
+from agent.runtime.compute import LocalCompute
 from agent.runtime.kv import KvSlots
 from agent.runtime.model import Decoder
 from agent.runtime.prefix import PrefixCache, copy_rows
 from agent.runtime.sampling import RowSampler, top_logprobs
-from agent.runtime.step import make_decode_fn, prefill
 from agent.runtime.stops import StopMatcher
 
 Emit = Callable[[GenerationEvent], None]
@@ -97,13 +97,14 @@ class Scheduler:
         *,
         compiled: bool = True,
         prefix_cache: PrefixCache | None = None,
+        compute: LocalCompute | None = None,
     ) -> None:
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.kv = kv
         self.limits = limits
         self.emit = emit
-        self.decode_fn = make_decode_fn(decoder, compiled=compiled)
+        self.compute = compute or LocalCompute(decoder, kv, compiled=compiled)
         self.eos_ids: set[int] = set(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.waiting: deque[GenerationRequest] = deque()
         self.running: dict[str, Sequence] = {}
@@ -203,6 +204,8 @@ class Scheduler:
             return
         self.kv.write_row(seq.row, [k[:, :, :n] for k in entry.keys],
                           [v[:, :, :n] for v in entry.values])
+        if self.kv.journal is not None:
+            self.kv.journal.append(("prefix_load", entry.id, seq.row, n))
         seq.prefilled = seq.length = seq.cached_tokens = n
 
     def _remember_prefix(self, seq: Sequence) -> None:
@@ -210,7 +213,9 @@ class Scheduler:
             return
         tokens = (seq.prompt + seq.sampler.history)[: seq.length]
         keys, values = self.kv.read_row(seq.row, seq.length)
-        self.prefix.store(tokens, copy_rows(keys), copy_rows(values))
+        entry_id = self.prefix.store(tokens, copy_rows(keys), copy_rows(values))
+        if entry_id is not None and self.kv.journal is not None:
+            self.kv.journal.append(("prefix_save", entry_id, seq.row, seq.length))
 
     def _finish_unstarted(self, request: GenerationRequest, reason: str) -> None:
         usage = Usage(prompt_tokens=len(request.prompt_tokens), completion_tokens=0)
@@ -244,8 +249,7 @@ class Scheduler:
         start = seq.prefilled
         tokens = seq.prompt[start:start + chunk]
         self.kv.ensure_capacity(start + len(tokens) + 1)
-        logits = prefill(self.decoder, mx.array(tokens), start, seq.row, self.kv.keys,
-                         self.kv.values)
+        logits = self.compute.prefill(seq.row, start, tokens)
         seq.prefilled = seq.length = start + len(tokens)
         if seq.in_prefill:
             mx.eval(self.kv.keys, self.kv.values)
@@ -264,12 +268,7 @@ class Scheduler:
             positions[seq.row] = seq.length
         for seq in decoding:
             tokens[seq.row] = seq.next_token  # type: ignore[assignment]
-        out = self.decode_fn(mx.array(tokens), mx.array(positions), *self.kv.keys,
-                             *self.kv.values)
-        layers = len(self.kv.keys)
-        self.kv.keys = list(out[1:1 + layers])
-        self.kv.values = list(out[1 + layers:])
-        logits = out[0]
+        logits = self.compute.decode(tokens, positions)
         for seq in decoding:
             seq.length += 1
         self._sample_and_emit(decoding, logits, rows_of=[s.row for s in decoding])

@@ -74,11 +74,14 @@ def decode_step(
     positions: mx.array,
     keys: list[mx.array],
     values: list[mx.array],
+    *,
+    embed: bool,
+    project: bool,
 ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
-    """One token for every row. `inputs`: token ids (rows,) on the first stage, else hidden
-    states (rows, 1, hidden). Returns logits (rows, vocab) on the last stage, else hidden states,
-    and the updated KV arrays."""
-    h = embed_tokens(dec, inputs)[:, None, :] if dec.is_first else inputs
+    """One token for every row. `inputs`: token ids (rows,) when `embed`, else hidden states
+    (rows, 1, hidden). Returns logits (rows, vocab) when `project`, else hidden states, and the
+    updated KV arrays."""
+    h = embed_tokens(dec, inputs)[:, None, :] if embed else inputs
     rows = h.shape[0]
     capacity = keys[0].shape[2]
     kv_heads, hd = dec.local_kv_heads, dec.config.head_dim
@@ -105,7 +108,7 @@ def decode_step(
         attn = attn.reshape(rows, 1, kv_heads * group_size * hd)
         h = h + _all_sum(_linear(attn, layer.wo), dec.group)
         h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))
-    out = project_logits(dec, h[:, 0, :]) if dec.is_last else h
+    out = project_logits(dec, h[:, 0, :]) if project else h
     return out, new_keys, new_values
 
 
@@ -117,15 +120,19 @@ def prefill(
     keys: list[mx.array],
     values: list[mx.array],
     *,
+    embed: bool | None = None,
+    project: bool | None = None,
     all_logits: bool = False,
 ) -> mx.array:
     """Run tokens [start, start + n) of the sequence in `row`, writing its KV in place.
 
-    `inputs`: token ids (n,) on the first stage, else hidden states (1, n, hidden). Returns the
-    last position's logits (1, vocab) on the last stage (all positions with `all_logits`), else
-    the hidden states for the next stage.
+    `inputs`: token ids (n,) when embedding, else hidden states (1, n, hidden). Returns the last
+    position's logits (1, vocab) when projecting (all positions with `all_logits`), else the
+    hidden states for the next stage. Both default to what the decoder holds.
     """
-    h = embed_tokens(dec, inputs)[None] if dec.is_first else inputs
+    embed = dec.embeds if embed is None else embed
+    project = dec.projects if project is None else project
+    h = embed_tokens(dec, inputs)[None] if embed else inputs
     n = h.shape[1]
     hd = dec.config.head_dim
     scale = hd**-0.5
@@ -145,18 +152,30 @@ def prefill(
         attn = attn.transpose(0, 2, 1, 3).reshape(1, n, -1)
         h = h + _all_sum(_linear(attn, layer.wo), dec.group)
         h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))
-    if not dec.is_last:
+    if not project:
         return h
     return project_logits(dec, h[0] if all_logits else h[0, -1:])
 
 
-def make_decode_fn(dec: Decoder, *, compiled: bool) -> Callable[..., Any]:
+def make_decode_fn(dec: Decoder, *, compiled: bool, embed: bool | None = None,
+                   project: bool | None = None) -> Callable[..., Any]:
     """The decode step as a function of arrays only; compiled per shape when asked."""
     layers = len(dec.layers)
+    embed = dec.embeds if embed is None else embed
+    project = dec.projects if project is None else project
 
     def step(inputs: mx.array, positions: mx.array, *kv: mx.array) -> tuple[mx.array, ...]:
         out, keys, values = decode_step(dec, inputs, positions, list(kv[:layers]),
-                                        list(kv[layers:]))
+                                        list(kv[layers:]), embed=embed, project=project)
         return (out, *keys, *values)
 
     return mx.compile(step) if compiled else step
+
+
+def make_project_fn(dec: Decoder, *, compiled: bool) -> Callable[[mx.array], mx.array]:
+    """Hidden states (rows, hidden) to logits: the pipeline head's last act of a step."""
+
+    def project(h: mx.array) -> mx.array:
+        return project_logits(dec, h)
+
+    return mx.compile(project) if compiled else project

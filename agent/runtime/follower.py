@@ -1,0 +1,88 @@
+"""A pipeline follower: the stages after the head. It computes its layers for whatever arrives.
+
+The follower keeps no scheduler: it mirrors the head's KV layout by replaying the journal that
+arrives with each step (row growth, compaction, prefix-cache saves and loads), computes its layer
+range, and passes the hidden states on (the last stage hands them back to the head). It waits in
+a blocking receive between steps, so an idle follower costs no CPU.
+"""
+
+from __future__ import annotations
+
+import select
+from collections.abc import Callable
+
+import mlx.core as mx
+
+from agent.runtime.kv import KvSlots
+from agent.runtime.links import StageLink, StageLinkError
+from agent.runtime.model import Decoder
+from agent.runtime.prefix import copy_rows
+from agent.runtime.step import make_decode_fn, prefill
+
+
+class Follower:
+    def __init__(self, decoder: Decoder, kv: KvSlots, *, compiled: bool) -> None:
+        self.decoder = decoder
+        self.kv = kv
+        self.decode_fn = make_decode_fn(decoder, compiled=compiled, embed=False, project=False)
+        self.saved: dict[int, tuple[list[mx.array], list[mx.array]]] = {}
+
+    def apply(self, ops: list) -> None:
+        for op in ops:
+            kind = op[0]
+            if kind == "resize":
+                self.kv.resize(op[1], op[2])
+            elif kind == "gather":
+                self.kv.gather(list(op[1]), op[2])
+            elif kind == "prefix_save":
+                keys, values = self.kv.read_row(op[2], op[3])
+                self.saved[op[1]] = (copy_rows(keys), copy_rows(values))
+            elif kind == "prefix_load":
+                keys, values = self.saved[op[1]]
+                n = op[3]
+                self.kv.write_row(op[2], [k[:, :, :n] for k in keys],
+                                  [v[:, :, :n] for v in values])
+            elif kind == "prefix_drop":
+                self.saved.pop(op[1], None)
+            else:
+                raise ValueError(f"unknown KV journal op {kind!r}")
+
+    def step(self, op: str, row: int, start: int, positions: list[int], h: mx.array) -> mx.array:
+        if op == "prefill":
+            out = prefill(self.decoder, h, start, row, self.kv.keys, self.kv.values,
+                          embed=False, project=False)
+            mx.eval(out, self.kv.keys, self.kv.values)
+            return out
+        result = self.decode_fn(h, mx.array(positions), *self.kv.keys, *self.kv.values)
+        layers = len(self.kv.keys)
+        self.kv.keys = list(result[1:1 + layers])
+        self.kv.values = list(result[1 + layers:])
+        mx.eval(result[0], self.kv.keys, self.kv.values)
+        return result[0]
+
+
+def follow(follower: Follower, upstream: StageLink, downstream: StageLink, control_fd: int,
+           on_idle: Callable[[], None] | None = None) -> int:
+    """Serve steps until the head shuts the chain down or the agent goes away."""
+    while True:
+        readable, _, _ = select.select([upstream, control_fd], [], [], 5.0)
+        if control_fd in readable:
+            import os
+
+            if not os.read(control_fd, 1 << 16):
+                return 0  # the agent closed our control pipe
+        if upstream not in readable:
+            if on_idle:
+                on_idle()
+            continue
+        try:
+            message, h = upstream.recv(timeout=None)
+        except StageLinkError:
+            return 1
+        if message.op == "shutdown":
+            downstream.send(message)
+            return 0
+        follower.apply(message.kv_ops)
+        assert h is not None
+        out = follower.step(message.op, message.row, message.start, message.positions, h)
+        downstream.send(message, out)

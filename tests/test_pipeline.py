@@ -1,0 +1,126 @@
+"""Pipeline parallel across real runner processes linked by TCP on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.generation import Failed, Finished, GenerationRequest, SamplingParams, TokenChunk
+from agent.runtime.client import RunnerProcess
+from agent.runtime.environment import runner_environment
+from agent.runtime.protocol import RunnerConfig
+from agent.settings import NodeSettings
+from tests.tiny_models import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "m", layers=6)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pipeline_configs(model_dir: Path, splits: list[tuple[int, int]], **extra: object
+                     ) -> list[RunnerConfig]:
+    ports = [free_port() for _ in splits]
+    configs = []
+    for i, (start, stop) in enumerate(splits):
+        downstream = ports[(i + 1) % len(splits)]
+        configs.append(RunnerConfig(
+            model_name="tiny", model_dir=str(model_dir), role="head" if i == 0 else "follower",
+            layer_start=start, layer_stop=stop, listen=f"127.0.0.1:{ports[i]}",
+            downstream=f"127.0.0.1:{downstream}", **extra))
+    return configs
+
+
+async def start_all(configs: list[RunnerConfig], tmp_path: Path) -> list[RunnerProcess]:
+    env, _ = runner_environment(NodeSettings(state_dir=tmp_path / "state", blas_threads=1))
+    runners = [RunnerProcess(c, env) for c in configs]
+    await asyncio.gather(*(r.start(timeout=120) for r in runners))
+    return runners
+
+
+def prompt_request(rid: str, prompt: list[int], n: int) -> GenerationRequest:
+    return GenerationRequest(id=rid, model="tiny", prompt_tokens=prompt,
+                             sampling=SamplingParams(max_tokens=n, temperature=0.0))
+
+
+async def tokens(runner: RunnerProcess, request: GenerationRequest) -> tuple[list[int], object]:
+    out: list[int] = []
+    async for event in runner.generate(request):
+        if isinstance(event, TokenChunk):
+            out += event.token_ids
+        else:
+            return out, event
+    raise AssertionError("no final event")
+
+
+PROMPTS = {"a": [5, 6, 7, 8, 9], "b": list(range(20, 70)), "c": [100, 3]}
+
+
+async def run_prompts(runner: RunnerProcess) -> dict[str, list[int]]:
+    results = await asyncio.gather(*(tokens(runner, prompt_request(k, p, 16))
+                                     for k, p in PROMPTS.items()))
+    for _, end in results:
+        assert isinstance(end, Finished)
+    # A second turn that extends "b" exercises the prefix cache across stages.
+    turn2 = PROMPTS["b"] + results[1][0] + [7, 7]
+    again, end = await tokens(runner, prompt_request("b2", turn2, 8))
+    assert isinstance(end, Finished)
+    return {**{k: r[0] for k, r in zip(PROMPTS, results, strict=True)}, "b2": again,
+            "b2_cached": [end.usage.cached_tokens]}
+
+
+def test_three_stage_pipeline_generates_what_one_process_does(tiny_dir: Path,
+                                                              tmp_path: Path) -> None:
+    async def main() -> None:
+        solo = (await start_all([RunnerConfig(model_name="tiny", model_dir=str(tiny_dir))],
+                                tmp_path))[0]
+        try:
+            expected = await run_prompts(solo)
+        finally:
+            await solo.stop()
+        runners = await start_all(pipeline_configs(tiny_dir, [(0, 2), (2, 4), (4, 6)]), tmp_path)
+        try:
+            got = await run_prompts(runners[0])
+        finally:
+            for r in runners:
+                await r.stop()
+        assert got == expected
+        assert got["b2_cached"][0] > len(PROMPTS["b"])
+
+    asyncio.run(main())
+
+
+def test_killing_a_follower_fails_the_stream_within_seconds(tiny_dir: Path,
+                                                            tmp_path: Path) -> None:
+    async def main() -> None:
+        runners = await start_all(
+            pipeline_configs(tiny_dir, [(0, 3), (3, 6)], link_timeout_s=3.0), tmp_path)
+        head, follower = runners
+        try:
+            stream = head.generate(prompt_request("long", [5, 6, 7], 450))
+            assert isinstance(await anext(stream), TokenChunk)
+            assert follower.pid is not None
+            os.kill(follower.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            last = None
+            async for event in stream:
+                last = event
+            assert isinstance(last, Failed) and "stage" in last.message
+            assert time.monotonic() - killed < 5.0
+        finally:
+            for r in runners:
+                await r.stop()
+
+    asyncio.run(main())
