@@ -124,3 +124,50 @@ def test_killing_a_follower_fails_the_stream_within_seconds(tiny_dir: Path,
                 await r.stop()
 
     asyncio.run(main())
+
+
+def tensor_configs(model_dir: Path, ranks: int) -> list[RunnerConfig]:
+    ring = [f"127.0.0.1:{free_port()}" for _ in range(ranks)]
+    links = [f"127.0.0.1:{free_port()}" for _ in range(ranks)]
+    return [
+        RunnerConfig(model_name="tiny", model_dir=str(model_dir),
+                     role="solo" if rank == 0 else "tp_follower", tp_rank=rank, tp_hosts=ring,
+                     tp_peers=links[1:] if rank == 0 else [], listen=links[rank])
+        for rank in range(ranks)
+    ]
+
+
+def test_tensor_parallel_logits_match_one_process(tiny_dir: Path, tmp_path: Path) -> None:
+    """Tiny random models have near-tied logits, so compare the distributions, not tokens."""
+
+    async def first_logprobs(runner: RunnerProcess) -> list[float]:
+        request = GenerationRequest(
+            id="lp", model="tiny", prompt_tokens=list(range(5, 40)),
+            sampling=SamplingParams(max_tokens=4, temperature=0.0, logprobs=True,
+                                    top_logprobs=5))
+        values = []
+        async for event in runner.generate(request):
+            if isinstance(event, TokenChunk) and event.logprobs:
+                values += [t.logprob for t in event.logprobs[0].top]
+        return values
+
+    async def main() -> None:
+        solo = (await start_all([RunnerConfig(model_name="tiny", model_dir=str(tiny_dir))],
+                                tmp_path))[0]
+        try:
+            expected = await first_logprobs(solo)
+        finally:
+            await solo.stop()
+        runners = await start_all(tensor_configs(tiny_dir, 2), tmp_path)
+        try:
+            got = await first_logprobs(runners[0])
+            results = await asyncio.gather(*(tokens(runners[0], prompt_request(k, p, 8))
+                                             for k, p in PROMPTS.items()))
+            assert all(isinstance(end, Finished) for _, end in results)
+        finally:
+            for r in runners:
+                await r.stop()
+        assert len(got) == len(expected) == 20
+        assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-4
+
+    asyncio.run(main())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 
 import mlx.core as mx
+import msgspec
 
 from agent.runtime.kv import KvSlots
 from agent.runtime.links import StageLink, StepMessage
@@ -86,3 +87,35 @@ class PipelineHeadCompute(LocalCompute):
             self.downstream.send(StepMessage(op="shutdown"))
         self.downstream.close()
         self.upstream.close()
+
+
+class TensorHeadCompute(LocalCompute):
+    """Rank 0 of a tensor-parallel group: tells the other ranks what to compute, then computes
+    its own shard; the collectives inside the step keep the ranks in lockstep."""
+
+    def __init__(self, decoder: Decoder, kv: KvSlots, journal: list[tuple], *, compiled: bool,
+                 peers: list[StageLink]) -> None:
+        super().__init__(decoder, kv, compiled=compiled)
+        self.journal = journal
+        self.peers = peers
+
+    def _broadcast(self, message: StepMessage) -> None:
+        ops = list(self.journal)
+        self.journal.clear()
+        message = msgspec.structs.replace(message, kv_ops=ops)
+        for peer in self.peers:
+            peer.send(message)
+
+    def prefill(self, row: int, start: int, tokens: list[int]) -> mx.array:
+        self._broadcast(StepMessage(op="prefill", row=row, start=start, tokens=tokens))
+        return super().prefill(row, start, tokens)
+
+    def decode(self, tokens: list[int], positions: list[int]) -> mx.array:
+        self._broadcast(StepMessage(op="decode", tokens=tokens, positions=positions))
+        return super().decode(tokens, positions)
+
+    def close(self) -> None:
+        for peer in self.peers:
+            with contextlib.suppress(ConnectionError):
+                peer.send(StepMessage(op="shutdown"))
+            peer.close()

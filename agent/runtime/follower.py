@@ -8,8 +8,8 @@ a blocking receive between steps, so an idle follower costs no CPU.
 
 from __future__ import annotations
 
+import os
 import select
-from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -18,13 +18,22 @@ from agent.runtime.links import StageLink, StageLinkError
 from agent.runtime.model import Decoder
 from agent.runtime.prefix import copy_rows
 from agent.runtime.step import make_decode_fn, prefill
+from agent.runtime.watchdog import Watchdog
 
 
 class Follower:
-    def __init__(self, decoder: Decoder, kv: KvSlots, *, compiled: bool) -> None:
+    """Mirrors the head's KV layout and computes its share of each step.
+
+    `embeds`: a tensor-parallel peer of the first stage gets token ids and embeds them itself;
+    a pipeline stage gets hidden states.
+    """
+
+    def __init__(self, decoder: Decoder, kv: KvSlots, *, compiled: bool,
+                 embeds: bool = False) -> None:
         self.decoder = decoder
         self.kv = kv
-        self.decode_fn = make_decode_fn(decoder, compiled=compiled, embed=False, project=False)
+        self.embeds = embeds
+        self.decode_fn = make_decode_fn(decoder, compiled=compiled, embed=embeds, project=False)
         self.saved: dict[int, tuple[list[mx.array], list[mx.array]]] = {}
 
     def apply(self, ops: list) -> None:
@@ -50,7 +59,7 @@ class Follower:
     def step(self, op: str, row: int, start: int, positions: list[int], h: mx.array) -> mx.array:
         if op == "prefill":
             out = prefill(self.decoder, h, start, row, self.kv.keys, self.kv.values,
-                          embed=False, project=False)
+                          embed=self.embeds, project=False)
             mx.eval(out, self.kv.keys, self.kv.values)
             return out
         result = self.decode_fn(h, mx.array(positions), *self.kv.keys, *self.kv.values)
@@ -61,28 +70,34 @@ class Follower:
         return result[0]
 
 
-def follow(follower: Follower, upstream: StageLink, downstream: StageLink, control_fd: int,
-           on_idle: Callable[[], None] | None = None) -> int:
-    """Serve steps until the head shuts the chain down or the agent goes away."""
+def follow(follower: Follower, upstream: StageLink, downstream: StageLink | None,
+           control_fd: int, watchdog: Watchdog | None = None) -> int:
+    """Serve steps until the head shuts the chain down or the agent goes away.
+
+    `downstream` None: a tensor-parallel peer, whose output the group's leader already has.
+    """
     while True:
         readable, _, _ = select.select([upstream, control_fd], [], [], 5.0)
-        if control_fd in readable:
-            import os
-
-            if not os.read(control_fd, 1 << 16):
-                return 0  # the agent closed our control pipe
+        if control_fd in readable and not os.read(control_fd, 1 << 16):
+            return 0  # the agent closed our control pipe
         if upstream not in readable:
-            if on_idle:
-                on_idle()
             continue
         try:
             message, h = upstream.recv(timeout=None)
         except StageLinkError:
             return 1
         if message.op == "shutdown":
-            downstream.send(message)
+            if downstream is not None:
+                downstream.send(message)
             return 0
         follower.apply(message.kv_ops)
+        if follower.embeds:
+            h = mx.array(message.tokens)
         assert h is not None
+        if watchdog:
+            watchdog.arm()
         out = follower.step(message.op, message.row, message.start, message.positions, h)
-        downstream.send(message, out)
+        if watchdog:
+            watchdog.disarm()
+        if downstream is not None:
+            downstream.send(message, out)

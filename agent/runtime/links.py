@@ -35,6 +35,7 @@ class StepMessage(msgspec.Struct, frozen=True, kw_only=True):
     row: int = -1
     start: int = 0
     positions: list[int] = []
+    tokens: list[int] = []  # token ids, for tensor-parallel peers that embed for themselves
     shape: list[int] = []
     dtype: str = "float32"
 

@@ -44,6 +44,14 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     listen: str | None = None
     downstream: str | None = None
     link_timeout_s: float = 30.0
+    # Tensor parallel: this runner is rank `tp_rank` of `tp_hosts` (one "ip:port" per rank, the
+    # mx.distributed ring's hostfile). Rank 0 leads: it sends each step's inputs to the other
+    # ranks over plain links (`tp_peers`, their `listen` addresses), so they wait for work in a
+    # blocking receive rather than in the ring's busy-polling receive.
+    tp_rank: int = 0
+    tp_hosts: list[str] = []
+    tp_peers: list[str] = []
+    tp_backend: str = "ring"
     startup_timeout_s: float = 600.0
 
 

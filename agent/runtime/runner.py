@@ -30,6 +30,7 @@ from agent.runtime.protocol import (
     frame,
     to_runner_decoder,
 )
+from agent.runtime.watchdog import Watchdog
 
 WEIGHT_HEADROOM = 0.8  # share of free memory (after weights) the KV cache may take
 
@@ -60,7 +61,21 @@ def kv_budget(config: RunnerConfig, weight_bytes: int, bytes_per_token: int, con
     return max(min(allowed, useful), 16 * bytes_per_token)
 
 
-def load(config: RunnerConfig, journal: list[tuple] | None = None) -> tuple[Any, Ready]:
+def join_tensor_group(config: RunnerConfig, scratch: Path) -> Any:
+    """This runner's mx.distributed group (ring here; jaccl on Macs, nccl on CUDA)."""
+    import json
+
+    import mlx.core as mx
+
+    hostfile = scratch / f"flock-tp-{os.getpid()}.json"
+    hostfile.write_text(json.dumps([[host] for host in config.tp_hosts]))
+    os.environ["MLX_HOSTFILE"] = str(hostfile)
+    os.environ["MLX_RANK"] = str(config.tp_rank)
+    return mx.distributed.init(backend=config.tp_backend, strict=True)
+
+
+def load(config: RunnerConfig, journal: list[tuple] | None = None,
+         group: Any = None) -> tuple[Any, Ready]:
     import mlx.core as mx
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
@@ -79,7 +94,8 @@ def load(config: RunnerConfig, journal: list[tuple] | None = None) -> tuple[Any,
         layers = LayerRange(config.layer_start, config.layer_stop)
     head = config.role in ("solo", "head")
     decoder = load_decoder(model_dir, dtype=dtype, fuse=config.fuse_projections, layers=layers,
-                           embeds=head, projects=head)
+                           embeds=head or config.role == "tp_follower", projects=head,
+                           group=group)
     tokenizer = load_tokenizer(model_dir)
     context = decoder.config.max_position_embeddings
     if config.context_length:
@@ -130,23 +146,41 @@ def _connect_pipeline(config: RunnerConfig, listener: Any) -> tuple[Any, Any]:
 
 
 def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
-    from agent.runtime.compute import PipelineHeadCompute
+    import tempfile
+
+    from agent.runtime.compute import PipelineHeadCompute, TensorHeadCompute
     from agent.runtime.follower import Follower, follow
-    from agent.runtime.links import listen
+    from agent.runtime.links import StageLink, listen
     from agent.runtime.scheduler import Scheduler
 
-    journal: list[tuple] | None = [] if config.role == "head" else None
+    tensor = len(config.tp_hosts) > 1
+    journal: list[tuple] | None = [] if config.role == "head" or tensor else None
+    watchdog = Watchdog(config.link_timeout_s) if tensor else None
     try:
         # Listen before loading: the peer may connect while we are still reading weights.
         listener = listen(config.listen) if config.role != "solo" and config.listen else None
-        (decoder, tokenizer, kv, limits, prefix), ready = load(config, journal)
+        group = join_tensor_group(config, Path(tempfile.gettempdir())) if tensor else None
+        (decoder, tokenizer, kv, limits, prefix), ready = load(config, journal, group)
         if config.role == "follower":
             downstream, upstream = _connect_pipeline(config, listener)
             outbox.send(ready)
             return follow(Follower(decoder, kv, compiled=config.compile_step), upstream,
                           downstream, inbox_fd)
+        if config.role == "tp_follower":
+            deadline = time.monotonic() + config.startup_timeout_s
+            upstream = StageLink.accept(listener, deadline=deadline, timeout=config.link_timeout_s)
+            outbox.send(ready)
+            return follow(Follower(decoder, kv, compiled=config.compile_step, embeds=True),
+                          upstream, None, inbox_fd, watchdog)
         compute = None
-        if config.role == "head":
+        if tensor:
+            deadline = time.monotonic() + config.startup_timeout_s
+            peers = [StageLink.connect(peer, deadline=deadline, timeout=config.link_timeout_s)
+                     for peer in config.tp_peers]
+            assert journal is not None
+            compute = TensorHeadCompute(decoder, kv, journal, compiled=config.compile_step,
+                                        peers=peers)
+        elif config.role == "head":
             downstream, upstream = _connect_pipeline(config, listener)
             assert journal is not None
             compute = PipelineHeadCompute(decoder, kv, journal, compiled=config.compile_step,
@@ -180,7 +214,11 @@ def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
                     scheduler.compute.close()
                     return 0
         try:
+            if watchdog and not scheduler.idle:
+                watchdog.arm()
             scheduler.step()
+            if watchdog:
+                watchdog.disarm()
         except StageLinkError as exc:
             # A pipeline stage died or hung: this instance cannot compute any more. Fail every
             # request now and exit, so the agent can re-place the model.
