@@ -1,0 +1,445 @@
+"""Ollama adapter: /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version and
+/api/pull.
+
+Generation streams NDJSON by default (`"stream": false` for one object). Defaults follow
+Ollama's own where the client omits a field (temperature 0.8), and the final object reports
+token counts and durations in nanoseconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from litestar import Controller, HttpMethod, MediaType, Response, get, post, route
+from litestar.params import JSONBody
+
+from agent import __version__
+from agent.api.common import (
+    AnyRequest,
+    Pull,
+    Services,
+    ServicesDep,
+    Timing,
+    collect,
+    completion_budget,
+    render_chat,
+    request_id,
+    resolve_model,
+    start_stream,
+    stop_list,
+    tokenize,
+)
+from agent.api.errors import (
+    ApiError,
+    ClientDisconnected,
+    from_failed,
+    invalid,
+    model_not_found,
+    ollama_error_body,
+    ollama_exception_handler,
+    to_api_error,
+    unsupported_field,
+)
+from agent.api.ollama_schema import (
+    AssistantMessageOut,
+    ChatRequest,
+    ChatResponse,
+    GenerateRequest,
+    GenerateResponse,
+    LogprobOut,
+    MessageIn,
+    ModelDetails,
+    ModelRequest,
+    Options,
+    ProgressResponse,
+    PsResponse,
+    PullRequest,
+    RunningModel,
+    ShowResponse,
+    TagModel,
+    TagsResponse,
+    TopLogprobOut,
+    VersionResponse,
+)
+from agent.api.sse import NDJSON_MEDIA_TYPE, ClosingStream, aclose, ndjson_line, until_disconnect
+from agent.engine import ChatMessage, ModelInfo, ModelNotFound
+from agent.generation import (
+    Failed,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    SamplingParams,
+    TokenChunk,
+    TokenLogprob,
+)
+
+log = logging.getLogger(__name__)
+
+# Ollama's own default; the other sampling defaults are neutral, as in the other APIs.
+DEFAULT_TEMPERATURE = 0.8
+
+# --- request checks and conversion (pure) -----------------------------------------------------
+
+
+def check_generation_fields(req: ChatRequest | GenerateRequest) -> None:
+    """Reject what flock accepts only in its neutral form, naming the field."""
+    if req.format not in (None, ""):
+        raise unsupported_field("format", "(structured output) is not supported yet")
+    if req.think not in (None, False):
+        raise unsupported_field("think", "(thinking) is not supported")
+    if req.top_logprobs and not req.logprobs:
+        raise invalid("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
+
+
+def check_chat_request(req: ChatRequest) -> None:
+    check_generation_fields(req)
+    if req.tools:
+        raise unsupported_field("tools", "(tool calling) is not supported yet")
+
+
+def check_generate_request(req: GenerateRequest) -> None:
+    check_generation_fields(req)
+    if req.template:
+        raise unsupported_field("template", "(a per-request template) is not supported")
+    if req.suffix:
+        raise unsupported_field("suffix", "(fill-in-the-middle) is not supported")
+    if req.context:
+        raise unsupported_field(
+            "context", "(the deprecated token context) is not supported; use /api/chat")
+    if req.images:
+        raise unsupported_field("images", "(image input) is not supported")
+    if req.raw and req.system:
+        raise invalid("'system' cannot be combined with 'raw': a raw prompt is not templated.",
+                      param="system")
+
+
+def chat_messages(messages: list[MessageIn]) -> list[ChatMessage]:
+    out = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if message.role == "tool" or message.tool_calls or message.tool_name:
+            field = f"{where}.role" if message.role == "tool" else f"{where}.tool_calls"
+            raise unsupported_field(field, "(tool calling) is not supported yet")
+        if message.images:
+            raise unsupported_field(f"{where}.images", "(image input) is not supported")
+        # `thinking` of a replayed assistant turn is left out, as Ollama does for templates
+        # without a thinking section.
+        out.append(ChatMessage(role=message.role, content=message.content))
+    return out
+
+
+def context_window(options: Options | None, info: ModelInfo) -> int:
+    """The context this request may use: the model's, or a smaller `num_ctx`."""
+    if options is None or options.num_ctx is None:
+        return info.context_length
+    if options.num_ctx > info.context_length:
+        raise invalid(f"'options.num_ctx' is {options.num_ctx}, but the model's context is "
+                      f"{info.context_length} tokens.", param="options.num_ctx")
+    return options.num_ctx
+
+
+def requested_tokens(options: Options | None, window: int) -> int | None:
+    """`num_predict` as a token count; None when the client left it to the node default."""
+    if options is None or options.num_predict is None:
+        return None
+    if options.num_predict in (-1, -2):
+        return window  # capped to the room the prompt leaves
+    if options.num_predict <= 0:
+        raise invalid("'options.num_predict' must be positive, -1 or -2.",
+                      param="options.num_predict")
+    return options.num_predict
+
+
+def sampling_params(req: ChatRequest | GenerateRequest, max_tokens: int, window: int,
+                    ) -> SamplingParams:
+    o = req.options or Options()
+
+    def given(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    repeat_last_n = given(o.repeat_last_n, 64)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=given(o.temperature, DEFAULT_TEMPERATURE),
+        top_p=given(o.top_p, 1.0),
+        top_k=given(o.top_k, 0),
+        min_p=given(o.min_p, 0.0),
+        # repeat_last_n 0 switches the penalty off (an empty window), as in Ollama.
+        repetition_penalty=given(o.repeat_penalty, 1.0) if repeat_last_n != 0 else 1.0,
+        repetition_context=window if repeat_last_n == -1 else max(repeat_last_n, 1),
+        presence_penalty=given(o.presence_penalty, 0.0),
+        frequency_penalty=given(o.frequency_penalty, 0.0),
+        # Ollama's -1 (and any negative seed) means "random".
+        seed=o.seed if o.seed is not None and o.seed >= 0 else None,
+        stop=stop_list(o.stop, "options.stop"),
+        logprobs=bool(req.logprobs),
+        top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
+    )
+
+
+# --- responses (pure) -----------------------------------------------------------------------
+
+
+def timestamp(unix: float | None = None) -> str:
+    """RFC 3339 in UTC with a Z, as Ollama writes times."""
+    moment = datetime.now(UTC) if unix is None else datetime.fromtimestamp(unix, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parameter_size(parameters: int) -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if parameters >= scale:
+            return f"{parameters / scale:.1f}{suffix}"
+    return str(parameters)
+
+
+def model_details(info: ModelInfo) -> ModelDetails:
+    return ModelDetails(format="mlx", family=info.architecture, families=[info.architecture],
+                        parameter_size=parameter_size(info.parameters),
+                        quantization_level=info.quantization)
+
+
+def logprobs_out(items: list[TokenLogprob]) -> list[LogprobOut]:
+    def utf8(text: str) -> list[int]:
+        return list(text.encode("utf-8", errors="replace"))
+
+    return [
+        LogprobOut(token=item.text, logprob=item.logprob, bytes=utf8(item.text),
+                   top_logprobs=[TopLogprobOut(token=t.text, logprob=t.logprob, bytes=utf8(t.text))
+                                 for t in item.top] or None)
+        for item in items
+    ]
+
+
+def done_reason(finished: Finished) -> str:
+    return "length" if finished.reason == "length" else "stop"
+
+
+@dataclass(frozen=True)
+class ResponseMeta:
+    model: str
+    chat: bool  # /api/chat wraps text in a message, /api/generate in `response`
+    logprobs: bool
+    timing: Timing
+
+
+def partial_response(meta: ResponseMeta, text: str, logprobs: list[TokenLogprob] | None,
+                     ) -> ChatResponse | GenerateResponse:
+    lp = logprobs_out(logprobs) if meta.logprobs and logprobs else None
+    if meta.chat:
+        return ChatResponse(model=meta.model, created_at=timestamp(), done=False, logprobs=lp,
+                            message=AssistantMessageOut(content=text))
+    return GenerateResponse(model=meta.model, created_at=timestamp(), done=False, logprobs=lp,
+                            response=text)
+
+
+def final_response(meta: ResponseMeta, finished: Finished, text: str = "",
+                   logprobs: list[TokenLogprob] | None = None) -> ChatResponse | GenerateResponse:
+    t = meta.timing
+    stats: dict[str, Any] = {
+        "model": meta.model,
+        "created_at": timestamp(),
+        "done": True,
+        "done_reason": done_reason(finished),
+        "total_duration": t.finished_ns - t.received_ns,
+        # Ollama's "load" is the time before evaluation starts: flock's models are already
+        # placed, so this is templating, tokenizing and admission.
+        "load_duration": t.started_ns - t.received_ns,
+        "prompt_eval_count": finished.usage.prompt_tokens,
+        "prompt_eval_duration": t.first_event_ns - t.started_ns,
+        "eval_count": finished.usage.completion_tokens,
+        "eval_duration": t.finished_ns - t.first_event_ns,
+        "logprobs": logprobs_out(logprobs) if meta.logprobs and logprobs else None,
+    }
+    if meta.chat:
+        return ChatResponse(**stats, message=AssistantMessageOut(content=text))
+    return GenerateResponse(**stats, response=text)
+
+
+def load_response(model: str, chat: bool) -> ChatResponse | GenerateResponse:
+    """Ollama's answer to an empty prompt: the model is loaded, nothing is generated."""
+    if chat:
+        return ChatResponse(model=model, created_at=timestamp(), done=True, done_reason="load",
+                            message=AssistantMessageOut(content=""))
+    return GenerateResponse(model=model, created_at=timestamp(), done=True, done_reason="load",
+                            response="")
+
+
+async def generation_ndjson(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
+                            ) -> AsyncGenerator[bytes, None]:
+    try:
+        async for event in events:
+            if isinstance(event, TokenChunk):
+                if event.text or (meta.logprobs and event.logprobs):
+                    yield ndjson_line(partial_response(meta, event.text, event.logprobs))
+            elif isinstance(event, Failed):
+                yield ndjson_line(ollama_error_body(from_failed(event)))
+                return
+            else:
+                meta.timing.finished_ns = time.monotonic_ns()
+                yield ndjson_line(final_response(meta, event))
+                return
+        yield ndjson_line(ollama_error_body(
+            ApiError("internal", "The generation ended without finishing.")))
+    except Exception as exc:  # the status line is sent: report a broken engine in-band
+        yield ndjson_line(ollama_error_body(to_api_error(exc)))
+    finally:
+        await aclose(events)
+
+
+async def _run(request: AnyRequest, services: Services, info: ModelInfo,
+               req: ChatRequest | GenerateRequest, prompt: list[int], timing: Timing,
+               window: int) -> Response[Any]:
+    max_tokens = completion_budget(
+        info, len(prompt), requested_tokens(req.options, window),
+        services.settings.max_tokens_default, context=window,
+        prompt_param="messages" if isinstance(req, ChatRequest) else "prompt")
+    generation = GenerationRequest(id=request_id(), model=info.name, prompt_tokens=prompt,
+                                   sampling=sampling_params(req, max_tokens, window))
+    meta = ResponseMeta(model=info.name, chat=isinstance(req, ChatRequest),
+                        logprobs=bool(req.logprobs), timing=timing)
+    if req.stream:
+        events = await start_stream(request, services, "ollama", generation, timing)
+        return ClosingStream(generation_ndjson(events, meta), media_type=NDJSON_MEDIA_TYPE)
+    result = await collect(request, services, "ollama", generation, timing)
+    return Response(final_response(meta, result.finished, result.text, result.logprobs))
+
+
+# --- pulling --------------------------------------------------------------------------------
+
+
+def pull_error(name: str, exc: BaseException) -> ApiError:
+    if isinstance(exc, ApiError | ClientDisconnected):
+        return to_api_error(exc)
+    if isinstance(exc, ModelNotFound):
+        return model_not_found(name)
+    if isinstance(exc, ValueError):
+        return invalid(str(exc), param="model")
+    # A failed download is not the client's fault, but its reason is what they need to see.
+    log.error("pulling %s failed", name, exc_info=exc)
+    return ApiError("internal", f"pulling '{name}' failed: {exc}")
+
+
+async def pull_ndjson(pull: Pull, name: str) -> AsyncGenerator[bytes, None]:
+    yield ndjson_line(ProgressResponse(status=f"pulling {name}"))
+    try:
+        info = await pull(name)
+    except Exception as exc:
+        yield ndjson_line(ollama_error_body(pull_error(name, exc)))
+        return
+    yield ndjson_line(ProgressResponse(status="success", digest=info.digest,
+                                       total=info.size_bytes, completed=info.size_bytes))
+
+
+# --- routes ---------------------------------------------------------------------------------
+
+
+@route("/", http_method=[HttpMethod.GET, HttpMethod.HEAD], media_type=MediaType.TEXT,
+       tags=["Ollama"], summary="Heartbeat")
+async def heartbeat() -> str:
+    """The `ollama` command line checks that a server answers here before anything else."""
+    return "flock is running"
+
+
+class OllamaController(Controller):
+    path = "/api"
+    tags = ["Ollama"]
+    exception_handlers = {Exception: ollama_exception_handler}
+
+    @post("/chat", status_code=200, summary="Chat with a model")
+    async def chat(self, request: AnyRequest, services: ServicesDep, data: JSONBody[ChatRequest],
+                   ) -> Response[ChatResponse]:
+        timing = Timing()
+        check_chat_request(data)
+        info = resolve_model(services.engine, data.model)
+        window = context_window(data.options, info)
+        if not data.messages:
+            return Response(load_response(info.name, chat=True))
+        prompt = await render_chat(services.engine, info.name, chat_messages(data.messages))
+        return await _run(request, services, info, data, prompt, timing, window)
+
+    @post("/generate", status_code=200, summary="Generate a completion")
+    async def generate(self, request: AnyRequest, services: ServicesDep,
+                       data: JSONBody[GenerateRequest]) -> Response[GenerateResponse]:
+        timing = Timing()
+        check_generate_request(data)
+        info = resolve_model(services.engine, data.model)
+        window = context_window(data.options, info)
+        if not data.prompt:
+            return Response(load_response(info.name, chat=False))
+        if data.raw:
+            prompt = await tokenize(services.engine, info.name, data.prompt)
+        else:
+            # Ollama templates a generate prompt as one user turn (after the system prompt).
+            messages = [ChatMessage(role="system", content=data.system)] if data.system else []
+            messages.append(ChatMessage(role="user", content=data.prompt))
+            prompt = await render_chat(services.engine, info.name, messages)
+        return await _run(request, services, info, data, prompt, timing, window)
+
+    @get("/tags", summary="List local models")
+    async def list_tags(self, services: ServicesDep) -> TagsResponse:
+        return TagsResponse(models=[
+            TagModel(name=m.name, model=m.name, modified_at=timestamp(m.modified_at),
+                     size=m.size_bytes, digest=m.digest, details=model_details(m))
+            for m in services.engine.list_models()
+        ])
+
+    @post("/show", status_code=200, summary="Show model information")
+    async def show(self, services: ServicesDep, data: JSONBody[ModelRequest]) -> ShowResponse:
+        info = resolve_model(services.engine, data.model or data.name or "")
+        return ShowResponse(
+            modelfile=f"# Modelfile generated by flock\nFROM {info.name}\n",
+            template=info.chat_template or "",
+            details=model_details(info),
+            model_info={
+                "general.architecture": info.architecture,
+                "general.parameter_count": info.parameters,
+                f"{info.architecture}.context_length": info.context_length,
+            },
+            capabilities=["completion"],
+            modified_at=timestamp(info.modified_at),
+        )
+
+    @get("/ps", summary="List running models")
+    async def ps(self, services: ServicesDep) -> PsResponse:
+        running = []
+        for loaded in services.engine.loaded_models():
+            try:
+                info = services.engine.get_model(loaded.name)
+            except ModelNotFound:  # unloaded between the two calls
+                continue
+            running.append(RunningModel(
+                name=info.name, model=info.name, size=loaded.size_bytes, digest=info.digest,
+                details=model_details(info),
+                expires_at=timestamp(loaded.expires_at) if loaded.expires_at else None,
+                # MLX computes from the memory the weights sit in (unified memory on Apple).
+                size_vram=loaded.size_bytes,
+                context_length=info.context_length,
+            ))
+        return PsResponse(models=running)
+
+    @get("/version", summary="Server version")
+    async def version(self) -> VersionResponse:
+        return VersionResponse(version=__version__)
+
+    @post("/pull", status_code=200, summary="Pull a model")
+    async def pull(self, request: AnyRequest, services: ServicesDep, data: JSONBody[PullRequest],
+                   ) -> Response[ProgressResponse]:
+        name = data.model or data.name or ""
+        if not name:
+            raise invalid("'model' must name a model", param="model")
+        if services.pull is None:
+            raise ApiError("not_supported", "This node cannot pull models.")
+        if data.stream:
+            return ClosingStream(pull_ndjson(services.pull, name), media_type=NDJSON_MEDIA_TYPE)
+        try:
+            info = await until_disconnect(request, services.pull(name))
+        except Exception as exc:
+            raise pull_error(name, exc) from exc
+        return Response(ProgressResponse(status="success", digest=info.digest,
+                                         total=info.size_bytes, completed=info.size_bytes))

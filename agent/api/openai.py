@@ -1,0 +1,442 @@
+"""OpenAI adapter: /v1/chat/completions, /v1/completions and /v1/models.
+
+Requests become one `GenerationRequest`; the engine's events become chat or text completion
+objects, or `data:` chunks ended by `data: [DONE]` when streaming.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from litestar import Controller, Response, get, post
+from litestar.params import FromPath, JSONBody
+
+from agent.api.common import (
+    AnyRequest,
+    Collected,
+    ServicesDep,
+    collect,
+    completion_budget,
+    join_text,
+    render_chat,
+    request_id,
+    resolve_model,
+    seed_value,
+    start_stream,
+    stop_list,
+    tokenize,
+)
+from agent.api.errors import (
+    ApiError,
+    from_failed,
+    invalid,
+    openai_error_body,
+    openai_exception_handler,
+    to_api_error,
+    unsupported_field,
+)
+from agent.api.openai_schema import (
+    AssistantMessageOut,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessageIn,
+    ChoiceLogprobs,
+    ChunkChoice,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    Delta,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    TextCompletion,
+    TokenLogprobOut,
+    TopLogprobOut,
+    UsageOut,
+)
+from agent.api.sse import SSE_DONE, SSE_MEDIA_TYPE, ClosingStream, aclose, sse_data
+from agent.engine import ChatMessage, ModelInfo
+from agent.generation import (
+    Failed,
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    SamplingParams,
+    TokenChunk,
+    TokenLogprob,
+    Usage,
+)
+
+DEFAULT_TEMPERATURE = 1.0
+_UNFINISHED = ApiError("internal", "The generation ended without finishing.")
+
+# --- request checks and conversion (pure) -----------------------------------------------------
+
+
+def _check_common(req: ChatCompletionRequest | CompletionRequest) -> None:
+    if req.n not in (None, 1):
+        raise invalid("Only n=1 is supported.", param="n")
+    if req.logit_bias:
+        raise unsupported_field("logit_bias")
+
+
+def check_chat_request(req: ChatCompletionRequest) -> None:
+    """Reject what flock accepts only in its neutral form, naming the field."""
+    _check_common(req)
+    if not req.messages:
+        raise invalid("'messages' must contain at least one message.", param="messages")
+    if req.tools:
+        raise unsupported_field("tools", "(tool calling) is not supported yet")
+    if isinstance(req.tool_choice, dict) or req.tool_choice not in (None, "none", "auto"):
+        # Without tools, "auto" and "none" both mean plain text, which is what flock produces.
+        raise unsupported_field("tool_choice", "(tool calling) is not supported yet")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise unsupported_field(
+            "response_format", "is only supported as {\"type\": \"text\"} for now")
+    if req.modalities is not None and req.modalities != ["text"]:
+        raise unsupported_field("modalities", "supports only [\"text\"]")
+    if req.top_logprobs and not req.logprobs:
+        raise invalid("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
+    if (req.max_tokens is not None and req.max_completion_tokens is not None
+            and req.max_tokens != req.max_completion_tokens):
+        raise invalid("Give either 'max_tokens' or 'max_completion_tokens', not two different "
+                      "values.", param="max_completion_tokens")
+
+
+def _message_text(message: ChatMessageIn, where: str) -> str:
+    content = message.content
+    if content is None:
+        if message.role == "assistant":
+            # A replayed assistant turn may carry only a refusal.
+            return message.refusal or ""
+        raise invalid(f"'{where}.content' is required for role '{message.role}'.",
+                      param=f"{where}.content")
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        if part.type != "text" or part.text is None:
+            raise invalid(
+                f"Content part type '{part.type}' is not supported; only 'text' parts are.",
+                param=f"{where}.content[{j}]")
+        texts.append(part.text)
+    return join_text(texts)
+
+
+def chat_messages(messages: list[ChatMessageIn]) -> list[ChatMessage]:
+    """The conversation in template shape; "developer" is OpenAI's newer name for "system"."""
+    out = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if message.role in ("tool", "function"):
+            raise invalid(f"Role '{message.role}' needs tool calling, which is not supported yet.",
+                          param=f"{where}.role")
+        for name in ("tool_calls", "function_call", "tool_call_id"):
+            if getattr(message, name):
+                raise unsupported_field(f"{where}.{name}", "(tool calling) is not supported yet")
+        role = "system" if message.role == "developer" else message.role
+        out.append(ChatMessage(role=role, content=_message_text(message, where),
+                               name=message.name))
+    return out
+
+
+def sampling_params(
+    req: ChatCompletionRequest | CompletionRequest,
+    max_tokens: int,
+    *,
+    logprobs: bool,
+    top_logprobs: int,
+) -> SamplingParams:
+    def given(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=given(req.temperature, DEFAULT_TEMPERATURE),
+        top_p=given(req.top_p, 1.0),
+        top_k=max(given(req.top_k, 0), 0),
+        min_p=given(req.min_p, 0.0),
+        repetition_penalty=given(req.repetition_penalty, 1.0),
+        presence_penalty=given(req.presence_penalty, 0.0),
+        frequency_penalty=given(req.frequency_penalty, 0.0),
+        seed=seed_value(req.seed),
+        stop=stop_list(req.stop, "stop"),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+
+
+def chat_sampling(req: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+    want = bool(req.logprobs)
+    return sampling_params(req, max_tokens, logprobs=want,
+                           top_logprobs=(req.top_logprobs or 0) if want else 0)
+
+
+def completion_sampling(req: CompletionRequest, max_tokens: int) -> SamplingParams:
+    return sampling_params(req, max_tokens, logprobs=req.logprobs is not None,
+                           top_logprobs=req.logprobs or 0)
+
+
+def check_completion_request(req: CompletionRequest) -> None:
+    _check_common(req)
+    if req.suffix:
+        raise unsupported_field("suffix", "(fill-in-the-middle) is not supported")
+    if req.echo:
+        raise unsupported_field("echo")
+    if req.best_of not in (None, 1):
+        raise invalid("Only best_of=1 is supported.", param="best_of")
+
+
+def _is_token_list(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+
+
+def completion_prompt(prompt: str | list[Any]) -> str | list[int]:
+    """The one prompt of a legacy completion: text, or token ids sent as they are."""
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and _is_token_list(prompt):
+        return list(prompt)
+    if len(prompt) == 1:
+        (only,) = prompt
+        if isinstance(only, str) or (only and _is_token_list(only)):
+            return only
+    raise invalid("'prompt' must be a string or a list of token ids (one prompt per request).",
+                  param="prompt")
+
+
+# --- responses (pure) -----------------------------------------------------------------------
+
+
+def finish_reason(reason: FinishReason) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def usage_out(usage: Usage) -> UsageOut:
+    return UsageOut(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.prompt_tokens + usage.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
+    )
+
+
+def _utf8(text: str) -> list[int]:
+    return list(text.encode("utf-8", errors="replace"))
+
+
+def chat_logprobs(items: list[TokenLogprob]) -> ChoiceLogprobs:
+    return ChoiceLogprobs(content=[
+        TokenLogprobOut(
+            token=item.text, logprob=item.logprob, bytes=_utf8(item.text),
+            top_logprobs=[TopLogprobOut(token=t.text, logprob=t.logprob, bytes=_utf8(t.text))
+                          for t in item.top],
+        )
+        for item in items
+    ])
+
+
+def completion_logprobs(items: list[TokenLogprob], offset: int, top: bool) -> CompletionLogprobs:
+    """Legacy logprobs; `offset` is where the first token starts in the completion's text."""
+    offsets = []
+    for item in items:
+        offsets.append(offset)
+        offset += len(item.text)
+    return CompletionLogprobs(
+        tokens=[item.text for item in items],
+        token_logprobs=[item.logprob for item in items],
+        top_logprobs=[{t.text: t.logprob for t in item.top} for item in items] if top else None,
+        text_offset=offsets,
+    )
+
+
+@dataclass(frozen=True)
+class ResponseMeta:
+    """What every object of one response repeats."""
+
+    id: str
+    created: int
+    model: str
+    include_usage: bool = False
+    logprobs: bool = False
+    top_logprobs: bool = False
+
+
+def chat_completion(result: Collected, meta: ResponseMeta) -> ChatCompletion:
+    return ChatCompletion(
+        id=meta.id, created=meta.created, model=meta.model,
+        choices=[ChatChoice(
+            index=0,
+            message=AssistantMessageOut(content=result.text),
+            logprobs=chat_logprobs(result.logprobs) if meta.logprobs else None,
+            finish_reason=finish_reason(result.finished.reason),
+        )],
+        usage=usage_out(result.finished.usage),
+    )
+
+
+def text_completion(result: Collected, meta: ResponseMeta) -> TextCompletion:
+    logprobs = (completion_logprobs(result.logprobs, 0, meta.top_logprobs)
+                if meta.logprobs else None)
+    return TextCompletion(
+        id=meta.id, created=meta.created, model=meta.model,
+        choices=[CompletionChoice(text=result.text, index=0, logprobs=logprobs,
+                                  finish_reason=finish_reason(result.finished.reason))],
+        usage=usage_out(result.finished.usage),
+    )
+
+
+async def chat_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
+                   ) -> AsyncGenerator[bytes, None]:
+    """Chat chunks: a role chunk, content chunks, a finish chunk, optionally a usage chunk."""
+
+    def chunk(delta: Delta, logprobs: ChoiceLogprobs | None = None,
+              reason: str | None = None) -> bytes:
+        return sse_data(ChatCompletionChunk(
+            id=meta.id, created=meta.created, model=meta.model,
+            choices=[ChunkChoice(index=0, delta=delta, logprobs=logprobs, finish_reason=reason)],
+        ))
+
+    try:
+        yield chunk(Delta(role="assistant", content=""))
+        async for event in events:
+            if isinstance(event, TokenChunk):
+                logprobs = (chat_logprobs(event.logprobs)
+                            if meta.logprobs and event.logprobs else None)
+                if event.text or logprobs:
+                    yield chunk(Delta(content=event.text), logprobs)
+            elif isinstance(event, Failed):
+                yield sse_data(openai_error_body(from_failed(event)))
+                return
+            else:
+                yield chunk(Delta(), reason=finish_reason(event.reason))
+                if meta.include_usage:
+                    yield sse_data(ChatCompletionChunk(
+                        id=meta.id, created=meta.created, model=meta.model, choices=[],
+                        usage=usage_out(event.usage)))
+                yield SSE_DONE
+                return
+        yield sse_data(openai_error_body(_UNFINISHED))
+    except Exception as exc:  # the status line is sent: report a broken engine in-band
+        yield sse_data(openai_error_body(to_api_error(exc)))
+    finally:
+        await aclose(events)
+
+
+async def completion_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
+                         ) -> AsyncGenerator[bytes, None]:
+    def chunk(text: str, logprobs: CompletionLogprobs | None = None,
+              reason: str | None = None) -> bytes:
+        return sse_data(TextCompletion(
+            id=meta.id, created=meta.created, model=meta.model,
+            choices=[CompletionChoice(text=text, index=0, logprobs=logprobs,
+                                      finish_reason=reason)],
+        ))
+
+    offset = 0
+    try:
+        async for event in events:
+            if isinstance(event, TokenChunk):
+                logprobs = (completion_logprobs(event.logprobs, offset, meta.top_logprobs)
+                            if meta.logprobs and event.logprobs else None)
+                if event.text or logprobs:
+                    yield chunk(event.text, logprobs)
+                offset += len(event.text)
+            elif isinstance(event, Failed):
+                yield sse_data(openai_error_body(from_failed(event)))
+                return
+            else:
+                yield chunk("", reason=finish_reason(event.reason))
+                if meta.include_usage:
+                    yield sse_data(TextCompletion(
+                        id=meta.id, created=meta.created, model=meta.model, choices=[],
+                        usage=usage_out(event.usage)))
+                yield SSE_DONE
+                return
+        yield sse_data(openai_error_body(_UNFINISHED))
+    except Exception as exc:
+        yield sse_data(openai_error_body(to_api_error(exc)))
+    finally:
+        await aclose(events)
+
+
+def model_card(info: ModelInfo) -> ModelCard:
+    return ModelCard(id=info.name, created=int(info.modified_at))
+
+
+# --- routes ---------------------------------------------------------------------------------
+
+
+class OpenAIController(Controller):
+    path = "/v1"
+    tags = ["OpenAI"]
+    exception_handlers = {Exception: openai_exception_handler}
+
+    @post("/chat/completions", status_code=200, summary="Create a chat completion")
+    async def chat_completions(
+        self, request: AnyRequest, services: ServicesDep, data: JSONBody[ChatCompletionRequest],
+    ) -> Response[ChatCompletion]:
+        check_chat_request(data)
+        engine = services.engine
+        info = resolve_model(engine, data.model)
+        prompt = await render_chat(engine, info.name, chat_messages(data.messages))
+        requested = (data.max_completion_tokens if data.max_completion_tokens is not None
+                     else data.max_tokens)
+        max_tokens = completion_budget(info, len(prompt), requested,
+                                       services.settings.max_tokens_default)
+        rid = request_id()
+        generation = GenerationRequest(id=rid, model=info.name, prompt_tokens=prompt,
+                                       sampling=chat_sampling(data, max_tokens))
+        meta = ResponseMeta(
+            id=f"chatcmpl-{rid}", created=int(time.time()), model=info.name,
+            include_usage=bool(data.stream_options and data.stream_options.include_usage),
+            logprobs=bool(data.logprobs),
+        )
+        if data.stream:
+            events = await start_stream(request, services, "openai", generation)
+            return ClosingStream(chat_sse(events, meta), media_type=SSE_MEDIA_TYPE)
+        result = await collect(request, services, "openai", generation)
+        return Response(chat_completion(result, meta))
+
+    @post("/completions", status_code=200, summary="Create a text completion (legacy)")
+    async def completions(
+        self, request: AnyRequest, services: ServicesDep, data: JSONBody[CompletionRequest],
+    ) -> Response[TextCompletion]:
+        check_completion_request(data)
+        engine = services.engine
+        info = resolve_model(engine, data.model)
+        prompt = completion_prompt(data.prompt)
+        tokens = prompt if isinstance(prompt, list) else await tokenize(engine, info.name, prompt)
+        if not tokens:
+            raise invalid("The prompt is empty.", param="prompt")
+        max_tokens = completion_budget(info, len(tokens), data.max_tokens,
+                                       services.settings.max_tokens_default,
+                                       prompt_param="prompt")
+        rid = request_id()
+        generation = GenerationRequest(id=rid, model=info.name, prompt_tokens=tokens,
+                                       sampling=completion_sampling(data, max_tokens))
+        meta = ResponseMeta(
+            id=f"cmpl-{rid}", created=int(time.time()), model=info.name,
+            include_usage=bool(data.stream_options and data.stream_options.include_usage),
+            logprobs=data.logprobs is not None, top_logprobs=bool(data.logprobs),
+        )
+        if data.stream:
+            events = await start_stream(request, services, "openai", generation)
+            return ClosingStream(completion_sse(events, meta), media_type=SSE_MEDIA_TYPE)
+        result = await collect(request, services, "openai", generation)
+        return Response(text_completion(result, meta))
+
+    @get("/models", summary="List models")
+    async def list_models(self, services: ServicesDep) -> ModelList:
+        return ModelList(data=[model_card(m) for m in services.engine.list_models()])
+
+    @get("/models/{model_id:path}", summary="Retrieve a model")
+    async def get_model(self, services: ServicesDep, model_id: FromPath[str]) -> ModelCard:
+        # Model names may contain "/" (hub ids); the path parameter keeps its leading slash.
+        return model_card(resolve_model(services.engine, model_id.lstrip("/")))

@@ -1,0 +1,128 @@
+"""End to end through the real engine: `python -m agent run` with SmolLM2 as a subprocess, asked
+one question through the official openai, anthropic and ollama clients, streaming and not."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anthropic
+import httpx
+import ollama
+import openai
+import pytest
+
+pytestmark = pytest.mark.slow
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+MAX_TOKENS = 24
+
+
+@dataclass
+class Node:
+    url: str
+    model: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def node(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    state = tmp_path_factory.mktemp("node")
+    port = _free_port()
+    log = (state / "agent.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--host", "127.0.0.1", "--port", str(port),
+         "--state-dir", str(state), "--models-dir", str(state / "models"),
+         "--model", str(smollm2_dir), "--log-level", "warning"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"agent exited: {(state / 'agent.log').read_text()}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("agent did not become ready")
+            time.sleep(0.5)
+        yield Node(url, str(smollm2_dir))
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def test_openai_client_answers_paris(node: Node) -> None:
+    client = openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused")
+    reply = client.chat.completions.create(model=node.model, messages=QUESTION,  # type: ignore[arg-type]
+                                           temperature=0, max_tokens=MAX_TOKENS)
+    assert "Paris" in (reply.choices[0].message.content or "")
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens <= MAX_TOKENS
+    chunks = list(client.chat.completions.create(
+        model=node.model, messages=QUESTION, temperature=0,  # type: ignore[arg-type]
+        max_tokens=MAX_TOKENS, stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == reply.choices[0].message.content
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_anthropic_client_answers_paris(node: Node) -> None:
+    client = anthropic.Anthropic(base_url=node.url, api_key="unused")
+    message = client.messages.create(model=node.model, max_tokens=MAX_TOKENS,
+                                     messages=QUESTION,  # type: ignore[arg-type]
+                                     extra_body={"temperature": 0})
+    text = message.content[0].text  # type: ignore[union-attr]
+    assert "Paris" in text
+    assert message.stop_reason in ("end_turn", "max_tokens")
+    counted = client.messages.count_tokens(model=node.model, messages=QUESTION)  # type: ignore[arg-type]
+    assert counted.input_tokens == message.usage.input_tokens
+    with client.messages.stream(model=node.model, max_tokens=MAX_TOKENS,
+                                messages=QUESTION,  # type: ignore[arg-type]
+                                extra_body={"temperature": 0}) as stream:
+        assert "".join(stream.text_stream) == text
+
+
+def test_ollama_client_answers_paris(node: Node) -> None:
+    client = ollama.Client(host=node.url)
+    reply = client.chat(model=node.model, messages=QUESTION,
+                        options={"temperature": 0, "num_predict": MAX_TOKENS})
+    assert "Paris" in (reply.message.content or "")
+    assert reply.eval_count is not None
+    assert reply.eval_count <= MAX_TOKENS
+    parts = list(client.generate(model=node.model, prompt=QUESTION[0]["content"], stream=True,
+                                 options={"temperature": 0, "num_predict": MAX_TOKENS}))
+    assert "Paris" in "".join(p.response or "" for p in parts)
+    assert parts[-1].done
+
+
+def test_greedy_answers_agree_across_the_three_apis(node: Node) -> None:
+    """The same conversation and greedy sampling reach the engine identically from every API."""
+    chat = openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused").chat.completions.create(
+        model=node.model, messages=QUESTION, temperature=0, max_tokens=MAX_TOKENS)  # type: ignore[arg-type]
+    message = anthropic.Anthropic(base_url=node.url, api_key="unused").messages.create(
+        model=node.model, max_tokens=MAX_TOKENS, messages=QUESTION,  # type: ignore[arg-type]
+        extra_body={"temperature": 0})
+    reply = ollama.Client(host=node.url).chat(
+        model=node.model, messages=QUESTION, options={"temperature": 0, "num_predict": MAX_TOKENS})
+    assert chat.choices[0].message.content == message.content[0].text  # type: ignore[union-attr]
+    assert chat.choices[0].message.content == reply.message.content
