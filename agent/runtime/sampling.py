@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
 
@@ -22,16 +23,20 @@ class RowSampler:
     params: SamplingParams
     key: mx.array | None = None
     history: list[int] = field(default_factory=list)  # generated tokens, for penalties
+    # Constrained decoding (JSON schema, grammar): see agent.runtime.constraints. It has
+    # `allowed() -> mx.array` (bool, vocab), `consume(token)` and `finished() -> bool`.
+    constraint: Any = None
 
     def __post_init__(self) -> None:
         if self.params.seed is not None and not self.params.greedy:
-            self.key = mx.random.key(self.params.seed)
+            # MLX keys take an unsigned 64-bit seed.
+            self.key = mx.random.key(self.params.seed % (1 << 64))
 
     @property
     def needs_logits(self) -> bool:
         """False when a plain argmax over raw logits is this row's whole job."""
         p = self.params
-        return not p.greedy or p.logprobs or self._penalised
+        return not p.greedy or p.logprobs or self._penalised or self.constraint is not None
 
     @property
     def _penalised(self) -> bool:
@@ -42,9 +47,12 @@ class RowSampler:
     def adjust(self, logits: mx.array, prompt_tail: list[int]) -> mx.array:
         """Penalties over recent tokens, as llama.cpp/mlx-lm (repetition) and OpenAI define them."""
         p = self.params
+        if self.constraint is not None:
+            allowed = self.constraint.allowed()
+            logits = mx.where(allowed[: logits.shape[-1]], logits, -mx.inf)
         if not self._penalised:
             return logits
-        if p.repetition_penalty != 1.0:
+        if p.repetition_penalty != 1.0 and p.repetition_context > 0:
             recent = (prompt_tail + self.history)[-p.repetition_context:]
             if recent:
                 ids = mx.array(sorted(set(recent)))

@@ -98,6 +98,7 @@ class Scheduler:
         compiled: bool = True,
         prefix_cache: PrefixCache | None = None,
         compute: LocalCompute | None = None,
+        constraint_factory: Callable[[GenerationRequest], Any] | None = None,
     ) -> None:
         self.decoder = decoder
         self.tokenizer = tokenizer
@@ -111,6 +112,9 @@ class Scheduler:
         self.cancelled: set[str] = set()
         self.stats = SchedulerStats()
         self.prefix = prefix_cache
+        # Builds a request's decoding constraint (None when it has none); raises ValueError for
+        # a constraint that cannot be compiled, which fails that request as a bad request.
+        self.constraint_factory = constraint_factory
 
     # ---- admission --------------------------------------------------------------------------
     @property
@@ -180,12 +184,17 @@ class Scheduler:
             if not self._fits_now(request):
                 return
             self.waiting.popleft()
+            try:
+                constraint = self.constraint_factory(request) if self.constraint_factory else None
+            except ValueError as exc:
+                self.emit(Failed(id=request.id, code="bad_request", message=str(exc)))
+                continue
             max_tokens = self._max_tokens(request)
             row = self.kv.acquire(request.id, len(request.prompt_tokens) + 1)
             self.running[request.id] = Sequence(
                 request=request,
                 row=row,
-                sampler=RowSampler(request.sampling),
+                sampler=RowSampler(request.sampling, constraint=constraint),
                 detokenizer=self.tokenizer.detokenizer,
                 stops=StopMatcher(request.sampling.stop),
                 max_tokens=max_tokens,
@@ -306,6 +315,9 @@ class Scheduler:
         seq.sampler.history.append(token)
         self.stats.generated_tokens_total += 1
         request = seq.request
+        constraint = seq.sampler.constraint
+        if constraint is not None:
+            constraint.consume(token)
         if token in self.eos_ids or token in request.sampling.stop_token_ids:
             self._finish(seq, "stop")
             return
@@ -320,6 +332,9 @@ class Scheduler:
             self._finish(seq, "stop", stop_sequence=stop, flush=False)
             return
         seq.next_token = token
+        if constraint is not None and constraint.finished():
+            self._finish(seq, "stop")
+            return
         if seq.generated >= seq.max_tokens or seq.length + 1 >= self.limits.context_length:
             self._finish(seq, "length")
 
