@@ -140,6 +140,54 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return stream_chat(args.url, args.model, args.prompt, max_tokens=args.max_tokens)
 
 
+def cmd_service(args: argparse.Namespace) -> int:
+    from agent import service
+
+    settings = _settings_from(args)
+    scope = "system" if args.system else "user"
+    try:
+        if args.action == "install":
+            zipapp = Path(args.zipapp or sys.argv[0]).resolve()
+            spec = service.ServiceSpec(zipapp=zipapp, state_dir=settings.state_dir,
+                                       models_dir=settings.models_dir, scope=scope,
+                                       user=args.user, run_args=tuple(args.run_args or ()))
+            service.service_install(spec, dry_run=args.dry_run)
+        elif args.action == "uninstall":
+            service.service_uninstall(scope, dry_run=args.dry_run)
+        else:
+            return service.service_status(scope)
+    except service.ServiceError as exc:
+        print(f"flock service: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_prometheus_targets(args: argparse.Namespace) -> int:
+    from agent.service import ScrapeTarget, prometheus_targets
+
+    nodes = _cluster_nodes(args.url)
+    targets = [ScrapeTarget(node_id=n["node_id"], host=n["address"], port=n["api_port"])
+               for n in nodes]
+    print(json.dumps(prometheus_targets(targets), indent=2))
+    return 0
+
+
+def _cluster_nodes(url: str) -> list[dict[str, Any]]:
+    """Every node a running agent knows (itself included), as /cluster reports them."""
+    import httpx
+
+    try:
+        data = httpx.get(f"{url.rstrip('/')}/cluster", timeout=10).json()
+    except (httpx.HTTPError, ValueError):
+        from urllib.parse import urlparse
+
+        parsed = urlparse(url)
+        return [{"node_id": "local", "address": parsed.hostname or "127.0.0.1",
+                 "api_port": parsed.port or 52415}]
+    return [{"node_id": n["node_id"], "address": (n.get("addresses") or ["127.0.0.1"])[0],
+             "api_port": n["api_port"]} for n in data.get("nodes", [])]
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
@@ -201,6 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--url", default="http://127.0.0.1:52415")
     chat.add_argument("--model", default="smollm2-135m")
     chat.add_argument("--max-tokens", type=int, default=256)
+
+    svc = command("service", cmd_service,
+                  "install, uninstall or show the flock service (systemd / launchd)")
+    _add_store_flags(svc)
+    svc.add_argument("action", choices=["install", "uninstall", "status"])
+    svc.add_argument("--system", action="store_true",
+                     help="a system-wide service (boot without login) instead of the user's")
+    svc.add_argument("--user", help="with --system: the account flock runs as")
+    svc.add_argument("--zipapp", type=Path, help="the flock .pyz to run (default: this one)")
+    svc.add_argument("--dry-run", action="store_true", help="print what would be done")
+    svc.add_argument("run_args", nargs="*", help="extra arguments for `flock run`")
+
+    prom = command("prometheus", cmd_prometheus_targets,
+                   "print a Prometheus file_sd target list of every node of the cluster")
+    prom.add_argument("what", choices=["targets"])
+    prom.add_argument("--url", default="http://127.0.0.1:52415")
 
     demo = command("demo", cmd_demo,
                    "pull the default model, start a node, stream a chat answer")

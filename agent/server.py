@@ -32,21 +32,31 @@ class _Listener(uvicorn.Server):
 
 
 def _setup_logging(settings: NodeSettings) -> None:
-    try:
-        from agent.logs import setup_logging
-    except ImportError:
-        logging.basicConfig(level=settings.log_level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return
+    from agent.logs import setup_logging
+
     setup_logging(settings.log_level, settings.log_format, settings.logs_dir)
 
 
 def _metrics(settings: NodeSettings) -> Any:
-    try:
-        from agent.metrics import create_metrics
-    except ImportError:
-        return None
-    return create_metrics(settings.metrics_enabled)
+    from agent import __version__, sysinfo
+    from agent.metrics import create_metrics
+    from agent.runtime.blas import describe_blas
+
+    metrics = create_metrics(settings.metrics_enabled)
+    metrics.set_build_info(__version__, sysinfo.backend_name(), describe_blas(settings))
+    metrics.set_node_memory(sysinfo.total_memory_bytes(), sysinfo.available_memory_bytes())
+    return metrics
+
+
+def _puller(engine: Any) -> Any:
+    """Ollama's /api/pull: the same as `flock pull`, off the event loop."""
+    from agent.models.fetch import pull
+
+    async def pull_model(name: str) -> Any:
+        stored = await asyncio.to_thread(pull, engine.store, name)
+        return engine.store.info(stored.name)
+
+    return pull_model
 
 
 async def run_agent(settings: NodeSettings, *, started: asyncio.Event | None = None) -> int:
@@ -57,7 +67,8 @@ async def run_agent(settings: NodeSettings, *, started: asyncio.Event | None = N
     metrics = _metrics(settings)
     engine = LocalEngine(settings, metrics=metrics)
     ready = {"value": settings.model is None}
-    app = create_app(engine, settings, ready=lambda: ready["value"], metrics=metrics)
+    app = create_app(engine, settings, ready=lambda: ready["value"], metrics=metrics,
+                     pull=_puller(engine))
     listeners = [
         _Listener(uvicorn.Config(app, host=settings.host, port=port, log_level="warning",
                                  timeout_graceful_shutdown=SHUTDOWN_GRACE_S, lifespan="on"))
