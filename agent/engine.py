@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import msgspec
 
 from agent.generation import GenerationEvent, GenerationRequest
+from agent.tools.types import ToolFormat
 
 
 class ModelNotFound(LookupError):
@@ -70,6 +71,11 @@ class Engine(Protocol):
         tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Apply the model's chat template (with a generation prompt) and tokenize."""
+        ...
+
+    async def tool_format(self, model: str) -> ToolFormat:
+        """How the model writes tool calls, read from its chat template (`agent.tools.formats`);
+        "default" when its template has no tools. Raises ModelNotFound."""
         ...
 
     async def tokenize(self, model: str, text: str) -> list[int]:

@@ -46,6 +46,9 @@ class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     sampling: SamplingParams
     # JSON schema the output must follow (constrained decoding); None means free text.
     json_schema: dict | None = None
+    # A grammar the output must follow, in llguidance's Lark dialect (`%json {...}` inlines a
+    # JSON schema); used for forced tool calls. Takes precedence over `json_schema`.
+    grammar: str | None = None
 
 
 class TopLogprob(msgspec.Struct, frozen=True, array_like=True):

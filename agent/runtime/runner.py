@@ -149,6 +149,7 @@ def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
     import tempfile
 
     from agent.runtime.compute import PipelineHeadCompute, TensorHeadCompute
+    from agent.runtime.constraints import constraint_factory
     from agent.runtime.follower import Follower, follow
     from agent.runtime.links import StageLink, listen
     from agent.runtime.scheduler import Scheduler
@@ -187,7 +188,7 @@ def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
                                           downstream=downstream, upstream=upstream)
         scheduler = Scheduler(decoder, tokenizer, kv, limits, outbox.send,
                               compiled=config.compile_step, prefix_cache=prefix,
-                              compute=compute)
+                              compute=compute, constraint_factory=constraint_factory(tokenizer))
     except Exception as exc:  # the agent reports it; the runner must not hang
         outbox.send(RunnerError(message=f"{type(exc).__name__}: {exc}"))
         return 1

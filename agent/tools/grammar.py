@@ -1,0 +1,102 @@
+"""Grammars for constrained decoding, as llguidance reads them: JSON schemas for structured
+output, and the Lark grammar of a forced tool call in each model family's format.
+
+These are plain strings and checks (no tokenizer, no MLX), so the API layer can reject a bad
+schema with a 400 before anything is queued; `agent.runtime.constraints` compiles them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import llguidance
+
+from agent.tools.formats import CALL_CLOSE, CALL_OPEN
+from agent.tools.parsers import MISTRAL_MARKER
+from agent.tools.types import ToolChoice, ToolFormat, ToolSpec
+
+# Output JSON the way `json.dumps` writes it ({"a": 1, "b": [2, 3]}): the spacing models see
+# most, and no free whitespace, which small models can otherwise repeat until max_tokens. A
+# schema's own "x-guidance" settings still win.
+JSON_STYLE: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ",
+                              "key_separator": ": "}
+
+ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+def json_schema_grammar(schema: dict[str, Any]) -> str:
+    """The llguidance grammar for output that is one JSON value matching `schema`."""
+    return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)  # type: ignore[arg-type]
+
+
+def lark_grammar(lark: str) -> str:
+    return llguidance.LLMatcher.grammar_from_lark(lark)
+
+
+def grammar_problem(grammar: str) -> str | None:
+    """Why llguidance cannot compile a grammar (without a tokenizer), or None."""
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    return messages[0] if is_error and messages else None
+
+
+def schema_problem(schema: Any) -> str | None:
+    """Why a JSON schema cannot be used for constrained output, or None when it can."""
+    if not isinstance(schema, dict):
+        return "a JSON schema must be a JSON object"
+    try:
+        grammar = json_schema_grammar(schema)
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return grammar_problem(grammar)
+
+
+# --- forced tool calls --------------------------------------------------------------------
+
+
+def _styled(schema: dict[str, Any]) -> dict[str, Any]:
+    # Inline %json schemas do not take compile options; they read them from "x-guidance".
+    return {"x-guidance": JSON_STYLE, **schema}
+
+
+def call_schema(tools: Sequence[ToolSpec], arguments_key: str = "arguments") -> dict[str, Any]:
+    """One call to any of `tools`: {"name": <const>, "<arguments_key>": <its parameters>}."""
+    options = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": t.name}, arguments_key: t.parameters},
+            "required": ["name", arguments_key],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def _inline(schema: dict[str, Any]) -> str:
+    return "%json " + json.dumps(_styled(schema), ensure_ascii=False)
+
+
+def _lark_string(text: str) -> str:
+    return json.dumps(text)  # Lark string literals take JSON-style escapes
+
+
+def forced_call_grammar(fmt: ToolFormat, tools: Sequence[ToolSpec], choice: ToolChoice) -> str:
+    """A Lark grammar whose every sentence is one call (several when `choice.parallel`) to the
+    chosen tool(s), written the way the model's family writes calls, so it always parses."""
+    chosen = [t for t in tools if choice.mode != "named" or t.name == choice.name]
+    if not chosen:
+        raise ValueError(f"no tool named {choice.name!r} is offered")
+    if fmt == "llama3":
+        # Llama 3's JSON calls come one per turn.
+        return f"start: call\ncall: {_inline(call_schema(chosen, 'parameters'))}\n"
+    if fmt == "mistral":
+        array = {"type": "array", "items": call_schema(chosen), "minItems": 1}
+        if not choice.parallel:
+            array["maxItems"] = 1
+        return f"start: {_lark_string(MISTRAL_MARKER)} calls\ncalls: {_inline(array)}\n"
+    more = ' ("\\n" call)*' if choice.parallel else ""
+    return (f"start: call{more}\n"
+            f"call: {_lark_string(CALL_OPEN + chr(10))} body {_lark_string(chr(10) + CALL_CLOSE)}\n"
+            f"body: {_inline(call_schema(chosen))}\n")
