@@ -23,6 +23,8 @@ from agent.runtime.client import RunnerProcess, RunnerStartError
 from agent.runtime.environment import runner_environment
 from agent.runtime.protocol import RunnerConfig
 from agent.settings import NodeSettings
+from agent.tools.formats import detect_tool_format
+from agent.tools.types import ToolFormat
 
 log = logging.getLogger("flock.engine")
 
@@ -88,6 +90,12 @@ class LocalEngine:
             kwargs["tools"] = tools
         ids = instance.tokenizer.apply_chat_template(conversation, **kwargs)
         return list(ids)
+
+    async def tool_format(self, model: str) -> ToolFormat:
+        # The loaded tokenizer's template is the one render_chat applies (a model given by
+        # path has no store entry to read it from).
+        instance = await self.ensure_loaded(model)
+        return detect_tool_format(getattr(instance.tokenizer, "chat_template", None))
 
     async def tokenize(self, model: str, text: str) -> list[int]:
         instance = await self.ensure_loaded(model)
