@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import msgspec
 
 from agent.engine import ChatMessage, LoadedModel, ModelInfo, ModelNotFound
 from agent.generation import Failed, GenerationEvent, GenerationRequest
@@ -29,6 +31,21 @@ from agent.tools.types import ToolFormat
 log = logging.getLogger("flock.engine")
 
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class Router(Protocol):
+    """The cluster's say in where a model's requests go (set by the cluster controller).
+
+    `route` returns None when this node serves the model itself (its head runner is registered
+    with `serve_instance`), or a function streaming a request from the node that does. It places
+    the model first when nobody serves it yet, waiting a bounded time; it raises ModelNotFound
+    when no node has the model.
+    """
+
+    async def route(self, model: str) -> RemoteStream | None: ...
+
+
+RemoteStream = Callable[[GenerationRequest], AsyncIterator[GenerationEvent]]
 
 
 def canonical_name(name: str) -> str:
@@ -55,7 +72,10 @@ class LocalEngine:
         self.settings = settings
         self.store = store or ModelStore(settings.models_dir)
         self.metrics = metrics
-        self.instances: dict[str, Instance] = {}
+        self.instances: dict[str, Instance] = {}  # model name -> the head runner serving it here
+        self.members: dict[str, RunnerProcess] = {}  # cluster runners by "instance/rank"
+        self.router: Router | None = None
+        self._tokenizers: dict[str, Any] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing = False
         self._restart_tasks: set[asyncio.Task[None]] = set()
@@ -81,33 +101,52 @@ class LocalEngine:
             if i.runner.alive
         ]
 
+    async def tokenizer(self, model: str) -> Any:
+        """The model's tokenizer, loaded once from the store (no runner needed)."""
+        name = canonical_name(model)
+        if name in self.instances:
+            return self.instances[name].tokenizer
+        if name not in self._tokenizers:
+            model_dir = self.store.resolve(name)  # raises ModelNotFound
+            self._tokenizers[name] = await asyncio.to_thread(_load_tokenizer, model_dir)
+        return self._tokenizers[name]
+
     async def render_chat(self, model: str, messages: list[ChatMessage],
                           tools: list[dict[str, Any]] | None = None) -> list[int]:
-        instance = await self.ensure_loaded(model)
+        tokenizer = await self.tokenizer(model)
         conversation = [_message_dict(m) for m in messages]
         kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": True}
         if tools:
             kwargs["tools"] = tools
-        ids = instance.tokenizer.apply_chat_template(conversation, **kwargs)
+        ids = tokenizer.apply_chat_template(conversation, **kwargs)
         return list(ids)
 
     async def tool_format(self, model: str) -> ToolFormat:
-        # The loaded tokenizer's template is the one render_chat applies (a model given by
-        # path has no store entry to read it from).
-        instance = await self.ensure_loaded(model)
-        return detect_tool_format(getattr(instance.tokenizer, "chat_template", None))
+        # The tokenizer's template is the one render_chat applies (a model given by path has
+        # no store entry to read it from).
+        tokenizer = await self.tokenizer(model)
+        return detect_tool_format(getattr(tokenizer, "chat_template", None))
 
     async def tokenize(self, model: str, text: str) -> list[int]:
-        instance = await self.ensure_loaded(model)
-        return list(instance.tokenizer.encode(text))
+        tokenizer = await self.tokenizer(model)
+        return list(tokenizer.encode(text))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         try:
+            remote = await self.router.route(request.model) if self.router else None
+            if remote is not None:
+                stream = remote(request)
+                try:
+                    async for event in stream:
+                        yield event
+                finally:
+                    await stream.aclose()
+                return
             instance = await self.ensure_loaded(request.model)
         except ModelNotFound as exc:
             yield Failed(id=request.id, code="not_found", message=str(exc))
             return
-        except RunnerStartError as exc:
+        except (RunnerStartError, TimeoutError) as exc:
             yield Failed(id=request.id, code="internal", message=f"the model failed to load: {exc}")
             return
         stream = instance.runner.generate(request)
@@ -129,6 +168,9 @@ class LocalEngine:
         instance = self.instances.get(name)
         if instance is not None and instance.runner.ready is not None:
             return instance
+        if self.router is not None:
+            # In a cluster only the controller starts runners (placement decides where).
+            raise RunnerStartError(f"no instance of {name} is serving on this node")
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             instance = self.instances.get(name)
@@ -203,6 +245,35 @@ class LocalEngine:
             return
         instance.runner = runner
 
+    # ---- cluster members ------------------------------------------------------------------
+    async def start_member(self, key: str, model: str, config: RunnerConfig,
+                           *, ranks_on_this_machine: int = 1) -> RunnerProcess:
+        """Start one runner of a placed instance; a head (solo/head role) serves `model` here."""
+        model_dir = self.store.resolve(model)
+        env, warning = runner_environment(self.settings,
+                                          ranks_on_this_machine=ranks_on_this_machine)
+        if warning:
+            log.warning(warning)
+        config = msgspec.structs.replace(config, model_dir=str(model_dir.resolve()))
+        runner = RunnerProcess(config, env, on_stats=lambda stats: self._on_stats(model, stats))
+        self.members[key] = runner
+        await runner.start(timeout=config.startup_timeout_s)
+        if config.role in ("solo", "head"):
+            info = self.store.info(model)
+            tokenizer = await self.tokenizer(model)
+            self.instances[model] = Instance(name=model, model_dir=model_dir, info=info,
+                                             tokenizer=tokenizer, runner=runner)
+        return runner
+
+    async def stop_member(self, key: str) -> None:
+        runner = self.members.pop(key, None)
+        if runner is None:
+            return
+        for name, instance in list(self.instances.items()):
+            if instance.runner is runner:
+                del self.instances[name]
+        await runner.stop()
+
     async def unload(self, model: str) -> None:
         instance = self.instances.pop(canonical_name(model), None)
         if instance is not None:
@@ -215,6 +286,9 @@ class LocalEngine:
         for name in list(self.instances):
             with contextlib.suppress(Exception):
                 await self.unload(name)
+        for key in list(self.members):
+            with contextlib.suppress(Exception):
+                await self.stop_member(key)
 
     def in_flight(self) -> int:
         return sum(i.runner.in_flight for i in self.instances.values())
