@@ -67,6 +67,26 @@ class NodeSettings(BaseSettings):
     compile_step: bool = True
     fuse_projections: bool = True
 
+    # Cluster. With no cluster file and discovery on, nodes of the same cluster name and secret
+    # find each other on the LAN (open mode when no secret: admin endpoints answer loopback only).
+    cluster_file: Path | None = None  # cluster.toml (GitOps): watched, validated, distributed
+    cluster_name: str = "flock"
+    cluster_secret: str | None = None
+    node_name: str | None = None  # defaults to the host name
+    data_port_base: int = Field(default=52500, ge=1024, le=65000)  # runners' links: base + 4k
+    discovery_enabled: bool = True
+    discovery_interfaces: list[str] = Field(default_factory=list)  # names or CIDRs; [] = all up
+    discovery_group: str = "239.77.52.41"
+    discovery_port: int = Field(default=52416, ge=1, le=65535)
+    discovery_interval_s: float = Field(default=1.0, gt=0)
+    discovery_multicast: bool = True
+    discovery_broadcast: bool = True
+    suspect_after_missed: int = Field(default=3, ge=1)
+    dead_after_missed: int = Field(default=8, ge=2)
+    auth_window_s: float = Field(default=30.0, gt=0)
+    peer_timeout_s: float = Field(default=5.0, gt=0)
+    placement_wait_s: float = Field(default=120.0, gt=0)  # a request waits this long for a load
+
     # Observability
     metrics_enabled: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
