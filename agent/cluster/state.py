@@ -35,6 +35,7 @@ class NodeProfile(Frozen):
     spec_generation: int = 0
     spec_hash: str = ""
     models: list[str] = Field(default_factory=list)  # store names it holds locally
+    data_port: int = 52500  # base of the ports its runners' links use (4 per instance slot)
 
     @property
     def usable_memory_bytes(self) -> int:
@@ -59,6 +60,7 @@ class ModelShape(Frozen):
     embedding_bytes: int  # embedding (and the head when untied) at the serving dtype
     kv_bytes_per_token_per_layer: int
     context_length: int
+    dtype_bytes: int = 4  # bytes per weight and KV element at the serving dtype (kv_bits rescales)
 
 
 class Stage(Frozen):
@@ -75,6 +77,7 @@ class Placement(Frozen):
     strategy: Literal["single", "pipeline", "tensor", "hybrid"]
     stages: list[Stage]
     owner: Literal["spec", "api", "auto"] = "auto"
+    reason: str = ""  # why placement chose this shape (shown in status), e.g. what `auto` decided
 
     @property
     def head_node(self) -> str:

@@ -1,0 +1,452 @@
+"""The cluster spec (`cluster.toml`): what the cluster should run, as a validated pydantic model.
+
+Editing the file is a deploy: agents load it with `load_spec`, report every problem with
+`validate_spec_file`, identify it by `spec_hash` and hand it around as a `VersionedSpec` whose
+generation only grows. `spec_from_observed` writes a running cluster back out as a spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from agent.cluster.state import NodeProfile, Placement, Strategy
+from agent.settings import DEFAULT_PORT
+
+# Binary and decimal units a memory cap may be written in ("12GiB", "500MB", "1.5 GB").
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4,
+    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+# host, host:port, [v6], [v6]:port; a bare v6 address (two or more colons) without a port.
+_ADDRESS = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^\s:\[\]]+))(?::(?P<port>\d+))?$")
+
+
+def parse_bytes(value: int | str) -> int:
+    """Bytes from an int or a size string such as "12GiB", "500MB" or "1.5 GB"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a byte count or a size such as '12GiB'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    match = _SIZE.match(value)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"'{value}' is not a size (use bytes or e.g. '12GiB', '500MB')")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_bytes(value: int) -> int | str:
+    """The shortest exact binary-unit spelling ("12GiB"), or the int when none is exact."""
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if value and value % size == 0:
+            return f"{value // size}{unit}"
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClusterSection(_Section):
+    """`[cluster]`: who the cluster is and where its API listens."""
+
+    name: str = Field(default="flock", min_length=1)
+    secret: str | None = Field(default=None, min_length=1)
+    # Relative paths are relative to the spec file (see `cluster_secret`).
+    secret_file: str | None = Field(default=None, min_length=1)
+    api_port: int = Field(default=DEFAULT_PORT, ge=1, le=65535)
+
+
+class NodeEntry(_Section):
+    """`[[nodes]]`: a static node (reachable where multicast is not), its labels and memory cap."""
+
+    name: str = Field(min_length=1)
+    address: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    memory_cap: int | None = None  # bytes; the file may say "12GiB"
+
+    @field_validator("address")
+    @classmethod
+    def _address_is_host_or_host_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        bare_v6 = value.count(":") >= 2 and "[" not in value
+        match = _ADDRESS.match(value)
+        if not bare_v6 and match is None:
+            raise ValueError(f"'{value}' is not host, host:port or [ipv6]:port")
+        port = match.group("port") if match else None
+        if port is not None and not 1 <= int(port) <= 65535:
+            raise ValueError(f"port {port} is out of range 1-65535")
+        return value
+
+    @field_validator("memory_cap", mode="before")
+    @classmethod
+    def _memory_cap_bytes(cls, value: Any) -> Any:
+        if value is None or not isinstance(value, int | str):
+            return value
+        return parse_bytes(value)
+
+
+class ModelEntry(_Section):
+    """`[[models]]`: one desired model, `replicas` instances of it, and how to place them."""
+
+    model: str = Field(min_length=1)  # store name, local path or hub id
+    replicas: PositiveInt = 1
+    strategy: Strategy = "auto"
+    nodes: list[str] | None = None  # pinned node names (or ids), in stage order
+    labels: dict[str, str] | None = None  # pin to nodes carrying all these labels
+    # Per pinned node layer counts (pipeline). Their sum must equal the model's layers; that is
+    # checked at placement time, when the model's shape is known.
+    layers: list[PositiveInt] | None = None
+    context_length: PositiveInt | None = None
+    kv_bits: Literal[4, 8] | None = None
+
+
+class SpecError(BaseModel):
+    """One problem in a spec file, at a key path such as `models[1].strategy`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    message: str
+    line: int | None = None
+    column: int | None = None
+
+    def __str__(self) -> str:
+        where = self.path or "(file)"
+        if self.line is not None:
+            where += f" (line {self.line}, column {self.column})"
+        return f"{where}: {self.message}"
+
+
+class ClusterSpec(_Section):
+    """The whole `cluster.toml`."""
+
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    nodes: list[NodeEntry] = Field(default_factory=list)
+    models: list[ModelEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClusterSpec:
+        problems = relation_errors(self.model_dump())
+        if problems:
+            raise ValueError("; ".join(str(p) for p in problems))
+        return self
+
+    def without_secret(self) -> ClusterSpec:
+        """The spec as it may travel between nodes: the secret itself never does."""
+        return self.model_copy(update={"cluster": self.cluster.model_copy(update={"secret": None})})
+
+
+def relation_errors(data: Any) -> list[SpecError]:
+    """Errors between keys (not of one key's value), from raw or dumped spec data.
+
+    Tolerates values of the wrong type (those are reported by field validation), so that
+    `validate_spec_file` reports these even when other parts of the file are broken.
+    """
+    errors: list[SpecError] = []
+    if not isinstance(data, dict):
+        return errors
+    cluster = data.get("cluster")
+    if isinstance(cluster, dict) and cluster.get("secret") and cluster.get("secret_file"):
+        errors.append(SpecError(path="cluster.secret_file",
+                                message="set either secret or secret_file, not both"))
+    seen: dict[str, int] = {}
+    for i, node in enumerate(_list(data.get("nodes"))):
+        name = node.get("name") if isinstance(node, dict) else None
+        if isinstance(name, str):
+            if name in seen:
+                errors.append(SpecError(path=f"nodes[{i}].name",
+                                        message=f"duplicate node name '{name}' "
+                                                f"(also nodes[{seen[name]}])"))
+            seen.setdefault(name, i)
+    for i, entry in enumerate(_list(data.get("models"))):
+        if isinstance(entry, dict):
+            errors.extend(_model_entry_errors(entry, f"models[{i}]"))
+    return errors
+
+
+def _model_entry_errors(entry: dict[str, Any], at: str) -> list[SpecError]:
+    errors: list[SpecError] = []
+    nodes, labels, layers = entry.get("nodes"), entry.get("labels"), entry.get("layers")
+    strategy, replicas = entry.get("strategy", "auto"), entry.get("replicas", 1)
+    if nodes is not None and labels is not None:
+        errors.append(SpecError(path=f"{at}.labels", message="pin by nodes or by labels, not both"))
+    if isinstance(nodes, list):
+        if not nodes:
+            errors.append(SpecError(path=f"{at}.nodes", message="must name at least one node"))
+        duplicates = sorted({n for n in nodes if isinstance(n, str) and nodes.count(n) > 1})
+        if duplicates:
+            errors.append(SpecError(path=f"{at}.nodes",
+                                    message=f"names a node twice: {', '.join(duplicates)}"))
+        if isinstance(replicas, int) and replicas > 1:
+            # Every replica would land on the very same nodes; labels select a pool instead.
+            errors.append(SpecError(path=f"{at}.replicas",
+                                    message="replicas > 1 cannot share pinned nodes; "
+                                            "pin by labels to give replicas a pool of nodes"))
+    if layers is not None:
+        if nodes is None:
+            errors.append(SpecError(path=f"{at}.layers",
+                                    message="per-node layer counts need pinned `nodes`"))
+        elif isinstance(layers, list) and isinstance(nodes, list) and len(layers) != len(nodes):
+            errors.append(SpecError(path=f"{at}.layers",
+                                    message=f"has {len(layers)} counts for {len(nodes)} "
+                                            "pinned nodes"))
+        if strategy in ("tensor", "hybrid"):
+            errors.append(SpecError(path=f"{at}.layers",
+                                    message=f"per-node layer counts are for pipeline splits, "
+                                            f"not strategy '{strategy}'"))
+    return errors
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+# --- reading, writing, identity -------------------------------------------------------------
+
+
+class SpecFileError(ValueError):
+    """A spec file that cannot be used; `errors` lists every problem found."""
+
+    def __init__(self, path: Path, errors: list[SpecError]) -> None:
+        self.errors = errors
+        super().__init__(f"{path}: " + "; ".join(str(e) for e in errors))
+
+
+def load_spec(path: Path) -> ClusterSpec:
+    """Read and validate a cluster.toml; raises SpecFileError listing every problem."""
+    spec, errors = _read(Path(path))
+    if spec is None:
+        raise SpecFileError(Path(path), errors)
+    return spec
+
+
+def validate_spec_file(path: Path) -> list[SpecError]:
+    """Every problem in a spec file (empty when it is valid), TOML syntax errors included."""
+    path = Path(path)
+    spec, errors = _read(path)
+    if spec is not None:
+        errors.extend(_file_reference_errors(spec, path))
+    return errors
+
+
+def parse_spec(text: str) -> tuple[ClusterSpec | None, list[SpecError]]:
+    """A spec from TOML text, or None and every error."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        return None, [_syntax_error(exc)]
+    return _validated(raw)
+
+
+def _read(path: Path) -> tuple[ClusterSpec | None, list[SpecError]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        return None, [SpecError(path="", message=f"cannot read {path}: {exc.strerror or exc}")]
+    except UnicodeDecodeError as exc:
+        return None, [SpecError(path="", message=f"not UTF-8 text: {exc.reason}")]
+    return parse_spec(text)
+
+
+def _syntax_error(exc: tomllib.TOMLDecodeError) -> SpecError:
+    # Python 3.11's TOMLDecodeError only carries the position inside its message.
+    message = str(exc)
+    match = re.search(r"\(at line (\d+), column (\d+)\)", message)
+    if match is None:
+        return SpecError(path="", message=f"TOML syntax: {message}")
+    short = message[: match.start()].strip()
+    return SpecError(path="", message=f"TOML syntax: {short}",
+                     line=int(match.group(1)), column=int(match.group(2)))
+
+
+def _validated(raw: dict[str, Any]) -> tuple[ClusterSpec | None, list[SpecError]]:
+    try:
+        return ClusterSpec.model_validate(raw), []
+    except ValidationError as exc:
+        errors = [_field_error(e) for e in exc.errors() if e["loc"]]
+    # Relations between keys come from one pass over the raw data, so they are reported even
+    # where pydantic stopped at a bad value (its model validator then never runs).
+    errors.extend(relation_errors(raw))
+    return None, _unique(errors)
+
+
+def _field_error(error: Any) -> SpecError:
+    path = ""
+    for part in error["loc"]:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    kind, message = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        message = "unknown key"
+    elif kind == "literal_error":
+        message = f"got {error['input']!r}; {message[0].lower()}{message[1:]}"
+    elif message.startswith("Value error, "):
+        message = message.removeprefix("Value error, ")
+    return SpecError(path=path, message=message)
+
+
+def _unique(errors: Iterable[SpecError]) -> list[SpecError]:
+    seen: set[tuple[str, str]] = set()
+    out: list[SpecError] = []
+    for error in errors:
+        if (error.path, error.message) not in seen:
+            seen.add((error.path, error.message))
+            out.append(error)
+    return out
+
+
+def _file_reference_errors(spec: ClusterSpec, path: Path) -> list[SpecError]:
+    secret_file = spec.cluster.secret_file
+    if secret_file is not None and not _resolve(path.parent, secret_file).is_file():
+        return [SpecError(path="cluster.secret_file",
+                          message=f"no such file: {_resolve(path.parent, secret_file)}")]
+    return []
+
+
+def _resolve(base: Path, name: str) -> Path:
+    candidate = Path(name).expanduser()
+    return candidate if candidate.is_absolute() else base / candidate
+
+
+def cluster_secret(spec: ClusterSpec, spec_path: Path) -> str | None:
+    """The cluster secret: inline, or read from secret_file (relative to the spec file)."""
+    if spec.cluster.secret is not None:
+        return spec.cluster.secret
+    if spec.cluster.secret_file is None:
+        return None
+    return _resolve(Path(spec_path).parent, spec.cluster.secret_file).read_text().strip()
+
+
+def dump_spec(spec: ClusterSpec) -> str:
+    """TOML for a spec; `parse_spec(dump_spec(s))` gives `s` back. Defaults are left out."""
+    data = spec.model_dump(mode="json", exclude_defaults=True, exclude_none=True)
+    for node in data.get("nodes", []):
+        if "memory_cap" in node:
+            node["memory_cap"] = format_bytes(node["memory_cap"])
+    return tomli_w.dumps(data)
+
+
+def spec_hash(spec: ClusterSpec) -> str:
+    """Content hash of the spec's canonical form: same for any key order, formatting or spelling
+    of a value ("12GiB" or its bytes). The secret is left out, so a hash never reveals it."""
+    canonical = spec.without_secret().model_dump(mode="json")
+    encoded = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(encoded).hexdigest()[:16]
+
+
+class VersionedSpec(BaseModel):
+    """A spec as the leader distributes it: a generation that only grows, and its hash."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    generation: int = Field(ge=0)
+    hash: str
+    spec: ClusterSpec
+
+    @model_validator(mode="after")
+    def _hash_matches(self) -> VersionedSpec:
+        if self.hash != spec_hash(self.spec):
+            raise ValueError("hash does not match the spec's content")
+        return self
+
+    @classmethod
+    def first(cls, spec: ClusterSpec) -> VersionedSpec:
+        return cls(generation=1, hash=spec_hash(spec), spec=spec.without_secret())
+
+    def succeeded_by(self, spec: ClusterSpec) -> VersionedSpec:
+        """The version for an accepted spec: this one if the content is unchanged, else next."""
+        if spec_hash(spec) == self.hash:
+            return self
+        return VersionedSpec(generation=self.generation + 1, hash=spec_hash(spec),
+                             spec=spec.without_secret())
+
+    def newer_than(self, other: VersionedSpec | None) -> bool:
+        """Whether a node holding `other` should take this one.
+
+        Higher generation wins. Two different specs with the same generation (accepted by two
+        leaders during a partition) conflict; the larger hash wins so that every node picks the
+        same one, and status shows the conflict until a new generation settles it.
+        """
+        if other is None:
+            return True
+        if self.generation != other.generation:
+            return self.generation > other.generation
+        return self.hash > other.hash
+
+    def conflicts_with(self, other: VersionedSpec) -> bool:
+        return self.generation == other.generation and self.hash != other.hash
+
+
+# --- export -------------------------------------------------------------------------------
+
+
+def spec_from_observed(
+    nodes: list[NodeProfile],
+    placements: list[Placement],
+    *,
+    cluster_name: str = "flock",
+    api_port: int = DEFAULT_PORT,
+) -> ClusterSpec:
+    """A spec that reproduces what runs now (`flock spec export`).
+
+    Every node becomes a static `[[nodes]]` entry (its name, or its id where names repeat, as
+    with several agents on one host); every placement becomes a `[[models]]` entry pinned to its
+    nodes in stage order, with per-node layer counts for pipelines. Secrets are never exported.
+    """
+    names = [n.name for n in nodes]
+    spec_name = {n.node_id: (n.name if names.count(n.name) == 1 else n.node_id) for n in nodes}
+    node_entries = [
+        NodeEntry(
+            name=spec_name[n.node_id],
+            address=_address(n),
+            labels=dict(n.labels),
+            memory_cap=n.memory_cap_bytes,
+        )
+        for n in sorted(nodes, key=lambda n: n.node_id)
+    ]
+    models = [_model_entry(p, spec_name) for p in sorted(placements, key=lambda p: p.instance_id)]
+    return ClusterSpec(
+        cluster=ClusterSection(name=cluster_name, api_port=api_port),
+        nodes=node_entries,
+        models=models,
+    )
+
+
+def _address(node: NodeProfile) -> str | None:
+    if not node.addresses:
+        return None
+    host = node.addresses[0]
+    return f"[{host}]:{node.api_port}" if ":" in host else f"{host}:{node.api_port}"
+
+
+def _model_entry(placement: Placement, spec_name: dict[str, str]) -> ModelEntry:
+    pinned = [spec_name.get(node_id, node_id) for node_id in placement.nodes()]
+    if placement.strategy == "single":
+        return ModelEntry(model=placement.model, strategy="auto", nodes=pinned)
+    layers = None
+    if placement.strategy == "pipeline":
+        layers = [s.layer_stop - s.layer_start for s in placement.stages]
+    return ModelEntry(model=placement.model, strategy=placement.strategy, nodes=pinned,
+                      layers=layers)
