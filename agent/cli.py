@@ -31,6 +31,13 @@ def _settings_from(args: argparse.Namespace) -> Any:
         prefill_chunk=getattr(args, "prefill_chunk", None),
         metrics_enabled=getattr(args, "metrics", None),
         api_keys=getattr(args, "api_key", None) or None,
+        cluster_file=getattr(args, "cluster", None),
+        discovery_interfaces=getattr(args, "discovery_interface", None) or None,
+        discovery_enabled=getattr(args, "discovery", None),
+        node_name=getattr(args, "node_name", None),
+        data_port_base=getattr(args, "data_port", None),
+        memory_cap_bytes=getattr(args, "memory_cap", None),
+        blas_threads=getattr(args, "blas_threads", None),
     )
 
 
@@ -222,6 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=None,
                      help="export Prometheus metrics on /metrics (default on)")
     run.add_argument("--api-key", action="append", help="require this API key (repeatable)")
+    run.add_argument("--cluster", type=Path, metavar="FILE",
+                     help="cluster.toml to follow (watched: editing it is a deploy)")
+    run.add_argument("--discovery-interface", action="append", metavar="NAME_OR_CIDR",
+                     help="find peers only on these interfaces/networks (repeatable; "
+                          "e.g. 127.0.0.1/8 for several nodes on one machine)")
+    run.add_argument("--discovery", action=argparse.BooleanOptionalAction, default=None,
+                     help="announce and discover nodes by UDP multicast (default on)")
+    run.add_argument("--node-name", help="this node's name in status (default: host name)")
+    run.add_argument("--data-port", type=int,
+                     help="first port of the runners' data links (default 52500)")
+    run.add_argument("--memory-cap", type=int, metavar="BYTES",
+                     help="memory this node may use for models")
+    run.add_argument("--blas-threads", type=int, help="OpenBLAS threads per runner")
 
     models = command("models", cmd_models, "list the models in the local store")
     _add_store_flags(models)

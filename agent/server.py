@@ -61,14 +61,21 @@ def _puller(engine: Any) -> Any:
 
 async def run_agent(settings: NodeSettings, *, started: asyncio.Event | None = None) -> int:
     from agent.api.app import create_app
+    from agent.api.cluster import ClusterApi
+    from agent.cluster.controller import ClusterController
     from agent.runtime.service import LocalEngine
 
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     metrics = _metrics(settings)
     engine = LocalEngine(settings, metrics=metrics)
+    spec, settings = _load_spec(settings)
+    cluster = ClusterController(settings, engine, spec=spec, metrics=metrics)
+    engine.router = cluster
     ready = {"value": settings.model is None}
     app = create_app(engine, settings, ready=lambda: ready["value"], metrics=metrics,
                      pull=_puller(engine))
+    app.state["cluster"] = cluster
+    app.register(ClusterApi)
     listeners = [
         _Listener(uvicorn.Config(app, host=settings.host, port=port, log_level="warning",
                                  timeout_graceful_shutdown=SHUTDOWN_GRACE_S, lifespan="on"))
@@ -81,17 +88,29 @@ async def run_agent(settings: NodeSettings, *, started: asyncio.Event | None = N
         loop.add_signal_handler(sig, stopping.set)
 
     serving = [asyncio.create_task(listener.serve()) for listener in listeners]
-    log.info("flock listening on http://%s:%d", settings.host, settings.port)
+    log.info("flock listening on http://%s:%d (node %s)", settings.host, settings.port,
+             cluster.node_id)
+    await cluster.start()
+    if settings.cluster_file is not None:
+        watcher = asyncio.create_task(cluster.watch_spec_file(settings.cluster_file))
+        loop.add_signal_handler(signal.SIGHUP, cluster.reload_spec_file, settings.cluster_file)
+    else:
+        watcher = None
     if started is not None:
         started.set()
     load_task = None
     if settings.model:
         async def load_default() -> None:
-            try:
-                await engine.ensure_loaded(settings.model)  # type: ignore[arg-type]
-                ready["value"] = True
-            except Exception as exc:
-                log.error("could not load %s: %s", settings.model, exc)
+            # The default model is placed like any other: on this node, or across the
+            # cluster when it does not fit here. Ready once its head serves somewhere.
+            while True:
+                try:
+                    await cluster.route(settings.model)  # type: ignore[arg-type]
+                    ready["value"] = True
+                    return
+                except Exception as exc:
+                    log.warning("waiting for %s: %s", settings.model, exc)
+                    await asyncio.sleep(2.0)
         load_task = asyncio.create_task(load_default())
 
     stop_wait = asyncio.create_task(stopping.wait())
@@ -103,12 +122,31 @@ async def run_agent(settings: NodeSettings, *, started: asyncio.Event | None = N
     await asyncio.gather(*serving, return_exceptions=True)
     if load_task is not None:
         load_task.cancel()
+    if watcher is not None:
+        watcher.cancel()
+    await cluster.stop()
     await engine.close()
     stop_wait.cancel()
     if failed:
         log.error("listener failed: %s", failed[0].exception())
         return 1
     return 0
+
+
+def _load_spec(settings: NodeSettings) -> tuple[Any, NodeSettings]:
+    """The cluster.toml this node starts from (if any), and settings with its secret and port."""
+    from agent.spec import SpecFileError, cluster_secret, load_spec
+
+    if settings.cluster_file is None:
+        return None, settings
+    try:
+        spec = load_spec(settings.cluster_file)
+    except SpecFileError as exc:
+        raise SystemExit(f"flock: {settings.cluster_file} is invalid:\n"
+                         + "\n".join(f"  {e}" for e in exc.errors)) from exc
+    secret = settings.cluster_secret or cluster_secret(spec, settings.cluster_file)
+    return spec, settings.model_copy(update={"cluster_secret": secret,
+                                              "cluster_name": spec.cluster.name})
 
 
 def serve(settings: NodeSettings) -> int:

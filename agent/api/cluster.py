@@ -1,0 +1,230 @@
+"""Cluster endpoints: status, placements by API, spec deploys, and the agent-to-agent calls.
+
+Who may call what:
+- `GET /cluster` (status) answers anyone who may use the node's APIs.
+- Admin calls (`POST/DELETE /cluster/instances`, `POST /cluster/spec` from a user) need an API
+  key or the cluster secret; in open mode (no secret, no keys) they answer loopback callers only.
+- Agent-to-agent calls (`/cluster/profile`, `/cluster/assignment`, `/cluster/generate`, a spec
+  forwarded by a node) are signed with the cluster secret (`agent.cluster.peers`); in open mode
+  they are accepted from anyone, which is what "open" means.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.response import Stream
+
+from agent.cluster.auth import HEADER_NODE, ReplayGuard
+from agent.cluster.controller import Assignment, ClusterController
+from agent.cluster.peers import PeerError, ProfileReply, response_headers, verify_request
+from agent.generation import Failed, GenerationRequest
+from agent.runtime.protocol import frame
+from agent.runtime.service import canonical_name
+
+_replay_guard = ReplayGuard()
+
+
+def _controller(request: Request[Any, Any, Any]) -> ClusterController:
+    return request.app.state["cluster"]  # type: ignore[no-any-return]
+
+
+def _error(status: int, message: str) -> Response[dict[str, Any]]:
+    return Response({"error": {"message": message, "type": "cluster_error"}}, status_code=status)
+
+
+def _target(request: Request[Any, Any, Any]) -> str:
+    query = request.scope.get("query_string", b"").decode()
+    return request.url.path + (f"?{query}" if query else "")
+
+
+async def _peer_error(request: Request[Any, Any, Any], body: bytes) -> str | None:
+    """None when the caller is a cluster member (or the cluster is open), else why not."""
+    cluster = _controller(request)
+    return verify_request(dict(request.headers), body, cluster.secret, method=request.method,
+                          target=_target(request), window_s=cluster.settings.auth_window_s,
+                          replay_guard=_replay_guard)
+
+
+def _is_loopback(request: Request[Any, Any, Any]) -> bool:
+    host = request.client.host if request.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bearer(request: Request[Any, Any, Any]) -> str | None:
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return request.headers.get("x-api-key")
+
+
+async def _admin_error(request: Request[Any, Any, Any], body: bytes) -> str | None:
+    cluster = _controller(request)
+    keys = cluster.settings.api_keys
+    if keys and _bearer(request) in keys:
+        return None
+    if cluster.secret:
+        if request.headers.get(HEADER_NODE):
+            return await _peer_error(request, body)
+        return "admin calls need an API key or the cluster secret"
+    if keys:
+        return "admin calls need an API key"
+    if _is_loopback(request) or _from_member(request):
+        return None
+    return "in open mode (no cluster secret), admin calls are accepted from loopback only"
+
+
+def _from_member(request: Request[Any, Any, Any]) -> bool:
+    """Open mode: a call forwarded by a cluster member, from that member's own address."""
+    node = request.headers.get(HEADER_NODE)
+    host = request.client.host if request.client else ""
+    profile = _controller(request).nodes().get(node or "")
+    return profile is not None and host in profile.addresses
+
+
+class InstanceRequest(msgspec.Struct, forbid_unknown_fields=True):
+    model: str
+    strategy: str = "auto"
+    nodes: list[str] | None = None
+    owner: str = "api"
+
+
+class ClusterApi(Controller):
+    path = "/cluster"
+    tags = ["Cluster"]
+
+    @get("", summary="Nodes, links, placements and runner states")
+    async def status(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
+        return _controller(request).status()
+
+    @get("/profile", summary="This node's profile (agent-to-agent)")
+    async def profile(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        problem = await _peer_error(request, b"")
+        if problem:
+            return _error(401, problem)
+        cluster = _controller(request)
+        reply = ProfileReply(cluster=cluster.cluster_name, boot_nonce=cluster.identity.boot_nonce,
+                             profile=cluster.profile())
+        body = reply.model_dump_json().encode()
+        return Response(body, media_type="application/json",
+                        headers=response_headers(cluster.secret, cluster.node_id, body,
+                                                 dict(request.headers)))
+
+    @post("/assignment", summary="The leader's placements (agent-to-agent)", status_code=200)
+    async def assignment(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        body = await request.body()
+        problem = await _peer_error(request, body)
+        if problem:
+            return _error(401, problem)
+        cluster = _controller(request)
+        try:
+            assignment = Assignment.model_validate_json(body)
+        except ValueError as exc:
+            return _error(400, f"bad assignment: {exc}")
+        taken = cluster.accept_assignment(assignment)
+        answer = msgspec.json.encode({"accepted": taken})
+        return Response(answer, media_type="application/json",
+                        headers=response_headers(cluster.secret, cluster.node_id, answer,
+                                                 dict(request.headers)))
+
+    @post("/generate", summary="Run a request on this node's head runner (agent-to-agent)",
+          status_code=200)
+    async def generate(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        body = await request.body()
+        problem = await _peer_error(request, body)
+        if problem:
+            return _error(401, problem)
+        try:
+            generation = msgspec.msgpack.decode(body, type=GenerationRequest)
+        except msgspec.DecodeError as exc:
+            return _error(400, f"bad request: {exc}")
+        cluster = _controller(request)
+        instance = cluster.engine.instances.get(canonical_name(generation.model))
+
+        async def events() -> AsyncIterator[bytes]:
+            if instance is None or not instance.runner.alive:
+                yield frame(Failed(id=generation.id, code="internal",
+                                   message=f"{generation.model} is not served on this node"))
+                return
+            stream = instance.runner.generate(generation)
+            try:
+                async for event in stream:
+                    yield frame(event)
+            finally:
+                await stream.aclose()
+
+        return Stream(events(), media_type="application/x-flock-events")
+
+    @post("/spec", summary="Deploy a cluster.toml (TOML body)", status_code=200)
+    async def spec(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        body = await request.body()
+        problem = await _admin_error(request, body)
+        if problem:
+            return _error(403 if "loopback" in problem else 401, problem)
+        cluster = _controller(request)
+        text = body.decode("utf-8", "replace")
+        if not cluster.is_leader:
+            try:
+                await cluster._send_spec_to_leader(text)
+            except PeerError as exc:
+                return _error(503, f"could not reach the leader: {exc}")
+        errors = cluster.propose_spec(text) if cluster.is_leader else _validate(text)
+        if errors:
+            return Response({"accepted": False, "errors": errors}, status_code=400)
+        return Response({"accepted": True, "leader": cluster.leader})
+
+    @post("/instances", summary="Place an instance of a model", status_code=201)
+    async def place(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        body = await request.body()
+        problem = await _admin_error(request, body)
+        if problem:
+            return _error(403 if "loopback" in problem else 401, problem)
+        try:
+            wanted = msgspec.json.decode(body, type=InstanceRequest)
+        except msgspec.DecodeError as exc:
+            return _error(400, f"bad request: {exc}")
+        if wanted.strategy not in ("auto", "pipeline", "tensor", "hybrid"):
+            return _error(400, f"unknown strategy {wanted.strategy!r}")
+        cluster = _controller(request)
+        if not any(canonical_name(wanted.model) in n.models for n in cluster.nodes().values()):
+            return _error(404, f"model '{wanted.model}' is in no node's store")
+        try:
+            instance_id = await cluster.request_instance(
+                wanted.model, strategy=wanted.strategy, nodes=wanted.nodes,
+                owner=wanted.owner if wanted.owner in ("api", "auto") else "api")
+        except PeerError as exc:
+            return _error(503, str(exc))
+        return Response({"instance_id": instance_id}, status_code=201)
+
+    @delete("/instances/{instance_id:str}", summary="Remove an API-placed instance",
+            status_code=200)
+    async def remove(self, request: Request[Any, Any, Any], instance_id: str) -> Response[Any]:
+        problem = await _admin_error(request, b"")
+        if problem:
+            return _error(403 if "loopback" in problem else 401, problem)
+        cluster = _controller(request)
+        try:
+            why = await cluster.remove_instance(instance_id)
+        except PeerError as exc:
+            return _error(503, str(exc))
+        if why == "not_found":
+            return _error(404, f"no instance {instance_id}")
+        if why == "spec":
+            return _error(409, f"{instance_id} is owned by cluster.toml; edit the spec instead")
+        if why is not None:
+            return _error(502, why)
+        return Response({"removed": instance_id})
+
+
+def _validate(text: str) -> list[str]:
+    from agent.spec import parse_spec
+
+    spec, errors = parse_spec(text)
+    return [] if spec is not None else [str(e) for e in errors]
