@@ -464,7 +464,7 @@ class ClusterController:
                         return self._remote(profile)
             elif not requested:
                 holders = [p for p in self.nodes().values() if name in p.models]
-                if not holders:
+                if not holders and not Path(name).is_dir():  # a local path serves here
                     raise ModelNotFound(name)
                 await self.request_instance(name, owner="auto")
                 requested = True

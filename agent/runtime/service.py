@@ -180,7 +180,7 @@ class LocalEngine:
 
     async def _load(self, name: str) -> Instance:
         model_dir = self.store.resolve(name)  # raises ModelNotFound
-        info = self.store.info(name) if not Path(name).exists() else _path_info(model_dir, name)
+        info = self._info(name, model_dir)
         tokenizer = await asyncio.to_thread(_load_tokenizer, model_dir)
         runner = self._new_runner(name, model_dir)
         started = time.perf_counter()
@@ -191,6 +191,9 @@ class LocalEngine:
                             runner=runner)
         self.instances[name] = instance
         return instance
+
+    def _info(self, name: str, model_dir: Path) -> ModelInfo:
+        return _path_info(model_dir, name) if Path(name).exists() else self.store.info(name)
 
     def _new_runner(self, name: str, model_dir: Path) -> RunnerProcess:
         s = self.settings
@@ -259,7 +262,7 @@ class LocalEngine:
         self.members[key] = runner
         await runner.start(timeout=config.startup_timeout_s)
         if config.role in ("solo", "head"):
-            info = self.store.info(model)
+            info = self._info(model, model_dir)
             tokenizer = await self.tokenizer(model)
             self.instances[model] = Instance(name=model, model_dir=model_dir, info=info,
                                              tokenizer=tokenizer, runner=runner)
