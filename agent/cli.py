@@ -195,6 +195,105 @@ def _cluster_nodes(url: str) -> list[dict[str, Any]]:
              "api_port": n["api_port"]} for n in data.get("nodes", [])]
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import httpx
+
+    try:
+        status = httpx.get(f"{args.url.rstrip('/')}/cluster", timeout=10).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        print(f"flock status: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    names = {n["node_id"]: n["name"] for n in status["nodes"]}
+    spec = status["spec"]
+    print(f"cluster {status['cluster']}  leader {names.get(status['leader'], status['leader'])}"
+          f"  spec generation {spec['generation']}"
+          + (f" (this node's file: {spec['local_file']})" if spec.get("local_file") else ""))
+    for error in spec.get("errors", []):
+        print(f"  spec error: {error}")
+    print(f"\n{'NODE':<14} {'STATUS':<8} {'VERSION':<8} {'SPEC':>4} {'RTT':>8}  "
+          f"{'MEMORY FREE':>12}  ADDRESS")
+    for n in status["nodes"]:
+        rtt = f"{n['rtt_ms']:.1f}ms" if n.get("rtt_ms") is not None else "-"
+        print(f"{n['name'][:14]:<14} {n['status']:<8} {n['version']:<8} "
+              f"{n['spec_generation']:>4} {rtt:>8}  "
+              f"{n['memory_available_bytes'] / 2**30:>9.1f}GiB  "
+              f"{(n['addresses'] or ['?'])[0]}:{n['api_port']}")
+    for n in status.get("incompatible", []):
+        print(f"  incompatible: {n}")
+    print()
+    for p in status["placements"]:
+        print(f"{p['instance_id']}  {p['model']}  {p['strategy']}  ({p['owner']})  {p['reason']}")
+        for stage in p["stages"]:
+            nodes = ", ".join(names.get(x, x[:8]) for x in stage["nodes"])
+            print(f"    layers {stage['layer_start']:>3}-{stage['layer_stop'] - 1:<3} on {nodes}")
+    for r in status["runners"]:
+        print(f"runner {r['key']} ({r['role']}, layers {r['layers']}): {r['state']} {r['detail']}")
+    for problem in status.get("problems", []):
+        print(f"problem: {problem['instance_id']}: {problem['message']}")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    import httpx
+
+    from agent.spec import validate_spec_file
+
+    errors = validate_spec_file(args.file)
+    if errors:
+        for error in errors:
+            print(f"{args.file}: {error}", file=sys.stderr)
+        return 1
+    response = httpx.post(f"{args.url.rstrip('/')}/cluster/spec", content=args.file.read_bytes(),
+                          timeout=30)
+    print(response.text)
+    return 0 if response.status_code == 200 else 1
+
+
+def cmd_spec(args: argparse.Namespace) -> int:
+    from agent.spec import dump_spec, spec_from_observed, validate_spec_file
+
+    if args.action == "validate":
+        errors = validate_spec_file(args.file)
+        for error in errors:
+            print(f"{args.file}: {error}")
+        if not errors:
+            print(f"{args.file}: valid")
+        return 1 if errors else 0
+    import httpx
+
+    from agent.cluster.state import NodeProfile, Placement
+
+    status = httpx.get(f"{args.url.rstrip('/')}/cluster", timeout=10).json()
+    fields = set(NodeProfile.model_fields)
+    nodes = [NodeProfile.model_validate({k: v for k, v in n.items() if k in fields})
+             for n in status["nodes"]]
+    placements = [Placement.model_validate({k: v for k, v in p.items()
+                                            if k in Placement.model_fields})
+                  for p in status["placements"]]
+    print(dump_spec(spec_from_observed(nodes, placements, cluster_name=status["cluster"])), end="")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from agent.cluster.auth import generate_secret
+
+    if args.file.exists() and not args.force:
+        print(f"flock init: {args.file} exists (use --force to overwrite)", file=sys.stderr)
+        return 1
+    secret_file = args.file.with_name("cluster.secret")
+    secret_file.write_text(generate_secret() + "\n")
+    secret_file.chmod(0o600)
+    args.file.write_text(
+        f'[cluster]\nname = "{args.name}"\nsecret_file = "{secret_file.name}"\n\n'
+        f'[[models]]\nmodel = "smollm2-135m"\nstrategy = "auto"\n')
+    print(f"wrote {args.file} and {secret_file} (copy both to every node; keep the secret "
+          "private)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
@@ -285,6 +384,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "print a Prometheus file_sd target list of every node of the cluster")
     prom.add_argument("what", choices=["targets"])
     prom.add_argument("--url", default="http://127.0.0.1:52415")
+
+    status = command("status", cmd_status, "show the cluster: nodes, placements, runners")
+    status.add_argument("--url", default="http://127.0.0.1:52415")
+    status.add_argument("--json", action="store_true")
+
+    apply = command("apply", cmd_apply, "deploy a cluster.toml to a running cluster")
+    apply.add_argument("file", type=Path)
+    apply.add_argument("--url", default="http://127.0.0.1:52415")
+
+    spec = command("spec", cmd_spec, "validate a cluster.toml, or export the running cluster")
+    spec.add_argument("action", choices=["validate", "export"])
+    spec.add_argument("file", type=Path, nargs="?", default=Path("cluster.toml"))
+    spec.add_argument("--url", default="http://127.0.0.1:52415")
+
+    init = command("init", cmd_init, "write a cluster.toml with a fresh cluster secret")
+    init.add_argument("file", type=Path, nargs="?", default=Path("cluster.toml"))
+    init.add_argument("--name", default="flock")
+    init.add_argument("--force", action="store_true")
 
     demo = command("demo", cmd_demo,
                    "pull the default model, start a node, stream a chat answer")

@@ -445,6 +445,12 @@ class ClusterController:
         local = [p for p in found if p.head_node == self.node_id]
         return (local or found or [None])[0]
 
+    def _spec_wants(self, model: str) -> bool:
+        """The spec already asks for this model: wait for its placement, add no other."""
+        spec = self.assignment.spec
+        return spec is not None and any(canonical_name(m.model) == model
+                                        for m in spec.spec.models)
+
     async def route(self, model: str) -> RemoteStream | None:
         name = canonical_name(model)
         deadline = time.monotonic() + self.settings.placement_wait_s
@@ -462,7 +468,7 @@ class ClusterController:
                     profile = self.nodes().get(head)
                     if profile is not None and profile.addresses:
                         return self._remote(profile)
-            elif not requested:
+            elif not requested and not self._spec_wants(name):
                 holders = [p for p in self.nodes().values() if name in p.models]
                 if not holders and not Path(name).is_dir():  # a local path serves here
                     raise ModelNotFound(name)
