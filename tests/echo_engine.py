@@ -5,6 +5,9 @@ tests only (wire shapes, error formats, event order, validation). It is not a mo
 Markers in the prompt steer it: "[overloaded]" / "[bad_request]" / "[not_found]" fail up front,
 "[break]" fails after a few tokens, "[crash]" raises mid-stream, "[slow]" repeats the reply
 slowly until max_tokens (to test cancellation), "TEMPLATE_ERROR" makes the chat template refuse.
+Its tool format is `tool_format_name` ("hermes" unless a test sets another: its template
+ignores `tools`, which keeps prompts inside the echo model's small context), so a user turn
+holding a call in that format comes back as a call.
 
 `running_server` serves an app with a real uvicorn server on a free loopback port.
 """
@@ -32,6 +35,7 @@ from agent.generation import (
     TopLogprob,
     Usage,
 )
+from agent.tools.types import ToolFormat
 
 ECHO_MODEL = ModelInfo(
     name="echo",
@@ -88,6 +92,8 @@ class EchoEngine:
         self.closed: list[str] = []
         self.cancelled: list[str] = []
         self.pulled: list[str] = []
+        self.tool_format_name: ToolFormat = "hermes"
+        self.rendered_tools: list[list[dict[str, Any]] | None] = []  # `tools` of each render
 
     def list_models(self) -> list[ModelInfo]:
         return [ECHO_MODEL]
@@ -105,7 +111,12 @@ class EchoEngine:
         self.get_model(model)
         if any("TEMPLATE_ERROR" in m.content for m in messages):
             raise ValueError("Conversation roles must alternate user/assistant")
+        self.rendered_tools.append(tools)
         return encode(render(messages))
+
+    async def tool_format(self, model: str) -> ToolFormat:
+        self.get_model(model)
+        return self.tool_format_name
 
     async def tokenize(self, model: str, text: str) -> list[int]:
         self.get_model(model)

@@ -93,9 +93,6 @@ def test_image_part_is_rejected_naming_the_part() -> None:
 
 @pytest.mark.parametrize(("fields", "param"), [
     ({"n": 2}, "n"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"logit_bias": {"1": 5}}, "logit_bias"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"messages": []}, "messages"),
@@ -115,8 +112,8 @@ def test_neutral_forms_of_unimplemented_fields_are_accepted() -> None:
     ))
 
 
-def test_tool_messages_are_rejected() -> None:
-    req = chat_request(messages=[{"role": "tool", "content": "42", "tool_call_id": "c1"}])
+def test_deprecated_function_messages_are_rejected() -> None:
+    req = chat_request(messages=[{"role": "function", "content": "42", "name": "f"}])
     with pytest.raises(ApiError) as err:
         oai.chat_messages(req.messages)
     assert err.value.param == "messages[0].role"

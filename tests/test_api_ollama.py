@@ -135,7 +135,8 @@ def test_empty_prompt_or_messages_just_load_the_model(server: Server) -> None:
 
 @pytest.mark.parametrize(("path", "body", "needle"), [
     ("/api/chat", {"options": {"mirostat": 2}}, "options.mirostat"),
-    ("/api/chat", {"format": "json"}, "format"),
+    ("/api/chat", {"format": "yaml"}, "format"),
+    ("/api/chat", {"format": {"type": "object", "required": 3}}, "format"),
     ("/api/chat", {"think": True}, "think"),
     ("/api/chat", {"tools": [{"type": "function"}]}, "tools"),
     ("/api/chat", {"messages": [{"role": "user", "content": "x", "images": ["aGk="]}]},

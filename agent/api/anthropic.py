@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from litestar import Controller, Response, post
 from litestar.params import JSONBody
@@ -21,16 +22,19 @@ from agent.api.anthropic_schema import (
     CountTokensRequest,
     CountTokensResponse,
     DeltaUsage,
+    InputJsonDelta,
     MessageDelta,
     MessageDeltaBody,
     MessageOut,
     MessagesRequest,
     MessageStart,
     MessageStop,
+    OutBlock,
     Ping,
     StopReason,
     TextBlock,
     TextDelta,
+    ToolUseBlock,
     UsageOut,
 )
 from agent.api.common import (
@@ -40,7 +44,6 @@ from agent.api.common import (
     collect,
     completion_budget,
     join_text,
-    render_chat,
     request_id,
     resolve_model,
     start_stream,
@@ -56,7 +59,18 @@ from agent.api.errors import (
     unsupported_field,
 )
 from agent.api.sse import SSE_MEDIA_TYPE, ClosingStream, aclose, sse_event
-from agent.engine import ChatMessage
+from agent.api.tools import (
+    ToolPlan,
+    check_choice,
+    check_schema,
+    check_unique,
+    needs_plan,
+    new_call_id,
+    render_with_tools,
+    tool_plan,
+    tool_spec,
+)
+from agent.engine import ChatMessage, Engine
 from agent.generation import (
     Failed,
     Finished,
@@ -66,6 +80,7 @@ from agent.generation import (
     TokenChunk,
     Usage,
 )
+from agent.tools.types import ToolCall, ToolChoice, ToolSpec
 
 DEFAULT_TEMPERATURE = 1.0
 
@@ -89,16 +104,10 @@ def check_conversation(req: MessagesRequest | CountTokensRequest) -> None:
     """Reject what flock accepts only in its neutral form, naming the field."""
     if not req.messages:
         raise invalid("'messages' must contain at least one message.", param="messages")
-    if req.tools:
-        raise unsupported_field("tools", "(tool use) is not supported yet")
-    if req.tool_choice is not None and req.tool_choice.get("type") not in ("auto", "none"):
-        raise unsupported_field("tool_choice", "(tool use) is not supported yet")
     if req.thinking is not None and req.thinking.get("type") != "disabled":
         raise unsupported_field("thinking", "(extended thinking) is not supported")
     if req.output_config is not None and req.output_config.effort is not None:
         raise unsupported_field("output_config.effort", "is not supported")
-    if req.output_config is not None and req.output_config.format is not None:
-        raise unsupported_field("output_config.format", "(structured output) is not supported yet")
     if isinstance(req, MessagesRequest) and req.container is not None:
         raise unsupported_field("container", "(code execution) is not supported")
     if req.messages[-1].role == "assistant":
@@ -107,16 +116,125 @@ def check_conversation(req: MessagesRequest | CountTokensRequest) -> None:
                       param=f"messages[{len(req.messages) - 1}]")
 
 
+def message_tools(req: MessagesRequest | CountTokensRequest) -> list[ToolSpec]:
+    """The request's client tools, checked; Anthropic's server tools are not available."""
+    tools = []
+    for i, tool in enumerate(req.tools or []):
+        where = f"tools[{i}]"
+        if tool.get("type", "custom") != "custom":
+            raise invalid(f"Tool type '{tool.get('type')}' (a server tool) is not supported; "
+                          "only client tools with an 'input_schema' are.", param=f"{where}.type")
+        if "input_schema" not in tool:
+            raise invalid(f"'{where}.input_schema' is required.", param=f"{where}.input_schema")
+        tools.append(tool_spec(tool.get("name"), tool.get("description"),
+                               tool.get("input_schema"), where, "input_schema"))
+    check_unique(tools)
+    return tools
+
+
+def message_tool_choice(req: MessagesRequest | CountTokensRequest,
+                        tools: list[ToolSpec]) -> ToolChoice:
+    choice = req.tool_choice or {"type": "auto"}
+    parallel = not choice.get("disable_parallel_tool_use", False)
+    kind = choice.get("type")
+    modes = {"auto": "auto", "any": "required", "none": "none", "tool": "named"}
+    if kind not in modes:
+        raise invalid("'tool_choice.type' must be 'auto', 'any', 'tool' or 'none'.",
+                      param="tool_choice.type")
+    if kind == "tool" and not isinstance(choice.get("name"), str):
+        raise invalid("'tool_choice.name' is required for type 'tool'.", param="tool_choice.name")
+    result = ToolChoice(mode=modes[kind], name=choice.get("name"),  # type: ignore[arg-type]
+                        parallel=parallel and kind != "tool")
+    check_choice(result, tools, "tool_choice")
+    return result
+
+
+def output_schema(req: MessagesRequest | CountTokensRequest) -> dict[str, Any] | None:
+    """The JSON schema `output_config.format` asks the reply to follow; None for free text."""
+    fmt = req.output_config.format if req.output_config is not None else None
+    if fmt is None:
+        return None
+    if fmt.get("type") != "json_schema":
+        raise invalid("'output_config.format.type' must be 'json_schema'.",
+                      param="output_config.format.type")
+    return check_schema(fmt.get("schema"), "output_config.format.schema")
+
+
+def _tool_result_text(block: ContentBlockIn, where: str) -> str:
+    content = block.content
+    if content is None or isinstance(content, str):
+        text = content or ""
+    else:
+        parts = []
+        for k, part in enumerate(content):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise invalid(f"Tool result blocks of type '{part.get('type')}' are not "
+                              "supported; only 'text' is.", param=f"{where}.content[{k}]")
+            parts.append(part["text"])
+        text = join_text(parts)
+    return f"Error: {text}" if block.is_error else text
+
+
+def _turn(role: str, blocks: str | list[ContentBlockIn], where: str,
+          names: dict[str, str]) -> list[ChatMessage]:
+    """One Anthropic turn as template messages: tool results become `tool` messages (before
+    the user's text), tool_use blocks become the assistant's `tool_calls`."""
+    if isinstance(blocks, str):
+        return [ChatMessage(role=role, content=blocks)]
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    results: list[ChatMessage] = []
+    for j, block in enumerate(blocks):
+        at = f"{where}[{j}]"
+        if block.type == "text" and block.text is not None:
+            texts.append(block.text)
+        elif block.type == "tool_use" and role == "assistant":
+            if not isinstance(block.name, str) or not isinstance(block.input, dict):
+                raise invalid(f"'{at}' needs a 'name' and an object 'input'.", param=at)
+            calls.append(ToolCall(name=block.name, arguments=block.input,
+                                  id=block.id or "").as_template_call())
+            if block.id:
+                names[block.id] = block.name
+        elif block.type == "tool_result" and role == "user":
+            if not block.tool_use_id:
+                raise invalid(f"'{at}.tool_use_id' is required.", param=f"{at}.tool_use_id")
+            results.append(ChatMessage(role="tool", content=_tool_result_text(block, at),
+                                       tool_call_id=block.tool_use_id,
+                                       name=names.get(block.tool_use_id)))
+        else:
+            raise invalid(f"Content block type '{block.type}' is not supported in a "
+                          f"{role} turn.", param=at)
+    turn = results
+    if texts or calls or not results:
+        turn.append(ChatMessage(role=role, content=join_text(texts), tool_calls=calls or None))
+    return turn
+
+
 def chat_messages(req: MessagesRequest | CountTokensRequest) -> list[ChatMessage]:
     out = []
     if req.system is not None:
         system = _blocks_text(req.system, "system")
         if system:
             out.append(ChatMessage(role="system", content=system))
+    names: dict[str, str] = {}  # tool_use id -> tool name
     for i, message in enumerate(req.messages):
-        where = f"messages[{i}].content"
-        out.append(ChatMessage(role=message.role, content=_blocks_text(message.content, where)))
+        out.extend(_turn(message.role, message.content, f"messages[{i}].content", names))
     return out
+
+
+async def prompt_for(engine: Engine, model: str, req: MessagesRequest | CountTokensRequest,
+                     ) -> tuple[list[int], ToolPlan | None, dict[str, Any] | None]:
+    """(prompt tokens, tool plan, output schema) for a conversation."""
+    tools = message_tools(req)
+    choice = message_tool_choice(req, tools)
+    schema = output_schema(req)
+    messages = chat_messages(req)
+    plan = None
+    if needs_plan(tools, messages):
+        if schema is not None and not choice.forced:
+            choice = ToolChoice(mode="none")  # the reply must be the requested JSON
+        plan = await tool_plan(engine, model, tools, choice)
+    return await render_with_tools(engine, model, messages, plan), plan, schema
 
 
 def sampling_params(req: MessagesRequest, max_tokens: int) -> SamplingParams:
@@ -132,7 +250,9 @@ def sampling_params(req: MessagesRequest, max_tokens: int) -> SamplingParams:
 # --- responses (pure) -----------------------------------------------------------------------
 
 
-def stop_reason(finished: Finished) -> tuple[StopReason, str | None]:
+def stop_reason(finished: Finished, called: bool = False) -> tuple[StopReason, str | None]:
+    if called:
+        return "tool_use", None
     if finished.reason == "length":
         return "max_tokens", None
     if finished.stop_sequence is not None:
@@ -145,21 +265,84 @@ class ResponseMeta:
     id: str
     model: str
     input_tokens: int
+    tools: ToolPlan | None = None  # set when the output may hold tool calls
+
+
+def tool_use_block(call: ToolCall, meta: ResponseMeta) -> ToolUseBlock:
+    fmt = meta.tools.fmt if meta.tools else "default"
+    return ToolUseBlock(id=new_call_id("toolu_", fmt), name=call.name, input=call.arguments)
 
 
 def message_out(result: Collected, meta: ResponseMeta) -> MessageOut:
-    reason, sequence = stop_reason(result.finished)
+    content: list[OutBlock] = [TextBlock(text=result.text)] if result.text else []
+    called = False
+    if meta.tools is not None:
+        parsed = meta.tools.parse(result.text)
+        called = bool(parsed.calls)
+        # Blocks in output order, as the stream opens them.
+        content = [TextBlock(text=p) if isinstance(p, str) else tool_use_block(p, meta)
+                   for p in parsed.pieces]
+    reason, sequence = stop_reason(result.finished, called)
     usage = result.finished.usage
     return MessageOut(
-        id=meta.id, content=[TextBlock(text=result.text)] if result.text else [],
+        id=meta.id, content=content,
         model=meta.model,
         stop_reason=reason, stop_sequence=sequence,
         usage=UsageOut(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens),
     )
 
 
+class _Blocks:
+    """Content blocks of a streamed message with tools, opened as output arrives: text goes
+    to an open text block (opened on demand), each call is a whole tool_use block."""
+
+    def __init__(self, meta: ResponseMeta) -> None:
+        self.meta = meta
+        self.count = 0
+        self.text_open = False
+        self.called = False
+
+    def _close_text(self) -> list[bytes]:
+        if not self.text_open:
+            return []
+        self.text_open = False
+        return [sse_event("content_block_stop", ContentBlockStop(index=self.count - 1))]
+
+    def pieces(self, pieces: list[str | ToolCall]) -> list[bytes]:
+        out = []
+        for piece in pieces:
+            if isinstance(piece, str):
+                if not self.text_open:
+                    out.append(sse_event("content_block_start", ContentBlockStart(
+                        index=self.count, content_block=TextBlock(text=""))))
+                    self.text_open = True
+                    self.count += 1
+                out.append(sse_event("content_block_delta", ContentBlockDelta(
+                    index=self.count - 1, delta=TextDelta(text=piece))))
+                continue
+            out.extend(self._close_text())
+            block = tool_use_block(piece, self.meta)
+            index = self.count
+            self.count += 1
+            self.called = True
+            out.append(sse_event("content_block_start", ContentBlockStart(
+                index=index, content_block=ToolUseBlock(id=block.id, name=block.name,
+                                                        input={}))))
+            out.append(sse_event("content_block_delta", ContentBlockDelta(
+                index=index, delta=InputJsonDelta(partial_json=piece.arguments_json))))
+            out.append(sse_event("content_block_stop", ContentBlockStop(index=index)))
+        return out
+
+    def close(self) -> list[bytes]:
+        return self._close_text()
+
+
 async def message_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
                       ) -> AsyncGenerator[bytes, None]:
+    if meta.tools is not None:
+        async for data in _tool_message_sse(events, meta):
+            yield data
+        return
     try:
         yield sse_event("message_start", MessageStart(message=MessageOut(
             id=meta.id, content=[], model=meta.model, stop_reason=None, stop_sequence=None,
@@ -178,6 +361,43 @@ async def message_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta
             else:
                 reason, sequence = stop_reason(event)
                 yield sse_event("content_block_stop", ContentBlockStop(index=0))
+                yield sse_event("message_delta", MessageDelta(
+                    delta=MessageDeltaBody(stop_reason=reason, stop_sequence=sequence),
+                    usage=DeltaUsage(output_tokens=event.usage.completion_tokens)))
+                yield sse_event("message_stop", MessageStop())
+                return
+        yield sse_event("error", anthropic_error_body(
+            ApiError("internal", "The generation ended without finishing.")))
+    except Exception as exc:  # the status line is sent: report a broken engine in-band
+        yield sse_event("error", anthropic_error_body(to_api_error(exc)))
+    finally:
+        await aclose(events)
+
+
+async def _tool_message_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
+                            ) -> AsyncGenerator[bytes, None]:
+    """The event sequence when the output may hold calls: text that may begin a call is held
+    back until decided; blocks open as their content arrives."""
+    assert meta.tools is not None
+    calls = meta.tools.stream()
+    assert calls is not None
+    blocks = _Blocks(meta)
+    try:
+        yield sse_event("message_start", MessageStart(message=MessageOut(
+            id=meta.id, content=[], model=meta.model, stop_reason=None, stop_sequence=None,
+            usage=UsageOut(input_tokens=meta.input_tokens, output_tokens=0))))
+        yield sse_event("ping", Ping())
+        async for event in events:
+            if isinstance(event, TokenChunk):
+                for data in blocks.pieces(calls.feed(event.text)):
+                    yield data
+            elif isinstance(event, Failed):
+                yield sse_event("error", anthropic_error_body(from_failed(event)))
+                return
+            else:
+                for data in blocks.pieces(calls.finish()) + blocks.close():
+                    yield data
+                reason, sequence = stop_reason(event, blocks.called)
                 yield sse_event("message_delta", MessageDelta(
                     delta=MessageDeltaBody(stop_reason=reason, stop_sequence=sequence),
                     usage=DeltaUsage(output_tokens=event.usage.completion_tokens)))
@@ -220,15 +440,18 @@ class AnthropicController(Controller):
         check_conversation(data)
         engine = services.engine
         info = resolve_model(engine, data.model)
-        prompt = await render_chat(engine, info.name, chat_messages(data))
+        prompt, plan, schema = await prompt_for(engine, info.name, data)
         max_tokens = completion_budget(info, len(prompt), data.max_tokens,
                                        services.settings.max_tokens_default)
         rid = request_id()
-        meta = ResponseMeta(id=f"msg_{rid}", model=info.name, input_tokens=len(prompt))
+        meta = ResponseMeta(id=f"msg_{rid}", model=info.name, input_tokens=len(prompt),
+                            tools=plan if plan is not None and plan.parses else None)
         if data.max_tokens == 0:
             return _nothing_to_generate(rid, meta, bool(data.stream))
+        grammar = plan.grammar() if plan is not None else None
         generation = GenerationRequest(id=rid, model=info.name, prompt_tokens=prompt,
-                                       sampling=sampling_params(data, max_tokens))
+                                       sampling=sampling_params(data, max_tokens),
+                                       json_schema=None if grammar else schema, grammar=grammar)
         if data.stream:
             events = await start_stream(request, services, "anthropic", generation)
             return ClosingStream(message_sse(events, meta), media_type=SSE_MEDIA_TYPE)
@@ -240,5 +463,5 @@ class AnthropicController(Controller):
                            ) -> CountTokensResponse:
         check_conversation(data)
         info = resolve_model(services.engine, data.model)
-        prompt = await render_chat(services.engine, info.name, chat_messages(data))
+        prompt, _, _ = await prompt_for(services.engine, info.name, data)
         return CountTokensResponse(input_tokens=len(prompt))

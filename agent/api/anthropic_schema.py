@@ -14,10 +14,19 @@ Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 
 
 class ContentBlockIn(Struct, kw_only=True):
-    """A content block; blocks other than text are rejected by type in the adapter."""
+    """A content block: text, tool_use (assistant) or tool_result (user); other types are
+    rejected by the adapter."""
 
     type: str
     text: str | None = None
+    # tool_use
+    id: str | None = None
+    name: str | None = None
+    input: Any = None
+    # tool_result: its content is a string or a list of (text) blocks
+    tool_use_id: str | None = None
+    content: str | list[dict[str, Any]] | None = None
+    is_error: bool | None = None
     # Prompt-caching hints and citations change nothing about what flock generates.
     cache_control: dict[str, Any] | None = None
     citations: list[dict[str, Any]] | None = None
@@ -75,9 +84,17 @@ class CountTokensRequest(_ConversationFields, kw_only=True, forbid_unknown_field
 # --- responses ------------------------------------------------------------------------------
 
 
-class TextBlock(Struct, kw_only=True):
-    type: Literal["text"] = "text"
+class TextBlock(Struct, kw_only=True, tag_field="type", tag="text"):
     text: str
+
+
+class ToolUseBlock(Struct, kw_only=True, tag_field="type", tag="tool_use"):
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+OutBlock = TextBlock | ToolUseBlock
 
 
 class UsageOut(Struct, kw_only=True):
@@ -87,14 +104,14 @@ class UsageOut(Struct, kw_only=True):
     cache_read_input_tokens: int | None = None
 
 
-StopReason = Literal["end_turn", "max_tokens", "stop_sequence"]
+StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
 
 
 class MessageOut(Struct, kw_only=True):
     id: str
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
-    content: list[TextBlock]
+    content: list[OutBlock]
     model: str
     stop_reason: StopReason | None
     stop_sequence: str | None
@@ -113,22 +130,27 @@ class MessageStart(Struct, kw_only=True):
 class ContentBlockStart(Struct, kw_only=True):
     type: Literal["content_block_start"] = "content_block_start"
     index: int
-    content_block: TextBlock
+    content_block: OutBlock
 
 
 class Ping(Struct, kw_only=True):
     type: Literal["ping"] = "ping"
 
 
-class TextDelta(Struct, kw_only=True):
-    type: Literal["text_delta"] = "text_delta"
+class TextDelta(Struct, kw_only=True, tag_field="type", tag="text_delta"):
     text: str
+
+
+class InputJsonDelta(Struct, kw_only=True, tag_field="type", tag="input_json_delta"):
+    """A piece of a tool_use block's input, as JSON text to be concatenated."""
+
+    partial_json: str
 
 
 class ContentBlockDelta(Struct, kw_only=True):
     type: Literal["content_block_delta"] = "content_block_delta"
     index: int
-    delta: TextDelta
+    delta: TextDelta | InputJsonDelta
 
 
 class ContentBlockStop(Struct, kw_only=True):

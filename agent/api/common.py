@@ -75,9 +75,10 @@ def _template_errors() -> tuple[type[BaseException], ...]:
 _TEMPLATE_ERRORS = _template_errors()
 
 
-async def render_chat(engine: Engine, model: str, messages: list[ChatMessage]) -> list[int]:
+async def render_chat(engine: Engine, model: str, messages: list[ChatMessage],
+                      tools: list[dict[str, Any]] | None = None) -> list[int]:
     try:
-        return await engine.render_chat(model, messages)
+        return await engine.render_chat(model, messages, tools)
     except ModelNotFound:
         raise model_not_found(model) from None
     except _TEMPLATE_ERRORS as exc:

@@ -49,6 +49,7 @@ from agent.api.ollama_schema import (
     AssistantMessageOut,
     ChatRequest,
     ChatResponse,
+    FunctionCallOut,
     GenerateRequest,
     GenerateResponse,
     LogprobOut,
@@ -63,10 +64,21 @@ from agent.api.ollama_schema import (
     ShowResponse,
     TagModel,
     TagsResponse,
+    ToolCallOut,
     TopLogprobOut,
     VersionResponse,
 )
 from agent.api.sse import NDJSON_MEDIA_TYPE, ClosingStream, aclose, ndjson_line, until_disconnect
+from agent.api.tools import (
+    ToolPlan,
+    check_schema,
+    check_unique,
+    json_mode_schema,
+    needs_plan,
+    render_with_tools,
+    tool_plan,
+    tool_spec,
+)
 from agent.engine import ChatMessage, ModelInfo, ModelNotFound
 from agent.generation import (
     Failed,
@@ -77,6 +89,7 @@ from agent.generation import (
     TokenChunk,
     TokenLogprob,
 )
+from agent.tools.types import ToolCall, ToolChoice, ToolSpec
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +101,6 @@ DEFAULT_TEMPERATURE = 0.8
 
 def check_generation_fields(req: ChatRequest | GenerateRequest) -> None:
     """Reject what flock accepts only in its neutral form, naming the field."""
-    if req.format not in (None, ""):
-        raise unsupported_field("format", "(structured output) is not supported yet")
     if req.think not in (None, False):
         raise unsupported_field("think", "(thinking) is not supported")
     if req.top_logprobs and not req.logprobs:
@@ -98,8 +109,41 @@ def check_generation_fields(req: ChatRequest | GenerateRequest) -> None:
 
 def check_chat_request(req: ChatRequest) -> None:
     check_generation_fields(req)
-    if req.tools:
-        raise unsupported_field("tools", "(tool calling) is not supported yet")
+
+
+def output_schema(req: ChatRequest | GenerateRequest) -> dict[str, Any] | None:
+    """`format`: "json" for any JSON object, or a JSON schema; None (or "") for free text."""
+    if req.format in (None, ""):
+        return None
+    if req.format == "json":
+        return json_mode_schema()
+    if isinstance(req.format, str):
+        raise invalid(f"'format' must be \"json\" or a JSON schema, not {req.format!r}.",
+                      param="format")
+    return check_schema(req.format, "format")
+
+
+def chat_tools(req: ChatRequest) -> list[ToolSpec]:
+    tools = []
+    for i, tool in enumerate(req.tools or []):
+        where = f"tools[{i}]"
+        function = tool.get("function")
+        if tool.get("type", "function") != "function" or not isinstance(function, dict):
+            raise invalid(f"'{where}' must be {{\"type\": \"function\", \"function\": {{...}}}}.",
+                          param=where)
+        tools.append(tool_spec(function.get("name"), function.get("description"),
+                               _drop_nulls(function.get("parameters")), f"{where}.function"))
+    check_unique(tools)
+    return tools
+
+
+def _drop_nulls(value: Any) -> Any:
+    """Ollama clients may send unset schema keywords as null ("enum": null)."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
 
 
 def check_generate_request(req: GenerateRequest) -> None:
@@ -118,18 +162,42 @@ def check_generate_request(req: GenerateRequest) -> None:
                       param="system")
 
 
+def _history_calls(message: MessageIn, where: str) -> list[dict[str, Any]]:
+    calls = []
+    for j, call in enumerate(message.tool_calls or []):
+        at = f"{where}.tool_calls[{j}].function"
+        function = call.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise invalid(f"'{at}.name' is required.", param=f"{at}.name")
+        arguments = function.get("arguments") or {}
+        if not isinstance(arguments, dict):
+            raise invalid(f"'{at}.arguments' must be an object.", param=f"{at}.arguments")
+        calls.append(ToolCall(name=function["name"], arguments=arguments,
+                              id=str(call.get("id") or "")).as_template_call())
+    return calls
+
+
 def chat_messages(messages: list[MessageIn]) -> list[ChatMessage]:
     out = []
+    last_calls: list[str] = []  # the names the latest assistant turn called, for its results
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
-        if message.role == "tool" or message.tool_calls or message.tool_name:
-            field = f"{where}.role" if message.role == "tool" else f"{where}.tool_calls"
-            raise unsupported_field(field, "(tool calling) is not supported yet")
         if message.images:
             raise unsupported_field(f"{where}.images", "(image input) is not supported")
+        if message.tool_calls and message.role != "assistant":
+            raise invalid(f"'{where}.tool_calls' belongs only to role 'assistant'.",
+                          param=f"{where}.tool_calls")
+        if message.role == "tool":
+            # Older clients send no tool_name; a lone call's result can only be for it.
+            name = message.tool_name or (last_calls[0] if len(last_calls) == 1 else None)
+            out.append(ChatMessage(role="tool", content=message.content, name=name))
+            continue
+        calls = _history_calls(message, where) if message.tool_calls else None
+        if calls:
+            last_calls = [c["function"]["name"] for c in calls]
         # `thinking` of a replayed assistant turn is left out, as Ollama does for templates
         # without a thinking section.
-        out.append(ChatMessage(role=message.role, content=message.content))
+        out.append(ChatMessage(role=message.role, content=message.content, tool_calls=calls))
     return out
 
 
@@ -226,14 +294,28 @@ class ResponseMeta:
     chat: bool  # /api/chat wraps text in a message, /api/generate in `response`
     logprobs: bool
     timing: Timing
+    tools: ToolPlan | None = None  # set when the output may hold tool calls
+
+
+def assistant_message(text: str, calls: list[ToolCall], first_index: int = 0,
+                      ) -> AssistantMessageOut:
+    message = AssistantMessageOut(content=text)
+    if calls:
+        message.tool_calls = [
+            ToolCallOut(function=FunctionCallOut(name=c.name, arguments=c.arguments,
+                                                 index=first_index + k))
+            for k, c in enumerate(calls)
+        ]
+    return message
 
 
 def partial_response(meta: ResponseMeta, text: str, logprobs: list[TokenLogprob] | None,
+                     calls: list[ToolCall] | None = None, first_index: int = 0,
                      ) -> ChatResponse | GenerateResponse:
     lp = logprobs_out(logprobs) if meta.logprobs and logprobs else None
     if meta.chat:
         return ChatResponse(model=meta.model, created_at=timestamp(), done=False, logprobs=lp,
-                            message=AssistantMessageOut(content=text))
+                            message=assistant_message(text, calls or [], first_index))
     return GenerateResponse(model=meta.model, created_at=timestamp(), done=False, logprobs=lp,
                             response=text)
 
@@ -257,7 +339,11 @@ def final_response(meta: ResponseMeta, finished: Finished, text: str = "",
         "logprobs": logprobs_out(logprobs) if meta.logprobs and logprobs else None,
     }
     if meta.chat:
-        return ChatResponse(**stats, message=AssistantMessageOut(content=text))
+        calls: list[ToolCall] = []
+        if meta.tools is not None:
+            parsed = meta.tools.parse(text)
+            text, calls = parsed.text, parsed.calls
+        return ChatResponse(**stats, message=assistant_message(text, calls))
     return GenerateResponse(**stats, response=text)
 
 
@@ -272,15 +358,41 @@ def load_response(model: str, chat: bool) -> ChatResponse | GenerateResponse:
 
 async def generation_ndjson(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
                             ) -> AsyncGenerator[bytes, None]:
+    # With tools, text that may begin a call is held back until decided; a call goes out as a
+    # chunk of its own with empty content, as Ollama streams them.
+    calls = meta.tools.stream() if meta.tools is not None else None
+    called = 0
+
+    def pieces_out(pieces: list[str | ToolCall], logprobs: list[TokenLogprob] | None,
+                   ) -> list[bytes]:
+        nonlocal called
+        out = []
+        for piece in pieces:
+            if isinstance(piece, str):
+                out.append(ndjson_line(partial_response(meta, piece, logprobs)))
+            else:
+                out.append(ndjson_line(partial_response(meta, "", logprobs, [piece], called)))
+                called += 1
+            logprobs = None
+        if meta.logprobs and logprobs:
+            out.append(ndjson_line(partial_response(meta, "", logprobs)))
+        return out
+
     try:
         async for event in events:
             if isinstance(event, TokenChunk):
-                if event.text or (meta.logprobs and event.logprobs):
+                if calls is not None:
+                    for data in pieces_out(calls.feed(event.text), event.logprobs):
+                        yield data
+                elif event.text or (meta.logprobs and event.logprobs):
                     yield ndjson_line(partial_response(meta, event.text, event.logprobs))
             elif isinstance(event, Failed):
                 yield ndjson_line(ollama_error_body(from_failed(event)))
                 return
             else:
+                if calls is not None:
+                    for data in pieces_out(calls.finish(), None):
+                        yield data
                 meta.timing.finished_ns = time.monotonic_ns()
                 yield ndjson_line(final_response(meta, event))
                 return
@@ -294,15 +406,17 @@ async def generation_ndjson(events: AsyncIterator[GenerationEvent], meta: Respon
 
 async def _run(request: AnyRequest, services: Services, info: ModelInfo,
                req: ChatRequest | GenerateRequest, prompt: list[int], timing: Timing,
-               window: int) -> Response[Any]:
+               window: int, plan: ToolPlan | None = None) -> Response[Any]:
     max_tokens = completion_budget(
         info, len(prompt), requested_tokens(req.options, window),
         services.settings.max_tokens_default, context=window,
         prompt_param="messages" if isinstance(req, ChatRequest) else "prompt")
     generation = GenerationRequest(id=request_id(), model=info.name, prompt_tokens=prompt,
-                                   sampling=sampling_params(req, max_tokens, window))
+                                   sampling=sampling_params(req, max_tokens, window),
+                                   json_schema=output_schema(req))
     meta = ResponseMeta(model=info.name, chat=isinstance(req, ChatRequest),
-                        logprobs=bool(req.logprobs), timing=timing)
+                        logprobs=bool(req.logprobs), timing=timing,
+                        tools=plan if plan is not None and plan.parses else None)
     if req.stream:
         events = await start_stream(request, services, "ollama", generation, timing)
         return ClosingStream(generation_ndjson(events, meta), media_type=NDJSON_MEDIA_TYPE)
@@ -360,8 +474,16 @@ class OllamaController(Controller):
         window = context_window(data.options, info)
         if not data.messages:
             return Response(load_response(info.name, chat=True))
-        prompt = await render_chat(services.engine, info.name, chat_messages(data.messages))
-        return await _run(request, services, info, data, prompt, timing, window)
+        tools = chat_tools(data)
+        messages = chat_messages(data.messages)
+        plan = None
+        if needs_plan(tools, messages):
+            # Ollama has no tool_choice: the model decides, unless `format` asks for JSON,
+            # which a call could not be.
+            choice = ToolChoice(mode="none" if output_schema(data) is not None else "auto")
+            plan = await tool_plan(services.engine, info.name, tools, choice)
+        prompt = await render_with_tools(services.engine, info.name, messages, plan)
+        return await _run(request, services, info, data, prompt, timing, window, plan)
 
     @post("/generate", status_code=200, summary="Generate a completion")
     async def generate(self, request: AnyRequest, services: ServicesDep,
@@ -401,7 +523,8 @@ class OllamaController(Controller):
                 "general.parameter_count": info.parameters,
                 f"{info.architecture}.context_length": info.context_length,
             },
-            capabilities=["completion"],
+            # Every model can call tools: through its own template, or flock's default format.
+            capabilities=["completion", "tools"],
             modified_at=timestamp(info.modified_at),
         )
 

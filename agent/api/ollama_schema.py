@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from msgspec import Meta, Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 
@@ -98,9 +98,20 @@ class LogprobOut(Struct, kw_only=True):
     top_logprobs: list[TopLogprobOut] | None = None
 
 
+class FunctionCallOut(Struct, kw_only=True):
+    name: str
+    arguments: dict[str, Any]
+    index: int
+
+
+class ToolCallOut(Struct, kw_only=True):
+    function: FunctionCallOut
+
+
 class AssistantMessageOut(Struct, kw_only=True):
     role: Literal["assistant"] = "assistant"
     content: str
+    tool_calls: list[ToolCallOut] | UnsetType = UNSET  # absent unless the model called tools
 
 
 class _Stats(Struct, kw_only=True, omit_defaults=True):

@@ -6,6 +6,7 @@ objects, or `data:` chunks ended by `data: [DONE]` when streaming.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
@@ -21,7 +22,6 @@ from agent.api.common import (
     collect,
     completion_budget,
     join_text,
-    render_chat,
     request_id,
     resolve_model,
     seed_value,
@@ -51,15 +51,31 @@ from agent.api.openai_schema import (
     CompletionLogprobs,
     CompletionRequest,
     Delta,
+    FunctionCallDelta,
+    FunctionCallOut,
     ModelCard,
     ModelList,
     PromptTokensDetails,
     TextCompletion,
     TokenLogprobOut,
+    ToolCallDelta,
+    ToolCallOut,
     TopLogprobOut,
     UsageOut,
 )
 from agent.api.sse import SSE_DONE, SSE_MEDIA_TYPE, ClosingStream, aclose, sse_data
+from agent.api.tools import (
+    ToolPlan,
+    check_choice,
+    check_schema,
+    check_unique,
+    json_mode_schema,
+    needs_plan,
+    new_call_id,
+    render_with_tools,
+    tool_plan,
+    tool_spec,
+)
 from agent.engine import ChatMessage, ModelInfo
 from agent.generation import (
     Failed,
@@ -71,6 +87,7 @@ from agent.generation import (
     TokenLogprob,
     Usage,
 )
+from agent.tools.types import ToolCall, ToolChoice, ToolSpec
 
 DEFAULT_TEMPERATURE = 1.0
 _UNFINISHED = ApiError("internal", "The generation ended without finishing.")
@@ -90,14 +107,6 @@ def check_chat_request(req: ChatCompletionRequest) -> None:
     _check_common(req)
     if not req.messages:
         raise invalid("'messages' must contain at least one message.", param="messages")
-    if req.tools:
-        raise unsupported_field("tools", "(tool calling) is not supported yet")
-    if isinstance(req.tool_choice, dict) or req.tool_choice not in (None, "none", "auto"):
-        # Without tools, "auto" and "none" both mean plain text, which is what flock produces.
-        raise unsupported_field("tool_choice", "(tool calling) is not supported yet")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise unsupported_field(
-            "response_format", "is only supported as {\"type\": \"text\"} for now")
     if req.modalities is not None and req.modalities != ["text"]:
         raise unsupported_field("modalities", "supports only [\"text\"]")
     if req.top_logprobs and not req.logprobs:
@@ -106,6 +115,58 @@ def check_chat_request(req: ChatCompletionRequest) -> None:
             and req.max_tokens != req.max_completion_tokens):
         raise invalid("Give either 'max_tokens' or 'max_completion_tokens', not two different "
                       "values.", param="max_completion_tokens")
+
+
+def chat_tools(req: ChatCompletionRequest) -> list[ToolSpec]:
+    """The request's function tools, checked (a 400 names the offending tool field)."""
+    tools = []
+    for i, tool in enumerate(req.tools or []):
+        where = f"tools[{i}]"
+        if tool.get("type", "function") != "function":
+            raise invalid(f"Tool type '{tool.get('type')}' is not supported; only 'function' "
+                          "tools are.", param=f"{where}.type")
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise invalid(f"'{where}.function' must be an object.", param=f"{where}.function")
+        tools.append(tool_spec(function.get("name"), function.get("description"),
+                               function.get("parameters"), f"{where}.function"))
+    check_unique(tools)
+    return tools
+
+
+def chat_tool_choice(req: ChatCompletionRequest, tools: list[ToolSpec]) -> ToolChoice:
+    choice = req.tool_choice
+    parallel = req.parallel_tool_calls is not False
+    if choice is None or choice in ("auto", "none", "required"):
+        result = ToolChoice(mode=choice or "auto", parallel=parallel)  # type: ignore[arg-type]
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict) \
+            and choice.get("type", "function") == "function":
+        result = ToolChoice(mode="named", name=str(choice["function"].get("name")),
+                            parallel=False)
+    else:
+        raise invalid("'tool_choice' must be \"none\", \"auto\", \"required\" or "
+                      "{\"type\": \"function\", \"function\": {\"name\": ...}}.",
+                      param="tool_choice")
+    check_choice(result, tools, "tool_choice")
+    return result
+
+
+def response_schema(req: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The JSON schema `response_format` asks the reply to follow; None for free text."""
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return json_mode_schema()
+    if fmt.type != "json_schema":
+        raise invalid(f"'response_format.type' must be 'text', 'json_object' or 'json_schema', "
+                      f"not '{fmt.type}'.", param="response_format.type")
+    if not isinstance(fmt.json_schema, dict):
+        raise invalid("'response_format.json_schema' is required for type 'json_schema'.",
+                      param="response_format.json_schema")
+    # Strict or not, the reply is generated under the schema, so it always validates.
+    schema = fmt.json_schema.get("schema", json_mode_schema())
+    return check_schema(schema, "response_format.json_schema.schema")
 
 
 def _message_text(message: ChatMessageIn, where: str) -> str:
@@ -128,20 +189,60 @@ def _message_text(message: ChatMessageIn, where: str) -> str:
     return join_text(texts)
 
 
+def _history_calls(message: ChatMessageIn, where: str) -> list[dict[str, Any]]:
+    """An assistant turn's calls in template shape (arguments decoded from their JSON text)."""
+    calls = []
+    for j, call in enumerate(message.tool_calls or []):
+        at = f"{where}.tool_calls[{j}]"
+        function = call.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise invalid(f"'{at}.function.name' is required.", param=f"{at}.function.name")
+        arguments = function.get("arguments") or "{}"
+        try:
+            decoded = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            raise invalid(f"'{at}.function.arguments' is not valid JSON.",
+                          param=f"{at}.function.arguments") from None
+        if not isinstance(decoded, dict):
+            raise invalid(f"'{at}.function.arguments' must be a JSON object.",
+                          param=f"{at}.function.arguments")
+        calls.append(ToolCall(name=function["name"], arguments=decoded,
+                              id=str(call.get("id") or "")).as_template_call())
+    return calls
+
+
 def chat_messages(messages: list[ChatMessageIn]) -> list[ChatMessage]:
-    """The conversation in template shape; "developer" is OpenAI's newer name for "system"."""
+    """The conversation in template shape; "developer" is OpenAI's newer name for "system".
+    Tool results carry the name of the function whose call they answer."""
     out = []
+    names: dict[str, str] = {}  # call id -> function name, from earlier assistant turns
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
-        if message.role in ("tool", "function"):
-            raise invalid(f"Role '{message.role}' needs tool calling, which is not supported yet.",
-                          param=f"{where}.role")
-        for name in ("tool_calls", "function_call", "tool_call_id"):
-            if getattr(message, name):
-                raise unsupported_field(f"{where}.{name}", "(tool calling) is not supported yet")
+        if message.role == "function" or message.function_call:
+            field = f"{where}.role" if message.role == "function" else f"{where}.function_call"
+            raise unsupported_field(field, "(the deprecated function calling) is not supported; "
+                                    "use 'tools'")
+        if message.role == "tool":
+            if not message.tool_call_id:
+                raise invalid(f"'{where}.tool_call_id' is required for role 'tool'.",
+                              param=f"{where}.tool_call_id")
+            out.append(ChatMessage(role="tool", content=_message_text(message, where),
+                                   tool_call_id=message.tool_call_id,
+                                   name=names.get(message.tool_call_id, message.name)))
+            continue
+        if message.tool_call_id:
+            raise invalid(f"'{where}.tool_call_id' belongs only to role 'tool'.",
+                          param=f"{where}.tool_call_id")
+        calls = None
+        if message.tool_calls:
+            if message.role != "assistant":
+                raise invalid(f"'{where}.tool_calls' belongs only to role 'assistant'.",
+                              param=f"{where}.tool_calls")
+            calls = _history_calls(message, where)
+            names.update({c["id"]: c["function"]["name"] for c in calls if c["id"]})
         role = "system" if message.role == "developer" else message.role
-        out.append(ChatMessage(role=role, content=_message_text(message, where),
-                               name=message.name))
+        content = "" if calls and message.content is None else _message_text(message, where)
+        out.append(ChatMessage(role=role, content=content, name=message.name, tool_calls=calls))
     return out
 
 
@@ -214,7 +315,9 @@ def completion_prompt(prompt: str | list[Any]) -> str | list[int]:
 # --- responses (pure) -----------------------------------------------------------------------
 
 
-def finish_reason(reason: FinishReason) -> str:
+def finish_reason(reason: FinishReason, called: bool = False) -> str:
+    if called:
+        return "tool_calls"
     return "length" if reason == "length" else "stop"
 
 
@@ -266,16 +369,32 @@ class ResponseMeta:
     include_usage: bool = False
     logprobs: bool = False
     top_logprobs: bool = False
+    tools: ToolPlan | None = None  # set when the output may hold tool calls
+
+
+def tool_call_out(call: ToolCall, meta: ResponseMeta) -> ToolCallOut:
+    fmt = meta.tools.fmt if meta.tools else "default"
+    return ToolCallOut(id=new_call_id("call_", fmt),
+                       function=FunctionCallOut(name=call.name, arguments=call.arguments_json))
 
 
 def chat_completion(result: Collected, meta: ResponseMeta) -> ChatCompletion:
+    message = AssistantMessageOut(content=result.text)
+    called = False
+    if meta.tools is not None:
+        parsed = meta.tools.parse(result.text)
+        called = bool(parsed.calls)
+        # OpenAI sends null content beside calls when the model wrote no text.
+        message = AssistantMessageOut(content=parsed.text or None if called else parsed.text)
+        if called:
+            message.tool_calls = [tool_call_out(c, meta) for c in parsed.calls]
     return ChatCompletion(
         id=meta.id, created=meta.created, model=meta.model,
         choices=[ChatChoice(
             index=0,
-            message=AssistantMessageOut(content=result.text),
+            message=message,
             logprobs=chat_logprobs(result.logprobs) if meta.logprobs else None,
-            finish_reason=finish_reason(result.finished.reason),
+            finish_reason=finish_reason(result.finished.reason, called),
         )],
         usage=usage_out(result.finished.usage),
     )
@@ -303,19 +422,50 @@ async def chat_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
             choices=[ChunkChoice(index=0, delta=delta, logprobs=logprobs, finish_reason=reason)],
         ))
 
+    # With tools, text that may begin a call is held back until the call is complete (or
+    # turns out to be text); each call goes out as a name delta, then an arguments delta.
+    calls = meta.tools.stream() if meta.tools is not None else None
+    called = 0
+
+    def pieces_out(pieces: list[str | ToolCall], logprobs: ChoiceLogprobs | None,
+                   ) -> list[bytes]:
+        nonlocal called
+        out = []
+        for piece in pieces:
+            if isinstance(piece, str):
+                out.append(chunk(Delta(content=piece), logprobs))
+                logprobs = None
+                continue
+            call = tool_call_out(piece, meta)
+            out.append(chunk(Delta(tool_calls=[ToolCallDelta(
+                index=called, id=call.id, type="function",
+                function=FunctionCallDelta(name=call.function.name, arguments=""))])))
+            out.append(chunk(Delta(tool_calls=[ToolCallDelta(
+                index=called, function=FunctionCallDelta(arguments=call.function.arguments))])))
+            called += 1
+        if logprobs is not None:
+            out.append(chunk(Delta(), logprobs))
+        return out
+
     try:
         yield chunk(Delta(role="assistant", content=""))
         async for event in events:
             if isinstance(event, TokenChunk):
                 logprobs = (chat_logprobs(event.logprobs)
                             if meta.logprobs and event.logprobs else None)
-                if event.text or logprobs:
+                if calls is not None:
+                    for data in pieces_out(calls.feed(event.text), logprobs):
+                        yield data
+                elif event.text or logprobs:
                     yield chunk(Delta(content=event.text), logprobs)
             elif isinstance(event, Failed):
                 yield sse_data(openai_error_body(from_failed(event)))
                 return
             else:
-                yield chunk(Delta(), reason=finish_reason(event.reason))
+                if calls is not None:
+                    for data in pieces_out(calls.finish(), None):
+                        yield data
+                yield chunk(Delta(), reason=finish_reason(event.reason, called > 0))
                 if meta.include_usage:
                     yield sse_data(ChatCompletionChunk(
                         id=meta.id, created=meta.created, model=meta.model, choices=[],
@@ -385,18 +535,31 @@ class OpenAIController(Controller):
         check_chat_request(data)
         engine = services.engine
         info = resolve_model(engine, data.model)
-        prompt = await render_chat(engine, info.name, chat_messages(data.messages))
+        tools = chat_tools(data)
+        choice = chat_tool_choice(data, tools)
+        schema = response_schema(data)
+        messages = chat_messages(data.messages)
+        plan = None
+        if needs_plan(tools, messages):
+            if schema is not None and not choice.forced:
+                # The reply must be the requested JSON, so it cannot also be a call.
+                choice = ToolChoice(mode="none")
+            plan = await tool_plan(engine, info.name, tools, choice)
+        prompt = await render_with_tools(engine, info.name, messages, plan)
         requested = (data.max_completion_tokens if data.max_completion_tokens is not None
                      else data.max_tokens)
         max_tokens = completion_budget(info, len(prompt), requested,
                                        services.settings.max_tokens_default)
         rid = request_id()
+        grammar = plan.grammar() if plan is not None else None
         generation = GenerationRequest(id=rid, model=info.name, prompt_tokens=prompt,
-                                       sampling=chat_sampling(data, max_tokens))
+                                       sampling=chat_sampling(data, max_tokens),
+                                       json_schema=None if grammar else schema, grammar=grammar)
         meta = ResponseMeta(
             id=f"chatcmpl-{rid}", created=int(time.time()), model=info.name,
             include_usage=bool(data.stream_options and data.stream_options.include_usage),
             logprobs=bool(data.logprobs),
+            tools=plan if plan is not None and plan.parses else None,
         )
         if data.stream:
             events = await start_stream(request, services, "openai", generation)

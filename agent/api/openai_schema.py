@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from msgspec import Meta, Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
@@ -42,6 +42,7 @@ class StreamOptions(Struct, kw_only=True, forbid_unknown_fields=True):
 
 class ResponseFormat(Struct, kw_only=True):
     type: str
+    # {"name": ..., "schema": {...}, "strict": bool, "description": ...} for "json_schema"
     json_schema: dict[str, Any] | None = None
 
 
@@ -127,10 +128,22 @@ class UsageOut(Struct, kw_only=True):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class FunctionCallOut(Struct, kw_only=True):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallOut(Struct, kw_only=True):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessageOut(Struct, kw_only=True):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCallOut] | UnsetType = UNSET  # absent unless the model called tools
 
 
 class ChatChoice(Struct, kw_only=True):
@@ -150,9 +163,25 @@ class ChatCompletion(Struct, kw_only=True):
     system_fingerprint: str | None = None
 
 
+class FunctionCallDelta(Struct, kw_only=True, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(Struct, kw_only=True, omit_defaults=True):
+    """A streamed call: the first delta of call `index` has its id, type and name; the
+    arguments' JSON text follows in later deltas, to be concatenated."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class Delta(Struct, kw_only=True, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(Struct, kw_only=True):

@@ -83,20 +83,23 @@ def _lark_string(text: str) -> str:
 
 
 def forced_call_grammar(fmt: ToolFormat, tools: Sequence[ToolSpec], choice: ToolChoice) -> str:
-    """A Lark grammar whose every sentence is one call (several when `choice.parallel`) to the
-    chosen tool(s), written the way the model's family writes calls, so it always parses."""
+    """A Lark grammar whose every sentence is a call to the chosen tool(s), written the way the
+    model's family writes calls, so it always parses.
+
+    A forced reply holds one call, or with `choice.parallel` at most one per offered tool: the
+    grammar cannot tell when a model is done, and small models repeat calls until max_tokens.
+    """
     chosen = [t for t in tools if choice.mode != "named" or t.name == choice.name]
     if not chosen:
         raise ValueError(f"no tool named {choice.name!r} is offered")
+    most = len(chosen) if choice.parallel else 1
     if fmt == "llama3":
         # Llama 3's JSON calls come one per turn.
         return f"start: call\ncall: {_inline(call_schema(chosen, 'parameters'))}\n"
     if fmt == "mistral":
-        array = {"type": "array", "items": call_schema(chosen), "minItems": 1}
-        if not choice.parallel:
-            array["maxItems"] = 1
+        array = {"type": "array", "items": call_schema(chosen), "minItems": 1, "maxItems": most}
         return f"start: {_lark_string(MISTRAL_MARKER)} calls\ncalls: {_inline(array)}\n"
-    more = ' ("\\n" call)*' if choice.parallel else ""
+    more = f' ("\\n" call){{0,{most - 1}}}' if most > 1 else ""
     return (f"start: call{more}\n"
             f"call: {_lark_string(CALL_OPEN + chr(10))} body {_lark_string(chr(10) + CALL_CLOSE)}\n"
             f"body: {_inline(call_schema(chosen))}\n")

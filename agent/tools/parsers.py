@@ -8,6 +8,7 @@ machine over a whole output, so a streamed response and a whole one always agree
 A call is valid when its payload is a JSON object with a string `name` (one of the offered
 tools) and an object of arguments; anything else, malformed or cut short, stays text, exactly as
 the model wrote it. Whitespace between text and a call belongs to neither and is dropped.
+With `max_calls`, valid calls beyond it are dropped (a client that allows one call per turn).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.tools.formats import CALL_CLOSE, CALL_OPEN
@@ -31,8 +32,9 @@ _decoder = json.JSONDecoder()
 
 @dataclass(frozen=True)
 class ParsedOutput:
-    text: str
+    text: str  # all the text, calls taken out
     calls: list[ToolCall]
+    pieces: list[Piece] = field(default_factory=list)  # text and calls in output order
 
 
 def call_from_payload(payload: Any, names: Collection[str] | None,
@@ -84,9 +86,12 @@ def _partial_marker(text: str, marker: str) -> int:
 class ToolCallStream:
     """Incremental tool-call detection for one output (see the module docstring)."""
 
-    def __init__(self, fmt: ToolFormat, names: Collection[str] | None = None) -> None:
+    def __init__(self, fmt: ToolFormat, names: Collection[str] | None = None,
+                 max_calls: int | None = None) -> None:
         self.fmt = fmt
         self.names = names
+        self.max_calls = max_calls
+        self._calls = 0
         self._buf = ""
         self._held_ws = ""  # whitespace that may turn out to sit next to a call
         self._after_call = False  # drop whitespace that follows a call
@@ -119,6 +124,10 @@ class ToolCallStream:
         out, self._out = self._out, []
         merged: list[Piece] = []
         for piece in out:
+            if isinstance(piece, ToolCall):
+                self._calls += 1
+                if self.max_calls is not None and self._calls > self.max_calls:
+                    continue
             if isinstance(piece, str) and merged and isinstance(merged[-1], str):
                 merged[-1] += piece
             elif piece != "":
@@ -264,11 +273,18 @@ def parse_mistral_calls(text: str, names: Collection[str] | None) -> list[ToolCa
 
 
 def parse_output(fmt: ToolFormat, text: str, names: Collection[str] | None = None,
-                 ) -> ParsedOutput:
+                 max_calls: int | None = None) -> ParsedOutput:
     """The calls in a whole output and the text around them."""
-    stream = ToolCallStream(fmt, names)
+    stream = ToolCallStream(fmt, names, max_calls)
     pieces = stream.feed(text) + stream.finish()
+    merged: list[Piece] = []
+    for piece in pieces:
+        if isinstance(piece, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += piece
+        else:
+            merged.append(piece)
     return ParsedOutput(
-        text="".join(p for p in pieces if isinstance(p, str)),
-        calls=[p for p in pieces if isinstance(p, ToolCall)],
+        text="".join(p for p in merged if isinstance(p, str)),
+        calls=[p for p in merged if isinstance(p, ToolCall)],
+        pieces=merged,
     )
