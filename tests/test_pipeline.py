@@ -171,3 +171,56 @@ def test_tensor_parallel_logits_match_one_process(tiny_dir: Path, tmp_path: Path
         assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-4
 
     asyncio.run(main())
+
+
+def hybrid_configs(model_dir: Path, splits: list[tuple[int, int]], ranks: int
+                   ) -> list[RunnerConfig]:
+    """Pipeline stages, each a tensor group of `ranks` processes."""
+    stage_links = [f"127.0.0.1:{free_port()}" for _ in splits]
+    configs = []
+    for i, (start, stop) in enumerate(splits):
+        ring = [f"127.0.0.1:{free_port()}" for _ in range(ranks)]
+        peers = [f"127.0.0.1:{free_port()}" for _ in range(ranks - 1)]
+        for rank in range(ranks):
+            common = {"model_name": "tiny", "model_dir": str(model_dir), "layer_start": start,
+                      "layer_stop": stop, "tp_rank": rank, "tp_hosts": ring}
+            if rank == 0:
+                configs.append(RunnerConfig(
+                    role="head" if i == 0 else "follower", listen=stage_links[i],
+                    downstream=stage_links[(i + 1) % len(splits)], tp_peers=peers, **common))
+            else:
+                configs.append(RunnerConfig(role="tp_follower", listen=peers[rank - 1],
+                                            **common))
+    return configs
+
+
+def test_hybrid_tensor_groups_inside_pipeline_stages(tiny_dir: Path, tmp_path: Path) -> None:
+    async def main() -> None:
+        solo = (await start_all([RunnerConfig(model_name="tiny", model_dir=str(tiny_dir))],
+                                tmp_path))[0]
+        request = GenerationRequest(
+            id="lp", model="tiny", prompt_tokens=list(range(5, 40)),
+            sampling=SamplingParams(max_tokens=4, temperature=0.0, logprobs=True,
+                                    top_logprobs=5))
+
+        async def logprobs(runner: RunnerProcess) -> list[float]:
+            values = []
+            async for event in runner.generate(request):
+                if isinstance(event, TokenChunk) and event.logprobs:
+                    values += [t.logprob for t in event.logprobs[0].top]
+            return values
+
+        try:
+            expected = await logprobs(solo)
+        finally:
+            await solo.stop()
+        runners = await start_all(hybrid_configs(tiny_dir, [(0, 3), (3, 6)], 2), tmp_path)
+        try:
+            got = await logprobs(runners[0])
+        finally:
+            for r in runners:
+                await r.stop()
+        assert len(got) == len(expected) == 20
+        assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-4
+
+    asyncio.run(main())

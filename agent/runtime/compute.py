@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 
 import mlx.core as mx
-import msgspec
 
 from agent.runtime.kv import KvSlots
 from agent.runtime.links import StageLink, StepMessage
@@ -45,77 +44,76 @@ class LocalCompute:
         pass
 
 
-class PipelineHeadCompute(LocalCompute):
+class HeadCompute(LocalCompute):
+    """The head of a multi-process instance: rank 0 of its stage's tensor group and/or the
+    first stage of a pipeline.
+
+    Each step it sends its tensor peers the step's inputs (token ids, positions and the KV
+    journal) so they compute their shards in lockstep (the collectives inside the step keep them
+    there); with a pipeline it then computes its layers, ships the hidden states down the chain
+    and projects what comes back from the last stage into logits.
+    """
+
     def __init__(self, decoder: Decoder, kv: KvSlots, journal: list[tuple], *, compiled: bool,
-                 downstream: StageLink, upstream: StageLink) -> None:
+                 tp_peers: list[StageLink] | None = None, downstream: StageLink | None = None,
+                 upstream: StageLink | None = None) -> None:
         super().__init__(decoder, kv, compiled=compiled)
         self.journal = journal
+        self.tp_peers = tp_peers or []
         self.downstream = downstream
         self.upstream = upstream  # the last stage's link back to the head
-        self.decode_fn = make_decode_fn(decoder, compiled=compiled, embed=True, project=False)
-        self.project_fn = make_project_fn(decoder, compiled=compiled)
+        if downstream is not None:
+            self.decode_fn = make_decode_fn(decoder, compiled=compiled, embed=True,
+                                            project=False)
+            self.project_fn = make_project_fn(decoder, compiled=compiled)
 
     def _drain(self) -> list[tuple]:
         ops = list(self.journal)
         self.journal.clear()
         return ops
 
+    def _tell_peers(self, message: StepMessage) -> None:
+        for peer in self.tp_peers:
+            peer.send(message)
+
+    def _round_trip(self, message: StepMessage, h: mx.array) -> mx.array:
+        assert self.downstream is not None and self.upstream is not None
+        self.downstream.send(message, h)
+        _, back = self.upstream.recv()
+        assert back is not None
+        return back
+
     def prefill(self, row: int, start: int, tokens: list[int]) -> mx.array:
+        ops = self._drain()
+        self._tell_peers(StepMessage(op="prefill", kv_ops=ops, row=row, start=start,
+                                     tokens=tokens))
+        if self.downstream is None:
+            return super().prefill(row, start, tokens)
         h = prefill(self.decoder, mx.array(tokens), start, row, self.kv.keys, self.kv.values,
                     embed=True, project=False)
         mx.eval(h, self.kv.keys, self.kv.values)
-        self.downstream.send(StepMessage(op="prefill", kv_ops=self._drain(), row=row,
-                                         start=start), h)
-        _, back = self.upstream.recv()
-        assert back is not None
+        back = self._round_trip(StepMessage(op="prefill", kv_ops=ops, row=row, start=start), h)
         return self.project_fn(back[0, -1:])
 
     def decode(self, tokens: list[int], positions: list[int]) -> mx.array:
+        ops = self._drain()
+        self._tell_peers(StepMessage(op="decode", kv_ops=ops, tokens=tokens,
+                                     positions=positions))
         out = self.decode_fn(mx.array(tokens), mx.array(positions), *self.kv.keys,
                              *self.kv.values)
         self._take_kv(out)
-        h = out[0]
-        mx.eval(h, self.kv.keys, self.kv.values)
-        self.downstream.send(StepMessage(op="decode", kv_ops=self._drain(),
-                                         positions=positions), h)
-        _, back = self.upstream.recv()
-        assert back is not None
+        if self.downstream is None:
+            return out[0]
+        mx.eval(out[0], self.kv.keys, self.kv.values)
+        back = self._round_trip(StepMessage(op="decode", kv_ops=ops, positions=positions),
+                                out[0])
         return self.project_fn(back[:, 0, :])
 
     def close(self) -> None:
-        with contextlib.suppress(ConnectionError):
-            self.downstream.send(StepMessage(op="shutdown"))
-        self.downstream.close()
-        self.upstream.close()
-
-
-class TensorHeadCompute(LocalCompute):
-    """Rank 0 of a tensor-parallel group: tells the other ranks what to compute, then computes
-    its own shard; the collectives inside the step keep the ranks in lockstep."""
-
-    def __init__(self, decoder: Decoder, kv: KvSlots, journal: list[tuple], *, compiled: bool,
-                 peers: list[StageLink]) -> None:
-        super().__init__(decoder, kv, compiled=compiled)
-        self.journal = journal
-        self.peers = peers
-
-    def _broadcast(self, message: StepMessage) -> None:
-        ops = list(self.journal)
-        self.journal.clear()
-        message = msgspec.structs.replace(message, kv_ops=ops)
-        for peer in self.peers:
-            peer.send(message)
-
-    def prefill(self, row: int, start: int, tokens: list[int]) -> mx.array:
-        self._broadcast(StepMessage(op="prefill", row=row, start=start, tokens=tokens))
-        return super().prefill(row, start, tokens)
-
-    def decode(self, tokens: list[int], positions: list[int]) -> mx.array:
-        self._broadcast(StepMessage(op="decode", tokens=tokens, positions=positions))
-        return super().decode(tokens, positions)
-
-    def close(self) -> None:
-        for peer in self.peers:
+        links = [*self.tp_peers, *([self.downstream] if self.downstream else [])]
+        for link in links:
             with contextlib.suppress(ConnectionError):
-                peer.send(StepMessage(op="shutdown"))
-            peer.close()
+                link.send(StepMessage(op="shutdown"))
+            link.close()
+        if self.upstream is not None:
+            self.upstream.close()

@@ -71,10 +71,12 @@ class Follower:
 
 
 def follow(follower: Follower, upstream: StageLink, downstream: StageLink | None,
-           control_fd: int, watchdog: Watchdog | None = None) -> int:
+           control_fd: int, watchdog: Watchdog | None = None,
+           tp_peers: list[StageLink] | None = None) -> int:
     """Serve steps until the head shuts the chain down or the agent goes away.
 
-    `downstream` None: a tensor-parallel peer, whose output the group's leader already has.
+    `downstream` None: a tensor-parallel peer, whose output its stage's leader already has.
+    `tp_peers`: a stage leader's tensor peers, who get each step before the leader computes.
     """
     while True:
         readable, _, _ = select.select([upstream, control_fd], [], [], 5.0)
@@ -86,6 +88,8 @@ def follow(follower: Follower, upstream: StageLink, downstream: StageLink | None
             message, h = upstream.recv(timeout=None)
         except StageLinkError:
             return 1
+        for peer in tp_peers or ():
+            peer.send(message, h)
         if message.op == "shutdown":
             if downstream is not None:
                 downstream.send(message)

@@ -93,9 +93,10 @@ def load(config: RunnerConfig, journal: list[tuple] | None = None,
     if config.layer_start is not None and config.layer_stop is not None:
         layers = LayerRange(config.layer_start, config.layer_stop)
     head = config.role in ("solo", "head")
+    # Tensor peers of the first stage embed the token ids themselves.
+    peer_embeds = config.role == "tp_follower" and config.layer_start in (None, 0)
     decoder = load_decoder(model_dir, dtype=dtype, fuse=config.fuse_projections, layers=layers,
-                           embeds=head or config.role == "tp_follower", projects=head,
-                           group=group)
+                           embeds=head or peer_embeds, projects=head, group=group)
     tokenizer = load_tokenizer(model_dir)
     context = decoder.config.max_position_embeddings
     if config.context_length:
@@ -148,47 +149,47 @@ def _connect_pipeline(config: RunnerConfig, listener: Any) -> tuple[Any, Any]:
 def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
     import tempfile
 
-    from agent.runtime.compute import PipelineHeadCompute, TensorHeadCompute
+    from agent.runtime.compute import HeadCompute
     from agent.runtime.constraints import constraint_factory
     from agent.runtime.follower import Follower, follow
     from agent.runtime.links import StageLink, listen
     from agent.runtime.scheduler import Scheduler
 
     tensor = len(config.tp_hosts) > 1
-    journal: list[tuple] | None = [] if config.role == "head" or tensor else None
+    multi = config.role != "solo" or tensor
+    journal: list[tuple] | None = [] if multi else None
     watchdog = Watchdog(config.link_timeout_s) if tensor else None
     try:
         # Listen before loading: the peer may connect while we are still reading weights.
-        listener = listen(config.listen) if config.role != "solo" and config.listen else None
+        listener = listen(config.listen) if multi and config.listen else None
         group = join_tensor_group(config, Path(tempfile.gettempdir())) if tensor else None
         (decoder, tokenizer, kv, limits, prefix), ready = load(config, journal, group)
+        deadline = time.monotonic() + config.startup_timeout_s
+        tp_peers = [StageLink.connect(peer, deadline=deadline, timeout=config.link_timeout_s)
+                    for peer in config.tp_peers]
+        if config.role == "tp_follower":
+            upstream = StageLink.accept(listener, deadline=deadline, timeout=config.link_timeout_s)
+            outbox.send(ready)
+            first_stage = config.layer_start in (None, 0)
+            return follow(Follower(decoder, kv, compiled=config.compile_step,
+                                   embeds=first_stage), upstream, None, inbox_fd, watchdog)
         if config.role == "follower":
             downstream, upstream = _connect_pipeline(config, listener)
             outbox.send(ready)
             return follow(Follower(decoder, kv, compiled=config.compile_step), upstream,
-                          downstream, inbox_fd)
-        if config.role == "tp_follower":
-            deadline = time.monotonic() + config.startup_timeout_s
-            upstream = StageLink.accept(listener, deadline=deadline, timeout=config.link_timeout_s)
-            outbox.send(ready)
-            return follow(Follower(decoder, kv, compiled=config.compile_step, embeds=True),
-                          upstream, None, inbox_fd, watchdog)
+                          downstream, inbox_fd, watchdog, tp_peers)
         compute = None
-        if tensor:
-            deadline = time.monotonic() + config.startup_timeout_s
-            peers = [StageLink.connect(peer, deadline=deadline, timeout=config.link_timeout_s)
-                     for peer in config.tp_peers]
+        if multi:
             assert journal is not None
-            compute = TensorHeadCompute(decoder, kv, journal, compiled=config.compile_step,
-                                        peers=peers)
-        elif config.role == "head":
-            downstream, upstream = _connect_pipeline(config, listener)
-            assert journal is not None
-            compute = PipelineHeadCompute(decoder, kv, journal, compiled=config.compile_step,
-                                          downstream=downstream, upstream=upstream)
+            downstream = upstream = None
+            if config.role == "head":
+                downstream, upstream = _connect_pipeline(config, listener)
+            compute = HeadCompute(decoder, kv, journal, compiled=config.compile_step,
+                                  tp_peers=tp_peers, downstream=downstream, upstream=upstream)
         scheduler = Scheduler(decoder, tokenizer, kv, limits, outbox.send,
                               compiled=config.compile_step, prefix_cache=prefix,
-                              compute=compute, constraint_factory=constraint_factory(tokenizer))
+                              compute=compute,
+                              constraint_factory=constraint_factory(tokenizer))
     except Exception as exc:  # the agent reports it; the runner must not hang
         outbox.send(RunnerError(message=f"{type(exc).__name__}: {exc}"))
         return 1
