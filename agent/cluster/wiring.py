@@ -73,8 +73,36 @@ def runner_configs(placement: Placement, slot: int, profiles: dict[str, NodeProf
                 tp_peers=links[1:] if rank == 0 else [], listen=links[rank], **common)
             for rank, p in enumerate(nodes)
         }
-    raise WiringError("hybrid placements (tensor groups inside pipeline stages) are not "
-                      "supported by the runner yet; use strategy pipeline or tensor")
+    return _hybrid_configs(placement, slot, profiles, base, common)
+
+
+def _hybrid_configs(placement: Placement, slot: int, profiles: dict[str, NodeProfile],
+                    base: RunnerConfig, common: dict[str, str]
+                    ) -> dict[tuple[str, int], RunnerConfig]:
+    """Tensor groups inside pipeline stages: each stage's first node leads its group (it takes
+    the pipeline links), the others are its tensor peers."""
+    stages = placement.stages
+    out: dict[tuple[str, int], RunnerConfig] = {}
+    rank = 0
+    for index, stage in enumerate(stages):
+        members = [profiles[n] for n in stage.nodes]
+        leader, following = members[0], profiles[stages[(index + 1) % len(stages)].nodes[0]]
+        ring = [link_address(p, slot, 1) for p in members]
+        peers = [link_address(p, slot) for p in members[1:]]
+        layers = {"layer_start": stage.layer_start, "layer_stop": stage.layer_stop}
+        for tp_rank, member in enumerate(members):
+            if tp_rank == 0:
+                config = _with(base, role="head" if index == 0 else "follower",
+                               listen=link_address(leader, slot),
+                               downstream=link_address(following, slot), tp_rank=0,
+                               tp_hosts=ring if len(members) > 1 else [], tp_peers=peers,
+                               **layers, **common)
+            else:
+                config = _with(base, role="tp_follower", listen=link_address(member, slot),
+                               tp_rank=tp_rank, tp_hosts=ring, **layers, **common)
+            out[(member.node_id, rank)] = config
+            rank += 1
+    return out
 
 
 def _with(base: RunnerConfig, **fields: object) -> RunnerConfig:
