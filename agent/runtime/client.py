@@ -175,7 +175,10 @@ class RunnerProcess:
 
     async def stop(self, grace: float = 10.0) -> None:
         process = self._process
-        if process is None or process.returncode is not None:
+        if process is None:
+            return
+        if process.returncode is not None:
+            self._close_transport()
             return
         with contextlib.suppress(ConnectionError, OSError):
             self._send(Shutdown())
@@ -189,3 +192,12 @@ class RunnerProcess:
         if self._reader:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        """Close the pipes now, on the running loop; a transport left to the garbage collector
+        after its loop is gone raises in __del__."""
+        transport = getattr(self._process, "_transport", None)
+        if transport is not None:
+            with contextlib.suppress(Exception):
+                transport.close()
