@@ -318,3 +318,23 @@ def test_ollama_format_constrains_to_a_schema(server: Server, fmt: object, schem
 
 def test_ollama_show_lists_the_tools_capability(server: Server) -> None:
     assert "tools" in (server.ollama.show("echo").capabilities or [])
+
+
+@pytest.mark.parametrize(("choice", "names"), [
+    ("required", ["get_weather", "get_time"]), ("get_time", ["get_time"]), ("auto", []),
+])
+def test_ollama_tool_choice_option_forces_a_call(server: Server, choice: str,
+                                                 names: list[str]) -> None:
+    server.ollama.chat(model="echo", messages=user(CALL), tools=OPENAI_TOOLS,
+                       options={"tool_choice": choice})  # type: ignore[typeddict-unknown-key]
+    grammar = server.engine.requests[-1].grammar or ""
+    for name in ("get_weather", "get_time"):
+        assert (f'"const": "{name}"' in grammar) == (name in names)
+
+
+def test_ollama_tool_choice_naming_no_offered_tool_is_400(server: Server) -> None:
+    response = server.http.post("/api/chat", json={
+        "model": "echo", "messages": user("x"), "tools": OPENAI_TOOLS, "stream": False,
+        "options": {"tool_choice": "launch"}})
+    assert response.status_code == 400
+    assert "options.tool_choice" in response.json()["error"]

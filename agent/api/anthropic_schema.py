@@ -69,7 +69,7 @@ class MessagesRequest(_ConversationFields, kw_only=True, forbid_unknown_fields=T
     stream: bool | None = None
     temperature: Probability | None = None
     top_p: Probability | None = None
-    top_k: Annotated[int, Meta(ge=0)] | None = None
+    top_k: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None  # the runner's wire: int64
     metadata: Metadata | None = None
     service_tier: str | None = None
     inference_geo: str | None = None

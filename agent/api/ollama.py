@@ -71,6 +71,7 @@ from agent.api.ollama_schema import (
 from agent.api.sse import NDJSON_MEDIA_TYPE, ClosingStream, aclose, ndjson_line, until_disconnect
 from agent.api.tools import (
     ToolPlan,
+    check_choice,
     check_schema,
     check_unique,
     json_mode_schema,
@@ -135,6 +136,17 @@ def chat_tools(req: ChatRequest) -> list[ToolSpec]:
                                _drop_nulls(function.get("parameters")), f"{where}.function"))
     check_unique(tools)
     return tools
+
+
+def chat_tool_choice(req: ChatRequest, tools: list[ToolSpec]) -> ToolChoice:
+    """`options.tool_choice` (a flock extension); the model decides when it is absent."""
+    wanted = req.options.tool_choice if req.options is not None else None
+    if wanted in (None, "auto", "none", "required"):
+        choice = ToolChoice(mode=wanted or "auto")  # type: ignore[arg-type]
+    else:
+        choice = ToolChoice(mode="named", name=wanted, parallel=False)
+    check_choice(choice, tools, "options.tool_choice")
+    return choice
 
 
 def _drop_nulls(value: Any) -> Any:
@@ -411,9 +423,11 @@ async def _run(request: AnyRequest, services: Services, info: ModelInfo,
         info, len(prompt), requested_tokens(req.options, window),
         services.settings.max_tokens_default, context=window,
         prompt_param="messages" if isinstance(req, ChatRequest) else "prompt")
+    grammar = plan.grammar() if plan is not None else None
     generation = GenerationRequest(id=request_id(), model=info.name, prompt_tokens=prompt,
                                    sampling=sampling_params(req, max_tokens, window),
-                                   json_schema=output_schema(req))
+                                   json_schema=None if grammar else output_schema(req),
+                                   grammar=grammar)
     meta = ResponseMeta(model=info.name, chat=isinstance(req, ChatRequest),
                         logprobs=bool(req.logprobs), timing=timing,
                         tools=plan if plan is not None and plan.parses else None)
@@ -475,12 +489,12 @@ class OllamaController(Controller):
         if not data.messages:
             return Response(load_response(info.name, chat=True))
         tools = chat_tools(data)
+        choice = chat_tool_choice(data, tools)
         messages = chat_messages(data.messages)
         plan = None
         if needs_plan(tools, messages):
-            # Ollama has no tool_choice: the model decides, unless `format` asks for JSON,
-            # which a call could not be.
-            choice = ToolChoice(mode="none" if output_schema(data) is not None else "auto")
+            if output_schema(data) is not None and not choice.forced:
+                choice = ToolChoice(mode="none")  # the reply must be the requested JSON
             plan = await tool_plan(services.engine, info.name, tools, choice)
         prompt = await render_with_tools(services.engine, info.name, messages, plan)
         return await _run(request, services, info, data, prompt, timing, window, plan)

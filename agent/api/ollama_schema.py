@@ -17,18 +17,22 @@ Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 class Options(Struct, kw_only=True, forbid_unknown_fields=True):
     temperature: Annotated[float, Meta(ge=0.0)] | None = None
     top_p: Probability | None = None
-    top_k: Annotated[int, Meta(ge=0)] | None = None
+    # Integers are bounded to Go's int64, as in Ollama (and as the runner's msgpack wire needs).
+    top_k: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
     min_p: Probability | None = None
-    seed: int | None = None
+    seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None
     # -1: until the context is full; -2: fill the context (the same thing for flock).
     num_predict: int | None = None
     stop: str | list[str] | None = None
     repeat_penalty: Annotated[float, Meta(gt=0.0)] | None = None
     # 0 disables the penalty window, -1 means the whole context.
-    repeat_last_n: Annotated[int, Meta(ge=-1)] | None = None
+    repeat_last_n: Annotated[int, Meta(ge=-1, le=2**63 - 1)] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     num_ctx: Annotated[int, Meta(ge=1)] | None = None
+    # flock's extension (Ollama has no tool_choice; the official client passes options through
+    # as they are): "auto" (the default), "none", "required", or the name of one tool to call.
+    tool_choice: str | None = None
 
 
 class MessageIn(Struct, kw_only=True, forbid_unknown_fields=True):

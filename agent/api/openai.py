@@ -294,8 +294,9 @@ def check_completion_request(req: CompletionRequest) -> None:
 
 
 def _is_token_list(value: Any) -> bool:
+    # Ids beyond int32 are no token of any vocabulary (and would overflow the runner's wire).
     return isinstance(value, list) and all(
-        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in value)
 
 
 def completion_prompt(prompt: str | list[Any]) -> str | list[int]:

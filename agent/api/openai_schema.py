@@ -63,7 +63,8 @@ class _SamplingFields(Struct, kw_only=True, forbid_unknown_fields=True):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # Non-standard (vLLM / llama.cpp servers): top_k -1 or 0 disables it.
-    top_k: Annotated[int, Meta(ge=-1)] | None = None
+    # Bounded: the runner's wire (msgpack) carries 64-bit integers, and no vocabulary is larger.
+    top_k: Annotated[int, Meta(ge=-1, le=2**63 - 1)] | None = None
     min_p: Probability | None = None
     repetition_penalty: Annotated[float, Meta(gt=0.0)] | None = None
 
