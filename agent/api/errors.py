@@ -145,6 +145,10 @@ def to_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, UnicodeDecodeError):
         # Raised while decoding the request body: the only text flock decodes is client input.
         return invalid("The request body is not valid UTF-8.")
+    if isinstance(exc, RecursionError):
+        # Client JSON is the only thing flock parses that can nest without bound (10,000 nested
+        # arrays exhaust msgspec's recursion limit while decoding the body).
+        return invalid("The request body is nested too deeply.")
     log.error("internal error while serving a request", exc_info=exc)
     return ApiError("internal", "The server had an internal error while processing the request.")
 
