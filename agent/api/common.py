@@ -75,8 +75,19 @@ def _template_errors() -> tuple[type[BaseException], ...]:
 _TEMPLATE_ERRORS = _template_errors()
 
 
+# Limits on what one request may ask of the node. Every message is templated and every stop
+# string is matched against each new token in the runner's one scheduling loop, so without a
+# bound one request (within the body limit) could stall the agent or every stream of its batch.
+MAX_MESSAGES = 10_000
+MAX_STOP_STRINGS = 32
+MAX_STOP_CHARS = 256
+
+
 async def render_chat(engine: Engine, model: str, messages: list[ChatMessage],
                       tools: list[dict[str, Any]] | None = None) -> list[int]:
+    if len(messages) > MAX_MESSAGES:
+        raise invalid(f"A conversation may have at most {MAX_MESSAGES} messages; this one has "
+                      f"{len(messages)}.", param="messages")
     try:
         return await engine.render_chat(model, messages, tools)
     except ModelNotFound:
@@ -124,7 +135,14 @@ def stop_list(stop: str | list[str] | None, param: str) -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not s for s in stops):
         raise invalid("Stop sequences must be non-empty strings.", param=param)
-    return tuple(dict.fromkeys(stops))
+    unique = tuple(dict.fromkeys(stops))
+    if len(unique) > MAX_STOP_STRINGS:
+        raise invalid(f"At most {MAX_STOP_STRINGS} stop sequences are supported; got "
+                      f"{len(unique)}.", param=param)
+    if any(len(s) > MAX_STOP_CHARS for s in unique):
+        raise invalid(f"Stop sequences may be at most {MAX_STOP_CHARS} characters long.",
+                      param=param)
+    return unique
 
 
 def seed_value(seed: int | None) -> int | None:
