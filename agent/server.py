@@ -21,6 +21,9 @@ from agent.settings import NodeSettings
 log = logging.getLogger("flock")
 
 SHUTDOWN_GRACE_S = 30.0
+# The request line and headers together; uvicorn's default parser (httptools) has no bound at
+# all (8 MB of headers were accepted), so listeners use h11, which enforces this one (400).
+MAX_HEADER_BYTES = 64 * 1024
 
 
 class _Listener(uvicorn.Server):
@@ -62,7 +65,9 @@ def _puller(engine: Any) -> Any:
 async def run_agent(settings: NodeSettings, *, started: asyncio.Event | None = None) -> int:
     from agent.api.app import create_app
     from agent.api.cluster import ClusterApi
+    from agent.api.shards import ShardApi
     from agent.cluster.controller import ClusterController
+    from agent.cluster.shard_source import ShardSource
     from agent.runtime.service import LocalEngine
 
     settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -76,9 +81,16 @@ async def run_agent(settings: NodeSettings, *, started: asyncio.Event | None = N
                      pull=_puller(engine))
     app.state["cluster"] = cluster
     app.register(ClusterApi)
+    app.register(ShardApi)
+    shards = ShardSource(cluster, settings.models_dir)
+    engine.fetch_shard = shards.shard
+    engine.fetch_tokenizer = shards.tokenizer
+    engine.remote_info = cluster.remote_info
+    engine.remote_models = lambda: [entry[0] for entry in cluster.catalogue.values()]
     listeners = [
         _Listener(uvicorn.Config(app, host=settings.host, port=port, log_level="warning",
-                                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S, lifespan="on"))
+                                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S, lifespan="on",
+                                 http="h11", h11_max_incomplete_event_size=MAX_HEADER_BYTES))
         for port in [settings.port, settings.ollama_port]
         if port is not None
     ]

@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import msgspec
@@ -42,7 +43,7 @@ from agent.cluster.reconcile import (
 from agent.cluster.shape import model_shape
 from agent.cluster.state import ModelShape, NodeProfile, Placement
 from agent.cluster.wiring import WiringError, free_slot, runner_configs
-from agent.engine import ModelNotFound
+from agent.engine import ModelInfo, ModelNotFound
 from agent.generation import Failed, Finished, GenerationEvent, GenerationRequest
 from agent.runtime.protocol import FrameBuffer, RunnerConfig
 from agent.runtime.service import LocalEngine, RemoteStream, canonical_name
@@ -107,6 +108,8 @@ class ClusterController:
         self.assignment = Assignment()
         self.members: dict[str, Member] = {}
         self.shapes: dict[str, ModelShape] = {}
+        # Models only other nodes hold: name -> (info, shape), from a holder.
+        self.catalogue: dict[str, tuple[ModelInfo, ModelShape]] = {}
         self.spec_errors: list[str] = []
         self._addresses: list[str] = []
         self._wake = asyncio.Event()
@@ -224,6 +227,7 @@ class ClusterController:
     async def _loop(self) -> None:
         while not self._stop.is_set():
             try:
+                await self._refresh_catalogue()
                 if self.is_leader:
                     await self._lead()
                 await self._converge()
@@ -239,9 +243,38 @@ class ClusterController:
             try:
                 self.shapes[model] = model_shape(self.engine.store.resolve(model), model)
             except (ModelNotFound, OSError, ValueError, KeyError) as exc:
-                log.debug("no shape for %s: %s", model, exc)
-                return None
+                remote = self.catalogue.get(model)
+                if remote is None:
+                    log.debug("no shape for %s: %s", model, exc)
+                    return None
+                self.shapes[model] = remote[1]
         return self.shapes[model]
+
+    async def _refresh_catalogue(self) -> None:
+        """Info and shape of models other nodes hold and this one does not (for placement,
+        `/v1/models` and the APIs' context checks), asked once from a holder."""
+        local = {m.name for m in self.engine.store.list()}
+        for profile in self.nodes().values():
+            if profile.node_id == self.node_id or not profile.addresses:
+                continue
+            for model in profile.models:
+                if model in local or model in self.catalogue:
+                    continue
+                url = (base_url(profile.addresses[0], profile.api_port)
+                       + f"/cluster/models/{quote(model, safe='')}/info")
+                try:
+                    response = await self.client.request("GET", url)
+                    if response.status_code == 200:
+                        data = response.json()
+                        self.catalogue[model] = (
+                            msgspec.convert(data["info"], ModelInfo),
+                            ModelShape.model_validate(data["shape"]))
+                except (PeerError, ValueError, KeyError, msgspec.ValidationError) as exc:
+                    log.debug("no info for %s from %s: %s", model, profile.name, exc)
+
+    def remote_info(self, model: str) -> ModelInfo | None:
+        entry = self.catalogue.get(canonical_name(model))
+        return entry[0] if entry else None
 
     async def _lead(self) -> None:
         current = self.assignment

@@ -151,7 +151,7 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     return json.loads((model_dir / "config.json").read_text())
 
 
-def _safetensor_files(model_dir: Path) -> list[Path]:
+def safetensor_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -162,7 +162,8 @@ def _safetensor_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _wanted(name: str, layers: LayerRange, embeds: bool, projects: bool, tied: bool) -> bool:
+def stage_wants(name: str, layers: LayerRange, embeds: bool, projects: bool, tied: bool) -> bool:
+    """Whether a stage holding `layers` (and the embedding / the head) needs tensor `name`."""
     if name.startswith("model.layers."):
         index = int(name.split(".")[2])
         return layers.start <= index < layers.stop
@@ -179,9 +180,9 @@ def load_weights(model_dir: Path, config: DecoderConfig, layers: LayerRange, *, 
                  projects: bool) -> dict[str, mx.array]:
     """Only the tensors this stage needs; mx.load maps lazily, so others are never read."""
     weights: dict[str, mx.array] = {}
-    for path in _safetensor_files(model_dir):
+    for path in safetensor_files(model_dir):
         for name, value in mx.load(str(path)).items():
-            if _wanted(name, layers, embeds, projects, config.tie_word_embeddings):
+            if stage_wants(name, layers, embeds, projects, config.tie_word_embeddings):
                 weights[name] = value
     return weights
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -75,6 +75,13 @@ class LocalEngine:
         self.instances: dict[str, Instance] = {}  # model name -> the head runner serving it here
         self.members: dict[str, RunnerProcess] = {}  # cluster runners by "instance/rank"
         self.router: Router | None = None
+        # Fetches the weights a runner needs when this node's store lacks the model (a shard
+        # from a peer, agent/models/shards.py); set by the cluster wiring.
+        self.fetch_shard: Callable[[str, RunnerConfig], Awaitable[Path]] | None = None
+        self.fetch_tokenizer: Callable[[str], Awaitable[Path]] | None = None
+        # Info of models only other nodes hold (the cluster's catalogue); set by the cluster.
+        self.remote_info: Callable[[str], ModelInfo | None] | None = None
+        self.remote_models: Callable[[], list[ModelInfo]] = list
         self._tokenizers: dict[str, Any] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing = False
@@ -85,13 +92,21 @@ class LocalEngine:
         infos = {m.name: self.store.info(m.name) for m in self.store.list()}
         for instance in self.instances.values():
             infos.setdefault(instance.name, instance.info)
+        for info in self.remote_models():
+            infos.setdefault(info.name, info)
         return sorted(infos.values(), key=lambda m: m.name)
 
     def get_model(self, name: str) -> ModelInfo:
         name = canonical_name(name)
         if name in self.instances:
             return self.instances[name].info
-        return self.store.info(name)
+        try:
+            return self.store.info(name)
+        except ModelNotFound:
+            remote = self.remote_info(name) if self.remote_info else None
+            if remote is None:
+                raise
+            return remote
 
     def loaded_models(self) -> list[LoadedModel]:
         return [
@@ -107,7 +122,12 @@ class LocalEngine:
         if name in self.instances:
             return self.instances[name].tokenizer
         if name not in self._tokenizers:
-            model_dir = self.store.resolve(name)  # raises ModelNotFound
+            try:
+                model_dir = self.store.resolve(name)
+            except ModelNotFound:
+                if self.fetch_tokenizer is None:
+                    raise
+                model_dir = await self.fetch_tokenizer(name)  # from a peer that has the model
             self._tokenizers[name] = await asyncio.to_thread(_load_tokenizer, model_dir)
         return self._tokenizers[name]
 
@@ -193,7 +213,10 @@ class LocalEngine:
         return instance
 
     def _info(self, name: str, model_dir: Path) -> ModelInfo:
-        return _path_info(model_dir, name) if Path(name).exists() else self.store.info(name)
+        try:
+            return self.store.info(name)
+        except (ModelNotFound, ValueError):
+            return _path_info(model_dir, name)  # a path, or a shard fetched from a peer
 
     def _new_runner(self, name: str, model_dir: Path) -> RunnerProcess:
         s = self.settings
@@ -252,7 +275,12 @@ class LocalEngine:
     async def start_member(self, key: str, model: str, config: RunnerConfig,
                            *, ranks_on_this_machine: int = 1) -> RunnerProcess:
         """Start one runner of a placed instance; a head (solo/head role) serves `model` here."""
-        model_dir = self.store.resolve(model)
+        try:
+            model_dir = self.store.resolve(model)
+        except ModelNotFound:
+            if self.fetch_shard is None:
+                raise
+            model_dir = await self.fetch_shard(model, config)
         env, warning = runner_environment(self.settings,
                                           ranks_on_this_machine=ranks_on_this_machine)
         if warning:
@@ -263,7 +291,9 @@ class LocalEngine:
         await runner.start(timeout=config.startup_timeout_s)
         if config.role in ("solo", "head"):
             info = self._info(model, model_dir)
-            tokenizer = await self.tokenizer(model)
+            if model not in self._tokenizers:
+                self._tokenizers[model] = await asyncio.to_thread(_load_tokenizer, model_dir)
+            tokenizer = self._tokenizers[model]
             self.instances[model] = Instance(name=model, model_dir=model_dir, info=info,
                                              tokenizer=tokenizer, runner=runner)
         return runner
