@@ -77,7 +77,7 @@ def test_a_node_without_the_model_fetches_only_its_layers(tmp_path: Path) -> Non
     spec.write_text(f'[cluster]\nname = "{cluster}"\n[[models]]\nmodel = "tiny"\n'
                     'strategy = "pipeline"\nnodes = ["holder", "fetcher"]\nlayers = [3, 3]\n')
     agents, urls = [], []
-    for i, name in enumerate(["holder", "fetcher"]):
+    for name in ["holder", "fetcher"]:
         port = free_port()
         state = tmp_path / name
         state.mkdir()
