@@ -56,7 +56,41 @@ ASSIGNMENT_PATH = "/cluster/assignment"
 GENERATE_PATH = "/cluster/generate"
 PUSH_EVERY_S = 5.0
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+STABLE_AFTER_S = 60.0  # a runner that served this long before dying restarts after the 1st delay
+WATCH_S = 0.5  # a remote stream idle this long checks that its instance's nodes are alive
 _event_decoder = msgspec.msgpack.Decoder(GenerationEvent)
+
+
+COMPUTE_PROBE = r"""
+import time, mlx.core as mx
+a = mx.random.normal((512, 576)); b = mx.random.normal((576, 1536)); mx.eval(a, b)
+mx.eval(a @ b)
+n, start = 0, time.perf_counter()
+while time.perf_counter() - start < 0.3:
+    mx.eval(a @ b); n += 1
+print(2 * 512 * 576 * 1536 * n / (time.perf_counter() - start) / 1e9)
+"""
+
+
+async def measure_compute(settings: NodeSettings) -> tuple[str, float]:
+    """(BLAS in use, matmul GFLOP/s) as a runner of this node sees them: a short probe in a
+    runner's environment, so speed-aware placement compares what runners will really do."""
+    import sys
+
+    from agent.runtime.blas import describe_blas
+    from agent.runtime.environment import runner_environment
+
+    blas = await asyncio.to_thread(describe_blas, settings)
+    env, _ = runner_environment(settings)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", COMPUTE_PROBE, env=env, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL)
+        out, _ = await asyncio.wait_for(process.communicate(), 30)
+        return blas, round(float(out.decode().strip() or 0.0), 1)
+    except (TimeoutError, ValueError, OSError) as exc:
+        log.warning("compute probe failed: %s", exc)
+        return blas, 0.0
 
 
 class Assignment(BaseModel):
@@ -84,6 +118,7 @@ class Member:
         self.failures = 0
         self.state = "starting"
         self.detail = ""
+        self.ready_at = 0.0
 
 
 class ClusterController:
@@ -116,9 +151,11 @@ class ClusterController:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._last_push = 0.0
+        self._started = time.monotonic()
+        self._take_over = True  # learn the cluster's assignment before leading (see _lead)
         if spec is not None:
-            self.assignment = Assignment(spec=VersionedSpec(generation=1, hash=spec_hash(spec),
-                                                            spec=spec))
+            # The secret never travels: assignments carry the spec without it.
+            self.assignment = Assignment(spec=VersionedSpec.first(spec))
 
     # ---- identity and profile -------------------------------------------------------------
     @property
@@ -138,6 +175,8 @@ class ClusterController:
             memory_total_bytes=sysinfo.total_memory_bytes(),
             memory_available_bytes=sysinfo.available_memory_bytes(),
             memory_cap_bytes=s.memory_cap_bytes,
+            compute_gflops=getattr(self, "compute_gflops", 0.0),
+            blas=getattr(self, "blas", ""),
             spec_generation=spec.generation if spec else 0,
             spec_hash=spec.hash if spec else "",
             models=sorted(m.name for m in self.engine.store.list()),
@@ -165,6 +204,7 @@ class ClusterController:
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
+        self.blas, self.compute_gflops = await measure_compute(s)
         if s.discovery_enabled:
             config = DiscoveryConfig(
                 cluster=self.cluster_name, secret=self.secret,
@@ -179,7 +219,8 @@ class ClusterController:
             await self.discovery.start()
             self._addresses = [a.address for a in self.discovery.addresses]
             self.membership.set_self(self.profile())
-        self.membership.add_callback(lambda _event: self._wake.set())
+        self._started = time.monotonic()
+        self.membership.add_callback(self._on_membership)
         self._tasks.append(asyncio.create_task(self.membership.run(self._stop)))
         static = self._static_targets()
         if static:
@@ -197,6 +238,21 @@ class ClusterController:
 
     def _beacon_profile(self) -> NodeProfile:
         return self.profile()
+
+    def _on_membership(self, event: Any) -> None:
+        if event.kind in ("join", "restart"):
+            # A node (re)appeared: after a partition heals it may hold another leader's
+            # assignment, so the leader reconciles the assignments before it leads again.
+            self._take_over = True
+        self._wake.set()
+
+    def _settle_s(self) -> float:
+        """How long a starting node listens before it may lead: long enough to hear every
+        live peer's beacons, so the first placement does not see a one-node cluster."""
+        s = self.settings
+        if not s.discovery_enabled and not self._static_targets():
+            return 0.0
+        return max(2, s.suspect_after_missed) * s.discovery_interval_s
 
     def _on_rekey(self, identity: Any) -> None:
         self.identity = identity
@@ -228,14 +284,46 @@ class ClusterController:
         while not self._stop.is_set():
             try:
                 await self._refresh_catalogue()
-                if self.is_leader:
+                settled = time.monotonic() - self._started >= self._settle_s()
+                if self.is_leader and settled:
+                    if self._take_over:
+                        self._take_over = False
+                        await self._adopt_cluster_assignment()
                     await self._lead()
+                elif not self.is_leader:
+                    self._take_over = True  # when leadership comes back here, learn first
                 await self._converge()
+                self._publish_metrics()
             except Exception:
                 log.exception("cluster loop step failed")
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
+
+    def _publish_metrics(self) -> None:
+        if self.metrics is None:
+            return
+        from agent.metrics import PlacementRow
+
+        self.metrics.set_node_memory(sysinfo.total_memory_bytes(),
+                                     sysinfo.available_memory_bytes())
+        for view in self.membership.views():
+            name = view.profile.name or view.profile.node_id
+            if view.status == "left":
+                self.metrics.forget_peer(name)
+            elif view.rtt_ms is not None:
+                self.metrics.set_peer_rtt(name, view.rtt_ms / 1000)
+        rows = []
+        me = self.profile().name
+        for placement in self.assignment.placements:
+            rank = 0
+            for stage in placement.stages:
+                for node in stage.nodes:
+                    if node == self.node_id:
+                        rows.append(PlacementRow(placement.model, placement.instance_id, me,
+                                                 rank, stage.layer_start, stage.layer_stop))
+                    rank += 1
+        self.metrics.set_placements(rows)
 
     # ---- the leader -----------------------------------------------------------------------
     def _shape(self, model: str) -> ModelShape | None:
@@ -275,6 +363,50 @@ class ClusterController:
     def remote_info(self, model: str) -> ModelInfo | None:
         entry = self.catalogue.get(canonical_name(model))
         return entry[0] if entry else None
+
+    async def _fetch_assignment(self, peer: NodeProfile) -> Assignment | None:
+        try:
+            response = await self.client.request(
+                "GET", base_url(peer.addresses[0], peer.api_port) + ASSIGNMENT_PATH)
+            if response.status_code != 200:
+                return None
+            return Assignment.model_validate_json(response.content)
+        except (PeerError, ValueError) as exc:
+            log.debug("could not read %s's assignment: %s", peer.name, exc)
+            return None
+
+    async def _adopt_cluster_assignment(self) -> None:
+        """Start leading from what the cluster already runs, not from what this node holds.
+
+        A node that just started (or restarted) as the leader holds no assignment, and after a
+        partition heals each side holds its own leader's. The new leader reads every peer's
+        assignment and continues from the one most nodes hold (then the newest), so instances
+        that stayed healthy keep running; its generations continue above every one seen, so
+        no node refuses them as stale. The newest spec wins; API requests are merged.
+        """
+        peers = [p for p in self.nodes().values() if p.node_id != self.node_id and p.addresses]
+        fetched = await asyncio.gather(*(self._fetch_assignment(p) for p in peers))
+        held = [a for a in [self.assignment, *fetched] if a is not None and a.generation > 0]
+        if not held:
+            return
+        votes: dict[tuple[str, int], int] = {}
+        for a in held:
+            votes[(a.leader, a.generation)] = votes.get((a.leader, a.generation), 0) + 1
+        leader, generation = max(votes, key=lambda k: (votes[k], k[1], k[0]))
+        base = next(a for a in held if (a.leader, a.generation) == (leader, generation))
+        spec = self.assignment.spec
+        for a in held:
+            if a.spec is not None and a.spec.newer_than(spec):
+                spec = a.spec
+        requested = list(base.requested)
+        for a in held:
+            requested += [r for r in a.requested if all(r.key != q.key for q in requested)]
+        if base is not self.assignment:
+            log.info("continuing from %s's assignment (generation %d, held by %d of %d nodes)",
+                     leader[:8] or "?", generation, votes[(leader, generation)], len(held))
+        self.assignment = base.model_copy(update={
+            "generation": max(a.generation for a in held), "spec": spec,
+            "requested": requested})
 
     async def _lead(self) -> None:
         current = self.assignment
@@ -407,9 +539,14 @@ class ClusterController:
         return []
 
     # ---- every node: converge local runners --------------------------------------------------
-    def _base_config(self) -> RunnerConfig:
+    def _base_config(self, model: str = "") -> RunnerConfig:
         s = self.settings
+        spec = self.assignment.spec
+        entry = next((m for m in spec.spec.models if canonical_name(m.model) == model),
+                     None) if spec else None
         return RunnerConfig(model_name="", model_dir="", max_batch=s.max_batch,
+                            context_length=entry.context_length if entry else None,
+                            kv_bits=entry.kv_bits if entry else None,
                             max_queue=s.max_queue, prefill_chunk=s.prefill_chunk,
                             memory_cap_bytes=s.memory_cap_bytes, compile_step=s.compile_step,
                             fuse_projections=s.fuse_projections,
@@ -423,7 +560,8 @@ class ClusterController:
             if slot is None or self.node_id not in placement.nodes():
                 continue
             try:
-                configs = runner_configs(placement, slot, profiles, self._base_config())
+                configs = runner_configs(placement, slot, profiles,
+                                         self._base_config(placement.model))
             except WiringError as exc:
                 log.warning("cannot wire %s: %s", placement.instance_id, exc)
                 continue
@@ -445,7 +583,17 @@ class ClusterController:
             if member.task is None or member.task.done():
                 runner = self.engine.members.get(key)
                 if runner is None or not runner.alive:
+                    if member.state == "ready":
+                        self._member_died(member, runner)
                     member.task = asyncio.create_task(self._run_member(member, len(wanted)))
+
+    def _member_died(self, member: Member, runner: Any) -> None:
+        """A runner that was serving exited: count it, and restart it with backoff."""
+        code = getattr(getattr(runner, "_process", None), "returncode", None)
+        stable = time.monotonic() - member.ready_at > STABLE_AFTER_S
+        member.failures = 1 if stable else member.failures + 1
+        member.state, member.detail = "failed", f"runner exited (code {code})"
+        log.warning("runner %s exited with code %s; restarting", member.key, code)
 
     async def _run_member(self, member: Member, local_ranks: int) -> None:
         if member.failures:
@@ -459,7 +607,7 @@ class ClusterController:
             await self.engine.start_member(member.key, member.model, member.config,
                                            ranks_on_this_machine=local_ranks)
             member.state, member.detail = "ready", ""
-            member.failures = 0
+            member.ready_at = time.monotonic()
         except Exception as exc:
             member.failures += 1
             member.state, member.detail = "failed", str(exc)

@@ -31,6 +31,7 @@ class NodeProfile(Frozen):
     memory_available_bytes: int
     memory_cap_bytes: int | None = None  # from settings or cluster.toml [[nodes]] memory_cap
     compute_gflops: float = 0.0  # measured matmul throughput, for speed-aware splits
+    blas: str = ""  # the BLAS its runners use (Linux: OpenBLAS through flock's shim)
     labels: dict[str, str] = Field(default_factory=dict)
     spec_generation: int = 0
     spec_hash: str = ""

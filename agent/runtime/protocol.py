@@ -31,6 +31,7 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     kv_budget_bytes: int | None = None  # None: computed from free memory after weights
     memory_cap_bytes: int | None = None
     prefix_cache_bytes: int | None = None  # None: a quarter of the KV budget
+    kv_bits: int | None = None  # quantized KV cache (4 or 8); None keeps the weights' dtype
     compile_step: bool = True
     fuse_projections: bool = True
     stats_interval_s: float = 1.0
