@@ -35,6 +35,7 @@ CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool
 TWO_CALLS = CALL + '<tool_call>{"name": "get_time"}</tool_call>'
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}},
           "required": ["answer"]}
+CLOSED = {**SCHEMA, "additionalProperties": False}  # strict schemas admit no other properties
 
 
 WIDE_ECHO = msgspec.structs.replace(ECHO_MODEL, context_length=4096)
@@ -185,7 +186,8 @@ def test_openai_bad_history_arguments_are_400_naming_them(server: Server) -> Non
 @pytest.mark.parametrize(("fmt", "schema"), [
     ({"type": "json_object"}, {"type": "object"}),
     ({"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA, "strict": True}},
-     SCHEMA),
+     CLOSED),
+    ({"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}, SCHEMA),
 ])
 def test_openai_response_format_constrains_to_a_schema(server: Server, fmt: dict,
                                                        schema: dict) -> None:
@@ -272,7 +274,7 @@ def test_anthropic_output_format_constrains_to_the_schema(server: Server) -> Non
         "model": "echo", "max_tokens": 50, "messages": user('{"answer": 2}'),
         "output_config": {"format": {"type": "json_schema", "schema": SCHEMA}}})
     assert response.status_code == 200
-    assert server.engine.requests[-1].json_schema == SCHEMA
+    assert server.engine.requests[-1].json_schema == CLOSED
 
 
 # --- Ollama ---------------------------------------------------------------------------------
@@ -308,7 +310,7 @@ def test_ollama_tool_turns_in_the_history_are_accepted(server: Server) -> None:
     assert reply.message.content == "Thanks"
 
 
-@pytest.mark.parametrize(("fmt", "schema"), [("json", {"type": "object"}), (SCHEMA, SCHEMA)])
+@pytest.mark.parametrize(("fmt", "schema"), [("json", {"type": "object"}), (SCHEMA, CLOSED)])
 def test_ollama_format_constrains_to_a_schema(server: Server, fmt: object, schema: dict) -> None:
     server.ollama.chat(model="echo", messages=user("{}"), format=fmt)  # type: ignore[arg-type]
     assert server.engine.requests[-1].json_schema == schema

@@ -15,7 +15,7 @@ from agent.tools.formats import (
     prepare_conversation,
     template_text,
 )
-from agent.tools.grammar import call_schema, schema_problem
+from agent.tools.grammar import call_schema, close_objects, schema_problem
 from agent.tools.types import ToolCall, ToolChoice, ToolSpec
 
 # Excerpts with the markers each family's real template carries (not whole templates).
@@ -129,3 +129,34 @@ def test_call_schema_is_a_usable_schema_for_one_or_many_tools() -> None:
 def test_unusable_schemas_are_explained(schema: object, needle: str) -> None:
     problem = schema_problem(schema)
     assert problem is not None and needle in problem
+
+
+def test_closing_objects_reaches_every_nested_schema_and_keeps_explicit_choices() -> None:
+    open_object = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    schema = {
+        "type": "object",
+        "properties": {
+            "properties": open_object,  # a property that happens to be called "properties"
+            "list": {"type": "array", "items": open_object},
+            "either": {"anyOf": [open_object, {"type": "string"}]},
+            "free": {"type": "object", "properties": {}, "additionalProperties": True},
+            "typed": {"type": "object", "additionalProperties": open_object},
+        },
+        "$defs": {"d": open_object},
+    }
+    closed = close_objects(schema)
+    shut = {**open_object, "additionalProperties": False}
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["properties"] == shut
+    assert closed["properties"]["list"]["items"] == shut
+    assert closed["properties"]["either"]["anyOf"] == [shut, {"type": "string"}]
+    assert closed["properties"]["free"]["additionalProperties"] is True
+    assert closed["properties"]["typed"]["additionalProperties"] == shut
+    assert closed["$defs"]["d"] == shut
+    assert "additionalProperties" not in schema  # the input is left as it was
+
+
+def test_forced_calls_admit_only_the_declared_arguments() -> None:
+    arguments = call_schema([WEATHER])["properties"]["arguments"]
+    assert arguments["additionalProperties"] is False
+    assert "additionalProperties" not in WEATHER.parameters

@@ -80,6 +80,7 @@ from agent.generation import (
     TokenChunk,
     Usage,
 )
+from agent.tools.grammar import close_objects
 from agent.tools.types import ToolCall, ToolChoice, ToolSpec
 
 DEFAULT_TEMPERATURE = 1.0
@@ -157,7 +158,8 @@ def output_schema(req: MessagesRequest | CountTokensRequest) -> dict[str, Any] |
     if fmt.get("type") != "json_schema":
         raise invalid("'output_config.format.type' must be 'json_schema'.",
                       param="output_config.format.type")
-    return check_schema(fmt.get("schema"), "output_config.format.schema")
+    # Anthropic's structured outputs admit no properties beyond those listed.
+    return close_objects(check_schema(fmt.get("schema"), "output_config.format.schema"))
 
 
 def _tool_result_text(block: ContentBlockIn, where: str) -> str:

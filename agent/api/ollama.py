@@ -90,6 +90,7 @@ from agent.generation import (
     TokenChunk,
     TokenLogprob,
 )
+from agent.tools.grammar import close_objects
 from agent.tools.types import ToolCall, ToolChoice, ToolSpec
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,8 @@ def output_schema(req: ChatRequest | GenerateRequest) -> dict[str, Any] | None:
     if isinstance(req.format, str):
         raise invalid(f"'format' must be \"json\" or a JSON schema, not {req.format!r}.",
                       param="format")
-    return check_schema(req.format, "format")
+    # Objects admit only their listed properties unless the schema says otherwise, as in Ollama.
+    return close_objects(check_schema(req.format, "format"))
 
 
 def chat_tools(req: ChatRequest) -> list[ToolSpec]:

@@ -87,6 +87,7 @@ from agent.generation import (
     TokenLogprob,
     Usage,
 )
+from agent.tools.grammar import close_objects
 from agent.tools.types import ToolCall, ToolChoice, ToolSpec
 
 DEFAULT_TEMPERATURE = 1.0
@@ -164,9 +165,11 @@ def response_schema(req: ChatCompletionRequest) -> dict[str, Any] | None:
     if not isinstance(fmt.json_schema, dict):
         raise invalid("'response_format.json_schema' is required for type 'json_schema'.",
                       param="response_format.json_schema")
-    # Strict or not, the reply is generated under the schema, so it always validates.
-    schema = fmt.json_schema.get("schema", json_mode_schema())
-    return check_schema(schema, "response_format.json_schema.schema")
+    # Strict or not, the reply is generated under the schema, so it always validates; strict
+    # schemas also admit no properties beyond those listed (OpenAI's rule).
+    schema = check_schema(fmt.json_schema.get("schema", json_mode_schema()),
+                          "response_format.json_schema.schema")
+    return close_objects(schema) if fmt.json_schema.get("strict") else schema
 
 
 def _message_text(message: ChatMessageIn, where: str) -> str:

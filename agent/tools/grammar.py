@@ -52,6 +52,40 @@ def schema_problem(schema: Any) -> str | None:
     return grammar_problem(grammar)
 
 
+_SCHEMA_KEYS = ("items", "additionalItems", "not", "if", "then", "else", "contains",
+                "propertyNames", "unevaluatedItems")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def close_objects(schema: Any) -> Any:
+    """The schema with every object that lists `properties` but says nothing about others
+    closed to them ("additionalProperties": false).
+
+    Used where the schema describes what the model should write, not what a validator should
+    tolerate: tool arguments (as OpenAI's strict mode requires), strict response formats and
+    Ollama's `format` (llama.cpp's converter, behind Ollama, closes objects the same way).
+    Without it a small model keeps inventing properties until max_tokens.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_KEYS:
+        if isinstance(out.get(key), dict):
+            out[key] = close_objects(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [close_objects(s) for s in out[key]]
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: close_objects(s) for name, s in out[key].items()}
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = close_objects(out["additionalProperties"])
+    elif isinstance(out.get("properties"), dict) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 # --- forced tool calls --------------------------------------------------------------------
 
 
@@ -65,7 +99,8 @@ def call_schema(tools: Sequence[ToolSpec], arguments_key: str = "arguments") -> 
     options = [
         {
             "type": "object",
-            "properties": {"name": {"const": t.name}, arguments_key: t.parameters},
+            "properties": {"name": {"const": t.name},
+                           arguments_key: close_objects(t.parameters)},
             "required": ["name", arguments_key],
             "additionalProperties": False,
         }
