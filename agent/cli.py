@@ -253,7 +253,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_spec(args: argparse.Namespace) -> int:
-    from agent.spec import dump_spec, spec_from_observed, validate_spec_file
+    from agent.cluster.export import spec_from_observed
+    from agent.spec import dump_spec, validate_spec_file
 
     if args.action == "validate":
         errors = validate_spec_file(args.file)

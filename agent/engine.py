@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from agent.generation import ChatMessage as ChatMessage  # re-exported for the adapters
 from agent.generation import GenerationEvent, GenerationRequest
 from agent.tools.types import ToolFormat
 
@@ -33,16 +34,6 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     digest: str
     modified_at: float  # unix seconds
     chat_template: str | None = None
-
-
-class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
-    """One message of a conversation in the shape chat templates expect."""
-
-    role: str  # system | user | assistant | tool
-    content: str = ""
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None
-    name: str | None = None
 
 
 class LoadedModel(msgspec.Struct, frozen=True, kw_only=True):

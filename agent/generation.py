@@ -7,7 +7,7 @@ between the agent and its runner processes as msgpack, so they are msgspec struc
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -101,3 +101,13 @@ class Failed(msgspec.Struct, frozen=True, tag="failed", kw_only=True):
 
 
 GenerationEvent = TokenChunk | Finished | Failed
+
+
+class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """One message of a conversation in the shape chat templates expect."""
+
+    role: str  # system | user | assistant | tool
+    content: str = ""
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None

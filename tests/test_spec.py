@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.cluster.export import spec_from_observed
 from agent.cluster.placement import place
 from agent.cluster.state import NodeProfile
 from agent.spec import (
@@ -22,7 +23,6 @@ from agent.spec import (
     load_spec,
     parse_bytes,
     parse_spec,
-    spec_from_observed,
     spec_hash,
     validate_spec_file,
 )

@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Strategy = Literal["auto", "pipeline", "tensor", "hybrid"]
+from agent.spec import Strategy as Strategy  # one definition, with the spec schema
+
 Backend = Literal["cpu", "metal", "cuda"]
 
 

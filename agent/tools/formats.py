@@ -20,7 +20,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from agent.engine import ChatMessage
+from agent.generation import ChatMessage
 from agent.tools.types import ToolChoice, ToolFormat, ToolSpec
 
 # A template renders tools when it reads the `tools` variable (Jinja).
