@@ -160,3 +160,11 @@ def test_forced_calls_admit_only_the_declared_arguments() -> None:
     arguments = call_schema([WEATHER])["properties"]["arguments"]
     assert arguments["additionalProperties"] is False
     assert "additionalProperties" not in WEATHER.parameters
+
+
+def test_a_user_turn_after_tool_results_joins_their_turn() -> None:
+    messages, _ = prepare_conversation(
+        "default", [*conversation(), ChatMessage(role="user", content="Which is warmer?")],
+        [WEATHER], ToolChoice())
+    assert [m.role for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[-1].content.endswith("</tool_response>\nWhich is warmer?")

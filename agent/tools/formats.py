@@ -85,18 +85,22 @@ def _call_parts(call: Mapping[str, Any]) -> tuple[str, Any]:
 
 
 def _default_history(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
-    """Assistant calls become their text form; tool results become user turns (consecutive
-    results share one turn, so templates that insist on alternating roles accept them)."""
+    """Assistant calls become their text form; tool results become user turns. Results and a
+    user turn right after them share one turn, so templates that insist on alternating roles
+    accept the conversation."""
     out: list[ChatMessage] = []
     for message in messages:
+        previous = out[-1] if out else None
+        after_results = (previous is not None and previous.role == "user"
+                         and previous.content.endswith("</tool_response>"))
         if message.role == "tool":
             block = f"<tool_response>\n{message.content}\n</tool_response>"
-            previous = out[-1] if out else None
-            if previous is not None and previous.role == "user" and \
-                    previous.content.endswith("</tool_response>"):
-                out[-1] = ChatMessage(role="user", content=f"{previous.content}\n{block}")
+            if after_results:
+                out[-1] = ChatMessage(role="user", content=f"{previous.content}\n{block}")  # type: ignore[union-attr]
             else:
                 out.append(ChatMessage(role="user", content=block))
+        elif message.role == "user" and after_results:
+            out[-1] = ChatMessage(role="user", content=f"{previous.content}\n{message.content}")  # type: ignore[union-attr]
         elif message.role == "assistant" and message.tool_calls:
             calls = [render_default_call(*_call_parts(c)) for c in message.tool_calls]
             text = "\n".join(([message.content] if message.content else []) + calls)
