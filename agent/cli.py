@@ -38,6 +38,8 @@ def _settings_from(args: argparse.Namespace) -> Any:
         data_port_base=getattr(args, "data_port", None),
         memory_cap_bytes=getattr(args, "memory_cap", None),
         blas_threads=getattr(args, "blas_threads", None),
+        kv_budget_bytes=getattr(args, "kv_budget", None),
+        prefix_cache_bytes=getattr(args, "prefix_cache", None),
     )
 
 
@@ -342,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--memory-cap", type=int, metavar="BYTES",
                      help="memory this node may use for models")
     run.add_argument("--blas-threads", type=int, help="OpenBLAS threads per runner")
+    run.add_argument("--kv-budget", type=int, metavar="BYTES",
+                     help="KV cache bytes per runner (default: what memory allows)")
+    run.add_argument("--prefix-cache", type=int, metavar="BYTES",
+                     help="bytes of finished conversations kept for reuse (default: 1/4 of "
+                          "the KV budget; 0 turns it off)")
 
     models = command("models", cmd_models, "list the models in the local store")
     _add_store_flags(models)

@@ -62,6 +62,10 @@ class NodeSettings(BaseSettings):
     prefill_chunk: int = Field(default=512, ge=16)
     max_tokens_default: int = Field(default=2048, ge=1)
     memory_cap_bytes: int | None = Field(default=None, ge=0)
+    # KV cache per runner; unset: what memory allows after the weights. The prefix cache keeps
+    # finished conversations for reuse; unset: a quarter of the KV budget.
+    kv_budget_bytes: int | None = Field(default=None, ge=0)
+    prefix_cache_bytes: int | None = Field(default=None, ge=0)
     blas: Literal["auto", "off"] = "auto"
     blas_threads: int | None = Field(default=None, ge=1)
     compile_step: bool = True

@@ -203,3 +203,15 @@ def test_prefix_cache_evicts_to_stay_within_its_byte_bound(tiny_dir: Path) -> No
     sched.submit(request("again", [3 + 5] * 40 + tokens_of(events, "p5")[:3] + [9], 4))
     run_all(sched)
     assert final(events, "again").usage.cached_tokens > 0  # type: ignore[union-attr]
+
+
+def test_token_ids_outside_the_vocabulary_are_a_bad_request(tiny_dir: Path) -> None:
+    sched, events = make_scheduler(tiny_dir)
+    vocab = sched.decoder.config.vocab_size
+    sched.submit(request("oov", [5, vocab + 7, 6]))
+    sched.submit(request("neg", [-1, 5]))
+    for rid, bad in (("oov", vocab + 7), ("neg", -1)):
+        end = final(events, rid)
+        assert isinstance(end, Failed) and end.code == "bad_request"
+        assert f"token id {bad}" in end.message
+    assert sched.idle

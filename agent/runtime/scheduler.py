@@ -154,6 +154,10 @@ class Scheduler:
         prompt = len(request.prompt_tokens)
         if prompt == 0:
             return "the prompt is empty"
+        vocab = self.decoder.config.vocab_size
+        bad = next((t for t in request.prompt_tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            return f"token id {bad} is outside the model's vocabulary (0 to {vocab - 1})"
         if prompt >= self.limits.context_length:
             return (f"the prompt has {prompt} tokens, but the model's context is "
                     f"{self.limits.context_length} tokens (at most "

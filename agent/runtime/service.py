@@ -228,6 +228,8 @@ class LocalEngine:
             max_queue=s.max_queue,
             prefill_chunk=s.prefill_chunk,
             memory_cap_bytes=s.memory_cap_bytes,
+            kv_budget_bytes=s.kv_budget_bytes,
+            prefix_cache_bytes=s.prefix_cache_bytes,
             compile_step=s.compile_step,
             fuse_projections=s.fuse_projections,
         )
