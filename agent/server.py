@@ -76,7 +76,8 @@ async def run_agent(settings: NodeSettings, *, started: asyncio.Event | None = N
     spec, settings = _load_spec(settings)
     cluster = ClusterController(settings, engine, spec=spec, metrics=metrics)
     engine.router = cluster
-    ready = {"value": settings.model is None}
+    # No default model (None, or "" from FLOCK_MODEL= or flock.toml): ready at once.
+    ready = {"value": not settings.model}
     app = create_app(engine, settings, ready=lambda: ready["value"], metrics=metrics,
                      pull=_puller(engine))
     app.state["cluster"] = cluster
