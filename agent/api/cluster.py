@@ -11,7 +11,9 @@ Who may call what:
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -117,6 +119,17 @@ class ClusterApi(Controller):
                         headers=response_headers(cluster.secret, cluster.node_id, body,
                                                  dict(request.headers)))
 
+    @get("/assignment", summary="The placements this node follows (agent-to-agent)")
+    async def current_assignment(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        problem = await _peer_error(request, b"")
+        if problem:
+            return _error(401, problem)
+        cluster = _controller(request)
+        body = cluster.assignment.model_dump_json().encode()
+        return Response(body, media_type="application/json",
+                        headers=response_headers(cluster.secret, cluster.node_id, body,
+                                                 dict(request.headers)))
+
     @post("/assignment", summary="The leader's placements (agent-to-agent)", status_code=200)
     async def assignment(self, request: Request[Any, Any, Any]) -> Response[Any]:
         body = await request.body()
@@ -146,7 +159,7 @@ class ClusterApi(Controller):
         except msgspec.DecodeError as exc:
             return _error(400, f"bad request: {exc}")
         cluster = _controller(request)
-        instance = cluster.engine.instances.get(canonical_name(generation.model))
+        instance = await _head_instance(cluster, canonical_name(generation.model))
 
         async def events() -> AsyncIterator[bytes]:
             if instance is None or not instance.runner.alive:
@@ -221,6 +234,21 @@ class ClusterApi(Controller):
         if why is not None:
             return _error(502, why)
         return Response({"removed": instance_id})
+
+
+async def _head_instance(cluster: ClusterController, model: str) -> Any:
+    """The head runner serving `model` here; while this node is still the head of a placement
+    of it whose runner is (re)starting, wait for it (bounded), as a local request would."""
+    deadline = time.monotonic() + cluster.settings.placement_wait_s
+    while True:
+        instance = cluster.engine.instances.get(model)
+        if instance is not None and instance.runner.alive and instance.runner.ready is not None:
+            return instance
+        heads = [p for p in cluster.assignment.placements
+                 if p.model == model and p.head_node == cluster.node_id]
+        if not heads or time.monotonic() > deadline:
+            return instance
+        await asyncio.sleep(0.2)
 
 
 def _validate(text: str) -> list[str]:

@@ -534,7 +534,8 @@ class ClusterController:
             return []
         generation = (current.generation if current else 0) + 1
         self.assignment = self.assignment.model_copy(update={
-            "spec": VersionedSpec(generation=generation, hash=digest, spec=spec)})
+            "spec": VersionedSpec(generation=generation, hash=digest,
+                                  spec=spec.without_secret())})
         self._wake.set()
         return []
 
@@ -602,12 +603,16 @@ class ClusterController:
             if self.metrics is not None:
                 self.metrics.runner_restarted(member.model, member.key)
         member.state = "starting"
+        started = time.monotonic()
         try:
             await self.engine.stop_member(member.key)
             await self.engine.start_member(member.key, member.model, member.config,
                                            ranks_on_this_machine=local_ranks)
             member.state, member.detail = "ready", ""
             member.ready_at = time.monotonic()
+            log.info("runner %s (%s, layers %s-%s) ready in %.1fs", member.key, member.config.role,
+                     member.config.layer_start, member.config.layer_stop,
+                     member.ready_at - started)
         except Exception as exc:
             member.failures += 1
             member.state, member.detail = "failed", str(exc)
@@ -638,7 +643,9 @@ class ClusterController:
         requested = False
         while True:
             placement = self._placement_for(name)
-            if placement is not None:
+            if placement is not None and self._lost_node(placement) is not None:
+                pass  # a member is suspect or gone: wait for it or for the re-placement
+            elif placement is not None:
                 head = placement.head_node
                 if head == self.node_id:
                     instance = self.engine.instances.get(name)
@@ -648,7 +655,7 @@ class ClusterController:
                 else:
                     profile = self.nodes().get(head)
                     if profile is not None and profile.addresses:
-                        return self._remote(profile)
+                        return self._remote(profile, placement)
             elif not requested and not self._spec_wants(name):
                 holders = [p for p in self.nodes().values() if name in p.models]
                 if not holders and not Path(name).is_dir():  # a local path serves here
@@ -661,36 +668,75 @@ class ClusterController:
             self._wake.set()
             await asyncio.sleep(0.2)
 
-    def _remote(self, profile: NodeProfile) -> RemoteStream:
+    def _lost_node(self, placement: Placement) -> str | None:
+        """The name of a node of `placement` that is not heard from (suspect, gone), if any."""
+        for node in placement.nodes():
+            if node != self.node_id and self.table.status(node) != "alive":
+                profile = self.nodes().get(node)
+                return profile.name if profile is not None else node[:8]
+        return None
+
+    def _remote(self, profile: NodeProfile, placement: Placement) -> RemoteStream:
         url = base_url(profile.addresses[0], profile.api_port) + GENERATE_PATH
 
-        async def stream(request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        async def pump(request: GenerationRequest,
+                       out: asyncio.Queue[GenerationEvent | Exception | None]) -> None:
             body = msgspec.msgpack.encode(request)
             headers = signed_headers(self.secret, self.node_id, "POST", GENERATE_PATH, body)
-            ended = False
             try:
                 async with self.stream_client.stream("POST", url, content=body,
                                                      headers=headers) as response:
                     if response.status_code != 200:
                         await response.aread()
-                        yield Failed(id=request.id, code="internal",
-                                     message=f"node {profile.name} refused: "
-                                             f"{response.status_code} {response.text[:200]}")
+                        out.put_nowait(Failed(id=request.id, code="internal",
+                                              message=f"node {profile.name} refused: "
+                                                      f"{response.status_code} "
+                                                      f"{response.text[:200]}"))
                         return
                     frames = FrameBuffer()
                     async for chunk in response.aiter_bytes():
                         for frame_body in frames.feed(chunk):
-                            event = _event_decoder.decode(frame_body)
-                            ended = isinstance(event, Finished | Failed)
-                            yield event
+                            out.put_nowait(_event_decoder.decode(frame_body))
             except httpx.HTTPError as exc:
-                if not ended:
-                    yield Failed(id=request.id, code="internal",
-                                 message=f"lost node {profile.name} serving the model: {exc}")
-                return
-            if not ended:
-                yield Failed(id=request.id, code="internal",
-                             message=f"node {profile.name} ended the stream early")
+                out.put_nowait(exc)
+            finally:
+                out.put_nowait(None)
+
+        async def stream(request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+            # The response is read by a task; while it is quiet, the stream checks that every
+            # node of the instance is still heard from. A cut link sends no FIN: without this
+            # check the request would hang until the head's own stage deadline (or forever,
+            # when the head itself is cut off).
+            events: asyncio.Queue[GenerationEvent | Exception | None] = asyncio.Queue()
+            reader = asyncio.create_task(pump(request, events))
+            try:
+                while True:
+                    try:
+                        item = await asyncio.wait_for(events.get(), WATCH_S)
+                    except TimeoutError:
+                        lost = self._lost_node(placement)
+                        if lost is not None:
+                            yield Failed(id=request.id, code="internal",
+                                         message=f"lost node {lost} serving the model "
+                                                 "(not heard from)")
+                            return
+                        continue
+                    if item is None:
+                        yield Failed(id=request.id, code="internal",
+                                     message=f"node {profile.name} ended the stream early")
+                        return
+                    if isinstance(item, Exception):
+                        yield Failed(id=request.id, code="internal",
+                                     message=f"lost node {profile.name} serving the model: "
+                                             f"{item}")
+                        return
+                    yield item
+                    if isinstance(item, Finished | Failed):
+                        return
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
 
         return stream
 
