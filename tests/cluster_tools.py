@@ -24,9 +24,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -232,6 +233,8 @@ class ClusterBase:
     agents: list[Agent] = field(default_factory=list)
     cluster_name: str = field(default_factory=lambda: f"t{os.getpid()}{secrets.token_hex(3)}")
     blas_threads: int = 1
+    # Beacon interval (suspect after 3 missed, gone after 8); None keeps flock's default (1 s).
+    discovery_interval_s: float | None = None
     _callers: dict[str | None, NsCaller] = field(default_factory=dict)
 
     # -- processes --------------------------------------------------------------------------
@@ -256,9 +259,9 @@ class ClusterBase:
             "FLOCK_STATE_DIR": str(state),  # no ~/.flock/flock.toml leaks in
             "FLOCK_CLUSTER_NAME": self.cluster_name,
             "FLOCK_DISCOVERY_PORT": str(discovery_port),
-            "FLOCK_DISCOVERY_INTERVAL_S": "0.5",
-            "FLOCK_PEER_TIMEOUT_S": "3",
         })
+        if self.discovery_interval_s is not None:
+            env["FLOCK_DISCOVERY_INTERVAL_S"] = str(self.discovery_interval_s)
         if model is None:
             env["FLOCK_MODEL"] = ""  # nothing placed at start
         return env
@@ -318,6 +321,16 @@ class ClusterBase:
                 return fn(client)
 
         return self.caller(netns)(run, timeout=timeout + 5)
+
+    def submit(self, agent: Agent, fn: Callable[[httpx.Client], T], *,
+               timeout: float = 600.0) -> Future[T]:
+        """`call` in the background (from the agent's own namespace, over loopback)."""
+
+        def run() -> T:
+            with httpx.Client(base_url=agent.url, timeout=timeout, trust_env=False) as client:
+                return fn(client)
+
+        return self.caller(agent.netns).submit(run)  # type: ignore[no-any-return]
 
     def get(self, agent: Agent, path: str, *, via: Agent | None = None,
             timeout: float = 10.0) -> httpx.Response:
@@ -553,6 +566,81 @@ class StreamRecord:
     transport_error: str | None = None
 
 
+COUNTING = [{"role": "user", "content": "Count from 1 to 500, one number per line."}]
+
+
+def stream_api(client: httpx.Client, api: str, record: StreamRecord, *, model: str = MODEL,
+               max_tokens: int = 400, messages: list[dict[str, str]] | None = None,
+               on_token: Callable[[StreamRecord], None] | None = None) -> StreamRecord:
+    """Stream a chat through `api` ("openai", "anthropic" or "ollama") into `record`.
+
+    `record.error` is set when the stream carries an error in that API's own format: an SSE
+    `data: {"error": ...}` chunk (OpenAI), an SSE `event: error` (Anthropic), an NDJSON line
+    with "error" (Ollama).
+    """
+    messages = messages or COUNTING
+    if api == "openai":
+        path = "/v1/chat/completions"
+        body: dict[str, Any] = {"model": model, "messages": messages, "temperature": 0,
+                                "max_tokens": max_tokens, "stream": True}
+    elif api == "anthropic":
+        path = "/v1/messages"
+        body = {"model": model, "messages": messages, "temperature": 0,
+                "max_tokens": max_tokens, "stream": True}
+    elif api == "ollama":
+        path = "/api/chat"
+        body = {"model": model, "messages": messages, "stream": True,
+                "options": {"temperature": 0, "num_predict": max_tokens}}
+    else:
+        raise ValueError(api)
+    record.started = time.monotonic()
+    event = ""
+
+    def got_text(piece: str) -> None:
+        if not piece:
+            return
+        record.text += piece
+        if not record.first_token:
+            record.first_token = time.monotonic()
+            if on_token is not None:
+                on_token(record)
+
+    try:
+        with client.stream("POST", path, json=body) as response:
+            record.status = response.status_code
+            for line in response.iter_lines():
+                if not line:
+                    continue
+                record.lines.append(line)
+                if api == "ollama":
+                    data = json.loads(line)
+                    if "error" in data:
+                        record.error = json.dumps(data)
+                    else:
+                        got_text(data.get("message", {}).get("content", ""))
+                    continue
+                if line.startswith("event: "):
+                    event = line[7:]
+                    continue
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                if api == "anthropic":
+                    if event == "error" and data.get("type") == "error":
+                        record.error = json.dumps(data)
+                    elif data.get("type") == "content_block_delta":
+                        got_text(data["delta"].get("text", ""))
+                elif "error" in data:
+                    record.error = json.dumps(data)
+                else:
+                    for choice in data.get("choices", []):
+                        got_text(choice.get("delta", {}).get("content") or "")
+    except httpx.HTTPError as exc:
+        record.transport_error = f"{type(exc).__name__}: {exc}"
+    record.ended = time.monotonic()
+    return record
+
+
 def stream_chat(client: httpx.Client, record: StreamRecord, *, model: str = MODEL,
                 max_tokens: int = 400, on_token: Callable[[StreamRecord], None] | None = None,
                 messages: list[dict[str, str]] | None = None) -> StreamRecord:
@@ -587,3 +675,62 @@ def stream_chat(client: httpx.Client, record: StreamRecord, *, model: str = MODE
         record.transport_error = f"{type(exc).__name__}: {exc}"
     record.ended = time.monotonic()
     return record
+
+
+# ---- faults -----------------------------------------------------------------------------------
+
+APIS = ("openai", "anthropic", "ollama")
+
+
+def fault_during_streams(cluster: ClusterBase, entry: Agent, fault: Callable[[], None], *,
+                         apis: tuple[str, ...] = APIS, timeout: float = 180.0
+                         ) -> tuple[float, dict[str, StreamRecord]]:
+    """Start one long stream per API through `entry`; once each has streamed a token, run
+    `fault()`; return when every stream has ended: (when the fault struck, the records)."""
+    records = {api: StreamRecord() for api in apis}
+    started = {api: threading.Event() for api in apis}
+    futures = [
+        cluster.submit(entry, lambda c, api=api: stream_api(  # type: ignore[misc]
+            c, api, records[api], on_token=lambda _r, api=api: started[api].set()))
+        for api in apis
+    ]
+    deadline = time.monotonic() + timeout
+    for api in apis:
+        if not started[api].wait(max(0.1, deadline - time.monotonic())):
+            raise AssertionError(f"the {api} stream produced no token: {records[api]}")
+    time.sleep(0.3)  # a few more tokens: the fault strikes mid-stream
+    fault()
+    struck = time.monotonic()
+    for future in futures:
+        future.result(timeout=max(1.0, deadline - time.monotonic()) + 60)
+    return struck, records
+
+
+def first_success(cluster: ClusterBase, entry: Agent, *, timeout: float = 180.0,
+                  interval: float = 0.25) -> tuple[float, list[str]]:
+    """Ask `entry` until a greedy chat answers; (when it did, the errors before it)."""
+    deadline = time.monotonic() + timeout
+    errors: list[str] = []
+    body = {"model": MODEL, "messages": QUESTION, "temperature": 0, "max_tokens": 16}
+    while time.monotonic() < deadline:
+        try:
+            response = cluster.post(entry, "/v1/chat/completions", json=body, timeout=120)
+            if response.status_code == 200 and response.json()["choices"][0]["message"]["content"]:
+                return time.monotonic(), errors
+            errors.append(f"{response.status_code} {response.text[:200]}")
+        except (httpx.HTTPError, TimeoutError) as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+        time.sleep(interval)
+    raise AssertionError(f"no success within {timeout:.0f}s: {errors[-5:]}\n{cluster.describe()}")
+
+
+def metric_total(text: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus metric's samples whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
