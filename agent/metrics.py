@@ -81,6 +81,7 @@ REQUEST_BUCKETS = (
 RUNNER_GAUGE_KEYS = ("kv_used_bytes", "kv_capacity_bytes", "active", "queued")
 RUNNER_COUNTER_KEYS = ("prefix_hits", "prefix_misses", "evictions")
 RUNNER_RATE_KEY = "decode_tokens_per_second"
+KNOWN_ERROR_KINDS = ("runner_failed", "engine_exception", "api_exception")
 
 
 class PlacementRow(NamedTuple):
@@ -296,7 +297,10 @@ class FlockMetrics:
         for reason in REJECTION_REASONS:  # zero series exist from the start, so rate() works
             self.rejections.labels(reason)
         self._models: set[str] = set()
-        self._error_kinds: set[str] = set()
+        self._error_kinds: set[str] = set(KNOWN_ERROR_KINDS)
+        # Known kinds start at 0, so dashboards and alerts see a series before the first error.
+        for kind in KNOWN_ERROR_KINDS:
+            self.errors.labels(kind)
         self._request_children: dict[tuple[str, str], _RequestChildren] = {}
         # Latest snapshot and last cumulative totals per (model, instance_id).
         self._runner_gauges: dict[tuple[str, str], dict[str, float]] = {}

@@ -112,6 +112,7 @@ class Scheduler:
         self.cancelled: set[str] = set()
         self.stats = SchedulerStats()
         self.prefix = prefix_cache
+        self._rate_mark = (0, 0.0)  # (generated tokens, decode seconds) at the last snapshot
         # Builds a request's decoding constraint (None when it has none); raises ValueError for
         # a constraint that cannot be compiled, which fails that request as a bad request.
         self.constraint_factory = constraint_factory
@@ -372,8 +373,18 @@ class Scheduler:
             seq.row = mapping.get(seq.row, seq.row)
 
     # ---- reporting ------------------------------------------------------------------------
+    def decode_rate(self) -> float:
+        """Decode tokens per second of decode-step time since the last call (0 when idle)."""
+        tokens, seconds = self.stats.generated_tokens_total, self.stats.decode_seconds_total
+        last_tokens, last_seconds = self._rate_mark
+        self._rate_mark = (tokens, seconds)
+        if seconds <= last_seconds:
+            return 0.0
+        return (tokens - last_tokens) / (seconds - last_seconds)
+
     def snapshot(self) -> dict[str, float]:
         return {
+            "decode_tokens_per_second": self.decode_rate(),
             "active": float(len(self.running)),
             "queued": float(len(self.waiting)),
             "kv_used_bytes": float(self.kv_used_bytes()),
