@@ -1,6 +1,7 @@
 """Operations figures of the operate issue: what Prometheus metrics cost a node.
 
     .venv/bin/python -m bench.operate [--rounds 9] [--tokens 128] [--scrapes 200] [--model DIR]
+                                      [--blas-threads N]
 
 Prints `name: value` lines:
   metrics_on_vs_off_decode  decode tok/s of an agent run with `--metrics` / one run with
@@ -12,8 +13,9 @@ Prints `name: value` lines:
   metrics_scrape_ms         median wall time of GET /metrics (one keep-alive client, sequential)
                             on a node serving 3 instances: three tiny random models in its store,
                             each placed on demand by one request, runner snapshots flowing
-The model defaults to SmolLM2-135M (float32, cached under ~/.cache/flock-bench); pass `--model`
-for any mlx-lm directory. Helper figures (medians, sizes) are printed too.
+The model defaults to SmolLM2-135M (`flock pull smollm2-135m` into ~/.cache/flock-bench/models,
+as bench.single_node does); pass `--model` for any mlx-lm directory. Helper figures (medians,
+sizes) are printed too.
 """
 
 from __future__ import annotations
@@ -134,10 +136,11 @@ def stream_decode(client: httpx.Client, model: str, max_tokens: int) -> tuple[fl
     return rate, tokens
 
 
-def metrics_on_vs_off(model_dir: Path, work: Path, rounds: int, tokens: int) -> dict[str, float]:
+def metrics_on_vs_off(model_dir: Path, work: Path, rounds: int, tokens: int,
+                      common: Sequence[str] = ()) -> dict[str, float]:
     model = str(model_dir)
-    on = start_agent(work / "on", work / "on" / "models", model, ["--metrics"])
-    off = start_agent(work / "off", work / "off" / "models", model, ["--no-metrics"])
+    on = start_agent(work / "on", work / "on" / "models", model, ["--metrics", *common])
+    off = start_agent(work / "off", work / "off" / "models", model, ["--no-metrics", *common])
     ratios: list[float] = []
     rates: dict[str, list[float]] = {"on": [], "off": []}
     produced: list[int] = []
@@ -167,7 +170,7 @@ def metrics_on_vs_off(model_dir: Path, work: Path, rounds: int, tokens: int) -> 
     }
 
 
-def metrics_scrape(work: Path, scrapes: int) -> dict[str, float]:
+def metrics_scrape(work: Path, scrapes: int, common: Sequence[str] = ()) -> dict[str, float]:
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_models import make_tiny_model
 
@@ -178,7 +181,7 @@ def metrics_scrape(work: Path, scrapes: int) -> dict[str, float]:
     store = ModelStore(models)
     for seed, name in enumerate(TINY_MODELS):
         store.add(name, lambda d, s=seed: make_tiny_model(d, seed=s), source="bench")
-    agent = start_agent(state, models, TINY_MODELS[0], ["--metrics"])
+    agent = start_agent(state, models, TINY_MODELS[0], ["--metrics", *common])
     with running([agent]), httpx.Client(base_url=agent.url, timeout=120) as client:
         for name in TINY_MODELS:  # one request each places every model on demand
             reply = client.post("/v1/chat/completions", json={
@@ -215,17 +218,20 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128, help="max tokens of each stream")
     parser.add_argument("--scrapes", type=int, default=200, help="GET /metrics to time")
     parser.add_argument("--model", type=Path, help="mlx-lm model directory (default SmolLM2)")
+    parser.add_argument("--blas-threads", type=int,
+                        help="OpenBLAS threads per runner, for every agent (default: flock's)")
     args = parser.parse_args()
     # A SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the agents started here are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    if args.model is None:
-        from bench.common import smollm2_f32_dir
+    if args.model is None:  # `flock pull smollm2-135m` into the bench cache, once
+        from bench.single_node import ensure_model
 
-        args.model = smollm2_f32_dir()
+        args.model = ensure_model(Path.home() / ".cache" / "flock-bench" / "models")
     with tempfile.TemporaryDirectory(prefix="flock-operate-") as tmp:
         work = Path(tmp)
-        figures = metrics_on_vs_off(args.model.resolve(), work, args.rounds, args.tokens)
-        figures |= metrics_scrape(work, args.scrapes)
+        common = ["--blas-threads", str(args.blas_threads)] if args.blas_threads else []
+        figures = metrics_on_vs_off(args.model.resolve(), work, args.rounds, args.tokens, common)
+        figures |= metrics_scrape(work, args.scrapes, common)
     for name, value in figures.items():
         digits = 3 if name == "metrics_on_vs_off_decode" else 2
         print(f"{name}: {value:.{digits}f}", flush=True)
