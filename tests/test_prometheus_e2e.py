@@ -203,14 +203,6 @@ def _dashboard_metrics() -> set[str]:
     return names - PROMETHEUS_SERIES
 
 
-# Gaps in agent/ found by this file, fixed by diffs handed to the owners of those files; strict,
-# so the markers must go when the fixes land.
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="flock_decode_tokens_per_second: runners report no rate (their snapshots carry "
-    "generated_tokens_total and decode_seconds_total); flock_errors_total: no series before "
-    "the first error",
-)
 def test_every_dashboard_metric_is_exported_by_a_running_agent(agent: Agent) -> None:
     wanted = _dashboard_metrics()
     assert len(wanted) >= 20
@@ -232,6 +224,8 @@ def _free_udp_port() -> int:
         return int(s.getsockname()[1])
 
 
+# A gap in agent/ found here, fixed by a diff handed to its owner; strict, so the marker must
+# go when the fix lands.
 @pytest.mark.xfail(
     strict=True, raises=AssertionError,
     reason="the cluster controller exports a 0 s round trip from each node to itself "
