@@ -224,13 +224,6 @@ def _free_udp_port() -> int:
         return int(s.getsockname()[1])
 
 
-# A gap in agent/ found here, fixed by a diff handed to its owner; strict, so the marker must
-# go when the fix lands.
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="the cluster controller exports a 0 s round trip from each node to itself "
-    "(membership views() lists this node first)",
-)
 def test_two_nodes_export_their_link_round_trips(tmp_path: Path) -> None:
     """The metrics the single node above cannot have: two agents of a cluster of their own
     (a unique name and discovery port, so no other test's agents join) find each other on

@@ -127,6 +127,7 @@ class ClusterController:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
+        self._rtt_peers: set[str] = set()  # peers flock_peer_rtt_seconds has a series for
         self.identity = load_or_create(settings.state_dir)
         self.local_spec = spec
         self.secret = settings.cluster_secret or (spec.cluster.secret if spec else None)
@@ -307,12 +308,17 @@ class ClusterController:
 
         self.metrics.set_node_memory(sysinfo.total_memory_bytes(),
                                      sysinfo.available_memory_bytes())
+        exported: set[str] = set()
         for view in self.membership.views():
-            name = view.profile.name or view.profile.node_id
-            if view.status == "left":
-                self.metrics.forget_peer(name)
-            elif view.rtt_ms is not None:
+            if view.profile.node_id == self.node_id:
+                continue  # views() lists this node first, with a round trip of 0
+            if view.status != "dead" and view.rtt_ms is not None:
+                name = view.profile.name or view.profile.node_id
                 self.metrics.set_peer_rtt(name, view.rtt_ms / 1000)
+                exported.add(name)
+        for name in self._rtt_peers - exported:  # dead or forgotten: no stale round trip
+            self.metrics.forget_peer(name)
+        self._rtt_peers = exported
         rows = []
         me = self.profile().name
         for placement in self.assignment.placements:
@@ -550,6 +556,8 @@ class ClusterController:
                             kv_bits=entry.kv_bits if entry else None,
                             max_queue=s.max_queue, prefill_chunk=s.prefill_chunk,
                             memory_cap_bytes=s.memory_cap_bytes, compile_step=s.compile_step,
+                            kv_budget_bytes=s.kv_budget_bytes,
+                            prefix_cache_bytes=s.prefix_cache_bytes,
                             fuse_projections=s.fuse_projections,
                             link_timeout_s=max(5.0, s.peer_timeout_s * 2))
 
