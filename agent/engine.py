@@ -1,7 +1,7 @@
 """What the API adapters need from the serving side, as one protocol.
 
 The adapters in `agent/api/` depend only on this protocol and on `agent.generation`; the
-implementation (`agent.runtime.service.LocalEngine`, later the cluster router) lives below them.
+implementation (`agent.local_engine.LocalEngine`, later the cluster router) lives below them.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ async def run_agent(settings: NodeSettings, *, started: asyncio.Event | None = N
     from agent.api.shards import ShardApi
     from agent.cluster.controller import ClusterController
     from agent.cluster.shard_source import ShardSource
-    from agent.runtime.service import LocalEngine
+    from agent.local_engine import LocalEngine
 
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     metrics = _metrics(settings)

@@ -25,8 +25,8 @@ from agent.cluster.auth import HEADER_NODE, ReplayGuard
 from agent.cluster.controller import Assignment, ClusterController
 from agent.cluster.peers import PeerError, ProfileReply, response_headers, verify_request
 from agent.generation import Failed, GenerationRequest
+from agent.local_engine import canonical_name
 from agent.runtime.protocol import frame
-from agent.runtime.service import canonical_name
 
 _replay_guard = ReplayGuard()
 

@@ -45,8 +45,8 @@ from agent.cluster.state import ModelShape, NodeProfile, Placement
 from agent.cluster.wiring import WiringError, free_slot, runner_configs
 from agent.engine import ModelInfo, ModelNotFound
 from agent.generation import Failed, Finished, GenerationEvent, GenerationRequest
+from agent.local_engine import LocalEngine, RemoteStream, canonical_name
 from agent.runtime.protocol import FrameBuffer, RunnerConfig
-from agent.runtime.service import LocalEngine, RemoteStream, canonical_name
 from agent.settings import NodeSettings
 from agent.spec import ClusterSpec, VersionedSpec, parse_spec, spec_hash
 
