@@ -291,11 +291,9 @@ def test_huge_headers_are_refused_and_the_agent_lives(node: LiveAgent) -> None:
     assert_alive(node, runners)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the runner indexes the embedding with any token id: an id past the vocabulary reads out of "
-    "bounds (10**9 segfaults it); needs the scheduler to refuse ids >= vocab_size (diff given "
-    "to the runtime owner)"))
 def test_token_ids_past_the_vocabulary_are_a_400(tmp_path: Path) -> None:
+    """The runner refuses ids past the vocabulary before any work (10**9 used to segfault it, an
+    id just past it read beyond the embedding): a 400, and the same runner serves on."""
     model = make_tiny_model(tmp_path / "tiny")  # a vocabulary of 259 tokens
     agent = start_agent(tmp_path / "state", model=str(model), args=["--no-discovery"])
     try:
@@ -353,8 +351,8 @@ def _aim_at_the_model(body: Any, model: str, use_model: bool) -> Any:
     half are aimed at the served model with one plain user turn and without the semantically
     checked fields, so their sampling parameters, stops and lengths reach the runner.
 
-    Token ids are kept inside the tiny vocabulary in both: ids past it are a known runner bug
-    with its own (xfail) test."""
+    Token ids are kept inside the tiny vocabulary in both, so that prompts given as ids reach
+    the model (ids past it have their own test)."""
     if not isinstance(body, dict):
         return body
     if use_model and body.keys() & {"model", "messages", "prompt"}:

@@ -1,5 +1,5 @@
-"""Overload: 64 concurrent requests against a small batch, a short queue and (when the node has
-the `kv_budget_bytes` setting) a small KV budget, on a real agent with a tiny model.
+"""Overload: 64 concurrent requests against a small batch, a short queue and a small KV budget
+(`kv_budget_bytes`), on a real agent with a tiny model.
 
 Every request either completes or is rejected promptly, before any work starts, with its API's
 overload answer (OpenAI 429, Anthropic 529 `overloaded_error`, Ollama 503), each with
@@ -22,8 +22,6 @@ import pytest
 from live_agent import LiveAgent, start_agent
 from tiny_models import make_tiny_model
 
-from agent.settings import NodeSettings
-
 pytestmark = pytest.mark.slow
 
 CONCURRENCY = 64
@@ -34,7 +32,6 @@ KV_BYTES_PER_TOKEN = 512  # the tiny model: 2 layers x 2 KV heads x 16 dims x (K
 # Room for two requests at once (a third would exceed it) though the batch has four rows; a
 # request of ~480 tokens fits the 512-token context but never this budget.
 KV_BUDGET_BYTES = 300 * KV_BYTES_PER_TOKEN
-HAS_KV_BUDGET_SETTING = "kv_budget_bytes" in NodeSettings.model_fields
 
 REQUEST_TIMEOUT_S = 120.0  # no request may wait longer: a hang fails the test
 REJECT_WITHIN_S = 5.0  # an overload answer comes this fast, even while the batch is busy
@@ -45,9 +42,7 @@ OVERLOAD = {"openai": 429, "anthropic": 529, "ollama": 503}
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveAgent]:
     root = tmp_path_factory.mktemp("overload")
     model = make_tiny_model(root / "tiny")
-    env = {"FLOCK_MAX_QUEUE": str(MAX_QUEUE)}
-    if HAS_KV_BUDGET_SETTING:
-        env["FLOCK_KV_BUDGET_BYTES"] = str(KV_BUDGET_BYTES)
+    env = {"FLOCK_MAX_QUEUE": str(MAX_QUEUE), "FLOCK_KV_BUDGET_BYTES": str(KV_BUDGET_BYTES)}
     agent = start_agent(root / "state", model=str(model),
                         args=["--no-discovery", "--max-batch", str(MAX_BATCH)], env=env)
     try:
@@ -215,9 +210,6 @@ def test_a_request_over_the_context_is_a_400_in_each_api(node: LiveAgent) -> Non
             assert time.monotonic() - started < REJECT_WITHIN_S
 
 
-@pytest.mark.skipif(not HAS_KV_BUDGET_SETTING,
-                    reason="needs the kv_budget_bytes node setting (requested) to set a KV "
-                           "budget smaller than one context")
 def test_a_request_over_the_whole_kv_budget_is_a_400_in_each_api(node: LiveAgent) -> None:
     """~480 tokens fit the 512-token context but never the 300-token KV budget."""
     model = str(node.model)
