@@ -235,6 +235,7 @@ class ClusterBase:
     blas_threads: int = 1
     # Beacon interval (suspect after 3 missed, gone after 8); None keeps flock's default (1 s).
     discovery_interval_s: float | None = None
+    api_key: str | None = None  # sent with every call the helpers make, when the agents need one
     _callers: dict[str | None, NsCaller] = field(default_factory=dict)
 
     # -- processes --------------------------------------------------------------------------
@@ -317,17 +318,22 @@ class ClusterBase:
         base = agent.remote_url if remote else agent.url
 
         def run() -> T:
-            with httpx.Client(base_url=base, timeout=timeout, trust_env=False) as client:
+            with httpx.Client(base_url=base, timeout=timeout, trust_env=False,
+                              headers=self._headers()) as client:
                 return fn(client)
 
         return self.caller(netns)(run, timeout=timeout + 5)
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def submit(self, agent: Agent, fn: Callable[[httpx.Client], T], *,
                timeout: float = 600.0) -> Future[T]:
         """`call` in the background (from the agent's own namespace, over loopback)."""
 
         def run() -> T:
-            with httpx.Client(base_url=agent.url, timeout=timeout, trust_env=False) as client:
+            with httpx.Client(base_url=agent.url, timeout=timeout, trust_env=False,
+                              headers=self._headers()) as client:
                 return fn(client)
 
         return self.caller(agent.netns).submit(run)  # type: ignore[no-any-return]

@@ -268,3 +268,28 @@ def test_editing_cluster_toml_on_one_node_converges_every_node(models_dir: Path,
         reply = cluster.call(cluster.agents[2], lambda c: chat(c))
         assert "Paris" in reply["choices"][0]["message"]["content"]
 
+
+
+# ---- loopback: a cluster with API keys and no secret ---------------------------------------------
+
+
+def test_a_cluster_with_api_keys_works_between_its_nodes(models_dir: Path, tmp_path: Path) -> None:
+    """Nodes forward placements to the leader and stream from the head without a user's key
+    (members calling from their own address); users need the key, for status too."""
+    with loopback_cluster(tmp_path, models_dir) as cluster:
+        key = "k-" + tmp_path.name
+        agents = [cluster.start(f"n{i}", extra=["--api-key", key]) for i in range(2)]
+        cluster.api_key = key
+        cluster.wait_up(timeout=120)
+        cluster.api_key = None
+        assert cluster.get(agents[0], "/cluster").status_code == 401
+        assert cluster.post(agents[1], "/cluster/instances",
+                            json={"model": MODEL, "nodes": ["n0"]}).status_code == 401
+        cluster.api_key = key
+        for agent in agents:  # whichever leads, the other forwards
+            response = cluster.post(agent, "/cluster/instances",
+                                    json={"model": MODEL, "nodes": ["n0"]})
+            assert response.status_code == 201, response.text
+        cluster.wait_serving(agents[1], nodes=1, timeout=300)
+        reply = cluster.call(agents[1], lambda c: chat(c))  # n1 streams from n0's head
+        assert "Paris" in reply["choices"][0]["message"]["content"]

@@ -6,7 +6,9 @@ Who may call what:
   key or the cluster secret; in open mode (no secret, no keys) they answer loopback callers only.
 - Agent-to-agent calls (`/cluster/profile`, `/cluster/assignment`, `/cluster/generate`, a spec
   forwarded by a node) are signed with the cluster secret (`agent.cluster.peers`); in open mode
-  they are accepted from anyone, which is what "open" means.
+  they are accepted from anyone, which is what "open" means. A node with API keys but no secret
+  takes them (and forwarded admin calls) from a key holder or from a member calling from its
+  own address; its profile stays open, since static peers probe it to join.
 """
 
 from __future__ import annotations
@@ -44,12 +46,28 @@ def _target(request: Request[Any, Any, Any]) -> str:
     return request.url.path + (f"?{query}" if query else "")
 
 
-async def _peer_error(request: Request[Any, Any, Any], body: bytes) -> str | None:
-    """None when the caller is a cluster member (or the cluster is open), else why not."""
+async def _peer_error(request: Request[Any, Any, Any], body: bytes, *,
+                      keyed: bool = True) -> str | None:
+    """None when the caller is a cluster member (or the cluster is open), else why not.
+
+    With a secret, members sign. Without one, anyone is a member in open mode; on a node with
+    API keys (`keyed`), only a caller holding a key or a member calling from its own address.
+    """
     cluster = _controller(request)
-    return verify_request(dict(request.headers), body, cluster.secret, method=request.method,
-                          target=_target(request), window_s=cluster.settings.auth_window_s,
-                          replay_guard=_replay_guard)
+    problem = verify_request(dict(request.headers), body, cluster.secret, method=request.method,
+                             target=_target(request), window_s=cluster.settings.auth_window_s,
+                             replay_guard=_replay_guard)
+    if problem or cluster.secret or not keyed:
+        return problem
+    return _key_error(request)
+
+
+def _key_error(request: Request[Any, Any, Any]) -> str | None:
+    """On a node with API keys and no secret: None for a valid key or a member's own call."""
+    keys = _controller(request).settings.api_keys
+    if not keys or _bearer(request) in keys or _from_member(request):
+        return None
+    return "this node requires an API key"
 
 
 def _is_loopback(request: Request[Any, Any, Any]) -> bool:
@@ -76,8 +94,8 @@ async def _admin_error(request: Request[Any, Any, Any], body: bytes) -> str | No
         if request.headers.get(HEADER_NODE):
             return await _peer_error(request, body)
         return "admin calls need an API key or the cluster secret"
-    if keys:
-        return "admin calls need an API key"
+    if keys:  # a member forwards a placement or a spec to the leader from its own address
+        return None if _from_member(request) else "admin calls need an API key"
     if _is_loopback(request) or _from_member(request):
         return None
     return "in open mode (no cluster secret), admin calls are accepted from loopback only"
@@ -103,12 +121,18 @@ class ClusterApi(Controller):
     tags = ["Cluster"]
 
     @get("", summary="Nodes, links, placements and runner states")
-    async def status(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
-        return _controller(request).status()
+    async def status(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        # Whoever may use this node's APIs: with API keys, a key (or a cluster member).
+        cluster = _controller(request)
+        if cluster.settings.api_keys and _bearer(request) not in cluster.settings.api_keys \
+                and not _from_member(request):
+            return _error(401, "this node requires an API key")
+        return Response(cluster.status())
 
     @get("/profile", summary="This node's profile (agent-to-agent)")
     async def profile(self, request: Request[Any, Any, Any]) -> Response[Any]:
-        problem = await _peer_error(request, b"")
+        # Open to unknown callers without a secret: static peers probe it to join.
+        problem = await _peer_error(request, b"", keyed=False)
         if problem:
             return _error(401, problem)
         cluster = _controller(request)
