@@ -138,7 +138,9 @@ class LocalEngine:
         kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": True}
         if tools:
             kwargs["tools"] = tools
-        ids = tokenizer.apply_chat_template(conversation, **kwargs)
+        # Off the event loop: templating and tokenizing a huge conversation takes seconds, and
+        # the loop must keep answering probes and streaming other requests meanwhile.
+        ids = await asyncio.to_thread(tokenizer.apply_chat_template, conversation, **kwargs)
         return list(ids)
 
     async def tool_format(self, model: str) -> ToolFormat:
@@ -149,7 +151,7 @@ class LocalEngine:
 
     async def tokenize(self, model: str, text: str) -> list[int]:
         tokenizer = await self.tokenizer(model)
-        return list(tokenizer.encode(text))
+        return list(await asyncio.to_thread(tokenizer.encode, text))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         try:

@@ -292,10 +292,6 @@ def test_huge_headers_are_refused_and_the_agent_lives(node: LiveAgent) -> None:
     assert_alive(node, runners)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LocalEngine templates and tokenizes prompts on the event loop: a 2 MB prompt (within the "
-    "8 MiB body limit) stalls every request and probe for seconds (7 MB: 40 s); needs "
-    "asyncio.to_thread in agent/local_engine.py render_chat/tokenize (diff given)"))
 def test_a_long_prompt_does_not_stall_the_agent(node: LiveAgent) -> None:
     """While a huge prompt is templated and tokenized (to be refused: it exceeds the context),
     /healthz keeps answering at once."""
