@@ -156,7 +156,7 @@ def start_agent(models_dir: Path, state_dir: Path, port: int) -> subprocess.Pope
     return subprocess.Popen(
         [sys.executable, "-m", "agent", "run", "--host", "127.0.0.1", "--port", str(port),
          "--model", MODEL, "--models-dir", str(models_dir), "--state-dir", str(state_dir),
-         "--metrics", "--discovery-interface", "127.0.0.1/8"],
+         "--metrics", "--no-discovery"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -18,6 +18,9 @@ SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db
 # Every agent a test starts inherits this: discovery beacons stay on loopback, never leave the
 # host's real interfaces (tests that need other networks make their own namespaces).
 os.environ.setdefault("FLOCK_DISCOVERY_INTERFACES", '["127.0.0.1/8"]')
+# ... and a cluster of this test session's own: agents of other sessions on this machine (or a
+# developer's running node) never join it.
+os.environ.setdefault("FLOCK_CLUSTER_NAME", f"flock-test-{os.getpid()}")
 
 # Tests share one download and one import across runs; CI starts from an empty cache.
 TEST_CACHE = Path(os.environ.get("FLOCK_TEST_CACHE", Path.home() / ".cache" / "flock-test"))
