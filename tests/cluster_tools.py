@@ -119,7 +119,7 @@ class NsCaller:
     def __init__(self, netns: str | None) -> None:
         self.netns = netns
         self._pool = ThreadPoolExecutor(
-            max_workers=4, thread_name_prefix=f"ns-{netns or 'root'}",
+            max_workers=8, thread_name_prefix=f"ns-{netns or 'root'}",
             initializer=_enter_netns if netns else None,
             initargs=(netns,) if netns else ())
 
@@ -688,22 +688,25 @@ def stream_chat(client: httpx.Client, record: StreamRecord, *, model: str = MODE
 APIS = ("openai", "anthropic", "ollama")
 
 
-def fault_during_streams(cluster: ClusterBase, entry: Agent, fault: Callable[[], None], *,
-                         apis: tuple[str, ...] = APIS, timeout: float = 180.0
-                         ) -> tuple[float, dict[str, StreamRecord]]:
-    """Start one long stream per API through `entry`; once each has streamed a token, run
-    `fault()`; return when every stream has ended: (when the fault struck, the records)."""
-    records = {api: StreamRecord() for api in apis}
-    started = {api: threading.Event() for api in apis}
+def fault_during_streams(cluster: ClusterBase, entry: Agent | list[Agent],
+                         fault: Callable[[], None], *, apis: tuple[str, ...] = APIS,
+                         timeout: float = 180.0) -> tuple[float, dict[str, StreamRecord]]:
+    """Start one long stream per API through each entry node; once each has streamed a token,
+    run `fault()`; return when every stream has ended: (when the fault struck, the records by
+    "api@node")."""
+    entries = entry if isinstance(entry, list) else [entry]
+    keys = [(f"{api}@{agent.name}", api, agent) for agent in entries for api in apis]
+    records = {key: StreamRecord() for key, _, _ in keys}
+    started = {key: threading.Event() for key, _, _ in keys}
     futures = [
-        cluster.submit(entry, lambda c, api=api: stream_api(  # type: ignore[misc]
-            c, api, records[api], on_token=lambda _r, api=api: started[api].set()))
-        for api in apis
+        cluster.submit(agent, lambda c, key=key, api=api: stream_api(  # type: ignore[misc]
+            c, api, records[key], on_token=lambda _r, key=key: started[key].set()))
+        for key, api, agent in keys
     ]
     deadline = time.monotonic() + timeout
-    for api in apis:
-        if not started[api].wait(max(0.1, deadline - time.monotonic())):
-            raise AssertionError(f"the {api} stream produced no token: {records[api]}")
+    for key, _, _ in keys:
+        if not started[key].wait(max(0.1, deadline - time.monotonic())):
+            raise AssertionError(f"the {key} stream produced no token: {records[key]}")
     time.sleep(0.3)  # a few more tokens: the fault strikes mid-stream
     fault()
     struck = time.monotonic()

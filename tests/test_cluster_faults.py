@@ -61,12 +61,13 @@ def stage_agents(cluster: NetnsCluster, placement: dict[str, Any]) -> list[Agent
 
 
 def assert_stream_errors(struck: float, records: dict[str, StreamRecord]) -> None:
-    for api, record in records.items():
-        assert record.text, f"{api}: no tokens before the fault"
-        assert record.error is not None, f"{api}: no error in the stream: {record.lines[-3:]}"
-        assert record.transport_error is None, f"{api}: {record.transport_error}"
+    for key, record in records.items():
+        api = key.split("@")[0]
+        assert record.text, f"{key}: no tokens before the fault"
+        assert record.error is not None, f"{key}: no error in the stream: {record.lines[-3:]}"
+        assert record.transport_error is None, f"{key}: {record.transport_error}"
         assert record.ended - struck <= ERROR_WITHIN_S, \
-            f"{api}: the stream ended {record.ended - struck:.1f}s after the fault"
+            f"{key}: the stream ended {record.ended - struck:.1f}s after the fault"
         if api == "openai":
             assert json.loads(record.lines[-1][6:])["error"]["type"] == "server_error"
         elif api == "anthropic":
@@ -106,8 +107,9 @@ def test_pipeline_survives_node_kills_and_a_partition(models_dir: Path, tmp_path
                                          timeout=300)
         head, follower, entry, _ = stage_agents(cluster, placement)
 
-        # 1. A non-head member dies mid-stream.
-        struck, records = fault_during_streams(cluster, entry, lambda: cluster.kill(follower))
+        # 1. A non-head member dies mid-stream (streams through another member and the head).
+        struck, records = fault_during_streams(cluster, [entry, head],
+                                               lambda: cluster.kill(follower))
         assert_stream_errors(struck, records)
         served, _ = first_success(cluster, entry, timeout=SERVES_AGAIN_WITHIN_S + 60)
         assert served - struck <= SERVES_AGAIN_WITHIN_S
@@ -138,11 +140,12 @@ def test_pipeline_survives_node_kills_and_a_partition(models_dir: Path, tmp_path
                          == placement["stages"], timeout=60)
         assert {a.name: runner_pids(a.pid) for a in cluster.agents if a.name in before} == before
 
-        # 4. A partition: the pipeline's follower is cut off mid-stream, then the link heals.
-        _, cut = stage_agents(cluster, placement)
+        # 4. A partition: the pipeline's follower is cut off mid-stream (no FIN: streams through
+        # another node and through the head must not wait for a deadline), then it heals.
+        pipeline_head, cut = stage_agents(cluster, placement)
         entry = next(a for a in cluster.agents if a.name in (follower.name, head.name))
         host = next(h for h in cluster.lab.hosts if h.netns == cut.netns)
-        struck, records = fault_during_streams(cluster, entry,
+        struck, records = fault_during_streams(cluster, [entry, pipeline_head],
                                                lambda: cluster.lab.link_down(host))
         assert_stream_errors(struck, records)
         majority = [a for a in cluster.agents if a is not cut]

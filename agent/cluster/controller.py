@@ -58,6 +58,7 @@ PUSH_EVERY_S = 5.0
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_AFTER_S = 60.0  # a runner that served this long before dying restarts after the 1st delay
 WATCH_S = 0.5  # a remote stream idle this long checks that its instance's nodes are alive
+STUCK_AFTER_S = 2.0  # a head with requests and no step for this long, and a node lost: stop it
 _event_decoder = msgspec.msgpack.Decoder(GenerationEvent)
 
 
@@ -119,6 +120,8 @@ class Member:
         self.state = "starting"
         self.detail = ""
         self.ready_at = 0.0
+        self.stats_seen: object = None  # the runner's last stats message, to see it step
+        self.stats_at = 0.0
 
 
 class ClusterController:
@@ -595,6 +598,35 @@ class ClusterController:
                     if member.state == "ready":
                         self._member_died(member, runner)
                     member.task = asyncio.create_task(self._run_member(member, len(wanted)))
+        await self._stop_stuck_heads()
+
+    async def _stop_stuck_heads(self) -> None:
+        """Fail the requests of a head whose instance lost a node, now rather than at its link
+        deadline: a head (pipeline head, tensor rank 0) with requests in flight that has not
+        stepped for STUCK_AFTER_S (runners report stats after steps, about every second) while
+        a node of its placement is not heard from is stopped; its requests end with an error,
+        and the runner restarts (or moves, once the node is gone) like any dead runner."""
+        now = time.monotonic()
+        placements = {p.instance_id: p for p in self.assignment.placements}
+        for key, member in list(self.members.items()):
+            runner = self.engine.members.get(key)
+            if runner is None or not runner.alive or member.state != "ready":
+                continue
+            if member.config.role != "head" and not member.config.tp_peers:
+                continue
+            if runner.last_stats is not member.stats_seen:
+                member.stats_seen, member.stats_at = runner.last_stats, now
+                continue
+            if runner.in_flight == 0 or now - member.stats_at < STUCK_AFTER_S:
+                continue
+            placement = placements.get(key.rsplit("/", 1)[0])
+            lost = self._lost_node(placement) if placement is not None else None
+            if lost is None:
+                continue
+            log.warning("runner %s has not stepped for %.1fs and node %s is not heard from: "
+                        "stopping it so that its %d requests fail now", key,
+                        now - member.stats_at, lost, runner.in_flight)
+            await runner.stop(grace=0)
 
     def _member_died(self, member: Member, runner: Any) -> None:
         """A runner that was serving exited: count it, and restart it with backoff."""
