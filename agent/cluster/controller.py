@@ -429,20 +429,28 @@ class ClusterController:
         actions, problems = plan_with_problems(desired, observed)
         placements = {p.instance_id: p for p in current.placements}
         slots = dict(current.slots)
+        moved: dict[str, int] = {}  # re-laid instances: the slot (ports) they leave
         for action in actions:
             if isinstance(action, Remove):
                 placements.pop(action.instance_id, None)
                 slots.pop(action.instance_id, None)
             elif isinstance(action, Place):
-                placements[action.placement.instance_id] = action.placement
-                slots.pop(action.placement.instance_id, None)
+                new, old = action.placement, placements.get(action.placement.instance_id)
+                placements[new.instance_id] = new
+                relaid = old is None or old.model != new.model or old.stages != new.stages
+                if relaid and new.instance_id in slots:
+                    # New ports for a new layout: a runner of the old layout that has not been
+                    # stopped yet (or restarted) must not take the new layout's connections.
+                    moved[new.instance_id] = slots.pop(new.instance_id)
         taken: dict[str, set[int]] = {}
         for instance_id, slot in slots.items():
             for node in placements[instance_id].nodes():
                 taken.setdefault(node, set()).add(slot)
         for instance_id, placement in sorted(placements.items()):
             if instance_id not in slots:
-                slots[instance_id] = free_slot(placement, taken)
+                avoid = {n: taken.get(n, set()) | {moved[instance_id]} for n in placement.nodes()
+                         } if instance_id in moved else taken
+                slots[instance_id] = free_slot(placement, avoid)
                 for node in placement.nodes():
                     taken.setdefault(node, set()).add(slots[instance_id])
         changed = (list(placements.values()) != current.placements or slots != current.slots
