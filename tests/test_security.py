@@ -142,21 +142,21 @@ def test_admin_calls_need_an_api_key(keyed: LiveAgent) -> None:
                 assert response.status_code < 500, (method, path, response.text)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "with API keys but no cluster secret, agent-to-agent endpoints authenticate nobody: "
-    "POST /cluster/generate runs inference and POST /cluster/assignment is processed without "
-    "a key (fix: verify_request wants an API key when there is no secret; diff given)"))
-def test_with_api_keys_agent_to_agent_calls_need_a_key_too(keyed: LiveAgent) -> None:
+def test_with_api_keys_cluster_calls_need_a_key_too(keyed: LiveAgent) -> None:
+    """Without a secret, a keyed node's agent-to-agent endpoints and status are no way around
+    its keys (POST /cluster/generate ran inference for anyone, c7dacaf closed it)."""
     model = str(keyed.model)
     with httpx.Client(base_url=keyed.url, timeout=60) as client:
         generate = client.post("/cluster/generate", content=_generation(model))
         assignment = client.post("/cluster/assignment", content=b'{"placements": []}')
-        assert (generate.status_code, assignment.status_code) == (401, 401), \
-            (generate.content[:200], assignment.text)
+        status = client.get("/cluster")
+        assert (generate.status_code, assignment.status_code, status.status_code) == \
+            (401, 401, 401), (generate.content[:200], assignment.text, status.text)
         # With a key they are let in.
-        keyed_generate = client.post("/cluster/generate", content=_generation(model),
-                                     headers={"Authorization": f"Bearer {KEY}"})
+        key = {"Authorization": f"Bearer {KEY}"}
+        keyed_generate = client.post("/cluster/generate", content=_generation(model), headers=key)
         assert keyed_generate.status_code == 200, keyed_generate.content[:200]
+        assert client.get("/cluster", headers=key).status_code == 200
 
 
 # --- the cluster secret ---------------------------------------------------------------------
