@@ -1,17 +1,20 @@
-"""Structured output figures of the tools issue, measured through a real agent's OpenAI API.
+"""Structured output figures of the tools issue, measured on the runner's own scheduler.
 
     .venv/bin/python -m bench.structured [--rounds 3] [--tokens 128]
 
 Prints `name: value` lines:
-  free_decode_tok_s            decode tok/s of a free-text reply (streamed, greedy)
+  free_decode_tok_s            decode tok/s of a free-text reply (greedy)
   constrained_decode_tok_s     decode tok/s of the same prompt under a JSON schema
   constrained_vs_free_decode   the second over the first (rounds alternate; medians)
   schema_valid_rate            share of 150 replies (50 prompts x 3 schemas: flat, nested with
-                               arrays and enums, a union), run as one concurrent batch under
-                               `response_format: json_schema`, that parse and validate
+                               arrays and enums, a union), run as one continuous batch under their
+                               schema, that parse and validate
   structured_batch_s           wall time of those 150 requests
 
-The prompts and schemas are shared with tests/test_structured_e2e.py.
+Each part runs in a worker process set up as a runner is (`runner.load`, the runner's BLAS
+environment, the scheduler with `constraint_factory`), so figures are the runner's own, without
+HTTP in the way. The prompts and schemas are shared with tests/test_structured_e2e.py, which
+sends the same 150 requests through a real agent's OpenAI API.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import argparse
 import asyncio
 import json
 import statistics
-import tempfile
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -153,69 +158,145 @@ CITIES = {
 }
 
 
-async def decode_rate(url: str, model: str, tokens: int, schema: dict[str, Any] | None,
-                      ) -> tuple[float, int]:
-    """(decode tok/s after the first token, tokens) of one streamed greedy reply."""
-    body: dict[str, Any] = {
-        "model": model, "messages": [{"role": "user", "content": RATE_PROMPT}], "stream": True,
-        "temperature": 0, "max_tokens": tokens, "stream_options": {"include_usage": True}}
-    if schema is not None:
-        body["response_format"] = {"type": "json_schema",
-                                   "json_schema": {"name": "cities", "schema": schema}}
-    first = last = 0.0
-    count = 0
-    async with httpx.AsyncClient(base_url=url, timeout=3600) as client, \
-            client.stream("POST", "/v1/chat/completions", json=body) as response:
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                count = chunk["usage"]["completion_tokens"]
-            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-    rate = (count - 1) / (last - first) if count > 1 and last > first else 0.0
-    return rate, count
+@dataclass
+class Reply:
+    text: str = ""
+    tokens: int = 0
+    finish: str = ""
+    first: float = 0.0  # when its first token came out (perf_counter)
+    last: float = 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (self.tokens - 1) / (self.last - self.first) if self.tokens > 1 else 0.0
+
+
+class Runner:
+    """A scheduler built the way the runner process builds it, driven in this process."""
+
+    def __init__(self, model_dir: str) -> None:
+        from agent.runtime.constraints import constraint_factory
+        from agent.runtime.protocol import RunnerConfig
+        from agent.runtime.runner import load
+        from agent.runtime.scheduler import Scheduler
+
+        config = RunnerConfig(model_name="bench", model_dir=model_dir, max_queue=256)
+        (decoder, tokenizer, kv, limits, prefix), _ = load(config)
+        self.tokenizer = tokenizer
+        self.replies: dict[str, Reply] = {}
+        self.scheduler = Scheduler(decoder, tokenizer, kv, limits, self._event,
+                                   compiled=config.compile_step, prefix_cache=prefix,
+                                   constraint_factory=constraint_factory(tokenizer))
+        self._count = 0
+
+    def _event(self, event: Any) -> None:
+        from agent.generation import Failed, Finished, TokenChunk
+
+        reply = self.replies.setdefault(event.id, Reply())
+        if isinstance(event, TokenChunk):
+            now = time.perf_counter()
+            reply.first = reply.first or now
+            reply.last = now
+            reply.text += event.text
+            reply.tokens += len(event.token_ids)
+        elif isinstance(event, Finished):
+            reply.finish = event.reason
+        elif isinstance(event, Failed):
+            reply.finish = f"failed: {event.message}"
+
+    def run(self, prompts: list[str], max_tokens: int,
+            schemas: list[dict[str, Any] | None]) -> list[Reply]:
+        """Greedy replies to chat prompts, all submitted at once (one continuous batch)."""
+        from agent.generation import GenerationRequest, SamplingParams
+
+        ids = []
+        for prompt, schema in zip(prompts, schemas, strict=True):
+            self._count += 1
+            rid = f"r{self._count}"
+            tokens = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True)
+            self.scheduler.submit(GenerationRequest(
+                id=rid, model="bench", prompt_tokens=list(tokens),
+                sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0),
+                json_schema=schema))
+            ids.append(rid)
+        while not self.scheduler.idle:
+            self.scheduler.step()
+        return [self.replies.pop(rid) for rid in ids]
+
+
+def decode_rates(model_dir: str, tokens: int, rounds: int) -> dict[str, list[float]]:
+    """Worker: decode tok/s of the rate prompt, free and under CITIES, rounds alternating."""
+    runner = Runner(model_dir)
+    runner.run([RATE_PROMPT, RATE_PROMPT], 8, [None, CITIES])  # warm-up: shapes, grammar
+    rates: dict[str, list[float]] = {"free": [], "constrained": []}
+    for _ in range(rounds):
+        for name, schema in (("free", None), ("constrained", CITIES)):
+            (reply,) = runner.run([RATE_PROMPT], tokens, [schema])
+            rates[name].append(reply.decode_tok_s)
+    return rates
+
+
+def structured_replies(model_dir: str, max_tokens: int) -> dict[str, Any]:
+    """Worker: the 150 structured requests as one batch; their texts, finishes and wall time."""
+    runner = Runner(model_dir)
+    started = time.perf_counter()
+    replies = runner.run([p for _, p in cases()], max_tokens,
+                         [SCHEMAS[name] for name, _ in cases()])
+    return {"seconds": time.perf_counter() - started,
+            "replies": [(name, r.text, r.finish) for (name, _), r in zip(cases(), replies,
+                                                                         strict=True)]}
+
+
+_RESULT = "@@structured-result@@ "
+
+
+def in_worker(function: str, env: dict[str, str], **kwargs: Any) -> Any:
+    """Run one of this module's workers in a fresh interpreter with the runner's environment
+    (the BLAS preload is process-wide); its JSON result."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "bench.structured", "--worker", function,
+                           json.dumps(kwargs)], env=env, cwd=root, capture_output=True,
+                          text=True, check=False)
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(_RESULT):
+            return json.loads(line[len(_RESULT):])
+    raise RuntimeError(f"{function} exited {done.returncode}:\n{done.stderr[-3000:]}")
 
 
 def main() -> int:
-    from bench.single_node import MODEL, ensure_model, free_port, start_agent, wait_ready
+    from agent.runtime.environment import runner_environment
+    from agent.settings import NodeSettings
+    from bench.single_node import ensure_model
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=256,
+                        help="max_tokens of each structured request")
     parser.add_argument("--models-dir", type=Path,
                         default=Path.home() / ".cache" / "flock-bench" / "models")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    ensure_model(args.models_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        agent = start_agent(args.models_dir, Path(tmp) / "agent", port)
-        try:
-            wait_ready(url)
-            asyncio.run(decode_rate(url, MODEL, 8, CITIES))  # warm-up: shapes and grammar
-            asyncio.run(decode_rate(url, MODEL, 8, None))
-            free: list[float] = []
-            constrained: list[float] = []
-            for _ in range(args.rounds):
-                free.append(asyncio.run(decode_rate(url, MODEL, args.tokens, None))[0])
-                constrained.append(asyncio.run(decode_rate(url, MODEL, args.tokens, CITIES))[0])
-            started = time.perf_counter()
-            replies = asyncio.run(run_structured(url, MODEL))
-            batch_s = time.perf_counter() - started
-        finally:
-            agent.terminate()
-            agent.wait(30)
-    free_rate, constrained_rate = statistics.median(free), statistics.median(constrained)
-    valid = sum(validates(text, SCHEMAS[name]) for name, text, _ in replies)
-    print(f"free_decode_tok_s: {free_rate:.2f}")
-    print(f"constrained_decode_tok_s: {constrained_rate:.2f}")
-    print(f"constrained_vs_free_decode: {constrained_rate / free_rate:.2f}")
-    print(f"schema_valid_rate: {valid / len(replies):.3f}")
-    print(f"structured_batch_s: {batch_s:.1f}")
+    if args.worker:
+        function, kwargs = args.worker
+        result = globals()[function](**json.loads(kwargs))
+        sys.stdout.write(_RESULT + json.dumps(result) + "\n")
+        return 0
+    model_dir = str(ensure_model(args.models_dir))
+    env, _ = runner_environment(NodeSettings())
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    rates = in_worker("decode_rates", env, model_dir=model_dir, tokens=args.tokens,
+                      rounds=args.rounds)
+    free, constrained = statistics.median(rates["free"]), statistics.median(rates["constrained"])
+    print(f"free_decode_tok_s: {free:.2f}", flush=True)
+    print(f"constrained_decode_tok_s: {constrained:.2f}", flush=True)
+    print(f"constrained_vs_free_decode: {constrained / free:.2f}", flush=True)
+    batch = in_worker("structured_replies", env, model_dir=model_dir,
+                      max_tokens=args.max_tokens)
+    valid = sum(validates(text, SCHEMAS[name]) for name, text, _ in batch["replies"])
+    print(f"schema_valid_rate: {valid / len(batch['replies']):.3f}")
+    print(f"structured_batch_s: {batch['seconds']:.1f}")
     return 0
 
 
