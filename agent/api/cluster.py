@@ -14,6 +14,7 @@ Who may call what:
 from __future__ import annotations
 
 import asyncio
+import hmac
 import ipaddress
 import time
 from collections.abc import AsyncIterator
@@ -65,7 +66,7 @@ async def _peer_error(request: Request[Any, Any, Any], body: bytes, *,
 def _key_error(request: Request[Any, Any, Any]) -> str | None:
     """On a node with API keys and no secret: None for a valid key or a member's own call."""
     keys = _controller(request).settings.api_keys
-    if not keys or _bearer(request) in keys or _from_member(request):
+    if not keys or _key_ok(_bearer(request), keys) or _from_member(request):
         return None
     return "this node requires an API key"
 
@@ -78,6 +79,12 @@ def _is_loopback(request: Request[Any, Any, Any]) -> bool:
         return False
 
 
+def _key_ok(given: str | None, keys: list[str]) -> bool:
+    """Constant-time: a key is not guessed byte by byte from response times."""
+    return given is not None and any(hmac.compare_digest(given.encode(), k.encode())
+                                     for k in keys)
+
+
 def _bearer(request: Request[Any, Any, Any]) -> str | None:
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
@@ -88,7 +95,7 @@ def _bearer(request: Request[Any, Any, Any]) -> str | None:
 async def _admin_error(request: Request[Any, Any, Any], body: bytes) -> str | None:
     cluster = _controller(request)
     keys = cluster.settings.api_keys
-    if keys and _bearer(request) in keys:
+    if keys and _key_ok(_bearer(request), keys):
         return None
     if cluster.secret:
         if request.headers.get(HEADER_NODE):

@@ -46,6 +46,10 @@ class FetchError(RuntimeError):
     """A model could not be fetched; the message says why and what to do instead."""
 
 
+class UnknownModelName(FetchError, ValueError):
+    """The name is neither a known model nor a hub id: the caller's mistake (a 400)."""
+
+
 def pull(
     store: ModelStore,
     name: str,
@@ -68,7 +72,7 @@ def pull(
                          hub_endpoint=hub_endpoint, timeout=timeout)
     if _HUB_ID.fullmatch(name):
         return pull_hub(store, name, progress=progress, endpoint=hub_endpoint, timeout=timeout)
-    raise FetchError(
+    raise UnknownModelName(
         f"unknown model '{name}'. Known names: {', '.join(cards.known_names())}. "
         "A Hugging Face repository can be pulled by its id (org/name), and a model file you "
         "have can be imported with `flock import FILE.gguf`."

@@ -33,6 +33,7 @@ from agent.runtime.protocol import (
 from agent.runtime.watchdog import Watchdog
 
 WEIGHT_HEADROOM = 0.8  # share of free memory (after weights) the KV cache may take
+PREFIX_CACHE_DEFAULT_MAX = 256 * 1024 * 1024
 
 
 class Outbox:
@@ -128,7 +129,8 @@ def load(config: RunnerConfig, journal: list[tuple] | None = None,
     )
     prefix_bytes = config.prefix_cache_bytes
     if prefix_bytes is None:
-        prefix_bytes = budget // 4
+        # A few long conversations' worth: more buys little and stays resident for good.
+        prefix_bytes = min(budget // 4, PREFIX_CACHE_DEFAULT_MAX)
     kv = KvSlots(geometry, journal=journal)
     prefix = PrefixCache(prefix_bytes, journal=journal)
     return (decoder, tokenizer, kv, limits, prefix), ready
