@@ -347,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--kv-budget", type=int, metavar="BYTES",
                      help="KV cache bytes per runner (default: what memory allows)")
     run.add_argument("--prefix-cache", type=int, metavar="BYTES",
-                     help="bytes of finished conversations kept for reuse (default: 1/4 of the KV budget, at most 256 MiB; "
-                          "0 turns it off)")
+                     help="bytes of finished conversations kept for reuse (default: 1/4 of "
+                          "the KV budget, at most 256 MiB; 0 turns it off)")
 
     models = command("models", cmd_models, "list the models in the local store")
     _add_store_flags(models)
