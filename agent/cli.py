@@ -186,7 +186,8 @@ def _cluster_nodes(url: str) -> list[dict[str, Any]]:
     import httpx
 
     try:
-        data = httpx.get(f"{url.rstrip('/')}/cluster", timeout=10).json()
+        data = httpx.get(f"{url.rstrip('/')}/cluster", timeout=10,
+                         headers=_auth_headers()).json()
     except (httpx.HTTPError, ValueError):
         from urllib.parse import urlparse
 
@@ -197,11 +198,20 @@ def _cluster_nodes(url: str) -> list[dict[str, Any]]:
              "api_port": n["api_port"]} for n in data.get("nodes", [])]
 
 
+def _auth_headers() -> dict[str, str]:
+    """The node's first API key (settings: FLOCK_API_KEYS or flock.toml), for admin calls."""
+    from agent.settings import load_settings
+
+    keys = load_settings().api_keys
+    return {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import httpx
 
     try:
-        status = httpx.get(f"{args.url.rstrip('/')}/cluster", timeout=10).json()
+        status = httpx.get(f"{args.url.rstrip('/')}/cluster", timeout=10,
+                           headers=_auth_headers()).json()
     except (httpx.HTTPError, ValueError) as exc:
         print(f"flock status: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 1
@@ -249,7 +259,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             print(f"{args.file}: {error}", file=sys.stderr)
         return 1
     response = httpx.post(f"{args.url.rstrip('/')}/cluster/spec", content=args.file.read_bytes(),
-                          timeout=30)
+                          timeout=30, headers=_auth_headers())
     print(response.text)
     return 0 if response.status_code == 200 else 1
 
@@ -269,7 +279,8 @@ def cmd_spec(args: argparse.Namespace) -> int:
 
     from agent.cluster.state import NodeProfile, Placement
 
-    status = httpx.get(f"{args.url.rstrip('/')}/cluster", timeout=10).json()
+    status = httpx.get(f"{args.url.rstrip('/')}/cluster", timeout=10,
+                       headers=_auth_headers()).json()
     fields = set(NodeProfile.model_fields)
     nodes = [NodeProfile.model_validate({k: v for k, v in n.items() if k in fields})
              for n in status["nodes"]]
