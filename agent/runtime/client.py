@@ -187,7 +187,9 @@ class RunnerProcess:
         try:
             await asyncio.wait_for(process.wait(), grace)
         except TimeoutError:
-            process.kill()
+            # The runner may exit on its own between the check above and the kill.
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
             await process.wait()
         if self._reader:
             with contextlib.suppress(asyncio.CancelledError, Exception):
