@@ -8,10 +8,12 @@ this does about half the work of `mx.fast.scaled_dot_product_attention` at long 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from agent.runtime.model import Decoder, Layer
 
@@ -68,6 +70,33 @@ def project_logits(dec: Decoder, h: mx.array) -> mx.array:
     return _linear(mx.fast.rms_norm(h, dec.norm, dec.config.rms_norm_eps), dec.head_weight)
 
 
+def _rope_angles(dec: Decoder, positions: mx.array) -> tuple[mx.array, mx.array] | None:
+    """cos and sin of every row's rotation angles, (rows, 1, 1, head_dim / 2), computed once per
+    step and shared by every layer's q and k. None when the model's RoPE is not the plain kind
+    (scaled variants keep their own implementation)."""
+    rope = dec.rope
+    if type(rope) is not nn.RoPE or rope.dims != dec.config.head_dim:
+        return None
+    half = rope.dims // 2
+    inv_freqs = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * (math.log(rope.base) / half))
+    angles = (positions.astype(mx.float32) * rope.scale)[:, None] * inv_freqs[None, :]
+    angles = angles[:, None, None, :]
+    return mx.cos(angles), mx.sin(angles)
+
+
+def _apply_rope(dec: Decoder, x: mx.array, angles: tuple[mx.array, mx.array]) -> mx.array:
+    """Rotate (rows, heads, 1, head_dim) by precomputed angles, as `mx.fast.rope` would."""
+    cos, sin = angles
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    if dec.rope.traditional:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        rotated = mx.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+        return rotated.reshape(x.shape)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
 def decode_step(
     dec: Decoder,
     inputs: mx.array,
@@ -92,11 +121,14 @@ def decode_step(
     visible = mx.arange(capacity)[None, :] <= positions[:, None]
     mask = mx.where(visible, 0.0, NEG_INF).astype(h.dtype)[:, None, None, :]
     where = mx.broadcast_to(positions[:, None, None, None], (rows, kv_heads, 1, hd))
+    angles = _rope_angles(dec, positions)
     new_keys, new_values = [], []
     for layer, k_cache, v_cache in zip(dec.layers, keys, values, strict=True):
         q, k, v = _qkv(dec, layer, mx.fast.rms_norm(h, layer.attn_norm, eps))
-        q = dec.rope(q, offset=positions)
-        k = dec.rope(k, offset=positions)
+        if angles is not None:
+            q, k = _apply_rope(dec, q, angles), _apply_rope(dec, k, angles)
+        else:
+            q, k = dec.rope(q, offset=positions), dec.rope(k, offset=positions)
         k_cache = mx.put_along_axis(k_cache, where, k, axis=2)
         v_cache = mx.put_along_axis(v_cache, where, v, axis=2)
         new_keys.append(k_cache)
