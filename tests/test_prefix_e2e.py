@@ -257,13 +257,28 @@ def test_anthropic_conversation_hits_the_cache_from_turn_two_and_answers_as_unca
     agents.alive()
 
 
-@pytest.mark.xfail(strict=True, reason="the Anthropic adapter never sets cache_read_input_tokens "
-                   "(agent/api/anthropic.py builds UsageOut from input/output tokens only)")
 def test_anthropic_usage_reports_cache_read_input_tokens(agents: Agents, tokenizer: Any) -> None:
-    turns = _anthropic_turns(agents.cached, _notes(tokenizer, "observatory", 200))
-    assert not turns[0][1].cache_read_input_tokens
+    system = _notes(tokenizer, "observatory", 200)
+    turns = _anthropic_turns(agents.cached, system)
+    assert turns[0][1].cache_read_input_tokens == 0
+    client = anthropic.Anthropic(base_url=agents.cached.url, api_key="unused")
+    messages: list[dict[str, str]] = []
+    for (text, usage), question in zip(turns, QUESTIONS, strict=True):
+        messages.append({"role": "user", "content": question})
+        counted = client.messages.count_tokens(model=agents.cached.model, system=system,
+                                               messages=messages)  # type: ignore[arg-type]
+        # Anthropic's split: the prompt is input_tokens + cache_read_input_tokens.
+        assert usage.input_tokens + usage.cache_read_input_tokens == counted.input_tokens
+        messages.append({"role": "assistant", "content": text})
     for _, usage in turns[1:]:
-        assert (usage.cache_read_input_tokens or 0) > 0
+        assert usage.cache_read_input_tokens > 0
+    # A stream reports the same split in its final message_delta.
+    with client.messages.stream(model=agents.cached.model, max_tokens=MAX_TOKENS, system=system,
+                                messages=messages[:1],  # type: ignore[arg-type]
+                                extra_body={"temperature": 0}) as stream:
+        final = stream.get_final_message()
+    assert final.usage.cache_read_input_tokens > 0
+    assert final.usage.input_tokens + final.usage.cache_read_input_tokens == turns[0][1].input_tokens
 
 
 # ---- Ollama --------------------------------------------------------------------------------

@@ -285,13 +285,29 @@ def message_out(result: Collected, meta: ResponseMeta) -> MessageOut:
         content = [TextBlock(text=p) if isinstance(p, str) else tool_use_block(p, meta)
                    for p in parsed.pieces]
     reason, sequence = stop_reason(result.finished, called)
-    usage = result.finished.usage
     return MessageOut(
         id=meta.id, content=content,
         model=meta.model,
         stop_reason=reason, stop_sequence=sequence,
-        usage=UsageOut(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens),
+        usage=usage_out(result.finished.usage),
     )
+
+
+def usage_out(usage: Usage) -> UsageOut:
+    """Anthropic's split: `input_tokens` counts only the prompt tokens computed for this
+    request; those read from the prefix cache are `cache_read_input_tokens` (flock's cache is
+    automatic, so nothing is ever reported as cache creation)."""
+    return UsageOut(input_tokens=usage.prompt_tokens - usage.cached_tokens,
+                    output_tokens=usage.completion_tokens,
+                    cache_creation_input_tokens=0,
+                    cache_read_input_tokens=usage.cached_tokens)
+
+
+def delta_usage(usage: Usage) -> DeltaUsage:
+    final = usage_out(usage)
+    return DeltaUsage(output_tokens=final.output_tokens, input_tokens=final.input_tokens,
+                      cache_creation_input_tokens=final.cache_creation_input_tokens,
+                      cache_read_input_tokens=final.cache_read_input_tokens)
 
 
 class _Blocks:
@@ -365,7 +381,7 @@ async def message_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta
                 yield sse_event("content_block_stop", ContentBlockStop(index=0))
                 yield sse_event("message_delta", MessageDelta(
                     delta=MessageDeltaBody(stop_reason=reason, stop_sequence=sequence),
-                    usage=DeltaUsage(output_tokens=event.usage.completion_tokens)))
+                    usage=delta_usage(event.usage)))
                 yield sse_event("message_stop", MessageStop())
                 return
         yield sse_event("error", anthropic_error_body(
@@ -402,7 +418,7 @@ async def _tool_message_sse(events: AsyncIterator[GenerationEvent], meta: Respon
                 reason, sequence = stop_reason(event, blocks.called)
                 yield sse_event("message_delta", MessageDelta(
                     delta=MessageDeltaBody(stop_reason=reason, stop_sequence=sequence),
-                    usage=DeltaUsage(output_tokens=event.usage.completion_tokens)))
+                    usage=delta_usage(event.usage)))
                 yield sse_event("message_stop", MessageStop())
                 return
         yield sse_event("error", anthropic_error_body(

@@ -163,8 +163,13 @@ class MessageDeltaBody(Struct, kw_only=True):
     stop_sequence: str | None
 
 
-class DeltaUsage(Struct, kw_only=True):
+class DeltaUsage(Struct, kw_only=True, omit_defaults=True):
+    """Cumulative usage at the end of a stream: the input figures are known only once the
+    prefix cache has been consulted, so they are repeated here as Anthropic does."""
     output_tokens: int
+    input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
 
 
 class MessageDelta(Struct, kw_only=True):
