@@ -278,7 +278,8 @@ def test_anthropic_usage_reports_cache_read_input_tokens(agents: Agents, tokeniz
                                 extra_body={"temperature": 0}) as stream:
         final = stream.get_final_message()
     assert final.usage.cache_read_input_tokens > 0
-    assert final.usage.input_tokens + final.usage.cache_read_input_tokens == turns[0][1].input_tokens
+    prompt = final.usage.input_tokens + final.usage.cache_read_input_tokens
+    assert prompt == turns[0][1].input_tokens
 
 
 # ---- Ollama --------------------------------------------------------------------------------
