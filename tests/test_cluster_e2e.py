@@ -274,8 +274,8 @@ def test_editing_cluster_toml_on_one_node_converges_every_node(models_dir: Path,
 
 
 def test_a_cluster_with_api_keys_works_between_its_nodes(models_dir: Path, tmp_path: Path) -> None:
-    """Nodes forward placements to the leader and stream from the head without a user's key
-    (members calling from their own address); users need the key, for status too."""
+    """Nodes forward placements to the leader and stream from the head with their own first
+    key (keys-only mode: no secret); users need the key, for status too."""
     with loopback_cluster(tmp_path, models_dir) as cluster:
         key = "k-" + tmp_path.name
         agents = [cluster.start(f"n{i}", extra=["--api-key", key]) for i in range(2)]

@@ -1,14 +1,20 @@
 """Cluster endpoints: status, placements by API, spec deploys, and the agent-to-agent calls.
 
-Who may call what:
-- `GET /cluster` (status) answers anyone who may use the node's APIs.
-- Admin calls (`POST/DELETE /cluster/instances`, `POST /cluster/spec` from a user) need an API
-  key or the cluster secret; in open mode (no secret, no keys) they answer loopback callers only.
-- Agent-to-agent calls (`/cluster/profile`, `/cluster/assignment`, `/cluster/generate`, a spec
-  forwarded by a node) are signed with the cluster secret (`agent.cluster.peers`); in open mode
-  they are accepted from anyone, which is what "open" means. A node with API keys but no secret
-  takes them (and forwarded admin calls) from a key holder or from a member calling from its
-  own address; its profile stays open, since static peers probe it to join.
+Who may call what depends on the node's mode:
+- **Secret** (a cluster secret is set): agent-to-agent calls (`/cluster/profile`,
+  `/cluster/assignment` GET and POST, `/cluster/generate`, the shard endpoints of
+  `agent.api.shards`, a spec or placement a node forwards to the leader) are signed with it
+  (`agent.cluster.peers`); admin calls (`POST/DELETE /cluster/instances`, `POST /cluster/spec`)
+  need an API key or a member's signature.
+- **Keys-only** (API keys, no secret): every agent-to-agent call and every admin call needs a
+  valid API key (`Authorization: Bearer <key>` or `x-api-key`). Nodes present their first key to
+  each other, so every node of such a cluster must share the key list.
+- **Open** (no secret, no keys): agent-to-agent calls are accepted from anyone (zero-config
+  clustering needs them public), admin calls from loopback or from a member calling from its own
+  address only.
+`GET /cluster` (status) answers whoever may use the node's APIs: with API keys, a key holder.
+A refused call gets 401 (403: open mode, admin call not from loopback) as
+`{"error": {"message", "type"}}`.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ def _controller(request: Request[Any, Any, Any]) -> ClusterController:
 
 
 def _error(status: int, message: str) -> Response[dict[str, Any]]:
-    return Response({"error": {"message": message, "type": "cluster_error"}}, status_code=status)
+    kind = {401: "authentication_error", 403: "permission_error"}.get(status, "cluster_error")
+    return Response({"error": {"message": message, "type": kind}}, status_code=status)
 
 
 def _target(request: Request[Any, Any, Any]) -> str:
@@ -47,28 +54,27 @@ def _target(request: Request[Any, Any, Any]) -> str:
     return request.url.path + (f"?{query}" if query else "")
 
 
-async def _peer_error(request: Request[Any, Any, Any], body: bytes, *,
-                      keyed: bool = True) -> str | None:
-    """None when the caller is a cluster member (or the cluster is open), else why not.
+async def _peer_error(request: Request[Any, Any, Any], body: bytes) -> str | None:
+    """None when the caller may make an agent-to-agent call, else why not (a 401).
 
-    With a secret, members sign. Without one, anyone is a member in open mode; on a node with
-    API keys (`keyed`), only a caller holding a key or a member calling from its own address.
+    With a secret, members sign; in keys-only mode a valid API key is needed; in open mode
+    anyone is let in.
     """
     cluster = _controller(request)
-    problem = verify_request(dict(request.headers), body, cluster.secret, method=request.method,
-                             target=_target(request), window_s=cluster.settings.auth_window_s,
-                             replay_guard=_replay_guard)
-    if problem or cluster.secret or not keyed:
-        return problem
-    return _key_error(request)
+    if cluster.secret:
+        return verify_request(dict(request.headers), body, cluster.secret,
+                              method=request.method, target=_target(request),
+                              window_s=cluster.settings.auth_window_s,
+                              replay_guard=_replay_guard)
+    return key_error(request, cluster.settings.api_keys)
 
 
-def _key_error(request: Request[Any, Any, Any]) -> str | None:
-    """On a node with API keys and no secret: None for a valid key or a member's own call."""
-    keys = _controller(request).settings.api_keys
-    if not keys or _key_ok(_bearer(request), keys) or _from_member(request):
+def key_error(request: Request[Any, Any, Any], keys: list[str]) -> str | None:
+    """None when the node has no API keys or the caller presents one of them, else why not."""
+    if not keys or _key_ok(_bearer(request), keys):
         return None
-    return "this node requires an API key"
+    return ("this node requires an API key (no cluster secret is set): send it as "
+            "'Authorization: Bearer <key>' or 'x-api-key: <key>'")
 
 
 def _is_loopback(request: Request[Any, Any, Any]) -> bool:
@@ -101,8 +107,8 @@ async def _admin_error(request: Request[Any, Any, Any], body: bytes) -> str | No
         if request.headers.get(HEADER_NODE):
             return await _peer_error(request, body)
         return "admin calls need an API key or the cluster secret"
-    if keys:  # a member forwards a placement or a spec to the leader from its own address
-        return None if _from_member(request) else "admin calls need an API key"
+    if keys:  # keys-only mode: members forward placements and specs with their key
+        return "admin calls need an API key"
     if _is_loopback(request) or _from_member(request):
         return None
     return "in open mode (no cluster secret), admin calls are accepted from loopback only"
@@ -129,17 +135,18 @@ class ClusterApi(Controller):
 
     @get("", summary="Nodes, links, placements and runner states")
     async def status(self, request: Request[Any, Any, Any]) -> Response[Any]:
-        # Whoever may use this node's APIs: with API keys, a key (or a cluster member).
+        # Whoever may use this node's APIs: with API keys, a key holder.
         cluster = _controller(request)
-        if cluster.settings.api_keys and _bearer(request) not in cluster.settings.api_keys \
-                and not _from_member(request):
-            return _error(401, "this node requires an API key")
+        problem = key_error(request, cluster.settings.api_keys)
+        if problem:
+            return _error(401, problem)
         return Response(cluster.status())
 
     @get("/profile", summary="This node's profile (agent-to-agent)")
     async def profile(self, request: Request[Any, Any, Any]) -> Response[Any]:
-        # Open to unknown callers without a secret: static peers probe it to join.
-        problem = await _peer_error(request, b"", keyed=False)
+        # Open to unknown callers in open mode: static peers probe it to join (in keys-only
+        # mode they probe with their key).
+        problem = await _peer_error(request, b"")
         if problem:
             return _error(401, problem)
         cluster = _controller(request)
@@ -197,7 +204,8 @@ class ClusterApi(Controller):
                 yield frame(Failed(id=generation.id, code="internal",
                                    message=f"{generation.model} is not served on this node"))
                 return
-            stream = instance.runner.generate(generation)
+            # Tracked like the node's own requests: a shutdown ends it with an error event.
+            stream = cluster.engine.track(generation.id, instance.runner.generate(generation))
             try:
                 async for event in stream:
                     yield frame(event)

@@ -30,7 +30,13 @@ from agent.cluster.discovery import Discovery, DiscoveryConfig, StaticPeers
 from agent.cluster.identity import load_or_create
 from agent.cluster.leader import compatible, elect
 from agent.cluster.membership import Membership, PeerTable
-from agent.cluster.peers import PeerClient, PeerError, base_url, signed_headers
+from agent.cluster.peers import (
+    PeerClient,
+    PeerError,
+    base_url,
+    peer_api_key,
+    signed_headers,
+)
 from agent.cluster.reconcile import (
     DesiredInstance,
     ObservedState,
@@ -135,7 +141,10 @@ class ClusterController:
         self.local_spec = spec
         self.secret = settings.cluster_secret or (spec.cluster.secret if spec else None)
         self.cluster_name = spec.cluster.name if spec else settings.cluster_name
-        self.client = PeerClient(node_id=self.node_id, secret=self.secret,
+        # Keys-only mode (API keys, no secret): peers require a key, so this node presents its
+        # first one; every node of such a cluster shares the key list.
+        self.peer_key = peer_api_key(self.secret, settings.api_keys)
+        self.client = PeerClient(node_id=self.node_id, secret=self.secret, api_key=self.peer_key,
                                  timeout_s=settings.peer_timeout_s)
         self.stream_client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None),
                                                trust_env=False)
@@ -730,7 +739,8 @@ class ClusterController:
         async def pump(request: GenerationRequest,
                        out: asyncio.Queue[GenerationEvent | Exception | None]) -> None:
             body = msgspec.msgpack.encode(request)
-            headers = signed_headers(self.secret, self.node_id, "POST", GENERATE_PATH, body)
+            headers = signed_headers(self.secret, self.node_id, "POST", GENERATE_PATH, body,
+                                     api_key=self.peer_key)
             try:
                 async with self.stream_client.stream("POST", url, content=body,
                                                      headers=headers) as response:
