@@ -40,6 +40,7 @@ def _settings_from(args: argparse.Namespace) -> Any:
         blas_threads=getattr(args, "blas_threads", None),
         kv_budget_bytes=getattr(args, "kv_budget", None),
         prefix_cache_bytes=getattr(args, "prefix_cache", None),
+        shutdown_grace_s=getattr(args, "shutdown_grace", None),
     )
 
 
@@ -360,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prefix-cache", type=int, metavar="BYTES",
                      help="bytes of finished conversations kept for reuse (default: 1/4 of "
                           "the KV budget, at most 256 MiB; 0 turns it off)")
+    run.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
+                     help="on SIGTERM, how long requests in flight may take to finish "
+                          "(default 30)")
 
     models = command("models", cmd_models, "list the models in the local store")
     _add_store_flags(models)

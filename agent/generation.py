@@ -92,11 +92,12 @@ class Failed(msgspec.Struct, frozen=True, tag="failed", kw_only=True):
     """The last event of a request that could not run or broke while running.
 
     `code` is one of: "bad_request" (the request can never run, e.g. longer than the context),
-    "overloaded" (try again later), "not_found" (no such model), "internal" (the runner broke).
+    "overloaded" (try again later), "not_found" (no such model), "internal" (the runner broke),
+    "unavailable" (the node is shutting down: try another node or later).
     """
 
     id: str
-    code: Literal["bad_request", "overloaded", "not_found", "internal"]
+    code: Literal["bad_request", "overloaded", "not_found", "internal", "unavailable"]
     message: str
 
 

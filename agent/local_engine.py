@@ -3,6 +3,9 @@
 A model gets a runner on first use (as Ollama loads on demand) or at start-up; requests are
 templated and tokenized here so adapters and runners never parse each other's formats. A runner
 that crashes is restarted with backoff; the agent itself keeps serving.
+
+Every request in flight on this node (its own, and those it runs for peers) is tracked, so a
+shutdown can end each one with a `Failed` event that its API formats as an error (`abort_all`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any, Protocol
 import msgspec
 
 from agent.engine import ChatMessage, LoadedModel, ModelInfo, ModelNotFound
-from agent.generation import Failed, GenerationEvent, GenerationRequest
+from agent.generation import Failed, Finished, GenerationEvent, GenerationRequest
 from agent.models.store import ModelStore
 from agent.runtime.client import RunnerProcess, RunnerStartError
 from agent.runtime.environment import runner_environment
@@ -86,6 +89,9 @@ class LocalEngine:
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing = False
         self._restart_tasks: set[asyncio.Task[None]] = set()
+        # The event queue of every tracked request in flight -> its request id (see `track`).
+        self._tracked: dict[asyncio.Queue[GenerationEvent | Exception | None], str] = {}
+        self._unavailable: str | None = None  # set by abort_all: why new requests are refused
 
     # ---- Engine protocol ------------------------------------------------------------------
     def list_models(self) -> list[ModelInfo]:
@@ -153,7 +159,57 @@ class LocalEngine:
         tokenizer = await self.tokenizer(model)
         return list(await asyncio.to_thread(tokenizer.encode, text))
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        return self.track(request.id, self._generate(request))
+
+    async def track(self, request_id: str, events: AsyncIterator[GenerationEvent],
+                    ) -> AsyncIterator[GenerationEvent]:
+        """`events`, tracked while in flight: `abort_all` can end them at any point with a
+        Failed event. A task reads `events` into a queue, so a request waiting for its model,
+        its runner or a peer can be ended as well as one that streams."""
+        if self._unavailable is not None:
+            await _close(events)
+            yield Failed(id=request_id, code="unavailable", message=self._unavailable)
+            return
+        queue: asyncio.Queue[GenerationEvent | Exception | None] = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for event in events:
+                    queue.put_nowait(event)
+            except Exception as exc:  # raised again in the consumer
+                queue.put_nowait(exc)
+            finally:
+                queue.put_nowait(None)
+                await _close(events)
+
+        self._tracked[queue] = request_id
+        reader = asyncio.create_task(pump())
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if isinstance(item, Finished | Failed):
+                    return
+        finally:
+            self._tracked.pop(queue, None)
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+    def abort_all(self, message: str) -> int:
+        """End every tracked request in flight with Failed(code="unavailable"), and refuse new
+        ones the same way (the node is shutting down); returns how many were ended."""
+        self._unavailable = message
+        for queue, request_id in list(self._tracked.items()):
+            queue.put_nowait(Failed(id=request_id, code="unavailable", message=message))
+        return len(self._tracked)
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         try:
             remote = await self.router.route(request.model) if self.router else None
             if remote is not None:
@@ -328,7 +384,15 @@ class LocalEngine:
                 await self.stop_member(key)
 
     def in_flight(self) -> int:
-        return sum(i.runner.in_flight for i in self.instances.values())
+        """Requests in flight on this node: its own and those it runs for peers."""
+        return len(self._tracked)
+
+
+async def _close(events: AsyncIterator[GenerationEvent]) -> None:
+    closer = getattr(events, "aclose", None)
+    if closer is not None:
+        with contextlib.suppress(Exception):
+            await closer()
 
 
 def _message_dict(message: ChatMessage) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """`flock run`: one node's agent process — engine, HTTP listeners, graceful shutdown.
 
-SIGTERM/SIGINT stop accepting new connections, let in-flight requests finish within a bound,
-stop the runners, and exit 0: a deliberate stop stays stopped (service managers restart crashes
-only).
+SIGTERM/SIGINT stop accepting new connections, let in-flight requests finish within a bound
+(`shutdown_grace_s`), stop the runners, and exit 0: a deliberate stop stays stopped (service
+managers restart crashes only). Shortly before the bound, requests still running are ended with
+a "server shutting down" error in their API's format (a stream's error event, a 503), so no
+client sees its connection simply drop.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from agent.settings import NodeSettings
 
 log = logging.getLogger("flock")
 
-SHUTDOWN_GRACE_S = 30.0
+SHUTDOWN_GRACE_S = 30.0  # the default of settings.shutdown_grace_s
+SHUTTING_DOWN = "The server is shutting down; retry the request on another node or later."
 # The request line and headers together; uvicorn's default parser (httptools) has no bound at
 # all (8 MB of headers were accepted), so listeners use h11, which enforces this one (400).
 MAX_HEADER_BYTES = 64 * 1024
@@ -49,6 +52,19 @@ def _metrics(settings: NodeSettings) -> Any:
     metrics.set_build_info(__version__, sysinfo.backend_name(), describe_blas(settings))
     metrics.set_node_memory(sysinfo.total_memory_bytes(), sysinfo.available_memory_bytes())
     return metrics
+
+
+def abort_margin_s(grace_s: float) -> float:
+    """How long before the grace period ends the requests still running are ended: time for
+    their error events to reach the clients before the listeners close."""
+    return min(2.0, grace_s / 4)
+
+
+async def _end_stragglers(engine: Any, grace_s: float) -> None:
+    await asyncio.sleep(grace_s - abort_margin_s(grace_s))
+    ended = engine.abort_all(SHUTTING_DOWN)
+    if ended:
+        log.warning("shutdown grace period ending: ended %d request(s) still in flight", ended)
 
 
 def _puller(engine: Any) -> Any:
@@ -90,7 +106,8 @@ async def run_agent(settings: NodeSettings, *, started: asyncio.Event | None = N
     engine.remote_models = lambda: [entry[0] for entry in cluster.catalogue.values()]
     listeners = [
         _Listener(uvicorn.Config(app, host=settings.host, port=port, log_level="warning",
-                                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S, lifespan="on",
+                                 timeout_graceful_shutdown=settings.shutdown_grace_s,
+                                 lifespan="on",
                                  http="h11", h11_max_incomplete_event_size=MAX_HEADER_BYTES))
         for port in [settings.port, settings.ollama_port]
         if port is not None
@@ -129,10 +146,13 @@ async def run_agent(settings: NodeSettings, *, started: asyncio.Event | None = N
     stop_wait = asyncio.create_task(stopping.wait())
     done, _ = await asyncio.wait([stop_wait, *serving], return_when=asyncio.FIRST_COMPLETED)
     failed = [t for t in serving if t in done and t.exception() is not None]
-    log.info("shutting down: waiting for %d in-flight requests", engine.in_flight())
+    log.info("shutting down: waiting up to %g s for %d in-flight requests",
+             settings.shutdown_grace_s, engine.in_flight())
+    stragglers = asyncio.create_task(_end_stragglers(engine, settings.shutdown_grace_s))
     for listener in listeners:
         listener.should_exit = True
     await asyncio.gather(*serving, return_exceptions=True)
+    stragglers.cancel()
     if load_task is not None:
         load_task.cancel()
     if watcher is not None:

@@ -51,6 +51,9 @@ class NodeSettings(BaseSettings):
     api_keys: list[str] = Field(default_factory=list)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     cors_origins: list[str] = Field(default_factory=list)
+    # SIGTERM/SIGINT: requests in flight get this long to finish; shortly before it ends, those
+    # still running are ended with a "server shutting down" error in their API's format.
+    shutdown_grace_s: float = Field(default=30.0, gt=0)
 
     # What to serve when no cluster spec says otherwise.
     model: str | None = DEFAULT_MODEL

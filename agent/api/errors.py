@@ -29,6 +29,7 @@ ErrorKind = Literal[
     "overloaded",
     "not_supported",
     "internal",
+    "unavailable",
 ]
 
 # Overload is momentary (a full queue or KV budget); clients that honour Retry-After
@@ -81,6 +82,7 @@ _FAILED_KINDS: dict[str, ErrorKind] = {
     "not_found": "not_found",
     "overloaded": "overloaded",
     "internal": "internal",
+    "unavailable": "unavailable",
 }
 
 
@@ -163,6 +165,7 @@ _BASE_STATUS: dict[ErrorKind, int] = {
     "too_large": 413,
     "not_supported": 501,
     "internal": 500,
+    "unavailable": 503,  # the node is shutting down
 }
 
 ApiName = Literal["openai", "anthropic", "ollama"]
@@ -183,12 +186,14 @@ _OPENAI_TYPES: dict[ErrorKind, str] = {
     "authentication": "invalid_request_error",
     "overloaded": "server_error",
     "internal": "server_error",
+    "unavailable": "server_error",
     "not_supported": "invalid_request_error",
 }
 _OPENAI_CODES: dict[ErrorKind, str] = {
     "authentication": "invalid_api_key",
     "too_large": "request_too_large",
     "overloaded": "overloaded",
+    "unavailable": "server_shutting_down",
 }
 
 
@@ -212,6 +217,8 @@ _ANTHROPIC_TYPES: dict[ErrorKind, str] = {
     "overloaded": "overloaded_error",
     "not_supported": "invalid_request_error",
     "internal": "api_error",
+    # Anthropic has no 503 type of its own; like overload, this is "retry, elsewhere or later".
+    "unavailable": "overloaded_error",
 }
 
 
