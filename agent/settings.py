@@ -75,7 +75,9 @@ class NodeSettings(BaseSettings):
     fuse_projections: bool = True
 
     # Cluster. With no cluster file and discovery on, nodes of the same cluster name and secret
-    # find each other on the LAN (open mode when no secret: admin endpoints answer loopback only).
+    # find each other on the LAN. With API keys and no secret, the secret is derived from the
+    # first key (agent.cluster.auth.effective_secret); open mode (neither): admin endpoints answer
+    # loopback only.
     cluster_file: Path | None = None  # cluster.toml (GitOps): watched, validated, distributed
     cluster_name: str = "flock"
     cluster_secret: str | None = None

@@ -4,6 +4,8 @@ real server (a small threaded one on loopback that applies the server-side check
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import threading
 import time
@@ -11,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -18,9 +21,13 @@ from agent.cluster.auth import (
     HEADER_NODE,
     HEADER_SIGNATURE,
     HEADER_TIME,
+    KEY_SECRET_LABEL,
     ReplayGuard,
+    auth_mode,
     cluster_tag,
+    effective_secret,
     generate_secret,
+    secret_from_key,
     sign,
     verify,
 )
@@ -37,6 +44,8 @@ from agent.cluster.peers import (
     verify_request,
 )
 from agent.cluster.state import NodeProfile
+from agent.settings import NodeSettings
+from agent.spec import ClusterSpec
 
 SECRET = "correct horse battery staple"
 
@@ -175,6 +184,29 @@ def test_open_mode_accepts_everything_and_signs_nothing() -> None:
     headers = signed_headers(None, "a" * 32, "GET", PROFILE_PATH, b"")
     assert HEADER_SIGNATURE not in headers and headers[HEADER_NODE] == "a" * 32
     assert verify_request({}, b"", None, method="GET", target=PROFILE_PATH) is None
+
+
+def test_effective_secret_configured_then_derived_from_the_first_key_then_none(
+        tmp_path: Path) -> None:
+    def settings(**kw: object) -> NodeSettings:
+        return NodeSettings(state_dir=tmp_path, models_dir=tmp_path, **kw)  # type: ignore[arg-type]
+
+    spec = ClusterSpec.model_validate({"cluster": {"name": "c", "secret": "from-spec"}})
+    # A configured secret wins over keys (settings first, then the spec's inline secret).
+    assert effective_secret(settings(cluster_secret="s", api_keys=["k"]), spec) == "s"
+    assert effective_secret(settings(api_keys=["k"]), spec) == "from-spec"
+    assert auth_mode(settings(api_keys=["k"]), spec) == "secret"
+    # Keys only: HMAC-SHA256 keyed by the first key over a fixed label; the other keys and
+    # their order after the first do not matter, the first one does.
+    derived = hmac.new(b"k", KEY_SECRET_LABEL, hashlib.sha256).hexdigest()
+    assert secret_from_key("k") == derived
+    assert effective_secret(settings(api_keys=["k", "j"])) == derived
+    assert effective_secret(settings(api_keys=["k", "x", "y"])) == derived
+    assert effective_secret(settings(api_keys=["j", "k"])) != derived
+    assert auth_mode(settings(api_keys=["k"])) == "keys"
+    # The derived secret is not the key, and its tag differs from the open-mode tag.
+    assert derived != "k" and cluster_tag(derived, "c") != cluster_tag(None, "c")
+    assert effective_secret(settings()) is None and auth_mode(settings()) == "open"
 
 
 def test_base_url_brackets_ipv6() -> None:

@@ -29,6 +29,7 @@ from live_agent import LiveAgent, start_agent
 from netns import netns_lab
 from tiny_models import make_tiny_model
 
+from agent.cluster.auth import secret_from_key
 from agent.cluster.peers import signed_headers
 from agent.generation import GenerationRequest, SamplingParams
 
@@ -144,7 +145,9 @@ def test_admin_calls_need_an_api_key(keyed: LiveAgent) -> None:
 
 def test_with_api_keys_cluster_calls_need_a_key_too(keyed: LiveAgent) -> None:
     """Without a secret, a keyed node's agent-to-agent endpoints and status are no way around
-    its keys (POST /cluster/generate ran inference for anyone, c7dacaf closed it)."""
+    its keys (POST /cluster/generate ran inference for anyone, c7dacaf closed it). The
+    agent-to-agent endpoints want a signature with the secret derived from the first key; the
+    status wants a key."""
     model = str(keyed.model)
     with httpx.Client(base_url=keyed.url, timeout=60) as client:
         generate = client.post("/cluster/generate", content=_generation(model))
@@ -152,11 +155,16 @@ def test_with_api_keys_cluster_calls_need_a_key_too(keyed: LiveAgent) -> None:
         status = client.get("/cluster")
         assert (generate.status_code, assignment.status_code, status.status_code) == \
             (401, 401, 401), (generate.content[:200], assignment.text, status.text)
-        # With a key they are let in.
         key = {"Authorization": f"Bearer {KEY}"}
-        keyed_generate = client.post("/cluster/generate", content=_generation(model), headers=key)
-        assert keyed_generate.status_code == 200, keyed_generate.content[:200]
         assert client.get("/cluster", headers=key).status_code == 200
+        # A key alone is not a member's signature.
+        assert client.post("/cluster/generate", content=_generation(model),
+                           headers=key).status_code == 401
+        # Signed with the secret derived from the first key, the call is let in.
+        body = _generation(model)
+        signed = signed_headers(secret_from_key(KEY), "b" * 32, "POST", "/cluster/generate", body)
+        keyed_generate = client.post("/cluster/generate", content=body, headers=signed)
+        assert keyed_generate.status_code == 200, keyed_generate.content[:200]
 
 
 # --- the cluster secret ---------------------------------------------------------------------

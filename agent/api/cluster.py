@@ -6,9 +6,11 @@ Who may call what depends on the node's mode:
   `agent.api.shards`, a spec or placement a node forwards to the leader) are signed with it
   (`agent.cluster.peers`); admin calls (`POST/DELETE /cluster/instances`, `POST /cluster/spec`)
   need an API key or a member's signature.
-- **Keys-only** (API keys, no secret): every agent-to-agent call and every admin call needs a
-  valid API key (`Authorization: Bearer <key>` or `x-api-key`). Nodes present their first key to
-  each other, so every node of such a cluster must share the key list.
+- **Keys-only** (API keys, no secret): the node's secret is derived from its first API key
+  (`agent.cluster.auth.effective_secret`), and everything above works as with a secret: agent-to-
+  agent calls must be signed with it (an API key alone is refused there, and nodes never send
+  one to each other), admin calls need an API key or a member's signature. Every node of such a
+  cluster must list the same first key.
 - **Open** (no secret, no keys): agent-to-agent calls are accepted from anyone (zero-config
   clustering needs them public), admin calls from loopback or from a member calling from its own
   address only.
@@ -44,9 +46,28 @@ def _controller(request: Request[Any, Any, Any]) -> ClusterController:
     return request.app.state["cluster"]  # type: ignore[no-any-return]
 
 
-def _error(status: int, message: str) -> Response[dict[str, Any]]:
+def _error_body(status: int, message: str) -> dict[str, Any]:
     kind = {401: "authentication_error", 403: "permission_error"}.get(status, "cluster_error")
-    return Response({"error": {"message": message, "type": kind}}, status_code=status)
+    return {"error": {"message": message, "type": kind}}
+
+
+def _error(status: int, message: str) -> Response[dict[str, Any]]:
+    return Response(_error_body(status, message), status_code=status)
+
+
+def _answer(request: Request[Any, Any, Any], content: dict[str, Any],
+            status: int = 200) -> Response[Any]:
+    """An admin call's JSON answer, signed when the request was (a member forwarding it to the
+    leader checks every answer, errors included)."""
+    cluster = _controller(request)
+    body = msgspec.json.encode(content)
+    return Response(body, status_code=status, media_type="application/json",
+                    headers=response_headers(cluster.secret, cluster.node_id, body,
+                                             dict(request.headers)))
+
+
+def _admin_refusal(request: Request[Any, Any, Any], status: int, message: str) -> Response[Any]:
+    return _answer(request, _error_body(status, message), status)
 
 
 def _target(request: Request[Any, Any, Any]) -> str:
@@ -57,16 +78,29 @@ def _target(request: Request[Any, Any, Any]) -> str:
 async def _peer_error(request: Request[Any, Any, Any], body: bytes) -> str | None:
     """None when the caller may make an agent-to-agent call, else why not (a 401).
 
-    With a secret, members sign; in keys-only mode a valid API key is needed; in open mode
-    anyone is let in.
+    With a secret (configured, or derived from the first API key in keys-only mode) members
+    sign; in open mode anyone is let in.
     """
     cluster = _controller(request)
-    if cluster.secret:
-        return verify_request(dict(request.headers), body, cluster.secret,
-                              method=request.method, target=_target(request),
-                              window_s=cluster.settings.auth_window_s,
-                              replay_guard=_replay_guard)
-    return key_error(request, cluster.settings.api_keys)
+    return peer_signature_error(request, body, cluster.secret, cluster.auth_mode,
+                                window_s=cluster.settings.auth_window_s,
+                                replay_guard=_replay_guard)
+
+
+def peer_signature_error(request: Request[Any, Any, Any], body: bytes, secret: str | None,
+                         mode: str, *, window_s: float,
+                         replay_guard: ReplayGuard) -> str | None:
+    """None when an agent-to-agent request is signed by a holder of `secret` (or the node is in
+    open mode), else why not; in keys-only mode the reason says how peers sign."""
+    if not secret:
+        return None
+    problem = verify_request(dict(request.headers), body, secret, method=request.method,
+                             target=_target(request), window_s=window_s, replay_guard=replay_guard)
+    if problem and mode == "keys":
+        return (f"{problem}: agent-to-agent calls must be signed with the cluster secret, which "
+                "in keys-only mode is derived from the first API key (an API key alone is not "
+                "accepted here)")
+    return problem
 
 
 def key_error(request: Request[Any, Any, Any], keys: list[str]) -> str | None:
@@ -103,12 +137,10 @@ async def _admin_error(request: Request[Any, Any, Any], body: bytes) -> str | No
     keys = cluster.settings.api_keys
     if keys and _key_ok(_bearer(request), keys):
         return None
-    if cluster.secret:
+    if cluster.secret:  # configured, or derived from the first API key (keys-only mode)
         if request.headers.get(HEADER_NODE):
             return await _peer_error(request, body)
-        return "admin calls need an API key or the cluster secret"
-    if keys:  # keys-only mode: members forward placements and specs with their key
-        return "admin calls need an API key"
+        return "admin calls need an API key or a cluster member's signature"
     if _is_loopback(request) or _from_member(request):
         return None
     return "in open mode (no cluster secret), admin calls are accepted from loopback only"
@@ -144,8 +176,8 @@ class ClusterApi(Controller):
 
     @get("/profile", summary="This node's profile (agent-to-agent)")
     async def profile(self, request: Request[Any, Any, Any]) -> Response[Any]:
-        # Open to unknown callers in open mode: static peers probe it to join (in keys-only
-        # mode they probe with their key).
+        # Open to unknown callers in open mode: static peers probe it to join (with a secret,
+        # configured or derived from the first API key, they probe signed).
         problem = await _peer_error(request, b"")
         if problem:
             return _error(401, problem)
@@ -219,60 +251,61 @@ class ClusterApi(Controller):
         body = await request.body()
         problem = await _admin_error(request, body)
         if problem:
-            return _error(403 if "loopback" in problem else 401, problem)
+            return _admin_refusal(request, 403 if "loopback" in problem else 401, problem)
         cluster = _controller(request)
         text = body.decode("utf-8", "replace")
         if not cluster.is_leader:
             try:
                 await cluster._send_spec_to_leader(text)
             except PeerError as exc:
-                return _error(503, f"could not reach the leader: {exc}")
+                return _admin_refusal(request, 503, f"could not reach the leader: {exc}")
         errors = cluster.propose_spec(text) if cluster.is_leader else _validate(text)
         if errors:
-            return Response({"accepted": False, "errors": errors}, status_code=400)
-        return Response({"accepted": True, "leader": cluster.leader})
+            return _answer(request, {"accepted": False, "errors": errors}, 400)
+        return _answer(request, {"accepted": True, "leader": cluster.leader})
 
     @post("/instances", summary="Place an instance of a model", status_code=201)
     async def place(self, request: Request[Any, Any, Any]) -> Response[Any]:
         body = await request.body()
         problem = await _admin_error(request, body)
         if problem:
-            return _error(403 if "loopback" in problem else 401, problem)
+            return _admin_refusal(request, 403 if "loopback" in problem else 401, problem)
         try:
             wanted = msgspec.json.decode(body, type=InstanceRequest)
         except msgspec.DecodeError as exc:
-            return _error(400, f"bad request: {exc}")
+            return _admin_refusal(request, 400, f"bad request: {exc}")
         if wanted.strategy not in ("auto", "pipeline", "tensor", "hybrid"):
-            return _error(400, f"unknown strategy {wanted.strategy!r}")
+            return _admin_refusal(request, 400, f"unknown strategy {wanted.strategy!r}")
         cluster = _controller(request)
         if not any(canonical_name(wanted.model) in n.models for n in cluster.nodes().values()):
-            return _error(404, f"model '{wanted.model}' is in no node's store")
+            return _admin_refusal(request, 404, f"model '{wanted.model}' is in no node's store")
         try:
             instance_id = await cluster.request_instance(
                 wanted.model, strategy=wanted.strategy, nodes=wanted.nodes,
                 owner=wanted.owner if wanted.owner in ("api", "auto") else "api")
         except PeerError as exc:
-            return _error(503, str(exc))
-        return Response({"instance_id": instance_id}, status_code=201)
+            return _admin_refusal(request, 503, str(exc))
+        return _answer(request, {"instance_id": instance_id}, 201)
 
     @delete("/instances/{instance_id:str}", summary="Remove an API-placed instance",
             status_code=200)
     async def remove(self, request: Request[Any, Any, Any], instance_id: str) -> Response[Any]:
         problem = await _admin_error(request, b"")
         if problem:
-            return _error(403 if "loopback" in problem else 401, problem)
+            return _admin_refusal(request, 403 if "loopback" in problem else 401, problem)
         cluster = _controller(request)
         try:
             why = await cluster.remove_instance(instance_id)
         except PeerError as exc:
-            return _error(503, str(exc))
+            return _admin_refusal(request, 503, str(exc))
         if why == "not_found":
-            return _error(404, f"no instance {instance_id}")
+            return _admin_refusal(request, 404, f"no instance {instance_id}")
         if why == "spec":
-            return _error(409, f"{instance_id} is owned by cluster.toml; edit the spec instead")
+            return _admin_refusal(request, 409, f"{instance_id} is owned by cluster.toml; "
+                                                "edit the spec instead")
         if why is not None:
-            return _error(502, why)
-        return Response({"removed": instance_id})
+            return _admin_refusal(request, 502, why)
+        return _answer(request, {"removed": instance_id})
 
 
 async def _head_instance(cluster: ClusterController, model: str) -> Any:

@@ -1,8 +1,8 @@
 """Serving model shards to peers: the small files and exactly the tensors a stage needs.
 
-Agent-to-agent only: requests are signed with the cluster secret when one is set; in keys-only
-mode (API keys, no secret) they need a valid API key, which peers present; in open mode any host
-on the cluster's networks may read the store's models, as it may use the APIs.
+Agent-to-agent only: requests are signed with the node's cluster secret (configured, or in
+keys-only mode derived from the first API key; an API key alone is refused); in open mode any
+host on the cluster's networks may read the store's models, as it may use the APIs.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.response import Stream
 
-from agent.api.cluster import key_error
+from agent.api.cluster import peer_signature_error
 from agent.cluster.auth import ReplayGuard
-from agent.cluster.peers import response_headers, verify_request
+from agent.cluster.peers import response_headers
 from agent.cluster.shape import model_shape
 from agent.engine import ModelNotFound
 from agent.models.shards import (
@@ -38,15 +38,9 @@ class TensorRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 def _refused(request: Request[Any, Any, Any], body: bytes) -> Response[Any] | None:
     cluster = request.app.state["cluster"]
-    query = request.scope.get("query_string", b"").decode()
-    target = request.url.path + (f"?{query}" if query else "")
-    if cluster.secret:
-        problem = verify_request(dict(request.headers), body, cluster.secret,
-                                 method=request.method, target=target,
-                                 window_s=cluster.settings.auth_window_s,
-                                 replay_guard=_replay_guard)
-    else:
-        problem = key_error(request, cluster.settings.api_keys)
+    problem = peer_signature_error(request, body, cluster.secret, cluster.auth_mode,
+                                   window_s=cluster.settings.auth_window_s,
+                                   replay_guard=_replay_guard)
     if problem:
         return Response({"error": {"message": problem, "type": "authentication_error"}},
                         status_code=401)

@@ -4,6 +4,11 @@ Every agent-to-agent message (discovery beacons, HTTP control calls) carries a t
 HMAC-SHA256 over it, its context (what kind of message, which endpoint) and its body. Keys are
 derived from the secret per purpose, so a tag seen on the wire tells nothing about the key that
 signs. Open mode (no secret) still separates clusters by name, but authenticates nobody.
+
+Keys-only mode (API keys, no secret) is not a mode of its own on the wire: the node derives its
+secret from its first API key (`effective_secret`), so beacons, agent-to-agent calls, answers and
+shard transfers are signed exactly as with a configured secret, and the key itself never travels
+between nodes. Every node of a keyed cluster must therefore list the same first key.
 """
 
 from __future__ import annotations
@@ -13,6 +18,11 @@ import hmac
 import math
 import secrets
 from collections import OrderedDict
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from agent.settings import NodeSettings
+    from agent.spec import ClusterSpec
 
 HEADER_NODE = "X-Flock-Node"
 HEADER_TIME = "X-Flock-Time"
@@ -25,6 +35,42 @@ TAG_CHARS = 16  # 64 bits: plenty to tell clusters on one LAN apart, short on th
 def _key(secret: str, purpose: str) -> bytes:
     # One key per purpose: the tag is public on the wire, the signing key must not follow from it.
     return hmac.new(secret.encode(), f"flock/v1/{purpose}".encode(), hashlib.sha256).digest()
+
+
+KEY_SECRET_LABEL = b"flock/v1/cluster-secret-from-api-key"
+
+AuthMode = Literal["secret", "keys", "open"]
+
+
+def secret_from_key(api_key: str) -> str:
+    """The cluster secret of keys-only mode: HMAC-SHA256(key=the first API key, a fixed label),
+    hex. Holders of that key can sign; the signatures and tags on the wire do not reveal it."""
+    return hmac.new(api_key.encode(), KEY_SECRET_LABEL, hashlib.sha256).hexdigest()
+
+
+def _configured_secret(settings: NodeSettings, spec: ClusterSpec | None) -> str | None:
+    return settings.cluster_secret or (spec.cluster.secret if spec is not None else None)
+
+
+def effective_secret(settings: NodeSettings, spec: ClusterSpec | None = None) -> str | None:
+    """The one secret a node signs and verifies with (beacon tag and signature, agent-to-agent
+    requests and answers, shard transfers): the configured cluster secret (settings, else the
+    spec's inline one); without one, the secret derived from the first API key (keys-only
+    mode); None in open mode. Every part of the agent takes its secret from here."""
+    configured = _configured_secret(settings, spec)
+    if configured:
+        return configured
+    if settings.api_keys and settings.api_keys[0]:
+        return secret_from_key(settings.api_keys[0])
+    return None
+
+
+def auth_mode(settings: NodeSettings, spec: ClusterSpec | None = None) -> AuthMode:
+    """"secret" (a configured secret), "keys" (API keys, secret derived from the first one) or
+    "open" (neither), consistent with `effective_secret`."""
+    if _configured_secret(settings, spec):
+        return "secret"
+    return "keys" if effective_secret(settings, spec) else "open"
 
 
 def generate_secret() -> str:

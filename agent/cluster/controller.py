@@ -26,6 +26,7 @@ import msgspec
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent import __version__, sysinfo
+from agent.cluster.auth import auth_mode, effective_secret
 from agent.cluster.discovery import Discovery, DiscoveryConfig, StaticPeers
 from agent.cluster.identity import load_or_create
 from agent.cluster.leader import compatible, elect
@@ -34,7 +35,6 @@ from agent.cluster.peers import (
     PeerClient,
     PeerError,
     base_url,
-    peer_api_key,
     signed_headers,
 )
 from agent.cluster.reconcile import (
@@ -139,12 +139,12 @@ class ClusterController:
         self._rtt_peers: set[str] = set()  # peers flock_peer_rtt_seconds has a series for
         self.identity = load_or_create(settings.state_dir)
         self.local_spec = spec
-        self.secret = settings.cluster_secret or (spec.cluster.secret if spec else None)
+        # Keys-only mode (API keys, no secret) signs with a secret derived from the first key,
+        # so every node of such a cluster lists the same first key; no key is sent to peers.
+        self.secret = effective_secret(settings, spec)
+        self.auth_mode = auth_mode(settings, spec)
         self.cluster_name = spec.cluster.name if spec else settings.cluster_name
-        # Keys-only mode (API keys, no secret): peers require a key, so this node presents its
-        # first one; every node of such a cluster shares the key list.
-        self.peer_key = peer_api_key(self.secret, settings.api_keys)
-        self.client = PeerClient(node_id=self.node_id, secret=self.secret, api_key=self.peer_key,
+        self.client = PeerClient(node_id=self.node_id, secret=self.secret,
                                  timeout_s=settings.peer_timeout_s)
         self.stream_client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None),
                                                trust_env=False)
@@ -217,6 +217,9 @@ class ClusterController:
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
+        if self.auth_mode == "keys":
+            log.info("keys-only mode: members sign with a cluster secret derived from the first "
+                     "API key; every node of this cluster must list the same first key")
         self.blas, self.compute_gflops = await measure_compute(s)
         if s.discovery_enabled:
             config = DiscoveryConfig(
@@ -739,8 +742,7 @@ class ClusterController:
         async def pump(request: GenerationRequest,
                        out: asyncio.Queue[GenerationEvent | Exception | None]) -> None:
             body = msgspec.msgpack.encode(request)
-            headers = signed_headers(self.secret, self.node_id, "POST", GENERATE_PATH, body,
-                                     api_key=self.peer_key)
+            headers = signed_headers(self.secret, self.node_id, "POST", GENERATE_PATH, body)
             try:
                 async with self.stream_client.stream("POST", url, content=body,
                                                      headers=headers) as response:

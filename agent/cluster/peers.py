@@ -4,11 +4,11 @@ server-side checks the admin API applies to what peers send it.
 A request's signature covers its method, target (path and query), sender node id, timestamp and
 body, so it cannot be replayed against another endpoint or re-attributed; a response's signature
 covers its body and the request's signature, so an answer cannot be replayed to another question.
-Without a secret nothing is signed. On a node with API keys (keys-only mode) the client sends
-`Authorization: Bearer <its first key>` instead, and the node's agent-to-agent endpoints require a
-valid key (`agent.api.cluster`): every node of such a cluster must share the key list. In open
-mode (no secret, no keys) everything is accepted: the admin API's rule that open-mode admin calls
-come from loopback only is what protects a node then.
+A node with API keys and no secret (keys-only mode) signs with the secret derived from its first
+key (`agent.cluster.auth.effective_secret`), so no API key is ever sent to a peer: a host that
+does not hold the key cannot sign, and learns nothing from us. Without any secret (open mode:
+no secret, no keys) nothing is signed and everything is accepted: the admin API's rule that
+open-mode admin calls come from loopback only is what protects a node then.
 """
 
 from __future__ import annotations
@@ -105,12 +105,12 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 
 def signed_headers(
     secret: str | None, node_id: str, method: str, target: str, body: bytes,
-    now: float | None = None, *, api_key: str | None = None,
+    now: float | None = None,
 ) -> dict[str, str]:
     """Headers for one agent-to-agent request; `target` is the path plus '?query' if any.
 
-    With a secret the request is signed; without one, `api_key` (keys-only mode: the node's
-    first API key) is sent as `Authorization: Bearer`.
+    With a secret (configured, or derived from the first API key) the request is signed; in open
+    mode it only names the sender. No API key is ever among them.
     """
     ts = time.time() if now is None else now
     headers = {HEADER_NODE: node_id, HEADER_TIME: format_timestamp(ts)}
@@ -118,15 +118,7 @@ def signed_headers(
         headers[HEADER_SIGNATURE] = sign(
             secret, body, ts, context=request_context(method, target, node_id)
         )
-    elif api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
     return headers
-
-
-def peer_api_key(secret: str | None, api_keys: list[str]) -> str | None:
-    """The key a node presents to its peers: its first API key in keys-only mode (keys and no
-    secret), else None (a secret signs instead; open mode needs nothing)."""
-    return api_keys[0] if api_keys and not secret else None
 
 
 def verify_request(
@@ -194,15 +186,14 @@ def verify_response(
 
 
 class PeerClient:
-    """httpx.AsyncClient for calls to other agents, signed with the cluster secret when set;
-    without one, carrying `api_key` (keys-only mode) as `Authorization: Bearer` when given."""
+    """httpx.AsyncClient for calls to other agents, signed with the node's effective secret
+    (configured, or derived from its first API key) and checking every answer's signature."""
 
     def __init__(
         self,
         *,
         node_id: str,
         secret: str | None,
-        api_key: str | None = None,
         timeout_s: float = 5.0,
         connect_timeout_s: float = 2.0,
         window_s: float = REPLAY_WINDOW_S,
@@ -210,7 +201,6 @@ class PeerClient:
     ) -> None:
         self.node_id = node_id  # reassign after a re-key
         self.secret = secret
-        self.api_key = api_key
         self.window_s = window_s
         self.max_response_bytes = max_response_bytes
         self._client = httpx.AsyncClient(
@@ -246,8 +236,7 @@ class PeerClient:
             body = json.dumps(json_body, separators=(",", ":")).encode()
             extra["Content-Type"] = "application/json"
         target = httpx.URL(url).raw_path.decode("ascii")
-        headers = signed_headers(self.secret, self.node_id, method, target, body,
-                                 api_key=self.api_key)
+        headers = signed_headers(self.secret, self.node_id, method, target, body)
         request = self._client.build_request(
             method, url, content=body or None, headers={**extra, **headers},
             timeout=timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT,

@@ -53,8 +53,7 @@ class ShardSource:
                 if model in p.models and p.node_id != me and p.addresses]
 
     def _sign(self, method: str, path: str, body: bytes) -> dict[str, str]:
-        return signed_headers(self.cluster.secret, self.cluster.node_id, method, path, body,
-                              api_key=self.cluster.peer_key)
+        return signed_headers(self.cluster.secret, self.cluster.node_id, method, path, body)
 
     async def _from_holders(self, model: str, fetch: object) -> Path:
         errors = []
