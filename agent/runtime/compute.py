@@ -22,11 +22,13 @@ class LocalCompute:
     def __init__(self, decoder: Decoder, kv: KvSlots, *, compiled: bool) -> None:
         self.decoder = decoder
         self.kv = kv
-        self.decode_fn = make_decode_fn(decoder, compiled=compiled)
+        self.quant = kv.geometry.quant
+        self.decode_fn = make_decode_fn(decoder, compiled=compiled, quant=self.quant)
 
     def prefill(self, row: int, start: int, tokens: list[int]) -> mx.array:
         """Logits (1, vocab) of the last token; writes the row's KV."""
-        return prefill(self.decoder, mx.array(tokens), start, row, self.kv.keys, self.kv.values)
+        return prefill(self.decoder, mx.array(tokens), start, row, self.kv.keys, self.kv.values,
+                       quant=self.quant)
 
     def decode(self, tokens: list[int], positions: list[int]) -> mx.array:
         """Logits (rows, vocab), one row per KV row; writes each row's new KV."""
@@ -36,9 +38,9 @@ class LocalCompute:
         return out[0]
 
     def _take_kv(self, out: tuple[mx.array, ...]) -> None:
-        layers = len(self.kv.keys)
-        self.kv.keys = list(out[1:1 + layers])
-        self.kv.values = list(out[1 + layers:])
+        arrays = len(self.kv.keys)
+        self.kv.keys = list(out[1:1 + arrays])
+        self.kv.values = list(out[1 + arrays:])
 
     def close(self) -> None:
         pass
@@ -64,7 +66,7 @@ class HeadCompute(LocalCompute):
         self.upstream = upstream  # the last stage's link back to the head
         if downstream is not None:
             self.decode_fn = make_decode_fn(decoder, compiled=compiled, embed=True,
-                                            project=False)
+                                            project=False, quant=self.quant)
             self.project_fn = make_project_fn(decoder, compiled=compiled)
 
     def _drain(self) -> list[tuple]:
@@ -90,7 +92,7 @@ class HeadCompute(LocalCompute):
         if self.downstream is None:
             return super().prefill(row, start, tokens)
         h = prefill(self.decoder, mx.array(tokens), start, row, self.kv.keys, self.kv.values,
-                    embed=True, project=False)
+                    embed=True, project=False, quant=self.quant)
         mx.eval(h, self.kv.keys, self.kv.values)
         back = self._round_trip(StepMessage(op="prefill", kv_ops=ops, row=row, start=start), h)
         return self.project_fn(back[0, -1:])

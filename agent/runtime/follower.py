@@ -33,7 +33,9 @@ class Follower:
         self.decoder = decoder
         self.kv = kv
         self.embeds = embeds
-        self.decode_fn = make_decode_fn(decoder, compiled=compiled, embed=embeds, project=False)
+        self.quant = kv.geometry.quant
+        self.decode_fn = make_decode_fn(decoder, compiled=compiled, embed=embeds, project=False,
+                                        quant=self.quant)
         self.saved: dict[int, tuple[list[mx.array], list[mx.array]]] = {}
 
     def apply(self, ops: list) -> None:
@@ -59,13 +61,13 @@ class Follower:
     def step(self, op: str, row: int, start: int, positions: list[int], h: mx.array) -> mx.array:
         if op == "prefill":
             out = prefill(self.decoder, h, start, row, self.kv.keys, self.kv.values,
-                          embed=self.embeds, project=False)
+                          embed=self.embeds, project=False, quant=self.quant)
             mx.eval(out, self.kv.keys, self.kv.values)
             return out
         result = self.decode_fn(h, mx.array(positions), *self.kv.keys, *self.kv.values)
-        layers = len(self.kv.keys)
-        self.kv.keys = list(result[1:1 + layers])
-        self.kv.values = list(result[1 + layers:])
+        arrays = len(self.kv.keys)
+        self.kv.keys = list(result[1:1 + arrays])
+        self.kv.values = list(result[1 + arrays:])
         mx.eval(result[0], self.kv.keys, self.kv.values)
         return result[0]
 

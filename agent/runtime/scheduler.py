@@ -73,6 +73,12 @@ class Sequence:
     def reserved_tokens(self) -> int:
         return len(self.prompt) + self.max_tokens
 
+    @property
+    def peak_tokens(self) -> int:
+        """The most cache positions this sequence can ever need (its prompt, every reply token
+        but the last, and the slot the next decode step writes)."""
+        return len(self.prompt) + max(1, self.max_tokens)
+
 
 @dataclass
 class SchedulerStats:
@@ -103,6 +109,9 @@ class Scheduler:
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.kv = kv
+        # Allocated KV (rows x capacity, padding included) stays within the budget: the cache
+        # stops growing there, and admission only lets in what the padded layout can hold.
+        kv.limit_bytes = limits.kv_budget_bytes
         self.limits = limits
         self.emit = emit
         self.compute = compute or LocalCompute(decoder, kv, compiled=compiled)
@@ -171,12 +180,43 @@ class Scheduler:
                     f"{self.limits.kv_budget_bytes} bytes; shorten the prompt or max_tokens")
         return None
 
+    def _peak_tokens(self, request: GenerationRequest) -> int:
+        return len(request.prompt_tokens) + max(1, self._max_tokens(request))
+
+    def _rows_with(self, request: GenerationRequest) -> int | None:
+        """Rows the cache takes with `request` running too, or None when the allocation (every
+        row padded to the longest sequence's peak) would exceed the KV budget."""
+        tokens = max([s.peak_tokens for s in self.running.values()]
+                     + [self._peak_tokens(request)])
+        return self.kv.layout(len(self.running) + 1, tokens)
+
     def _fits_now(self, request: GenerationRequest) -> bool:
         if len(self.running) >= self.limits.max_batch:
             return False
         need = (len(request.prompt_tokens) + self._max_tokens(request))
         need *= self.kv.geometry.bytes_per_token
-        return self.kv_reserved_bytes() + need <= self.limits.kv_budget_bytes
+        if self.kv_reserved_bytes() + need > self.limits.kv_budget_bytes:
+            return False
+        return self._rows_with(request) is not None
+
+    def _make_room(self, request: GenerationRequest) -> int:
+        """Prepare the cache for one more row; returns the row count to grow to if needed.
+
+        The cache may carry rows or capacity from sequences that have finished; when that would
+        keep the layout (with the new row) from holding every running sequence's peak within
+        the budget, the running rows are regrouped into exactly the rows `layout` chose."""
+        rows = self._rows_with(request)
+        assert rows is not None
+        kv = self.kv
+        target = kv.rows if kv.free_rows() else rows
+        tokens = max([s.peak_tokens for s in self.running.values()]
+                     + [self._peak_tokens(request), kv.capacity])
+        limit = kv.capacity_limit(target)
+        if limit is not None and limit < tokens:
+            mapping = kv.compact({s.row: s.length for s in self.running.values()}, rows=rows)
+            for seq in self.running.values():
+                seq.row = mapping[seq.row]
+        return rows
 
     def _admit(self) -> None:
         while self.waiting:
@@ -195,7 +235,8 @@ class Scheduler:
                 self.emit(Failed(id=request.id, code="bad_request", message=str(exc)))
                 continue
             max_tokens = self._max_tokens(request)
-            row = self.kv.acquire(request.id, len(request.prompt_tokens) + 1)
+            rows = self._make_room(request)
+            row = self.kv.acquire(request.id, len(request.prompt_tokens) + 1, rows=rows)
             self.running[request.id] = Sequence(
                 request=request,
                 row=row,
