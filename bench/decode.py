@@ -11,7 +11,8 @@ ignored, and every process warms up (compiles its step) before it is timed.
 - `mlxlm_openblas`: mlx-lm's `generate_step` in-process, sgemv fast path off (FLOCK_BLAS_GEMV=0).
 - `flock`: flock's decoder through `agent.runtime.scheduler.Scheduler` (the serving path without
   the runner's IPC) with fused projections, the compiled decode step and the sgemv fast path.
-- `flock_noopt`: the same with `fuse_projections=False`, `compile_step=False`, FLOCK_BLAS_GEMV=0.
+- `flock_noopt`: the same with `fuse_projections=False`, `compile_step=False`, FLOCK_BLAS_GEMV=0
+  and no lookahead decode.
 - `batch8_opt` / `batch8_noopt`: 8 concurrent streams of the same prompt; aggregate tok/s over
   the steps where all 8 decode.
 - `llamacpp`: `llama-bench` on the f32 GGUF (bench/llamacpp.py), same thread count.
@@ -97,6 +98,8 @@ def flock_worker(model_dir: str, tokens: int, streams: int, optimised: bool) -> 
     events: list[GenerationEvent] = []
     sched = Scheduler(dec, tokenizer, kv, SchedulerLimits(), events.append, compiled=optimised)
     sched.eos_ids = set()  # always decode `tokens` tokens
+    if not optimised:
+        sched.compute.lazy_decode = False  # type: ignore[misc]  # no lookahead either
 
     def submit(tag: str, max_tokens: int) -> list[str]:
         ids = [f"{tag}{i}" for i in range(streams)]

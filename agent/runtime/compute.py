@@ -19,6 +19,10 @@ from agent.runtime.step import make_decode_fn, make_project_fn, prefill
 
 
 class LocalCompute:
+    # Whether a decode step may be queued before the previous one's tokens are read back (the
+    # scheduler's lookahead): true when nothing but lazy MLX work happens in `decode`.
+    lazy_decode = True
+
     def __init__(self, decoder: Decoder, kv: KvSlots, *, compiled: bool) -> None:
         self.decoder = decoder
         self.kv = kv
@@ -30,10 +34,11 @@ class LocalCompute:
         return prefill(self.decoder, mx.array(tokens), start, row, self.kv.keys, self.kv.values,
                        quant=self.quant)
 
-    def decode(self, tokens: list[int], positions: list[int]) -> mx.array:
-        """Logits (rows, vocab), one row per KV row; writes each row's new KV."""
-        out = self.decode_fn(mx.array(tokens), mx.array(positions), *self.kv.keys,
-                             *self.kv.values)
+    def decode(self, tokens: list[int] | mx.array, positions: list[int]) -> mx.array:
+        """Logits (rows, vocab), one row per KV row; writes each row's new KV. `tokens` may be
+        a lazy int32 array (the previous step's argmax, not yet computed)."""
+        ids = tokens if isinstance(tokens, mx.array) else mx.array(tokens)
+        out = self.decode_fn(ids, mx.array(positions), *self.kv.keys, *self.kv.values)
         self._take_kv(out)
         return out[0]
 
@@ -55,6 +60,8 @@ class HeadCompute(LocalCompute):
     there); with a pipeline it then computes its layers, ships the hidden states down the chain
     and projects what comes back from the last stage into logits.
     """
+
+    lazy_decode = False  # every step talks to peers over blocking links
 
     def __init__(self, decoder: Decoder, kv: KvSlots, journal: list[tuple], *, compiled: bool,
                  tp_peers: list[StageLink] | None = None, downstream: StageLink | None = None,
@@ -97,7 +104,8 @@ class HeadCompute(LocalCompute):
         back = self._round_trip(StepMessage(op="prefill", kv_ops=ops, row=row, start=start), h)
         return self.project_fn(back[0, -1:])
 
-    def decode(self, tokens: list[int], positions: list[int]) -> mx.array:
+    def decode(self, tokens: list[int] | mx.array, positions: list[int]) -> mx.array:
+        assert not isinstance(tokens, mx.array), "a pipeline head decodes known tokens"
         ops = self._drain()
         self._tell_peers(StepMessage(op="decode", kv_ops=ops, tokens=tokens,
                                      positions=positions))

@@ -88,6 +88,17 @@ class SchedulerStats:
     rejected_total: int = 0
     decode_steps_total: int = 0
     decode_seconds_total: float = 0.0
+    lookahead_steps_total: int = 0  # decode steps queued before the previous one was read
+
+
+@dataclass(frozen=True)
+class Lookahead:
+    """A decode step queued before the previous step's tokens were read back: its logits, and
+    the batch it was built for (sequence id -> row, and the row count)."""
+
+    logits: mx.array
+    rows: dict[str, int]
+    kv_rows: int
 
 
 class Scheduler:
@@ -125,6 +136,7 @@ class Scheduler:
         # Builds a request's decoding constraint (None when it has none); raises ValueError for
         # a constraint that cannot be compiled, which fails that request as a bad request.
         self.constraint_factory = constraint_factory
+        self._ahead: Lookahead | None = None
 
     # ---- admission --------------------------------------------------------------------------
     @property
@@ -313,22 +325,70 @@ class Scheduler:
 
     def _decode(self, decoding: list[Sequence]) -> None:
         started = time.perf_counter()
-        self.kv.ensure_capacity(max(s.length for s in self.running.values()) + 1)
-        rows = self.kv.rows
-        tokens = [0] * rows
-        positions = [0] * rows
-        # Rows still in prefill get a harmless write at their next free position, which their
-        # next prefill chunk overwrites; free rows write at 0.
-        for seq in self.running.values():
-            positions[seq.row] = seq.length
-        for seq in decoding:
-            tokens[seq.row] = seq.next_token  # type: ignore[assignment]
-        logits = self.compute.decode(tokens, positions)
+        logits = self._take_lookahead(decoding)
+        if logits is None:
+            self.kv.ensure_capacity(max(s.length for s in self.running.values()) + 1)
+            rows = self.kv.rows
+            tokens = [0] * rows
+            positions = [0] * rows
+            # Rows still in prefill get a harmless write at their next free position, which
+            # their next prefill chunk overwrites; free rows write at 0.
+            for seq in self.running.values():
+                positions[seq.row] = seq.length
+            for seq in decoding:
+                tokens[seq.row] = seq.next_token  # type: ignore[assignment]
+            logits = self.compute.decode(tokens, positions)
+        else:
+            self.stats.lookahead_steps_total += 1
         for seq in decoding:
             seq.length += 1
-        self._sample_and_emit(decoding, logits, rows_of=[s.row for s in decoding])
+        if self._may_look_ahead(decoding):
+            self._greedy_with_lookahead(decoding, logits)
+        else:
+            self._sample_and_emit(decoding, logits, rows_of=[s.row for s in decoding])
         self.stats.decode_steps_total += 1
         self.stats.decode_seconds_total += time.perf_counter() - started
+
+    # ---- lookahead: the next decode step runs while this one's tokens are handled ----------
+    def _may_look_ahead(self, decoding: list[Sequence]) -> bool:
+        """Only when the next step's batch is as predictable as can be: every running
+        sequence decodes greedily from raw logits (the next input is this step's argmax),
+        nobody waits to join, someone will still be running, and the steps are plain local
+        MLX work."""
+        return (self.compute.lazy_decode
+                and not self.waiting and not self.cancelled
+                and len(decoding) == len(self.running)
+                and not any(s.sampler.needs_logits for s in decoding)
+                and any(s.generated + 1 < s.max_tokens for s in decoding))
+
+    def _greedy_with_lookahead(self, decoding: list[Sequence], logits: mx.array) -> None:
+        """Queue the next step on this step's (still lazy) argmax, then read this step's tokens
+        while MLX computes the next one. Whatever this step's tokens decide (a stop, a new
+        request), the queued step only writes each row's KV at its next position, which the
+        real step would write with the same token, or a freed row nobody reads."""
+        chosen = mx.argmax(logits, axis=-1).astype(mx.int32)
+        self.kv.ensure_capacity(max(s.length for s in decoding) + 1)
+        positions = [0] * self.kv.rows
+        for seq in decoding:
+            positions[seq.row] = seq.length
+        ahead = self.compute.decode(chosen, positions)
+        mx.async_eval(ahead, self.kv.keys, self.kv.values)
+        self._ahead = Lookahead(ahead, {s.request.id: s.row for s in decoding}, self.kv.rows)
+        ids = chosen.tolist()
+        for seq in decoding:
+            self._accept(seq, int(ids[seq.row]), None)
+
+    def _take_lookahead(self, decoding: list[Sequence]) -> mx.array | None:
+        """The queued step's logits when it was built for exactly this batch, else None (the
+        queued step's KV writes are then redone or unused)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead.kv_rows != self.kv.rows:
+            return None
+        if len(decoding) != len(self.running) or len(decoding) != len(ahead.rows):
+            return None
+        if any(ahead.rows.get(s.request.id) != s.row for s in decoding):
+            return None
+        return ahead.logits
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: mx.array,
                          rows_of: list[int] | None = None) -> None:
