@@ -22,6 +22,10 @@ os.environ.setdefault("FLOCK_DISCOVERY_INTERFACES", '["127.0.0.1/8"]')
 # developer's running node) never join it.
 os.environ.setdefault("FLOCK_CLUSTER_NAME", f"flock-test-{os.getpid()}")
 
+# Tests start several agents and runners on one machine: one BLAS thread each, so OpenBLAS
+# workers never spin against each other (a runner on its own would use every core).
+os.environ.setdefault("FLOCK_BLAS_THREADS", "1")
+
 # Tests share one download and one import across runs; CI starts from an empty cache.
 TEST_CACHE = Path(os.environ.get("FLOCK_TEST_CACHE", Path.home() / ".cache" / "flock-test"))
 

@@ -295,7 +295,7 @@ def test_runner_environment_preloads_the_shim_and_splits_cores(tmp_path: Path) -
     assert warning is None
     assert Path(env["LD_PRELOAD"]).is_file()
     assert env["FLOCK_BLAS_LIB"] == find_openblas().path
-    assert env["OPENBLAS_NUM_THREADS"] == str(max(1, usable_cores() // 3 - 1))
+    assert env["OPENBLAS_NUM_THREADS"] == str(max(1, usable_cores() // 3))
     assert env["OPENBLAS_CORETYPE"] == "Haswell" and env["OPENBLAS_L2_SIZE"] == "1"
     # What the runner will see: the shim loads its library and reports OpenBLAS.
     assert describe_info(probe(Path(env["LD_PRELOAD"]), find_openblas())).startswith("OpenBLAS")
@@ -305,15 +305,15 @@ def test_blas_threads_setting_wins_over_the_core_share(tmp_path: Path) -> None:
     settings = NodeSettings(state_dir=tmp_path, blas_threads=5)
     env, _ = runner_environment(settings, ranks_on_this_machine=64, base={})
     assert env["OPENBLAS_NUM_THREADS"] == "5"
-    assert blas_threads(NodeSettings(state_dir=tmp_path), 10_000) == 1
+    assert blas_threads(NodeSettings(state_dir=tmp_path, blas_threads=None), 10_000) == 1
 
 
 def test_blas_off_means_no_preload_and_no_warning(tmp_path: Path) -> None:
-    settings = NodeSettings(state_dir=tmp_path, blas="off")
+    settings = NodeSettings(state_dir=tmp_path, blas="off", blas_threads=None)
     env, warning = runner_environment(settings, base={"LD_PRELOAD": "/x/libjemalloc.so"})
     assert warning is None
     assert env["LD_PRELOAD"] == "/x/libjemalloc.so" and "FLOCK_BLAS_LIB" not in env
-    assert env["OPENBLAS_NUM_THREADS"] == str(max(1, usable_cores() - 1))  # numpy spins too
+    assert env["OPENBLAS_NUM_THREADS"] == str(max(1, usable_cores()))  # numpy spins too
 
 
 def test_fallback_to_reference_blas_warns_in_one_line() -> None:

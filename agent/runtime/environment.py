@@ -22,16 +22,19 @@ def usable_cores() -> int:
 
 
 def blas_threads(settings: NodeSettings, ranks_on_this_machine: int = 1) -> int:
-    """BLAS threads per runner: the setting, else an equal share of the cores less one.
+    """BLAS threads per runner: the setting, else an equal share of the machine's cores.
 
-    One core is left for the runner's own Python and MLX threads and the agent: OpenBLAS workers
-    spin while they wait, and when they have to share cores with other busy threads a matmul
-    gets an order of magnitude slower (measured here on 2 busy cores: a 576x1536 matrix-vector
-    product took 3,969 us with 2 threads, 323 us with 1).
+    A runner's arithmetic runs on MLX's stream thread, which is one of OpenBLAS's threads, and
+    its Python thread mostly waits, so a machine that serves flock gets the most from all of its
+    cores: on an idle 2-core machine SmolLM2 decodes at 20.9 tok/s with 2 threads, 14.5 with 1.
+    OpenBLAS workers spin while they wait, though: on cores that other busy processes also
+    use, a matmul gets an order of magnitude slower (2 busy cores: a 576x1536 matrix-vector
+    product took 3,969 us with 2 threads, 323 us with 1). Machines that run other heavy work,
+    and several agents on one machine (the demo, the tests), set `blas_threads` lower.
     """
     if settings.blas_threads is not None:
         return settings.blas_threads
-    return max(1, usable_cores() // max(1, ranks_on_this_machine) - 1)
+    return max(1, usable_cores() // max(1, ranks_on_this_machine))
 
 
 def with_blas(
