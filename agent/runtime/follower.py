@@ -64,8 +64,17 @@ class Follower:
                           embed=self.embeds, project=False, quant=self.quant)
             mx.eval(out, self.kv.keys, self.kv.values)
             return out
-        result = self.decode_fn(h, mx.array(positions), *self.kv.keys, *self.kv.values)
-        arrays = len(self.kv.keys)
+        # The KV arrays are handed to the step (no other reference while it runs), so MLX
+        # writes the new keys and values in place instead of copying the cache.
+        keys, values = self.kv.keys, self.kv.values
+        self.kv.keys, self.kv.values = [], []
+        try:
+            result = self.decode_fn(h, mx.array(positions), *keys, *values)
+        except BaseException:
+            self.kv.keys, self.kv.values = keys, values
+            raise
+        del keys, values
+        arrays = (len(result) - 1) // 2
         self.kv.keys = list(result[1:1 + arrays])
         self.kv.values = list(result[1 + arrays:])
         mx.eval(result[0], self.kv.keys, self.kv.values)
