@@ -246,3 +246,32 @@ def test_lookahead_decoding_generates_exactly_what_step_by_step_decoding_does(
         assert tokens_of(ahead, rid) == tokens_of(plain, rid), rid
         assert final(ahead, rid) == final(plain, rid), rid
     assert len(tokens_of(plain, "a")) == 70
+
+
+def test_the_stream_carries_every_generated_token_id(tiny_dir: Path) -> None:
+    """Tokens whose text is held back (a possible stop string, an incomplete character) still
+    reach the stream, with the next chunk that has text or at the end."""
+    prompts = {f"r{i}": [3 + i, 50 + 7 * i, 200 + i] for i in range(4)}
+    sched, events = make_scheduler(tiny_dir)
+    sched.eos_ids = set()
+    for rid, prompt in prompts.items():
+        sched.submit(request(rid, prompt, 40))
+    run_all(sched)
+    texts = {rid: "".join(e.text for e in events if isinstance(e, TokenChunk) and e.id == rid)
+             for rid in prompts}
+    # A stop string that starts like each reply's text but never completes: the matcher holds
+    # those characters back until they cannot be a stop any more.
+    sched, events = make_scheduler(tiny_dir)
+    sched.eos_ids = set()
+    for rid, prompt in prompts.items():
+        sched.submit(request(rid, prompt, 40, stop=[texts[rid][5:8] + "\u2603"]))
+    run_all(sched)
+    held_back = 0
+    for rid in prompts:
+        end = final(events, rid)
+        assert isinstance(end, Finished) and end.reason == "length"
+        chunks = [e for e in events if isinstance(e, TokenChunk) and e.id == rid]
+        assert "".join(c.text for c in chunks) == texts[rid]
+        assert len([t for c in chunks for t in c.token_ids]) == end.usage.completion_tokens == 40
+        held_back += sum(len(c.token_ids) > 1 for c in chunks)
+    assert held_back > 0  # tokens really were held back

@@ -57,6 +57,9 @@ class Sequence:
     prefilled: int = 0
     length: int = 0  # tokens whose KV is in the cache
     next_token: int | None = None  # sampled, not yet in the cache
+    # Generated tokens whose text the detokenizer or the stop matcher still holds back: they
+    # go out with the next chunk that carries text, so the stream's ids are complete.
+    unsent_ids: list[int] = field(default_factory=list)
     generated: int = 0
     cached_tokens: int = 0
     arrived: float = field(default_factory=time.monotonic)
@@ -432,8 +435,11 @@ class Scheduler:
         logprobs = None
         if lp is not None:
             logprobs = [self._logprob_entry(token, lp)]
+        seq.unsent_ids.append(token)
         if text or logprobs:
-            self.emit(TokenChunk(id=request.id, text=text, token_ids=[token], logprobs=logprobs))
+            self.emit(TokenChunk(id=request.id, text=text, token_ids=seq.unsent_ids,
+                                 logprobs=logprobs))
+            seq.unsent_ids = []
         if stop is not None:
             self._finish(seq, "stop", stop_sequence=stop, flush=False)
             return
@@ -456,8 +462,9 @@ class Scheduler:
         if flush and reason != "cancelled":
             seq.detokenizer.finalize()
             tail = seq.stops.flush(seq.detokenizer.last_segment)
-            if tail:
-                self.emit(TokenChunk(id=seq.request.id, text=tail, token_ids=[]))
+            if tail or seq.unsent_ids:
+                self.emit(TokenChunk(id=seq.request.id, text=tail, token_ids=seq.unsent_ids))
+                seq.unsent_ids = []
         usage = Usage(prompt_tokens=len(seq.prompt), completion_tokens=seq.generated,
                       cached_tokens=seq.cached_tokens)
         self.emit(Finished(id=seq.request.id, reason=reason, usage=usage,  # type: ignore[arg-type]
