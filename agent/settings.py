@@ -62,7 +62,7 @@ class NodeSettings(BaseSettings):
     # Runner behaviour
     max_batch: int = Field(default=16, ge=1, le=256)
     max_queue: int = Field(default=64, ge=0)
-    prefill_chunk: int = Field(default=512, ge=16)
+    prefill_chunk: int = Field(default=128, ge=16)
     max_tokens_default: int = Field(default=2048, ge=1)
     memory_cap_bytes: int | None = Field(default=None, ge=0)
     # KV cache per runner; unset: what memory allows after the weights. The prefix cache keeps

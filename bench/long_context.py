@@ -1,7 +1,7 @@
 """Long-context figures of the long-conversations issue (prefix cache, chunked prefill, decode at
 long context), SmolLM2-135M f32, flock against mlx-lm on the same BLAS.
 
-    .venv/bin/python -m bench.long_context [--rounds 3] [--chunks 64,128,256] [--tokens 64]
+    .venv/bin/python -m bench.long_context [--rounds 3] [--chunks 64,256,512] [--tokens 64]
 
 Where each figure comes from:
 - flock decode and prefill figures: a real runner process (agent.runtime.client.RunnerProcess,
@@ -50,7 +50,7 @@ from bench.common import ROOT, call_in_subprocess, emit, median, smollm2_f32_dir
 SHORT_CONTEXT = 200
 LONG_CONTEXT = 4000
 HISTORY = 2000
-DEFAULT_CHUNK = 512  # RunnerConfig.prefill_chunk's default
+DEFAULT_CHUNK = 128  # RunnerConfig.prefill_chunk's default
 STREAM_TOKENS_AROUND = 12  # tokens of the running stream kept before and after the prefill
 
 
@@ -349,7 +349,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64, help="decoded tokens per measurement")
-    parser.add_argument("--chunks", default="64,128,256",
+    parser.add_argument("--chunks", default="64,256,512",
                         help="other prefill chunk sizes for the gap trade-off")
     parser.add_argument("--skip-agent", action="store_true", help="no turn-2 TTFT figure")
     parser.add_argument("--short", type=int, default=SHORT_CONTEXT, help="short context")

@@ -176,18 +176,24 @@ class KvSlots:
             self._resize(rows=self.rows, capacity=self._capacity_for(tokens, self.rows))
 
     def compact(self, lengths: dict[int, int], *, rows: int | None = None) -> dict[int, int]:
-        """Shrink when at most half the rows are used (or to exactly `rows` rows when given);
-        returns old row -> new row.
+        """Shrink when at most half the rows are used or the capacity is at least twice what
+        the longest sequence needs (or to exactly `rows` rows when given); returns old row ->
+        new row.
 
         `lengths` maps each used row to its sequence length, so capacity can shrink too.
         """
         used = [row for row, owner in enumerate(self._owner) if owner is not None]
-        if rows is None:
-            if self.rows <= 1 or len(used) > self.rows // 2:
-                return {row: row for row in used}
-            rows = _pow2_at_least(max(len(used), 1))
-        assert rows >= len(used)
         longest = max((lengths.get(row, 0) for row in used), default=0)
+        if rows is None:
+            fewer_rows = self.rows > 1 and len(used) <= self.rows // 2
+            # Capacity left behind by a long sequence that finished: decode attends over every
+            # position of the capacity (masked), so short sequences would pay for it each step.
+            needed = _round_up(longest + 1, self.chunk)
+            shorter = self.capacity >= 2 * needed
+            if not (fewer_rows or shorter):
+                return {row: row for row in used}
+            rows = _pow2_at_least(max(len(used), 1)) if fewer_rows else self.rows
+        assert rows >= len(used)
         new_capacity = min(self._capacity_for(longest + 1, rows), self.capacity)
         mapping = {row: index for index, row in enumerate(used)}
         index = used + [used[0] if used else 0] * (rows - len(used))

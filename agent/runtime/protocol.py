@@ -26,7 +26,7 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     dtype: str = "float32"
     max_batch: int = 16
     max_queue: int = 64
-    prefill_chunk: int = 512
+    prefill_chunk: int = 128
     context_length: int | None = None  # cap; None means the model's own
     kv_budget_bytes: int | None = None  # None: computed from free memory after weights
     memory_cap_bytes: int | None = None

@@ -40,7 +40,7 @@ Emit = Callable[[GenerationEvent], None]
 class SchedulerLimits:
     max_batch: int = 16
     max_queue: int = 64
-    prefill_chunk: int = 512  # tokens per prefill slice while other streams decode
+    prefill_chunk: int = 128  # tokens per prefill slice while other streams decode
     solo_prefill_chunk: int = 2048  # slice size when nothing else is decoding
     context_length: int = 8192
     kv_budget_bytes: int = 1 << 30
