@@ -29,6 +29,7 @@ def _settings_from(args: argparse.Namespace) -> Any:
         blas=getattr(args, "blas", None),
         max_batch=getattr(args, "max_batch", None),
         prefill_chunk=getattr(args, "prefill_chunk", None),
+        prefill_gap_steps=getattr(args, "prefill_gap_steps", None),
         metrics_enabled=getattr(args, "metrics", None),
         api_keys=getattr(args, "api_key", None) or None,
         cluster_file=getattr(args, "cluster", None),
@@ -339,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="interpose an optimised BLAS for runners on Linux (default auto)")
     run.add_argument("--max-batch", type=int, help="sequences decoded together (default 16)")
     run.add_argument("--prefill-chunk", type=int,
-                     help="prompt tokens per prefill slice while others decode (default 512)")
+                     help="most prompt tokens per prefill slice while others decode (default 512)")
+    run.add_argument("--prefill-gap-steps", type=float,
+                     help="a prefill slice beside running streams takes at most this many decode "
+                          "steps' time (default 6; 0: always --prefill-chunk tokens)")
     run.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=None,
                      help="export Prometheus metrics on /metrics (default on)")
     run.add_argument("--api-key", action="append", help="require this API key (repeatable)")

@@ -285,6 +285,7 @@ class LocalEngine:
             max_batch=s.max_batch,
             max_queue=s.max_queue,
             prefill_chunk=s.prefill_chunk,
+            prefill_gap_steps=s.prefill_gap_steps,
             memory_cap_bytes=s.memory_cap_bytes,
             kv_budget_bytes=s.kv_budget_bytes,
             prefix_cache_bytes=s.prefix_cache_bytes,

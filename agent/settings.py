@@ -62,7 +62,10 @@ class NodeSettings(BaseSettings):
     # Runner behaviour
     max_batch: int = Field(default=16, ge=1, le=256)
     max_queue: int = Field(default=64, ge=0)
-    prefill_chunk: int = Field(default=128, ge=16)
+    prefill_chunk: int = Field(default=512, ge=16)
+    # While other streams decode, a prefill slice is sized to take at most this many decode
+    # steps' time (0: always `prefill_chunk` tokens).
+    prefill_gap_steps: float = Field(default=6.0, ge=0)
     max_tokens_default: int = Field(default=2048, ge=1)
     memory_cap_bytes: int | None = Field(default=None, ge=0)
     # KV cache per runner; unset: what memory allows after the weights. The prefix cache keeps

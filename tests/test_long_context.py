@@ -24,7 +24,13 @@ from agent.generation import (
 from agent.runtime.kv import KvGeometry, KvSlots
 from agent.runtime.model import load_decoder
 from agent.runtime.prefix import PrefixCache
-from agent.runtime.scheduler import Scheduler, SchedulerLimits
+from agent.runtime.scheduler import (
+    FIRST_PREFILL_SLICE,
+    MIN_PREFILL_SLICE,
+    Scheduler,
+    SchedulerLimits,
+    prefill_slice,
+)
 from agent.runtime.step import prefill
 from tests.tiny_models import make_tiny_model
 
@@ -38,12 +44,13 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_scheduler(model_dir: Path, *, prefix: PrefixCache | None = None, kv_chunk: int = 32,
-                   **limits: int) -> tuple[Scheduler, list[GenerationEvent]]:
+                   **limits: float) -> tuple[Scheduler, list[GenerationEvent]]:
+    """Fixed-size prefill slices unless a test asks for time-sized ones (prefill_gap_steps)."""
     events: list[GenerationEvent] = []
     dec = load_decoder(model_dir)
     kv = KvSlots(KvGeometry(len(dec.layers), dec.local_kv_heads, dec.config.head_dim),
                  chunk=kv_chunk)
-    defaults = {"context_length": CONTEXT, "kv_budget_bytes": 1 << 30}
+    defaults = {"context_length": CONTEXT, "kv_budget_bytes": 1 << 30, "prefill_gap_steps": 0}
     sched = Scheduler(dec, load_tokenizer(model_dir), kv, SchedulerLimits(**(defaults | limits)),
                       events.append, prefix_cache=prefix)
     return sched, events
@@ -407,3 +414,44 @@ def test_admission_regroups_stale_rows_rather_than_overflowing(tiny_dir: Path) -
     assert "KV budget" in failed[0].message  # type: ignore[union-attr]
     for rid in ("s0", "s1", "s2", "n0", "n1"):
         assert final(events, rid).usage.completion_tokens == 40
+
+
+# ---- prefill slices sized by time --------------------------------------------------------------
+def test_prefill_slice_takes_at_most_the_gap_budget_in_time() -> None:
+    # 50 ms decode steps, 10 ms a prompt token, 6 steps: 30 tokens a slice.
+    assert prefill_slice(512, 6.0, 0.050, 0.010) == 30
+    # Fast prefill: capped at the most tokens a slice may hold.
+    assert prefill_slice(512, 6.0, 0.050, 0.00001) == 512
+    # Very slow prefill: never below the smallest useful slice.
+    assert prefill_slice(512, 6.0, 0.050, 1.0) == MIN_PREFILL_SLICE
+    assert prefill_slice(8, 6.0, 0.050, 1.0) == 8
+    # Nothing measured yet: a small first slice; adaptation off: the fixed size.
+    assert prefill_slice(512, 6.0, None, None) == FIRST_PREFILL_SLICE
+    assert prefill_slice(512, 0.0, 0.050, 0.010) == 512
+
+
+def test_time_sized_slices_follow_the_measured_speeds_and_cover_the_prompt(
+        tiny_dir: Path) -> None:
+    sched, events = make_scheduler(tiny_dir, prefill_chunk=96, solo_prefill_chunk=512,
+                                   prefill_gap_steps=2.0)
+    recorder = Recorder(sched)
+    sched.submit(request("stream", [9, 9, 9], 200))
+    for _ in range(4):
+        sched.step()
+    prompt_len = 400
+    sched.submit(request("long", long_prompt(prompt_len, seed=3), 2))
+    recorder.log.clear()
+    sizes = []
+    while prefilling(sched, "long"):
+        expected = prefill_slice(96, 2.0, sched.decode_step_s, sched.prefill_s_per_token)
+        before = len(recorder.log)
+        sched.step()
+        slices = [n for kind, _, n in recorder.log[before:] if kind == "prefill"]
+        if slices:
+            assert slices[0] == min(expected, prompt_len - sum(sizes))
+            sizes += slices
+    assert sizes[0] == FIRST_PREFILL_SLICE
+    assert sum(sizes) == prompt_len and all(MIN_PREFILL_SLICE <= n <= 96 for n in sizes[:-1])
+    assert sched.decode_step_s and sched.prefill_s_per_token  # both measured
+    run_all(sched)
+    assert final(events, "long").usage.completion_tokens == 2

@@ -578,6 +578,7 @@ class ClusterController:
                             context_length=entry.context_length if entry else None,
                             kv_bits=entry.kv_bits if entry else None,
                             max_queue=s.max_queue, prefill_chunk=s.prefill_chunk,
+                            prefill_gap_steps=s.prefill_gap_steps,
                             memory_cap_bytes=s.memory_cap_bytes, compile_step=s.compile_step,
                             kv_budget_bytes=s.kv_budget_bytes,
                             prefix_cache_bytes=s.prefix_cache_bytes,

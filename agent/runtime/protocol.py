@@ -26,7 +26,8 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     dtype: str = "float32"
     max_batch: int = 16
     max_queue: int = 64
-    prefill_chunk: int = 128
+    prefill_chunk: int = 512  # most tokens per prefill slice while others decode
+    prefill_gap_steps: float = 6.0  # a slice takes at most this many decode steps (0: off)
     context_length: int | None = None  # cap; None means the model's own
     kv_budget_bytes: int | None = None  # None: computed from free memory after weights
     memory_cap_bytes: int | None = None

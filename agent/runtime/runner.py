@@ -112,6 +112,7 @@ def load(config: RunnerConfig, journal: list[tuple] | None = None,
         max_batch=config.max_batch,
         max_queue=config.max_queue,
         prefill_chunk=config.prefill_chunk,
+        prefill_gap_steps=config.prefill_gap_steps,
         context_length=context,
         kv_budget_bytes=budget,
     )

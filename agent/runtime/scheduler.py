@@ -40,7 +40,10 @@ Emit = Callable[[GenerationEvent], None]
 class SchedulerLimits:
     max_batch: int = 16
     max_queue: int = 64
-    prefill_chunk: int = 128  # tokens per prefill slice while other streams decode
+    prefill_chunk: int = 512  # most tokens per prefill slice while other streams decode
+    # While others decode, a slice is sized to take at most this many decode steps' time, so a
+    # long prompt delays running streams by a bounded factor on any machine (0: fixed slices).
+    prefill_gap_steps: float = 6.0
     solo_prefill_chunk: int = 2048  # slice size when nothing else is decoding
     context_length: int = 8192
     kv_budget_bytes: int = 1 << 30
@@ -94,6 +97,23 @@ class SchedulerStats:
     lookahead_steps_total: int = 0  # decode steps queued before the previous one was read
 
 
+MIN_PREFILL_SLICE = 16  # tokens: below this a slice is mostly weight traffic
+FIRST_PREFILL_SLICE = 32  # tokens, before the prefill speed has been measured
+
+
+def prefill_slice(max_tokens: int, gap_steps: float, decode_step_s: float | None,
+                  prefill_s_per_token: float | None) -> int:
+    """Tokens for the next prefill slice while other streams decode: as many as take at most
+    `gap_steps` decode steps' time at the measured prefill speed, within [MIN_PREFILL_SLICE,
+    max_tokens]; `max_tokens` when adaptation is off."""
+    if gap_steps <= 0:
+        return max_tokens
+    if decode_step_s is None or prefill_s_per_token is None:
+        return min(max_tokens, FIRST_PREFILL_SLICE)
+    tokens = int(gap_steps * decode_step_s / max(prefill_s_per_token, 1e-9))
+    return max(min(MIN_PREFILL_SLICE, max_tokens), min(max_tokens, tokens))
+
+
 @dataclass(frozen=True)
 class Lookahead:
     """A decode step queued before the previous step's tokens were read back: its logits, and
@@ -140,6 +160,10 @@ class Scheduler:
         # a constraint that cannot be compiled, which fails that request as a bad request.
         self.constraint_factory = constraint_factory
         self._ahead: Lookahead | None = None
+        # Moving averages that size prefill slices: seconds a decode step takes, and seconds
+        # per prompt token of the latest prefill slices.
+        self.decode_step_s: float | None = None
+        self.prefill_s_per_token: float | None = None
 
     # ---- admission --------------------------------------------------------------------------
     @property
@@ -302,7 +326,11 @@ class Scheduler:
                     if not s.in_prefill and s.next_token is not None]
         prefilling = [s for s in self.running.values() if s.in_prefill]
         if prefilling:
-            chunk = self.limits.prefill_chunk if decoding else self.limits.solo_prefill_chunk
+            if decoding:
+                chunk = prefill_slice(self.limits.prefill_chunk, self.limits.prefill_gap_steps,
+                                      self.decode_step_s, self.prefill_s_per_token)
+            else:
+                chunk = self.limits.solo_prefill_chunk
             self._prefill_chunk(prefilling[0], chunk)
         if decoding:
             self._decode(decoding)
@@ -319,10 +347,13 @@ class Scheduler:
         start = seq.prefilled
         tokens = seq.prompt[start:start + chunk]
         self.kv.ensure_capacity(start + len(tokens) + 1)
+        began = time.perf_counter()
         logits = self.compute.prefill(seq.row, start, tokens)
         seq.prefilled = seq.length = start + len(tokens)
         if seq.in_prefill:
             mx.eval(self.kv.keys, self.kv.values)
+            per_token = (time.perf_counter() - began) / len(tokens)
+            self.prefill_s_per_token = _moving_average(self.prefill_s_per_token, per_token)
             return
         self._sample_and_emit([seq], logits)
 
@@ -350,7 +381,9 @@ class Scheduler:
         else:
             self._sample_and_emit(decoding, logits, rows_of=[s.row for s in decoding])
         self.stats.decode_steps_total += 1
-        self.stats.decode_seconds_total += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.stats.decode_seconds_total += elapsed
+        self.decode_step_s = _moving_average(self.decode_step_s, elapsed)
 
     # ---- lookahead: the next decode step runs while this one's tokens are handled ----------
     def _may_look_ahead(self, decoding: list[Sequence]) -> bool:
@@ -508,3 +541,7 @@ class Scheduler:
             "evictions": float(self.prefix.stats.evictions if self.prefix else 0),
             "prefix_cache_bytes": float(self.prefix.bytes if self.prefix else 0),
         }
+
+
+def _moving_average(previous: float | None, sample: float, weight: float = 0.25) -> float:
+    return sample if previous is None else previous + weight * (sample - previous)
