@@ -21,11 +21,9 @@ from agent.cluster.placement import _KV_QUANT_GROUP, kv_bytes_per_token_per_laye
 from agent.cluster.state import ModelShape, NodeProfile, Placement, Stage
 from agent.cluster.wiring import runner_configs
 from agent.generation import (
-    Finished,
     GenerationEvent,
     GenerationRequest,
     SamplingParams,
-    TokenChunk,
 )
 from agent.runtime.compute import LocalCompute
 from agent.runtime.follower import Follower
@@ -35,6 +33,8 @@ from agent.runtime.prefix import PrefixCache
 from agent.runtime.protocol import RunnerConfig
 from agent.runtime.scheduler import Scheduler, SchedulerLimits
 from agent.runtime.step import make_decode_fn, prefill
+from tests.scheduler_tools import finished as final
+from tests.scheduler_tools import run_all, tokens_of
 from tests.tiny_models import make_tiny_model
 
 ATOL = 1e-4
@@ -202,22 +202,10 @@ def request(rid: str, prompt: list[int], max_tokens: int) -> GenerationRequest:
                              sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0))
 
 
-def run_all(sched: Scheduler, limit: int = 500) -> None:
-    for _ in range(limit):
-        if sched.idle:
-            return
-        sched.step()
-    raise AssertionError("scheduler did not finish")
 
 
-def tokens_of(events: list[GenerationEvent], rid: str) -> list[int]:
-    return [t for e in events if isinstance(e, TokenChunk) and e.id == rid for t in e.token_ids]
 
 
-def final(events: list[GenerationEvent], rid: str) -> Finished:
-    ends = [e for e in events if isinstance(e, Finished) and e.id == rid]
-    assert len(ends) == 1, ends
-    return ends[0]
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -19,7 +19,6 @@ from agent.generation import (
     GenerationEvent,
     GenerationRequest,
     SamplingParams,
-    TokenChunk,
 )
 from agent.runtime.kv import KvGeometry, KvSlots
 from agent.runtime.model import load_decoder
@@ -32,6 +31,8 @@ from agent.runtime.scheduler import (
     prefill_slice,
 )
 from agent.runtime.step import prefill
+from tests.scheduler_tools import finished as final
+from tests.scheduler_tools import run_all, tokens_of
 from tests.tiny_models import make_tiny_model
 
 CONTEXT = 512  # the tiny models' max_position_embeddings
@@ -66,14 +67,8 @@ def long_prompt(n: int, seed: int = 0) -> list[int]:
     return [3 + (seed + i * 37 + (i * i) % 11) % 256 for i in range(n)]
 
 
-def tokens_of(events: list[GenerationEvent], rid: str) -> list[int]:
-    return [t for e in events if isinstance(e, TokenChunk) and e.id == rid for t in e.token_ids]
 
 
-def final(events: list[GenerationEvent], rid: str) -> Finished:
-    ends = [e for e in events if isinstance(e, Finished) and e.id == rid]
-    assert len(ends) == 1, ends
-    return ends[0]
 
 
 class Recorder:
@@ -109,12 +104,6 @@ def prefilling(sched: Scheduler, rid: str, limit: int = 1000) -> bool:
     return seq is not None and seq.in_prefill
 
 
-def run_all(sched: Scheduler, limit: int = 2000) -> None:
-    for _ in range(limit):
-        if sched.idle:
-            return
-        sched.step()
-    raise AssertionError("scheduler did not finish")
 
 
 # ---- chunked prefill interleaves with decode ------------------------------------------------

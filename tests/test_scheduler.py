@@ -19,6 +19,8 @@ from agent.runtime.kv import KvGeometry, KvSlots
 from agent.runtime.model import load_decoder
 from agent.runtime.prefix import PrefixCache
 from agent.runtime.scheduler import Scheduler, SchedulerLimits
+from tests.scheduler_tools import ending as final
+from tests.scheduler_tools import run_all, tokens_of
 from tests.tiny_models import make_tiny_model
 
 
@@ -46,22 +48,10 @@ def request(rid: str, prompt: list[int], max_tokens: int = 8, **sampling: object
     return GenerationRequest(id=rid, model="tiny", prompt_tokens=prompt, sampling=params)
 
 
-def run_all(sched: Scheduler, limit: int = 500) -> None:
-    for _ in range(limit):
-        if sched.idle:
-            return
-        sched.step()
-    raise AssertionError("scheduler did not finish")
 
 
-def tokens_of(events: list[GenerationEvent], rid: str) -> list[int]:
-    return [t for e in events if isinstance(e, TokenChunk) and e.id == rid for t in e.token_ids]
 
 
-def final(events: list[GenerationEvent], rid: str) -> Finished | Failed:
-    ends = [e for e in events if isinstance(e, Finished | Failed) and e.id == rid]
-    assert len(ends) == 1
-    return ends[0]
 
 
 def test_batched_requests_generate_what_each_generates_alone(tiny_dir: Path) -> None:
