@@ -26,7 +26,8 @@ def blas_threads(settings: NodeSettings, ranks_on_this_machine: int = 1) -> int:
 
     A runner's arithmetic runs on MLX's stream thread, which is one of OpenBLAS's threads, and
     its Python thread mostly waits, so a machine that serves flock gets the most from all of its
-    cores: on an idle 2-core machine SmolLM2 decodes at 20.9 tok/s with 2 threads, 14.5 with 1.
+    cores: on an idle 2-core machine flock decodes SmolLM2 at 20.0 tok/s with 2 threads, 15.2
+    with 1 (`python -m bench.decode` with and without `--threads 1`).
     OpenBLAS workers spin while they wait, though: on cores that other busy processes also
     use, a matmul gets an order of magnitude slower (2 busy cores: a 576x1536 matrix-vector
     product took 3,969 us with 2 threads, 323 us with 1). Machines that run other heavy work,
