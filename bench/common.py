@@ -15,6 +15,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -148,3 +149,21 @@ def _worker_main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _worker_main(sys.argv[1:])
+
+
+def wait_agent_ready(url: str, process: subprocess.Popen[bytes] | None = None,
+                     timeout: float = 300) -> None:
+    """Poll an agent's /readyz until it answers 200; fail at once if `process` exits."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the agent exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the agent did not become ready")

@@ -48,7 +48,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, call_in_subprocess, emit, median, smollm2_f32_dir
+from bench.common import (
+    ROOT,
+    call_in_subprocess,
+    emit,
+    median,
+    smollm2_f32_dir,
+    wait_agent_ready,
+)
 
 SHORT_CONTEXT = 200
 LONG_CONTEXT = 4000
@@ -223,20 +230,6 @@ def start_agent(model_dir: Path, state: Path) -> tuple[subprocess.Popen[bytes], 
     return process, f"http://127.0.0.1:{port}"
 
 
-def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 300) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("the agent exited")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("agent did not become ready")
 
 
 async def chat_ttft(client: Any, model: str, messages: list[dict[str, str]], max_tokens: int
@@ -385,7 +378,7 @@ def main() -> int:
         if not args.skip_agent:
             agent, url = start_agent(model_dir, Path(tmp) / "agent")
             try:
-                wait_ready(url, agent)
+                wait_agent_ready(url, agent)
                 asyncio.run(conversation_ttfts(url, str(model_dir), tokenizer, "warm"))
                 for index in range(args.rounds):
                     ttfts.append(asyncio.run(conversation_ttfts(url, str(model_dir), tokenizer,

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.common import wait_agent_ready
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
 
@@ -160,16 +162,6 @@ def start_agent(models_dir: Path, state_dir: Path, port: int) -> subprocess.Pope
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def wait_ready(url: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("agent did not become ready")
 
 
 def main() -> int:
@@ -190,7 +182,7 @@ def main() -> int:
         url = f"http://127.0.0.1:{port}"
         agent = start_agent(args.models_dir, state / "agent", port)
         try:
-            wait_ready(url)
+            wait_agent_ready(url, agent)
             rows: dict[str, list[float]] = {}
             for _ in range(args.rounds):
                 api = asyncio.run(api_figures(url, short, long, args.tokens))

@@ -44,6 +44,7 @@ from typing import Any
 
 import httpx
 
+from bench.common import wait_agent_ready
 from bench.single_node import ensure_model, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,7 +279,7 @@ def main() -> int:
             env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=log, stderr=subprocess.STDOUT,
             cwd=ROOT)
         try:
-            _wait_ready(url, agent)
+            wait_agent_ready(url, agent)
             figures = asyncio.run(soak(url, str(model_dir), agent.pid, args))
         finally:
             agent.send_signal(signal.SIGTERM)
@@ -293,18 +294,6 @@ def main() -> int:
     return 0
 
 
-def _wait_ready(url: str, agent: subprocess.Popen[bytes], timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if agent.poll() is not None:
-            raise RuntimeError(f"the agent exited with {agent.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("the agent did not become ready")
 
 
 if __name__ == "__main__":
