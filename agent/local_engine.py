@@ -23,7 +23,8 @@ import msgspec
 
 from agent.engine import ChatMessage, LoadedModel, ModelInfo, ModelNotFound
 from agent.generation import Failed, Finished, GenerationEvent, GenerationRequest
-from agent.models.store import ModelStore
+from agent.models.store import ModelStore, info_from_dir
+from agent.models.tokenizer import load_tokenizer
 from agent.runtime.client import RunnerProcess, RunnerStartError
 from agent.runtime.environment import runner_environment
 from agent.runtime.protocol import RunnerConfig
@@ -134,7 +135,7 @@ class LocalEngine:
                 if self.fetch_tokenizer is None:
                     raise
                 model_dir = await self.fetch_tokenizer(name)  # from a peer that has the model
-            self._tokenizers[name] = await asyncio.to_thread(_load_tokenizer, model_dir)
+            self._tokenizers[name] = await asyncio.to_thread(load_tokenizer, model_dir)
         return self._tokenizers[name]
 
     async def render_chat(self, model: str, messages: list[ChatMessage],
@@ -259,7 +260,7 @@ class LocalEngine:
     async def _load(self, name: str) -> Instance:
         model_dir = self.store.resolve(name)  # raises ModelNotFound
         info = self._info(name, model_dir)
-        tokenizer = await asyncio.to_thread(_load_tokenizer, model_dir)
+        tokenizer = await asyncio.to_thread(load_tokenizer, model_dir)
         runner = self._new_runner(name, model_dir)
         started = time.perf_counter()
         await runner.start()
@@ -274,7 +275,7 @@ class LocalEngine:
         try:
             return self.store.info(name)
         except (ModelNotFound, ValueError):
-            return _path_info(model_dir, name)  # a path, or a shard fetched from a peer
+            return info_from_dir(model_dir, name)  # a path, or a shard fetched from a peer
 
     def _new_runner(self, name: str, model_dir: Path) -> RunnerProcess:
         s = self.settings
@@ -353,7 +354,7 @@ class LocalEngine:
         if config.role in ("solo", "head"):
             info = self._info(model, model_dir)
             if model not in self._tokenizers:
-                self._tokenizers[model] = await asyncio.to_thread(_load_tokenizer, model_dir)
+                self._tokenizers[model] = await asyncio.to_thread(load_tokenizer, model_dir)
             tokenizer = self._tokenizers[model]
             self.instances[model] = Instance(name=model, model_dir=model_dir, info=info,
                                              tokenizer=tokenizer, runner=runner)
@@ -405,27 +406,3 @@ def _message_dict(message: ChatMessage) -> dict[str, Any]:
     if message.name is not None:
         out["name"] = message.name
     return out
-
-
-def _load_tokenizer(model_dir: Path) -> Any:
-    from mlx_lm.tokenizer_utils import load as load_tokenizer
-
-    return load_tokenizer(model_dir)
-
-
-def _path_info(model_dir: Path, name: str) -> ModelInfo:
-    import json
-
-    config = json.loads((model_dir / "config.json").read_text())
-    size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-    return ModelInfo(
-        name=name,
-        architecture=config.get("model_type", "unknown"),
-        parameters=0,
-        quantization="Q" + str(config["quantization"]["bits"]) if config.get("quantization")
-        else "F32",
-        size_bytes=size,
-        context_length=int(config.get("max_position_embeddings") or 0),
-        digest="",
-        modified_at=model_dir.stat().st_mtime,
-    )

@@ -255,6 +255,23 @@ class ModelStore:
 # --- describing an mlx-lm directory -------------------------------------------------------------
 
 
+def info_from_dir(model_dir: Path, name: str) -> ModelInfo:
+    """What the APIs show of a model directory outside the store (a path, a peer's shard)."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    quant = config.get("quantization")
+    return ModelInfo(
+        name=name,
+        architecture=config.get("model_type", "unknown"),
+        parameters=0,
+        quantization=f"Q{quant['bits']}" if quant else "F32",
+        size_bytes=sum(p.stat().st_size for p in model_dir.glob("*.safetensors")),
+        context_length=int(config.get("max_position_embeddings") or 0),
+        digest="",
+        modified_at=model_dir.stat().st_mtime,
+        chat_template=_chat_template(model_dir),
+    )
+
+
 def describe(
     directory: Path, *, name: str, source: str, source_sha256: str | None, dtype: str
 ) -> Manifest:
