@@ -1,5 +1,6 @@
-"""Discovery: the beacon wire format and its checks, interface selection, real beacons between
-endpoints on loopback, static peers over HTTP, and three hosts in network namespaces.
+"""Discovery: the beacon wire format and its checks (no sockets), interface selection, the UDP
+transport, real beacons between endpoints on loopback, static peers over HTTP, and three hosts in
+network namespaces.
 
 Every test confines discovery to loopback or to namespaces it creates: nothing here sends a
 packet out of the machine's real interfaces.
@@ -28,28 +29,24 @@ from netns import NetnsLab, netns_lab
 from test_auth import PeerServer, peer_server
 
 from agent.cluster.auth import cluster_tag
-from agent.cluster.discovery import (
+from agent.cluster.beacon import (
     MAX_DATAGRAM,
     PROTO,
     Beacon,
-    Discovery,
-    DiscoveryConfig,
     Echo,
-    LocalAddress,
-    StaticPeers,
-    _usable_broadcast,
     decode_beacon,
     encode_beacon,
     fit_beacon,
-    parse_allow,
-    parse_target,
-    select_addresses,
     versions_compatible,
 )
+from agent.cluster.discovery import DEFAULT_GROUP, Discovery, DiscoveryConfig
 from agent.cluster.identity import NODE_ID_FILE, load_or_create
+from agent.cluster.interfaces import LocalAddress, parse_allow, select_addresses, usable_broadcast
 from agent.cluster.membership import Membership, PeerTable, Sighting
 from agent.cluster.peers import PeerClient
 from agent.cluster.state import NodeProfile
+from agent.cluster.static_peers import StaticPeers, parse_target
+from agent.cluster.udp import UdpTransport
 
 REPO = Path(__file__).resolve().parents[1]
 LOOPBACK = ("127.0.0.1/8",)
@@ -218,7 +215,7 @@ def test_only_real_broadcast_addresses_are_used(
     address: str, prefix: int, reported: str | None, expected: str | None
 ) -> None:
     network = IPv4Network(f"{address}/{prefix}", strict=False)
-    assert _usable_broadcast(address, network, reported) == expected
+    assert usable_broadcast(address, network, reported) == expected
 
 
 @pytest.mark.parametrize("bad", ["", "eth 0", "10.0.0.0/33", "fe80::/64", "x" * 16])
@@ -251,6 +248,32 @@ def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_transport_on_loopback_hears_itself_and_drops_outside_sources() -> None:
+    """The UDP transport alone: a datagram it multicasts on lo comes back to its receiver;
+    one from a source outside the selected networks never reaches the handler."""
+
+    async def main() -> None:
+        heard: list[tuple[bytes, str]] = []
+        udp = UdpTransport(DEFAULT_GROUP, free_udp_port(), ttl=1, multicast=True,
+                           broadcast=False, on_datagram=lambda d, s: heard.append((d, s)))
+        await udp.open()
+        try:
+            udp.use([addr("lo", "127.0.0.1", 8)])
+            assert [a.address for a in udp.addresses] == ["127.0.0.1"]
+            udp.send(b"hello")
+            assert await wait_until(lambda: (b"hello", "127.0.0.1") in heard)
+            assert udp.stats["sent"] == 1
+            udp.received(b"stray", "10.1.2.3")
+            udp.received(b"stray", "not-an-address")
+            assert udp.stats["outside"] == 2 and all(d != b"stray" for d, _ in heard)
+            udp.use([])  # the interface went away: no address left to send from
+            assert udp.addresses == []
+        finally:
+            udp.close()
+
+    asyncio.run(main())
 
 
 @dataclass
@@ -447,7 +470,7 @@ def test_static_peer_is_probed_over_signed_http() -> None:
 
 
 class Probe:
-    """`python -m agent.cluster.discovery --probe` in one namespace, its JSON lines collected."""
+    """`python -m agent.cluster.discovery_probe --probe` in one namespace, its JSON lines kept."""
 
     def __init__(self, lab: NetnsLab, index: int, state_dir: Path, extra: list[str],
                  duration: float) -> None:
@@ -456,7 +479,7 @@ class Probe:
         self.lines: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self.proc = lab.popen(host, [
-            sys.executable, "-m", "agent.cluster.discovery", "--probe",
+            sys.executable, "-m", "agent.cluster.discovery_probe", "--probe",
             "--cluster", "netns-test", "--secret", "lab-secret",
             "--interfaces", lab.cidr, "--interval", "0.2", "--suspect", "3", "--dead", "6",
             "--duration", str(duration), "--state-dir", str(state_dir), "--name", self.name,
