@@ -27,10 +27,11 @@ test-fast: native
 	$(PY) -m pytest -q -m "not slow and not netns" tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check agent tests bench
+	$(VENV)/bin/ruff check agent tests bench deploy
 
+# The builder lives outside the runtime package (deploy/), so it runs from the tree's root.
 dist: native
-	$(PY) -m agent.dist --out dist
+	$(PY) -m deploy.zipapp --out dist
 
 clean:
 	rm -rf dist build *.egg-info agent/runtime/native/*.so

@@ -2,7 +2,7 @@
 """The zipapp's front door: refuse an unusable python3 in one line, then put the compiled parts on
 the path and hand over to `agent.cli`.
 
-This one file plays two parts in a `flock-VERSION-PLATFORM.pyz` built by `agent.dist`:
+This one file plays two parts in a `flock-VERSION-PLATFORM.pyz` built by `deploy.zipapp`:
 
 * Its source is the archive's `__main__.py`, with `BUILD` filled in. Any python3 a user has runs
   it first, before shiv's bootstrap (which needs Python 3.6+ syntax) extracts ~/.shiv, so it has to
@@ -22,11 +22,11 @@ import os
 import platform
 import sys
 
-# agent.dist replaces this line in the archive's __main__.py with the build's facts:
+# deploy.zipapp replaces this line in the archive's __main__.py with the build's facts:
 # {"version", "target", "sys_platform", "machine", "pythons": ["3.11", ...], "file"}.
 BUILD = None
 
-# Written by agent.dist at the top of the zipapp's site-packages: the same facts as BUILD.
+# Written by deploy.zipapp at the top of the zipapp's site-packages: the same facts as BUILD.
 BUILD_INFO = "_flock_build.json"
 
 _SYSTEM_NAMES = {"darwin": "macOS", "linux": "Linux"}
@@ -34,7 +34,8 @@ _SYSTEM_NAMES = {"darwin": "macOS", "linux": "Linux"}
 # platform.machine() spellings of one architecture (lower-cased), as the builds name them.
 _MACHINES = {"amd64": "x86_64", "aarch64": "arm64"}
 
-# The builds agent.dist makes (its TARGETS), by (sys.platform, platform.machine()).
+# The builds deploy.zipapp makes (deploy/wheels.py's TARGETS), by (sys.platform,
+# platform.machine()).
 _BUILDS = {("linux", "x86_64"): "linux-x86_64", ("darwin", "arm64"): "macos-arm64"}
 
 # How to get a usable python3 without root or a compiler, by platform ({v}: a supported version).

@@ -1,6 +1,6 @@
 """The per-platform zipapps: the builder's parts, the interpreter check, and the real archives.
 
-The slow tests build both zipapps with `python -m agent.dist` (wheels cached under
+The slow tests build both zipapps with `python -m deploy.zipapp` (wheels cached under
 ~/.cache/flock-dist-wheels, or $FLOCK_DIST_CACHE) and run the Linux one the way a user does: a
 plain python3 outside any venv, an empty environment, a fresh HOME, another working directory.
 """
@@ -21,9 +21,13 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
-from agent import __version__, bootstrap, dist
-from agent.dist import Wheel
+from agent import __version__, bootstrap
+from deploy import wheels, zipapp
+from deploy.layout import install_wheel, plan_layout
+from deploy.wheels import Wheel
 
 REPO = Path(__file__).resolve().parents[1]
 PYENV = Path("/root/.pyenv/versions")
@@ -93,7 +97,7 @@ def test_interpreter_check_cases() -> None:
 
 
 def test_bootstrap_knows_the_builds_dist_makes() -> None:
-    assert {(t.sys_platform, t.machine): name for name, t in dist.TARGETS.items()} == \
+    assert {(t.sys_platform, t.machine): name for name, t in wheels.TARGETS.items()} == \
         bootstrap._BUILDS
 
 
@@ -101,7 +105,7 @@ def _mini_zipapp(tmp_path: Path, build: dict[str, object]) -> Path:
     """An archive with the real __main__.py and a stand-in for shiv's _bootstrap."""
     archive = tmp_path / "flock.pyz"
     with zipfile.ZipFile(archive, "w") as zf:
-        zf.writestr("__main__.py", dist.main_py(build))
+        zf.writestr("__main__.py", zipapp.main_py(build))
         zf.writestr("_bootstrap/__init__.py", "def bootstrap():\n    print('handed over')\n")
     return archive
 
@@ -164,15 +168,15 @@ def test_closure_follows_the_target_markers_not_the_build_machine() -> None:
         "mlx-cpu": _wheel("mlx-cpu", "0.32.4"),
         "uvloop": _wheel("uvloop", "1.0"),  # the build machine's resolution had it: not needed
     }
-    mac = dist.TARGETS["macos-arm64"].markers("3.12")
-    needed, missing = dist.closure([dist.Requirement("mlx>=0.32")], found, mac)
+    mac = wheels.TARGETS["macos-arm64"].markers("3.12")
+    needed, missing = wheels.closure([Requirement("mlx>=0.32")], found, mac)
     assert needed == {"mlx"} and [str(r) for r in missing] == [
         'mlx-metal==0.32.4; platform_system == "Darwin"']
-    linux = dist.TARGETS["linux-x86_64"].markers("3.12")
-    needed, missing = dist.closure([dist.Requirement("mlx[cpu]>=0.32")], found, linux)
+    linux = wheels.TARGETS["linux-x86_64"].markers("3.12")
+    needed, missing = wheels.closure([Requirement("mlx[cpu]>=0.32")], found, linux)
     assert needed == {"mlx", "mlx-cpu"} and missing == []
-    with pytest.raises(dist.DistError, match=r"mlx 0\.32\.4"):
-        dist.closure([dist.Requirement("mlx>=1")], found, linux)
+    with pytest.raises(wheels.DistError, match=r"mlx 0\.32\.4"):
+        wheels.closure([Requirement("mlx>=1")], found, linux)
 
 
 def _make_wheel(directory: Path, name: str, version: str, tag: str,
@@ -211,7 +215,7 @@ def test_layout_shares_merges_and_splits(tmp_path: Path) -> None:
         add(py, "num-lib", "1.0", "py3-none-linux_x86_64", {"num/libs/x.so": "x"})
         # Same release, a plain .py that differs: cannot share a directory.
         add(py, "odd", "3.0", f"cp{nodot}-cp{nodot}-linux_x86_64", {"odd.py": py})
-    layout = dist.plan_layout(resolved, files)
+    layout = plan_layout(resolved, files)
     owner = {files[w.filename]: w.name for by_name in resolved.values() for w in by_name.values()}
     assert sorted(owner[group[0]] for group in layout.shared) == ["ext", "ext-lib", "pure"]
     assert [len(group) for group in layout.shared] == [2, 1, 1]  # ext's two builds merge
@@ -220,7 +224,7 @@ def test_layout_shares_merges_and_splits(tmp_path: Path) -> None:
     site = tmp_path / "site"
     for group in layout.shared:
         for wheel in group:
-            dist.install_wheel(wheel, site)
+            install_wheel(wheel, site)
     assert sorted(p.name for p in (site / "ext").glob("core.*.so")) == [
         "core.cpython-311-x86_64-linux-gnu.so", "core.cpython-312-x86_64-linux-gnu.so"]
     assert (site / "ext/lib/libext.so").is_file()
@@ -234,7 +238,7 @@ def test_unpacking_skips_scripts_and_pruned_files(tmp_path: Path) -> None:
         "mlx/__init__.py": "", "mlx/include/mlx.h": "", "mlx/core/__init__.pyi": "",
         "mlx/__pycache__/x.cpython-311.pyc": "", "mlx-1.0.data/scripts/mlx.launch": "",
         "mlx-1.0.data/platlib/mlx_extra.py": ""})
-    dist.install_wheel(wheel, tmp_path / "site")
+    install_wheel(wheel, tmp_path / "site")
     got = sorted(p.relative_to(tmp_path / "site").as_posix()
                  for p in (tmp_path / "site").rglob("*") if p.is_file())
     assert got == ["mlx-1.0.dist-info/METADATA", "mlx-1.0.dist-info/RECORD",
@@ -250,20 +254,20 @@ def test_required_imports_ignores_guarded_ones() -> None:
         "else:\n    import after_optional\n"
         "def f():\n    from lazy.sub import x\n    from . import relative\n"
     )
-    assert dist.required_imports(source) == {
+    assert zipapp.required_imports(source) == {
         "os", "mlx", "typing", "at_runtime", "fallback", "after_optional", "lazy"}
 
 
 def _declared_closure() -> set[str]:
     """Distributions pyproject's dependencies pull in, as installed here (host markers)."""
     seen: set[tuple[str, str]] = set()
-    stack = [(dist.Requirement(r), "") for r in dist.project_requirements()]
+    stack = [(Requirement(r), "") for r in wheels.project_requirements()]
     names: set[str] = set()
     while stack:
         req, via_extra = stack.pop()
         if req.marker is not None and not req.marker.evaluate({"extra": via_extra}):
             continue
-        name = dist.canonicalize_name(req.name)
+        name = canonicalize_name(req.name)
         for extra in {"", *req.extras}:
             if (name, extra) in seen:
                 continue
@@ -273,7 +277,7 @@ def _declared_closure() -> set[str]:
                 requires = metadata.requires(name) or []
             except metadata.PackageNotFoundError:
                 continue
-            stack.extend((dist.Requirement(r), extra) for r in requires)
+            stack.extend((Requirement(r), extra) for r in requires)
     return names
 
 
@@ -284,10 +288,10 @@ def test_every_module_agent_imports_comes_with_a_declared_dependency() -> None:
     owners = metadata.packages_distributions()
     undeclared: dict[str, list[str]] = {}
     for path in sorted((REPO / "agent").rglob("*.py")):
-        for module in dist.required_imports(path.read_text()):
-            if module in sys.stdlib_module_names or module in dist.PROVIDED_ELSEWHERE:
+        for module in zipapp.required_imports(path.read_text()):
+            if module in sys.stdlib_module_names or module in zipapp.PROVIDED_ELSEWHERE:
                 continue
-            if not {dist.canonicalize_name(d) for d in owners.get(module, [])} & closure:
+            if not {canonicalize_name(d) for d in owners.get(module, [])} & closure:
                 undeclared.setdefault(module, []).append(path.relative_to(REPO).as_posix())
     assert not undeclared, f"add to pyproject.toml [project].dependencies: {undeclared}"
 
@@ -302,9 +306,9 @@ def zipapps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # FLOCK_DIST_TEST_WITH: requirements to add while trying a dependency not yet in pyproject.
     extra = [f"--with={req}" for req in os.environ.get("FLOCK_DIST_TEST_WITH", "").split()]
     # The Linux build needs the BLAS shim, prebuilt or compiled here (Linux x86_64 only).
-    targets = [t for t in dist.TARGETS if t != "linux-x86_64" or LINUX_X86 or (
+    targets = [t for t in wheels.TARGETS if t != "linux-x86_64" or LINUX_X86 or (
         REPO / "agent/runtime/native/libflockblas-linux-x86_64.so").is_file()]
-    done = subprocess.run([sys.executable, "-m", "agent.dist", "--out", str(out), *extra,
+    done = subprocess.run([sys.executable, "-m", "deploy.zipapp", "--out", str(out), *extra,
                            *(f"--target={t}" for t in targets)],
                           cwd=REPO, capture_output=True, text=True, check=False, timeout=1800)
     assert done.returncode == 0, done.stdout + done.stderr
