@@ -61,6 +61,7 @@ class Destination:
 
 class Router:
     POLL_S = 0.2  # how often a waiting request looks again (runners come up in seconds)
+    RECHECK_S = 2.0  # how long a request for a model no node lists waits for a fresh table
 
     def __init__(self, pool: RunnerPool, *, wait_s: float) -> None:
         self.pool = pool
@@ -90,6 +91,8 @@ class Router:
         name = canonical_name(model)
         deadline = time.monotonic() + self.wait_s
         demanded = False
+        unlisted: RouteTable | None = None  # the table that listed no holder of the model
+        recheck_by = 0.0
         while True:
             table = self._table
             route = table.routes.get(name)
@@ -101,11 +104,17 @@ class Router:
                 elif route.remote is not None:
                     return Destination(route, None)
             elif route is None and not demanded and name not in table.planned:
-                if name not in table.placeable and not Path(name).is_dir():  # a path serves here
+                if name in table.placeable or Path(name).is_dir():  # a path serves here
+                    self._demand.add(name)
+                    self._demanded.set()
+                    demanded = True
+                elif unlisted is None:
+                    # The table may predate the model (just pulled, a peer just seen): wake
+                    # the controller and decide on the table it publishes next.
+                    unlisted, recheck_by = table, time.monotonic() + self.RECHECK_S
+                    self._demanded.set()
+                elif table is not unlisted or time.monotonic() > recheck_by:
                     raise ModelNotFound(name)
-                self._demand.add(name)
-                self._demanded.set()
-                demanded = True
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name} did not come up within {self.wait_s:.0f}s")
             await asyncio.sleep(self.POLL_S)
