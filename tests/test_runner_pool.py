@@ -7,12 +7,19 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from agent.generation import Failed, Finished, GenerationRequest, SamplingParams, TokenChunk
+from agent.generation import (
+    Failed,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    SamplingParams,
+    TokenChunk,
+)
 from agent.models.store import ModelStore
 from agent.runtime.protocol import RunnerConfig
 from agent.serving import pool as pool_module
@@ -139,3 +146,30 @@ def msgspec_replace(request: GenerationRequest, *, id: str,
     sampling = request.sampling if max_tokens is None else msgspec.structs.replace(
         request.sampling, max_tokens=max_tokens)
     return msgspec.structs.replace(request, id=id, sampling=sampling)
+
+
+def test_a_quiet_remote_stream_fails_once_a_node_of_its_instance_is_not_heard_from(
+        tmp_path: Path) -> None:
+    """A cut link sends no FIN: the stream must end when membership loses the node."""
+    settings = NodeSettings(state_dir=tmp_path / "state")
+
+    async def silent_peer(request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        await asyncio.Event().wait()  # the head's node is cut off: nothing ever arrives
+        yield Failed(id=request.id, code="internal", message="unreachable")
+
+    async def main() -> None:
+        pool = RunnerPool(settings)
+        router = Router(pool, wait_s=30.0)
+        engine = NodeEngine(ModelStore(tmp_path / "models"), pool, router)
+        route = HeadRoute("m-0", ("me", "peer"), remote=silent_peer)
+        router.publish(RouteTable(node_id="me", routes={"m": route}))
+        request = GenerationRequest(id="a", model="m", prompt_tokens=[5],
+                                    sampling=SamplingParams(max_tokens=1))
+        first = asyncio.create_task(anext(engine.generate(request)))
+        await until("the request in flight", lambda: engine.in_flight() == 1)
+        router.publish(RouteTable(node_id="me", routes={"m": route}, down={"peer": "n2"}))
+        event = await asyncio.wait_for(first, 10)
+        assert isinstance(event, Failed) and event.code == "internal"
+        assert "lost node n2" in event.message
+
+    asyncio.run(main())
