@@ -1,7 +1,7 @@
 """What the API adapters need from the serving side, as one protocol.
 
 The adapters in `agent/api/` depend only on this protocol and on `agent.generation`; the
-implementation (`agent.local_engine.LocalEngine`, later the cluster router) lives below them.
+implementation (`agent.serving.engine.NodeEngine`: a runner pool and a router) lives below them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,11 @@ import msgspec
 from agent.generation import ChatMessage as ChatMessage  # re-exported for the adapters
 from agent.generation import GenerationEvent, GenerationRequest
 from agent.tools.types import ToolFormat
+
+
+def canonical_name(name: str) -> str:
+    """Ollama clients send `name:latest`; flock's store has one version per name."""
+    return name.removesuffix(":latest")
 
 
 class ModelNotFound(LookupError):

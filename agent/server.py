@@ -67,13 +67,13 @@ async def _end_stragglers(engine: Any, grace_s: float) -> None:
         log.warning("shutdown grace period ending: ended %d request(s) still in flight", ended)
 
 
-def _puller(engine: Any) -> Any:
+def _puller(store: Any) -> Any:
     """Ollama's /api/pull: the same as `flock pull`, off the event loop."""
     from agent.models.fetch import pull
 
     async def pull_model(name: str) -> Any:
-        stored = await asyncio.to_thread(pull, engine.store, name)
-        return engine.store.info(stored.name)
+        stored = await asyncio.to_thread(pull, store, name)
+        return store.info(stored.name)
 
     return pull_model
 
@@ -83,27 +83,31 @@ async def run_agent(settings: NodeSettings, *, started: asyncio.Event | None = N
     from agent.api.cluster import ClusterApi
     from agent.api.shards import ShardApi
     from agent.cluster.controller import ClusterController
-    from agent.cluster.shard_source import ShardSource
-    from agent.local_engine import LocalEngine
+    from agent.models.store import ModelStore
+    from agent.serving.engine import NodeEngine
+    from agent.serving.pool import RunnerPool
+    from agent.serving.router import Router
 
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     metrics = _metrics(settings)
-    engine = LocalEngine(settings, metrics=metrics)
     spec, settings = _load_spec(settings)
-    cluster = ClusterController(settings, engine, spec=spec, metrics=metrics)
-    engine.router = cluster
+    # The node's engine is a runner pool and a router; the controller decides what the pool
+    # runs and where the router sends requests, and answers the engine's questions about
+    # models only peers hold.
+    store = ModelStore(settings.models_dir)
+    pool = RunnerPool(settings, metrics=metrics)
+    router = Router(pool, wait_s=settings.placement_wait_s)
+    cluster = ClusterController(settings, store=store, pool=pool, router=router, spec=spec,
+                                metrics=metrics)
+    engine = NodeEngine(store, pool, router, peers=cluster)
     # No default model (None, or "" from FLOCK_MODEL= or flock.toml): ready at once.
     ready = {"value": not settings.model}
     app = create_app(engine, settings, ready=lambda: ready["value"], metrics=metrics,
-                     pull=_puller(engine))
+                     pull=_puller(store))
     app.state["cluster"] = cluster
+    app.state["engine"] = engine
     app.register(ClusterApi)
     app.register(ShardApi)
-    shards = ShardSource(cluster, settings.models_dir)
-    engine.fetch_shard = shards.shard
-    engine.fetch_tokenizer = shards.tokenizer
-    engine.remote_info = cluster.remote_info
-    engine.remote_models = lambda: [entry[0] for entry in cluster.catalogue.values()]
     listeners = [
         _Listener(uvicorn.Config(app, host=settings.host, port=port, log_level="warning",
                                  timeout_graceful_shutdown=settings.shutdown_grace_s,
@@ -135,7 +139,7 @@ async def run_agent(settings: NodeSettings, *, started: asyncio.Event | None = N
             # cluster when it does not fit here. Ready once its head serves somewhere.
             while True:
                 try:
-                    await cluster.route(settings.model)  # type: ignore[arg-type]
+                    await engine.ensure_serving(settings.model)  # type: ignore[arg-type]
                     ready["value"] = True
                     return
                 except Exception as exc:

@@ -22,15 +22,17 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from agent.cluster.controller import Assignment, ClusterController
+from agent.cluster.assignment import Assignment
+from agent.cluster.controller import ClusterController
 from agent.cluster.reconcile import DesiredInstance
 from agent.cluster.state import NodeProfile, Placement, Stage
 from agent.models.store import ModelStore
+from agent.serving.pool import RunnerPool
+from agent.serving.router import Router
 from agent.settings import NodeSettings
 from agent.spec import ClusterSpec, VersionedSpec
 from tests.cluster_tools import (
@@ -177,8 +179,9 @@ def test_pipeline_survives_node_kills_and_a_partition(models_dir: Path, tmp_path
 def controller(tmp_path: Path) -> ClusterController:
     settings = NodeSettings(state_dir=tmp_path / "state", models_dir=tmp_path / "models",
                             discovery_enabled=False)
-    engine = SimpleNamespace(store=ModelStore(tmp_path / "models"), members={}, instances={})
-    return ClusterController(settings, engine)  # type: ignore[arg-type]
+    pool = RunnerPool(settings)
+    return ClusterController(settings, store=ModelStore(tmp_path / "models"), pool=pool,
+                             router=Router(pool, wait_s=1.0))
 
 
 def peer(name: str) -> NodeProfile:
@@ -203,10 +206,10 @@ def adopt(node: ClusterController, held: dict[str, Assignment | None]) -> Assign
     async def fetch(profile: NodeProfile) -> Assignment | None:
         return held[profile.name]
 
-    node._fetch_assignment = fetch  # type: ignore[method-assign]
+    node.fetch_assignment = fetch  # type: ignore[method-assign]
 
     async def run() -> None:
-        await node._adopt_cluster_assignment()
+        await node.adopt_cluster_assignment()
         await node.client.aclose()
         await node.stream_client.aclose()
 

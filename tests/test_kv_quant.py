@@ -11,7 +11,6 @@ its implementation is checked exactly against quantize-then-dequantize of the tr
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlx.core as mx
 import pytest
@@ -356,19 +355,22 @@ def test_runner_load_builds_a_quantized_cache(tiny_dir: Path) -> None:
 def test_cluster_toml_kv_bits_reaches_every_ranks_runner_config(tmp_path: Path) -> None:
     from agent.cluster.controller import ClusterController
     from agent.models.store import ModelStore
+    from agent.serving.pool import RunnerPool
+    from agent.serving.router import Router
     from agent.settings import NodeSettings
 
     settings = NodeSettings(state_dir=tmp_path / "state", models_dir=tmp_path / "models",
                             discovery_enabled=False)
-    engine = SimpleNamespace(store=ModelStore(tmp_path / "models"), members={}, instances={})
-    controller = ClusterController(settings, engine)  # type: ignore[arg-type]
+    pool = RunnerPool(settings)
+    controller = ClusterController(settings, store=ModelStore(tmp_path / "models"), pool=pool,
+                                   router=Router(pool, wait_s=1.0))
     errors = controller.propose_spec(
         '[[models]]\nmodel = "smollm2-135m"\nstrategy = "tensor"\nkv_bits = 8\n\n'
         '[[models]]\nmodel = "other"\n')
     assert errors == []
-    base = controller._base_config("smollm2-135m")
+    base = controller.base_config("smollm2-135m")
     assert base.kv_bits == 8
-    assert controller._base_config("other").kv_bits is None
+    assert controller.base_config("other").kv_bits is None
     profiles = {f"n{i}": NodeProfile(node_id=f"n{i}", name=f"node{i}", version="0.1.0",
                                      addresses=[f"10.0.0.{i}"], api_port=52415,
                                      memory_total_bytes=1 << 34,

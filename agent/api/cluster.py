@@ -21,10 +21,8 @@ A refused call gets 401 (403: open mode, admin call not from loopback) as
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import ipaddress
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,18 +30,24 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.response import Stream
 
+from agent.cluster.assignment import Assignment
 from agent.cluster.auth import HEADER_NODE, ReplayGuard
-from agent.cluster.controller import Assignment, ClusterController
+from agent.cluster.controller import ClusterController
 from agent.cluster.peers import PeerError, ProfileReply, response_headers, verify_request
-from agent.generation import Failed, GenerationRequest
-from agent.local_engine import canonical_name
+from agent.engine import canonical_name
+from agent.generation import GenerationRequest
 from agent.runtime.protocol import frame
+from agent.serving.engine import NodeEngine
 
 _replay_guard = ReplayGuard()
 
 
 def _controller(request: Request[Any, Any, Any]) -> ClusterController:
     return request.app.state["cluster"]  # type: ignore[no-any-return]
+
+
+def _engine(request: Request[Any, Any, Any]) -> NodeEngine:
+    return request.app.state["engine"]  # type: ignore[no-any-return]
 
 
 def _error_body(status: int, message: str) -> dict[str, Any]:
@@ -228,21 +232,15 @@ class ClusterApi(Controller):
             generation = msgspec.msgpack.decode(body, type=GenerationRequest)
         except msgspec.DecodeError as exc:
             return _error(400, f"bad request: {exc}")
-        cluster = _controller(request)
-        instance = await _head_instance(cluster, canonical_name(generation.model))
+        # Tracked like the node's own requests: a shutdown ends it with an error event.
+        stream = _engine(request).generate_here(generation)
 
         async def events() -> AsyncIterator[bytes]:
-            if instance is None or not instance.runner.alive:
-                yield frame(Failed(id=generation.id, code="internal",
-                                   message=f"{generation.model} is not served on this node"))
-                return
-            # Tracked like the node's own requests: a shutdown ends it with an error event.
-            stream = cluster.engine.track(generation.id, instance.runner.generate(generation))
             try:
                 async for event in stream:
                     yield frame(event)
             finally:
-                await stream.aclose()
+                await stream.aclose()  # type: ignore[attr-defined]
 
         return Stream(events(), media_type="application/x-flock-events")
 
@@ -256,7 +254,7 @@ class ClusterApi(Controller):
         text = body.decode("utf-8", "replace")
         if not cluster.is_leader:
             try:
-                await cluster._send_spec_to_leader(text)
+                await cluster.send_spec_to_leader(text)
             except PeerError as exc:
                 return _admin_refusal(request, 503, f"could not reach the leader: {exc}")
         errors = cluster.propose_spec(text) if cluster.is_leader else _validate(text)
@@ -306,21 +304,6 @@ class ClusterApi(Controller):
         if why is not None:
             return _admin_refusal(request, 502, why)
         return _answer(request, {"removed": instance_id})
-
-
-async def _head_instance(cluster: ClusterController, model: str) -> Any:
-    """The head runner serving `model` here; while this node is still the head of a placement
-    of it whose runner is (re)starting, wait for it (bounded), as a local request would."""
-    deadline = time.monotonic() + cluster.settings.placement_wait_s
-    while True:
-        instance = cluster.engine.instances.get(model)
-        if instance is not None and instance.runner.alive and instance.runner.ready is not None:
-            return instance
-        heads = [p for p in cluster.assignment.placements
-                 if p.model == model and p.head_node == cluster.node_id]
-        if not heads or time.monotonic() > deadline:
-            return instance
-        await asyncio.sleep(0.2)
 
 
 def _validate(text: str) -> list[str]:

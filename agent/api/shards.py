@@ -60,7 +60,7 @@ class ShardApi(Controller):
         if name not in SMALL_FILES:
             return Response({"error": {"message": f"{name} is not served"}}, status_code=404)
         try:
-            path = request.app.state["cluster"].engine.store.resolve(model) / name
+            path = request.app.state["engine"].model_dir(model) / name
         except ModelNotFound:
             return Response({"error": {"message": f"no model {model}"}}, status_code=404)
         if not path.is_file():
@@ -72,10 +72,8 @@ class ShardApi(Controller):
         refused = _refused(request, b"")
         if refused is not None:
             return refused
-        engine = request.app.state["cluster"].engine
         try:
-            model_dir = engine.store.resolve(model)
-            info = engine.store.info(model)
+            model_dir, info = request.app.state["engine"].stored_model(model)
             shape = model_shape(model_dir, model)
         except ModelNotFound:
             return Response({"error": {"message": f"no model {model}"}}, status_code=404)
@@ -94,7 +92,7 @@ class ShardApi(Controller):
             return refused
         try:
             wanted = msgspec.json.decode(body, type=TensorRequest)
-            model_dir = request.app.state["cluster"].engine.store.resolve(model)
+            model_dir = request.app.state["engine"].model_dir(model)
             selector = StageSelector(wanted.layer_start, wanted.layer_stop, wanted.embeds,
                                      wanted.projects)
             stream = safetensors_stream(tensor_index(model_dir), selector.names(model_dir))

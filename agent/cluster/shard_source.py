@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
-from agent.cluster.controller import ClusterController
 from agent.cluster.peers import base_url, signed_headers
 from agent.cluster.state import NodeProfile
 from agent.engine import ModelNotFound
@@ -42,18 +42,26 @@ def selector_for(config: RunnerConfig, num_layers: int) -> StageSelector:
 
 
 class ShardSource:
-    def __init__(self, cluster: ClusterController, models_dir: Path) -> None:
-        self.cluster = cluster
+    """Fetches from the peers `peers()` lists (live nodes other than this one), signed as this
+    node (`node_id()` is read at each request: the node may rekey)."""
+
+    def __init__(self, client: httpx.AsyncClient, models_dir: Path, *, secret: str | None,
+                 node_id: Callable[[], str],
+                 peers: Callable[[], list[NodeProfile]]) -> None:
+        self.client = client
         self.models_dir = models_dir
+        self.secret = secret
+        self.node_id = node_id
+        self.peers = peers
         self._locks: dict[Path, asyncio.Lock] = {}
 
     def holders(self, model: str) -> list[NodeProfile]:
-        me = self.cluster.node_id
-        return [p for p in self.cluster.nodes().values()
+        me = self.node_id()
+        return [p for p in self.peers()
                 if model in p.models and p.node_id != me and p.addresses]
 
     def _sign(self, method: str, path: str, body: bytes) -> dict[str, str]:
-        return signed_headers(self.cluster.secret, self.cluster.node_id, method, path, body)
+        return signed_headers(self.secret, self.node_id(), method, path, body)
 
     async def _from_holders(self, model: str, fetch: object) -> Path:
         errors = []
@@ -73,7 +81,7 @@ class ShardSource:
         async with self._locks.setdefault(target, asyncio.Lock()):
             if (target / "config.json").exists():
                 return target
-            client = self.cluster.stream_client
+            client = self.client
             return await self._from_holders(
                 model, lambda base: fetch_small_files(client, base, model, target, self._sign))
 
@@ -87,7 +95,7 @@ class ShardSource:
         async with self._locks.setdefault(target, asyncio.Lock()):
             if complete(target):
                 return target
-            client = self.cluster.stream_client
+            client = self.client
             log.info("fetching layers %d-%d of %s from a peer", selector.layer_start,
                      selector.layer_stop - 1, model)
             return await self._from_holders(
