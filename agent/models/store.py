@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 
 from agent.engine import ModelInfo, ModelNotFound
-from agent.models import gguf
+from agent.models.files import replace_dir
 
 MANIFEST = "flock.json"
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
@@ -182,6 +182,9 @@ class ModelStore:
         digest = sha256_file(path)
 
         def build(directory: Path) -> None:
+            # The converter reads the file with MLX: imported here, not by the control plane.
+            from agent.models import gguf
+
             gguf.import_gguf(path, directory, dtype=dtype)
 
         return self.add(key, build, source=source or f"gguf:{path}", source_sha256=digest,
@@ -208,7 +211,7 @@ class ModelStore:
                                     dtype=dtype)
                 (built / MANIFEST).write_bytes(msgspec.json.format(msgspec.json.encode(manifest)))
                 built.chmod(0o755)
-                gguf.replace_dir(built, self.root / key)
+                replace_dir(built, self.root / key)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         return self.get(key)
@@ -342,14 +345,6 @@ def _combined_digest(weights: dict[str, str]) -> str:
 
 
 def _chat_template(directory: Path) -> str | None:
-    path = directory / "tokenizer_config.json"
-    template: Any = None
-    if path.is_file():
-        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
-    jinja = directory / "chat_template.jinja"  # newer HF repos keep it beside the config
-    if template is None and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
-    if isinstance(template, list):  # named templates: the default one
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default") or next(iter(named.values()), None)
-    return template if isinstance(template, str) else None
+    from agent.models.tokenizer import default_chat_template
+
+    return default_chat_template(directory)
