@@ -53,13 +53,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "nemotron_h": {**LLAMA, "model_type": "nemotron_h", "hybrid_override_pattern": "M-M*-E",
                    "mamba_num_heads": 4, "mamba_head_dim": 16, "ssm_state_size": 16,
                    "n_groups": 1, "conv_kernel": 4, "n_routed_experts": 4,
-                   "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+                   "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                   "mamba_proj_bias": False, "layer_norm_epsilon": 1e-5, "use_bias": False,
+                   "attention_bias": False, "mlp_bias": False,
+                   "use_conv_bias": True},
     "qwen3_next": {**LLAMA, "model_type": "qwen3_next", "head_dim": 16, "num_experts": 4,
                    "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                    "shared_expert_intermediate_size": 32, "full_attention_interval": 2,
                    "linear_num_value_heads": 4, "linear_num_key_heads": 2,
                    "linear_key_head_dim": 16, "linear_value_head_dim": 16,
-                   "linear_conv_kernel_dim": 4},
+                   "linear_conv_kernel_dim": 4, "partial_rotary_factor": 0.25,
+                   "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
 }
 CONFIGS["kimi_k2"] = {**CONFIGS["deepseek_v3"], "model_type": "kimi_k2"}
 
@@ -209,6 +213,17 @@ def test_latent_attention_parameters_near_mlx_lm_deepseek() -> None:
         assert abs(ours - theirs) / theirs < 0.01, (index, ours, theirs)
 
 
+@pytest.mark.parametrize("name", ["nemotron_h", "qwen3_next", "gpt_oss"])
+def test_hybrid_and_sink_layers_are_sized_near_mlx_lm(name: str) -> None:
+    # Mamba / gated-delta mixers, non-gated MLP blocks and experts: within 2% per layer
+    # (norms, sinks and small vectors are estimated).
+    config = CONFIGS[name]
+    shape = arch.shape(config)
+    for index in range(shape.layers):
+        ours, theirs = sum(shape.layer_params(index)), _mlx_lm_layer_params(config, index)
+        assert abs(ours - theirs) / theirs < 0.02, (index, ours, theirs)
+
+
 @settings(max_examples=40, deadline=None)
 @given(heads=st.sampled_from([1, 2, 4, 8]), group=st.sampled_from([1, 2, 4]),
        head_dim=st.sampled_from([8, 16, 32]), layers=st.integers(1, 6),
@@ -246,3 +261,20 @@ def test_registry_imports_no_mlx(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).parent.parent)
     assert json.loads(out.stdout) == []
+
+
+def test_placement_shape_reads_nested_configs_and_refuses_what_cannot_run(
+    tmp_path: Path,
+) -> None:
+    from agent.cluster.shape import model_shape
+
+    (tmp_path / "config.json").write_text(json.dumps(CONFIGS["gemma3"]))
+    # No KeyError: the registry reads text_config; gemma3 waits for the mlx-lm engine.
+    with pytest.raises(arch.UnsupportedArchitecture, match="'gemma3' needs the mlx-lm engine"):
+        model_shape(tmp_path, "g")
+    (tmp_path / "config.json").write_text(json.dumps(
+        {**CONFIGS["qwen3"], "quantization": {"bits": 4, "group_size": 32}}))
+    f32 = model_shape(tmp_path, "q")
+    kept = model_shape(tmp_path, "q", dtype="keep")
+    assert kept.layer_bytes < f32.layer_bytes / 6 and kept.dtype_bytes == 2
+    assert f32.kv_bytes_per_token_per_layer == 2 * 2 * 32 * 4

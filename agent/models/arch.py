@@ -18,6 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+# Where each layer's tensors live, for shard transfer: offered here, kept in tensors.py.
+from agent.models.tensors import (  # noqa: F401 - re-exported as the registry's answer
+    LayerRange,
+    is_embedding,
+    is_final_norm,
+    is_head,
+    layer_index,
+    layer_prefix,
+    safetensor_files,
+    stage_wants,
+)
+
 Engine = Literal["flock", "mlx-lm"]
 Strategy = Literal["single", "pipeline", "tensor"]
 LayerKind = Literal["full", "sliding", "latent", "recurrent", "none"]
@@ -33,17 +45,6 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Safetensors element sizes, for the bytes a checkpoint holds as stored.
 SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4,
                      "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-# Where layer N's tensors live in the checkpoints of the families mlx-lm loads.
-_LAYER_NAME = re.compile(
-    r"^((?:model\.language_model|language_model\.model|model|backbone|transformer)"
-    r"\.(?:layers|h|blocks)\.)(\d+)\."
-)
-_PREFIX_BY_TYPE = {"nemotron_h": "backbone.layers.", "mamba": "backbone.layers.",
-                   "mamba2": "backbone.layers.", "falcon_mamba": "backbone.layers.",
-                   "gemma3": "language_model.model.layers.", "gpt2": "transformer.h.",
-                   "gpt_bigcode": "transformer.h."}
-
 
 class UnsupportedArchitecture(ValueError):
     """A model nothing in flock can run, or a strategy its architecture cannot do."""
@@ -290,77 +291,6 @@ def weight_format(config: dict[str, Any], dtype: str) -> WeightFormat:
                      f"not {dtype!r}")
 
 
-def layer_index(tensor: str) -> int | None:
-    """The decoder layer a checkpoint tensor belongs to, or None (embedding, norm, head...)."""
-    match = _LAYER_NAME.match(tensor)
-    return int(match.group(2)) if match else None
-
-
-def layer_prefix(config: dict[str, Any], index: int, tensors: list[str] | None = None) -> str:
-    """Where layer `index`'s tensors live ("model.layers.3."), from the checkpoint's names
-    when given, else from the architecture's usual layout."""
-    for name in tensors or ():
-        match = _LAYER_NAME.match(name)
-        if match:
-            return f"{match.group(1)}{index}."
-    return f"{_PREFIX_BY_TYPE.get(str(config.get('model_type')), 'model.layers.')}{index}."
-
-
-def is_embedding(tensor: str) -> bool:
-    return bool(re.match(r"^(?:model\.(?:language_model\.)?|language_model\.model\.|backbone\.|"
-                         r"transformer\.)(?:embed_tokens|embeddings|wte)\.", tensor))
-
-
-def is_head(tensor: str) -> bool:
-    return tensor.startswith(("lm_head.", "language_model.lm_head.", "output."))
-
-
-def is_final_norm(tensor: str) -> bool:
-    return bool(re.match(r"^(?:model\.(?:language_model\.)?|language_model\.model\.|backbone\.)"
-                         r"(?:norm|norm_f|final_layernorm)\.", tensor))
-
-
-@dataclass(frozen=True)
-class LayerRange:
-    """Layers [start, stop) of a model held by one pipeline stage."""
-
-    start: int
-    stop: int
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.start < self.stop:
-            raise ValueError(f"bad layer range [{self.start}, {self.stop})")
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
-def stage_wants(name: str, layers: LayerRange, embeds: bool, projects: bool, tied: bool) -> bool:
-    """Whether a stage holding `layers` (and the embedding / the head) needs tensor `name`."""
-    index = layer_index(name)
-    if index is not None:
-        return layers.start <= index < layers.stop
-    if is_embedding(name):
-        return embeds or (projects and tied)
-    if is_final_norm(name):
-        return projects
-    if is_head(name):
-        return projects and not tied
-    return False
-
-
-def safetensor_files(model_dir: Path) -> list[Path]:
-    """The weight files of a model directory (its index's list when it has one)."""
-    index = Path(model_dir) / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [Path(model_dir) / f for f in files]
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {model_dir}")
-    return files
-
-
 # --- shape: the dimensions placement needs ---------------------------------------------------
 
 
@@ -422,6 +352,9 @@ class Shape:
         h = self.hidden
         vectors = 2 * h  # the two norms
         kind = self.kind(index)
+        block = self.extra.get("blocks", "")[index:index + 1]
+        if block:  # nemotron_h: each layer is one block (mamba, attention, MLP or experts)
+            return _single_block_params(self, block), h
         if kind == "recurrent":
             matrices = _recurrent_params(self)
         elif kind == "latent":
@@ -429,6 +362,7 @@ class Shape:
         else:
             q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
             matrices = h * q + 2 * h * kv + q * h
+            matrices += h * q if self.model_type == "qwen3_next" else 0  # its gated queries
             vectors += (q + 2 * kv) if self.attention_bias else 0
             vectors += 2 * self.head_dim if self.qk_norm else 0
         if self.experts and index not in self.dense_layers:
@@ -448,6 +382,20 @@ class Shape:
         return embed if self.tied else 2 * embed
 
 
+def _single_block_params(s: Shape, block: str) -> int:
+    h = s.hidden
+    if block == "M":
+        return _recurrent_params(s)
+    if block == "*":
+        q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        return 2 * h * q + 2 * h * kv
+    if block == "E":
+        width = s.moe_intermediate
+        return s.experts * 2 * h * width + h * s.experts \
+            + s.shared_experts * 2 * h * s.shared_intermediate
+    return 2 * h * s.intermediate  # "-": a non-gated MLP (up, down)
+
+
 def _latent_params(s: Shape) -> int:
     e = s.extra
     nope, rope, v = int(e.get("qk_nope_head_dim", 128)), s.qk_rope_head_dim, \
@@ -460,9 +408,7 @@ def _latent_params(s: Shape) -> int:
 
 
 def _recurrent_params(s: Shape) -> int:
-    e = s.extra
-    inner = int(e.get("recurrent_inner", 2 * s.hidden))
-    return s.hidden * 2 * inner + inner * s.hidden  # in and out projections dominate
+    return int(s.extra.get("recurrent_params", 3 * s.hidden * s.hidden))
 
 
 def shape(config: dict[str, Any]) -> Shape:
@@ -481,12 +427,16 @@ def shape(config: dict[str, Any]) -> Shape:
                              if k in c}
     state = 0
     if "recurrent" in kinds:
-        state, extra["recurrent_inner"] = _recurrent_state(c, hidden)
+        state, extra["recurrent_params"] = _recurrent_state(c, hidden)
     first_dense = int(c.get("first_k_dense_replace", 0) or 0)
     freq = int(c.get("moe_layer_freq", 1) or 1)
     dense = frozenset(i for i in range(layers) if i < first_dense or i % freq)
+    dense |= frozenset(int(i) for i in c.get("mlp_only_layers") or ())
+    step = int(c.get("decoder_sparse_step", 1) or 1)  # qwen2_moe/qwen3_moe: every step-th
+    dense |= frozenset(i for i in range(layers) if (i + 1) % step)
     if model_type == "nemotron_h":
-        dense = frozenset(i for i, ch in enumerate(_nemotron_pattern(c)) if ch != "E")
+        extra["blocks"] = "".join(_nemotron_pattern(c))
+        dense = frozenset(i for i, ch in enumerate(extra["blocks"]) if ch != "E")
     return Shape(
         model_type=model_type,
         layers=layers,
@@ -579,18 +529,20 @@ def _layer_kinds(c: dict[str, Any], model_type: str) -> list[LayerKind]:
 
 
 def _recurrent_state(c: dict[str, Any], hidden: int) -> tuple[int, int]:
-    """(float32 bytes of one recurrent layer's state, the layer's inner width)."""
+    """(float32 bytes of one recurrent layer's state, its mixer's parameters)."""
     if c.get("mamba_num_heads"):  # nemotron_h / mamba2: conv state + SSM state
         heads, dim = int(c["mamba_num_heads"]), int(c.get("mamba_head_dim", 64))
         inner, n_state = heads * dim, int(c.get("ssm_state_size", 128))
         groups, kernel = int(c.get("n_groups", 1)), int(c.get("conv_kernel", 4))
-        conv = (kernel - 1) * (inner + 2 * groups * n_state)
-        return 4 * (conv + heads * dim * n_state), inner
+        conv_width = inner + 2 * groups * n_state
+        params = hidden * (inner + conv_width + heads) + conv_width * kernel + inner * hidden
+        return 4 * ((kernel - 1) * conv_width + heads * dim * n_state), params
     if c.get("linear_num_value_heads"):  # qwen3_next gated delta net
         vh, kh = int(c["linear_num_value_heads"]), int(c["linear_num_key_heads"])
         kd, vd = int(c["linear_key_head_dim"]), int(c["linear_value_head_dim"])
         kernel = int(c.get("linear_conv_kernel_dim", 4))
-        conv = (kernel - 1) * (2 * kh * kd + vh * vd)
-        return 4 * (conv + vh * kd * vd), vh * vd
+        conv_width = 2 * kh * kd + vh * vd
+        params = hidden * (conv_width + vh * vd + 2 * vh) + conv_width * kernel + vh * vd * hidden
+        return 4 * ((kernel - 1) * conv_width + vh * kd * vd), params
     kernel = int(c.get("conv_L_cache", c.get("conv_kernel", 3)))  # lfm2 short convolutions
-    return 4 * (kernel - 1) * hidden, hidden
+    return 4 * (kernel - 1) * hidden, 4 * hidden * hidden + kernel * hidden

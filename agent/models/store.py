@@ -27,6 +27,7 @@ from typing import Any
 import msgspec
 
 from agent.engine import ModelInfo, ModelNotFound
+from agent.models import arch
 from agent.models.files import replace_dir
 
 MANIFEST = "flock.json"
@@ -67,6 +68,18 @@ class StoredModel:
     name: str
     path: Path
     manifest: Manifest
+
+    @property
+    def refusal(self) -> str | None:
+        """Why nothing here can serve this model (its architecture), or None if it can.
+
+        Listings show it so a model stored before it was refused, or by another flock
+        version, is named as unservable instead of failing when asked for.
+        """
+        try:
+            return arch.refusal(arch.read_config(self.path))
+        except (OSError, ValueError) as exc:
+            return f"its config.json cannot be read: {exc}"
 
 
 def normalize_name(name: str) -> str:
@@ -261,14 +274,14 @@ class ModelStore:
 def info_from_dir(model_dir: Path, name: str) -> ModelInfo:
     """What the APIs show of a model directory outside the store (a path, a peer's shard)."""
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    quant = config.get("quantization")
+    quant = arch.quantization(config)
     return ModelInfo(
         name=name,
         architecture=config.get("model_type", "unknown"),
         parameters=0,
-        quantization=f"Q{quant['bits']}" if quant else "F32",
+        quantization=f"Q{quant.bits}" if quant else "F32",
         size_bytes=sum(p.stat().st_size for p in model_dir.glob("*.safetensors")),
-        context_length=int(config.get("max_position_embeddings") or 0),
+        context_length=int(arch.text_config(config).get("max_position_embeddings") or 0),
         digest="",
         modified_at=model_dir.stat().st_mtime,
         chat_template=_chat_template(model_dir),
