@@ -107,6 +107,7 @@ def test_unknown_architecture_is_refused_naming_it_and_what_runs() -> None:
     with pytest.raises(arch.UnsupportedArchitecture, match="frobnicator"):
         arch.check({"model_type": "frobnicator"})
     assert arch.refusal({}) is not None
+    assert "cannot be read" in str(arch.refusal_of_dir(Path("/nonexistent")))
 
 
 def test_tensor_parallel_that_does_not_divide_is_refused() -> None:

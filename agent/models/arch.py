@@ -227,6 +227,15 @@ def refusal(config: dict[str, Any], strategy: str | None = None, ranks: int = 1)
     return None
 
 
+def refusal_of_dir(model_dir: Path, strategy: str | None = None, ranks: int = 1) -> str | None:
+    """`refusal` for a model directory; an unreadable config.json is a refusal too."""
+    try:
+        config = read_config(model_dir)
+    except (OSError, ValueError) as exc:
+        return f"{model_dir}/config.json cannot be read: {exc}"
+    return refusal(config, strategy, ranks)
+
+
 def check(config: dict[str, Any], strategy: str | None = None, ranks: int = 1) -> Architecture:
     """`architecture(config)`, raising UnsupportedArchitecture with `refusal`'s message."""
     reason = refusal(config, strategy, ranks)

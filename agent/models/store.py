@@ -76,10 +76,7 @@ class StoredModel:
         Listings show it so a model stored before it was refused, or by another flock
         version, is named as unservable instead of failing when asked for.
         """
-        try:
-            return arch.refusal(arch.read_config(self.path))
-        except (OSError, ValueError) as exc:
-            return f"its config.json cannot be read: {exc}"
+        return arch.refusal_of_dir(self.path)
 
 
 def normalize_name(name: str) -> str:

@@ -90,5 +90,5 @@ def safetensor_files(model_dir: Path) -> list[Path]:
         return [Path(model_dir) / f for f in files]
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {model_dir}")
+        raise ValueError(f"no .safetensors weights in {model_dir}")  # as the decoder says
     return files
