@@ -94,6 +94,14 @@ def test_remapped_model_types_use_mlx_lm_modules() -> None:
     assert len(arch.mlx_lm_architectures()) > 100
 
 
+def test_readme_table_lists_every_architecture_with_its_engine() -> None:
+    table = arch.markdown_table()
+    assert "| llama | flock | single, pipeline, tensor | yes |" in table
+    assert "| kimi_k2 | mlx-lm | single, pipeline, tensor | not yet |" in table
+    assert len(table.splitlines()) == 2 + len({*arch.FLOCK_DECODER_ARCHITECTURES,
+                                               *arch.mlx_lm_architectures()})
+
+
 def test_strategies_follow_what_mlx_lm_modules_offer() -> None:
     # deepseek_v3 defines shard(); gemma3 does not, so tensor parallel is not offered.
     assert "tensor" in arch.architecture(CONFIGS["deepseek_v3"]).strategies

@@ -193,6 +193,16 @@ def supported_summary() -> str:
     return f"flock runs {flock} (its own decoder) until its mlx-lm engine lands"
 
 
+def markdown_table() -> str:
+    """The supported architectures and engines, as the README shows them."""
+    rows = ["| architecture | engine | strategies | available |", "|---|---|---|---|"]
+    for model_type in sorted({*FLOCK_DECODER_ARCHITECTURES, *mlx_lm_architectures()}):
+        found = architecture({"model_type": model_type})
+        rows.append(f"| {model_type} | {found.engine} | {', '.join(found.strategies)} | "
+                    f"{'yes' if found.runnable else 'not yet'} |")
+    return "\n".join(rows) + "\n"
+
+
 def refusal(config: dict[str, Any], strategy: str | None = None, ranks: int = 1) -> str | None:
     """Why this model (or this strategy over `ranks` nodes) cannot run here, or None if it can.
 
