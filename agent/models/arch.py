@@ -225,7 +225,10 @@ def refusal(config: dict[str, Any], strategy: str | None = None, ranks: int = 1)
                 return (f"architecture '{model_type}' cannot run as {need} parallel on the "
                         f"{arch.engine} engine (it allows: {allowed})")
     if strategy in ("tensor", "hybrid") and ranks > 1 and arch.engine == "flock":
-        dims = shape(config)
+        try:
+            dims = shape(config)
+        except UnsupportedArchitecture as exc:
+            return str(exc)
         widths = {"heads": dims.heads, "KV heads": dims.kv_heads,
                   "the MLP width": dims.intermediate}
         if dims.experts:
