@@ -93,7 +93,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     try:
         stored = pull(ModelStore(settings.models_dir), args.name, dtype=args.dtype,
                       progress=lambda line: print(line, file=sys.stderr))
-    except FetchError as exc:
+    except (FetchError, ValueError) as exc:  # ValueError: a GGUF card the importer refuses
         print(f"flock pull: {exc}", file=sys.stderr)
         return 1
     print(f"pulled {stored.name} -> {stored.path}")

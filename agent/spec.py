@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -244,13 +244,57 @@ def load_spec(path: Path) -> ClusterSpec:
     return spec
 
 
-def validate_spec_file(path: Path) -> list[SpecError]:
-    """Every problem in a spec file (empty when it is valid), TOML syntax errors included."""
+def validate_spec_file(path: Path, models_dir: Path | None = None) -> list[SpecError]:
+    """Every problem in a spec file (empty when it is valid), TOML syntax errors included.
+
+    Models this machine can see (a path beside the spec, or a name in `models_dir`'s store)
+    are checked against the architecture registry too.
+    """
     path = Path(path)
     spec, errors = _read(path)
     if spec is not None:
         errors.extend(_file_reference_errors(spec, path))
+        errors.extend(model_errors(spec, lambda name: _visible_model(name, path.parent,
+                                                                     models_dir)))
     return errors
+
+
+def model_errors(spec: ClusterSpec,
+                 resolve: Callable[[str], Path | None]) -> list[SpecError]:
+    """`[[models]]` entries whose architecture (or strategy) nothing here can run.
+
+    `resolve(model)` is the model's directory, or None where this process cannot see it (a
+    model only a peer holds is checked at placement instead).
+    """
+    from agent.models import arch
+
+    errors: list[SpecError] = []
+    for i, entry in enumerate(spec.models):
+        directory = resolve(entry.model)
+        if directory is None:
+            continue
+        try:
+            config = arch.read_config(directory)
+        except (OSError, ValueError) as exc:
+            errors.append(SpecError(path=f"models[{i}].model",
+                                    message=f"cannot read {directory}/config.json: {exc}"))
+            continue
+        ranks = len(entry.nodes) if entry.nodes and entry.strategy == "tensor" else 1
+        reason = arch.refusal(config, None if entry.strategy == "auto" else entry.strategy,
+                              ranks)
+        if reason is not None:
+            key = "model" if arch.refusal(config) is not None else "strategy"
+            errors.append(SpecError(path=f"models[{i}].{key}", message=reason))
+    return errors
+
+
+def _visible_model(name: str, base: Path, models_dir: Path | None) -> Path | None:
+    if models_dir is not None:
+        stored = Path(models_dir).expanduser() / name.strip().lower()
+        if (stored / "config.json").is_file() and (stored / "flock.json").is_file():
+            return stored
+    candidate = _resolve(base, name)
+    return candidate if (candidate / "config.json").is_file() else None
 
 
 def parse_spec(text: str) -> tuple[ClusterSpec | None, list[SpecError]]:

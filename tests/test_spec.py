@@ -239,3 +239,49 @@ def test_dump_and_parse_round_trip_with_a_stable_hash(spec: ClusterSpec) -> None
     again, errors = parse_spec(dump_spec(spec))
     assert errors == [] and again == spec
     assert spec_hash(again) == spec_hash(spec)
+
+
+def _model_dir(root: Path, config: dict[str, object]) -> Path:
+    import json
+
+    root.mkdir(parents=True)
+    (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def test_models_this_machine_sees_are_checked_against_the_registry(tmp_path: Path) -> None:
+    llama = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+             "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "vocab_size": 100}
+    _model_dir(tmp_path / "mix", {**llama, "model_type": "frobnicator"})
+    _model_dir(tmp_path / "llama", llama)
+    _model_dir(tmp_path / "store" / "stored", {**llama, "model_type": "frobnicator"})
+    (tmp_path / "store" / "stored" / "flock.json").write_text("{}")
+    path = write(tmp_path, """
+[[models]]
+model = "mix"
+
+[[models]]
+model = "llama"
+strategy = "tensor"
+nodes = ["a", "b", "c"]
+
+[[models]]
+model = "llama"
+strategy = "pipeline"
+
+[[models]]
+model = "org/only-on-the-hub"
+
+[[models]]
+model = "stored"
+""")
+    errors = {e.path: e.message for e in validate_spec_file(path, models_dir=tmp_path / "store")}
+    assert "architecture 'frobnicator' is not supported" in errors["models[0].model"]
+    assert "llama, mistral, qwen2, qwen3" in errors["models[0].model"]
+    assert "needs 3 to divide heads (4)" in errors["models[1].strategy"]
+    assert "models[2].strategy" not in errors and "models[3].model" not in errors
+    assert "'frobnicator'" in errors["models[4].model"]
+    # Without a store, names are not resolved; paths beside the spec still are.
+    errors = {e.path for e in validate_spec_file(path)}
+    assert "models[0].model" in errors and "models[4].model" not in errors

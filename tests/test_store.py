@@ -190,3 +190,21 @@ def test_concurrent_imports_of_one_name_leave_one_whole_model(
     load_model(stored.path)
     assert [p.name for p in store.root.iterdir() if not p.name.startswith(".")] == ["shared"]
     assert staging_leftovers(store) == []
+
+
+def test_listing_names_models_nothing_here_can_serve(store: ModelStore) -> None:
+    def build(architecture: str) -> object:
+        def write(directory: Path) -> None:
+            config = {"model_type": architecture, "hidden_size": 64, "num_hidden_layers": 2,
+                      "intermediate_size": 128, "num_attention_heads": 4, "vocab_size": 100}
+            (directory / "config.json").write_text(json.dumps(config))
+            mx.save_safetensors(str(directory / "model.safetensors"),
+                                {"model.norm.weight": mx.zeros((64,))})
+        return write
+
+    store.add("odd", build("frobnicator"), source="test")  # type: ignore[arg-type]
+    store.add("fine", build("llama"), source="test")  # type: ignore[arg-type]
+    refusals = {m.name: m.refusal for m in store.list()}
+    assert refusals["fine"] is None
+    assert refusals["odd"] is not None and "'frobnicator'" in refusals["odd"]
+    assert "llama, mistral, qwen2, qwen3" in refusals["odd"]

@@ -1,83 +1,70 @@
 """A model's shape for placement: layer count, heads and bytes, read from its directory.
 
-Sizes come from the safetensors headers (only the JSON header of each file is read) when the
-weights are there, else from config.json's dimensions. Runners dequantize checkpoints to the
-serving dtype at load, so bytes here are parameter counts times `dtype_bytes`, not file sizes.
+Dimensions come from the architecture registry (agent/models/arch.py), which reads any
+config.json, nested `text_config` included. Sizes come from the safetensors headers (only the
+JSON header of each file is read) when the weights are there, else from the dimensions. Bytes
+are what a runner holds at the serving format: parameter counts times `dtype_bytes` for a float
+dtype (runners dequantize), or the stored bytes for `dtype="keep"` (quantization kept).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import struct
 from pathlib import Path
-from typing import Any
 
 from agent.cluster.state import ModelShape
+from agent.models import arch
 
-_LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")
 _HEADER_LIMIT = 100 << 20  # a sane bound for the JSON header; guards against garbage files
+_FLOAT_BYTES = {4: "float32", 2: "float16"}
 
 
-def model_shape(model_dir: Path, name: str, dtype_bytes: int = 4) -> ModelShape:
-    """The placement facts of the model in `model_dir`, sized for `dtype_bytes` per value."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    dims = _Dims(config)
+def model_shape(model_dir: Path, name: str, dtype_bytes: int = 4, *,
+                dtype: str | None = None) -> ModelShape:
+    """The placement facts of the model in `model_dir`, sized for `dtype_bytes` per value, or
+    for `dtype` ("float32", "float16", "bfloat16", "keep") when given.
+
+    Raises UnsupportedArchitecture (a ValueError) for a model nothing here can run, or whose
+    config.json lacks the dimensions placement needs: placing it would only start runners
+    that fail.
+    """
+    config = arch.read_config(Path(model_dir))
+    arch.check(config)
+    dims = arch.shape(config)
+    fmt = arch.weight_format(config, dtype or _FLOAT_BYTES.get(dtype_bytes, "float32"))
+    element = fmt.element_bytes if dtype else dtype_bytes
     tensors = _tensor_shapes(Path(model_dir))
-    if tensors:
-        layer_params, embedding_params = _counted_params(tensors, config, dims)
+    counted = _counted_bytes(tensors, dims.quantization, element,
+                             keep=dtype in ("keep", "native")) if tensors else None
+    if counted is None:
+        layer_bytes = max((dims.layer_bytes(i, fmt) for i in range(dims.layers)), default=0)
+        embedding_bytes = fmt.matrix_bytes(dims.embedding_params())
+        if not dtype:  # the historical rule: every value at dtype_bytes
+            layer_bytes = max((sum(dims.layer_params(i)) for i in range(dims.layers)),
+                              default=0) * dtype_bytes
+            embedding_bytes = dims.embedding_params() * dtype_bytes
     else:
-        layer_params, embedding_params = dims.layer_params(), dims.embedding_params()
+        layer_bytes, embedding_bytes = counted
+        if embedding_bytes == 0:
+            embedding_bytes = dims.embedding_params() * element
     return ModelShape(
         name=name,
         num_layers=dims.layers,
         num_heads=dims.heads,
         num_kv_heads=dims.kv_heads,
         hidden_size=dims.hidden,
-        intermediate_size=dims.intermediate,
+        intermediate_size=dims.moe_intermediate if dims.experts else dims.intermediate,
         vocab_size=dims.vocab,
         tie_word_embeddings=dims.tied,
-        layer_bytes=layer_params * dtype_bytes,
-        embedding_bytes=embedding_params * dtype_bytes,
-        # Keys and values: kv_heads x head_dim each, per token, per layer.
-        kv_bytes_per_token_per_layer=2 * dims.kv_heads * dims.head_dim * dtype_bytes,
+        layer_bytes=layer_bytes,
+        embedding_bytes=embedding_bytes,
+        # The largest layer's cache per token: full attention keeps keys and values of
+        # kv_heads x head_dim, latent attention one compressed row, recurrent layers nothing.
+        kv_bytes_per_token_per_layer=dims.max_kv_bytes_per_token(element),
         context_length=dims.context,
-        dtype_bytes=dtype_bytes,
+        dtype_bytes=element,
     )
-
-
-class _Dims:
-    """The dimensions config.json states, with the defaults mlx-lm's llama family assumes."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.layers = int(config["num_hidden_layers"])
-        self.heads = int(config["num_attention_heads"])
-        self.kv_heads = int(config.get("num_key_value_heads") or self.heads)
-        self.hidden = int(config["hidden_size"])
-        self.intermediate = int(config["intermediate_size"])
-        self.vocab = int(config["vocab_size"])
-        self.head_dim = int(config.get("head_dim") or self.hidden // self.heads)
-        arch = config.get("model_type", "")
-        self.tied = bool(config.get("tie_word_embeddings", arch != "qwen2"))
-        self.bias = bool(config.get("attention_bias", arch == "qwen2"))
-        self.qk_norm = arch == "qwen3"
-        self.context = int(config.get("max_position_embeddings") or 4096)
-
-    def layer_params(self) -> int:
-        q = self.heads * self.head_dim
-        kv = self.kv_heads * self.head_dim
-        attention = self.hidden * q + 2 * self.hidden * kv + q * self.hidden
-        if self.bias:
-            attention += q + 2 * kv
-        if self.qk_norm:
-            attention += 2 * self.head_dim
-        mlp = 3 * self.hidden * self.intermediate
-        norms = 2 * self.hidden
-        return attention + mlp + norms
-
-    def embedding_params(self) -> int:
-        embed = self.vocab * self.hidden
-        return embed if self.tied else 2 * embed
 
 
 def _tensor_shapes(model_dir: Path) -> dict[str, tuple[str, list[int]]]:
@@ -95,30 +82,32 @@ def _tensor_shapes(model_dir: Path) -> dict[str, tuple[str, list[int]]]:
     return tensors
 
 
-def _counted_params(tensors: dict[str, tuple[str, list[int]]], config: dict[str, Any],
-                    dims: _Dims) -> tuple[int, int]:
-    """(largest layer's parameters, embedding + head parameters) as the runner will hold them."""
-    quant = config.get("quantization") or config.get("quantization_config") or {}
-    bits = int(quant.get("bits", 0)) if isinstance(quant, dict) else 0
+def _counted_bytes(tensors: dict[str, tuple[str, list[int]]],
+                   quant: arch.WeightFormat | None, element: int, *,
+                   keep: bool) -> tuple[int, int] | None:
+    """(largest layer's bytes, embedding + head bytes) as the runner will hold them, or None
+    when the names show no layers. Kept: the bytes as stored; else parameters x `element`."""
     per_layer: dict[int, int] = {}
     embedding = 0
     for tensor, (dtype, shape) in tensors.items():
-        if tensor.endswith((".scales", ".biases")) and _is_quant_side(tensor, tensors):
-            continue  # dropped once the weight is dequantized
         count = 1
         for extent in shape:
             count *= extent
-        if bits and dtype == "U32" and _stem(tensor) + ".scales" in tensors:
-            count = count * 32 // bits  # packed: 32 / bits values per stored uint32
-        match = _LAYER_TENSOR.match(tensor)
-        if match:
-            per_layer[int(match.group(1))] = per_layer.get(int(match.group(1)), 0) + count
-        elif tensor.startswith(("model.embed_tokens.", "lm_head.")):
-            embedding += count
+        if keep:
+            size = count * arch.SAFETENSORS_BYTES.get(dtype, 4)
+        elif tensor.endswith((".scales", ".biases")) and _is_quant_side(tensor, tensors):
+            continue  # dropped once the weight is dequantized
+        else:
+            if quant is not None and dtype == "U32" and _stem(tensor) + ".scales" in tensors:
+                count = count * 32 // quant.bits  # packed: 32 / bits values per uint32
+            size = count * element
+        index = arch.layer_index(tensor)
+        if index is not None:
+            per_layer[index] = per_layer.get(index, 0) + size
+        elif arch.is_embedding(tensor) or arch.is_head(tensor):
+            embedding += size
     if not per_layer:
-        return dims.layer_params(), dims.embedding_params()
-    if embedding == 0:
-        embedding = dims.embedding_params()
+        return None
     # Placement plans with one size per layer; the largest never under-reserves.
     return max(per_layer.values()), embedding
 

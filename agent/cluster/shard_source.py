@@ -18,6 +18,7 @@ import httpx
 from agent.cluster.peers import base_url, signed_headers
 from agent.cluster.state import NodeProfile
 from agent.engine import ModelNotFound
+from agent.models.arch import LayerRange
 from agent.models.shards import (
     ShardError,
     StageSelector,
@@ -26,7 +27,6 @@ from agent.models.shards import (
     fetch_small_files,
     shard_dir,
 )
-from agent.runtime.model import LayerRange
 from agent.runtime.protocol import RunnerConfig
 
 log = logging.getLogger("flock.shards")

@@ -8,7 +8,6 @@ repository is snapshotted with only the files mlx-lm needs.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 import shutil
@@ -21,7 +20,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.models import cards
+from agent.models import arch, cards
 from agent.models.cards import HubSource, ModelCard, PyPISource
 from agent.models.store import ModelStore, StoredModel, normalize_name
 
@@ -245,6 +244,10 @@ def pull_hub(
     key = normalize_name(name) if name is not None else hub_store_name(repo_id)
 
     def build(directory: Path) -> None:
+        # config.json alone first: a model nothing here can run is refused before its weights
+        # are downloaded.
+        _snapshot(repo_id, revision, directory, endpoint, timeout, patterns=["config.json"])
+        check_runnable(repo_id, directory)
         report(f"downloading {repo_id} from the Hugging Face hub")
         _snapshot(repo_id, revision, directory, endpoint, timeout)
         # huggingface_hub keeps download bookkeeping in the target; it is not the model.
@@ -258,7 +261,7 @@ def pull_hub(
 
 
 def _snapshot(repo_id: str, revision: str | None, directory: Path, endpoint: str | None,
-              timeout: float) -> None:
+              timeout: float, patterns: list[str] | None = None) -> None:
     import httpx
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -276,7 +279,8 @@ def _snapshot(repo_id: str, revision: str | None, directory: Path, endpoint: str
     )
     try:
         snapshot_download(repo_id, revision=revision, local_dir=directory,
-                          allow_patterns=HUB_PATTERNS, etag_timeout=timeout, endpoint=endpoint)
+                          allow_patterns=patterns or HUB_PATTERNS, etag_timeout=timeout,
+                          endpoint=endpoint)
     except (RepositoryNotFoundError, GatedRepoError) as e:
         raise FetchError(f"the Hugging Face hub has no accessible repository '{repo_id}' "
                          "(misspelt, private or gated)") from e
@@ -289,16 +293,26 @@ def _snapshot(repo_id: str, revision: str | None, directory: Path, endpoint: str
         raise FetchError(f"the Hugging Face hub refused '{repo_id}': {e}") from e
 
 
-def _check_loadable(repo_id: str, directory: Path) -> None:
+def check_runnable(repo_id: str, directory: Path) -> None:
+    """Refuse a model whose architecture nothing here runs, naming it and what is supported."""
     config = directory / "config.json"
-    if not config.is_file() or not any(directory.glob("model*.safetensors")):
+    if not config.is_file():
         raise FetchError(
-            f"'{repo_id}' has no config.json and model*.safetensors for mlx-lm; for a GGUF-only "
-            "repository, download the .gguf file and `flock import FILE.gguf`"
+            f"'{repo_id}' has no config.json for mlx-lm; for a GGUF-only repository, download "
+            "the .gguf file and `flock import FILE.gguf`"
         )
-    from mlx_lm.utils import MODEL_REMAPPING
+    try:
+        reason = arch.refusal(arch.read_config(directory))
+    except (OSError, ValueError) as e:
+        raise FetchError(f"'{repo_id}' has an unreadable config.json: {e}") from e
+    if reason is not None:
+        raise FetchError(f"'{repo_id}' is refused: {reason}")
 
-    model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    module = MODEL_REMAPPING.get(model_type, model_type)
-    if not module or importlib.util.find_spec(f"mlx_lm.models.{module}") is None:
-        raise FetchError(f"'{repo_id}' is a {model_type!r} model, which mlx-lm cannot run")
+
+def _check_loadable(repo_id: str, directory: Path) -> None:
+    check_runnable(repo_id, directory)
+    if not any(directory.glob("model*.safetensors")):
+        raise FetchError(
+            f"'{repo_id}' has no model*.safetensors for mlx-lm; for a GGUF-only repository, "
+            "download the .gguf file and `flock import FILE.gguf`"
+        )

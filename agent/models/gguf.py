@@ -23,6 +23,9 @@ import mlx.core as mx
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
 from tokenizers import pre_tokenizers as pre
 
+from agent.models import arch as registry
+from agent.models.files import replace_dir
+
 DTYPES = ("float32", "float16", "bfloat16", "keep")
 GROUP_SIZE = 32  # every GGUF block type MLX reads natively packs 32 weights per scale
 SHARD_BYTES = 5 << 30  # split model*.safetensors past this, as mlx-lm's own converter does
@@ -90,8 +93,8 @@ def import_gguf(gguf_path: Path, out_dir: Path, *, dtype: str = "float32") -> Pa
     arch = _ARCHS.get(arch_name)
     if arch is None:
         raise GGUFImportError(
-            f"unsupported GGUF architecture {arch_name!r} in {gguf_path.name}; "
-            f"flock imports {', '.join(sorted(_ARCHS))}"
+            f"unsupported GGUF architecture {arch_name!r} in {gguf_path.name}: flock imports "
+            f"GGUF files of {', '.join(sorted(_ARCHS))}; {registry.supported_summary()}"
         )
     config = _model_config(meta, arch_name, arch, weights)
     tensors, quant_bits = _convert_tensors(weights, config, arch, dtype)
@@ -615,26 +618,6 @@ def _atomic_dir(out_dir: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move directory `src` to `dst`, replacing any existing `dst` without a moment of absence
-    for readers of a complete `dst` other than the rename itself."""
-    try:
-        os.rename(src, dst)
-        return
-    except OSError:
-        if not dst.exists():
-            raise
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-    os.rename(dst, old / dst.name)
-    try:
-        os.rename(src, dst)
-    except BaseException:
-        os.rename(old / dst.name, dst)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_tree(directory: Path) -> None:

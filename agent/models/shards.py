@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.runtime.model import DecoderConfig, LayerRange, safetensor_files, stage_wants
+from agent.models import arch
+from agent.models.arch import LayerRange, safetensor_files, stage_wants
 
 # Files a runner needs besides the weights; served only from this list (no path traversal).
 SMALL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
@@ -62,9 +63,9 @@ def tensor_index(model_dir: Path) -> dict[str, TensorLocation]:
 
 def stage_tensor_names(model_dir: Path, layers: LayerRange, *, embeds: bool,
                        projects: bool) -> list[str]:
-    config = DecoderConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+    tied = arch.shape(arch.read_config(model_dir)).tied
     return sorted(name for name in tensor_index(model_dir)
-                  if stage_wants(name, layers, embeds, projects, config.tie_word_embeddings))
+                  if stage_wants(name, layers, embeds, projects, tied))
 
 
 def safetensors_stream(index: dict[str, TensorLocation], names: list[str]) -> Iterator[bytes]:

@@ -27,7 +27,8 @@ from typing import Any
 import msgspec
 
 from agent.engine import ModelInfo, ModelNotFound
-from agent.models import gguf
+from agent.models import arch
+from agent.models.files import replace_dir
 
 MANIFEST = "flock.json"
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
@@ -67,6 +68,15 @@ class StoredModel:
     name: str
     path: Path
     manifest: Manifest
+
+    @property
+    def refusal(self) -> str | None:
+        """Why nothing here can serve this model (its architecture), or None if it can.
+
+        Listings show it so a model stored before it was refused, or by another flock
+        version, is named as unservable instead of failing when asked for.
+        """
+        return arch.refusal_of_dir(self.path)
 
 
 def normalize_name(name: str) -> str:
@@ -182,6 +192,9 @@ class ModelStore:
         digest = sha256_file(path)
 
         def build(directory: Path) -> None:
+            # The converter reads the file with MLX: imported here, not by the control plane.
+            from agent.models import gguf
+
             gguf.import_gguf(path, directory, dtype=dtype)
 
         return self.add(key, build, source=source or f"gguf:{path}", source_sha256=digest,
@@ -208,7 +221,7 @@ class ModelStore:
                                     dtype=dtype)
                 (built / MANIFEST).write_bytes(msgspec.json.format(msgspec.json.encode(manifest)))
                 built.chmod(0o755)
-                gguf.replace_dir(built, self.root / key)
+                replace_dir(built, self.root / key)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         return self.get(key)
@@ -258,14 +271,14 @@ class ModelStore:
 def info_from_dir(model_dir: Path, name: str) -> ModelInfo:
     """What the APIs show of a model directory outside the store (a path, a peer's shard)."""
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    quant = config.get("quantization")
+    quant = arch.quantization(config)
     return ModelInfo(
         name=name,
         architecture=config.get("model_type", "unknown"),
         parameters=0,
-        quantization=f"Q{quant['bits']}" if quant else "F32",
+        quantization=f"Q{quant.bits}" if quant else "F32",
         size_bytes=sum(p.stat().st_size for p in model_dir.glob("*.safetensors")),
-        context_length=int(config.get("max_position_embeddings") or 0),
+        context_length=int(arch.text_config(config).get("max_position_embeddings") or 0),
         digest="",
         modified_at=model_dir.stat().st_mtime,
         chat_template=_chat_template(model_dir),
@@ -342,14 +355,6 @@ def _combined_digest(weights: dict[str, str]) -> str:
 
 
 def _chat_template(directory: Path) -> str | None:
-    path = directory / "tokenizer_config.json"
-    template: Any = None
-    if path.is_file():
-        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
-    jinja = directory / "chat_template.jinja"  # newer HF repos keep it beside the config
-    if template is None and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
-    if isinstance(template, list):  # named templates: the default one
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default") or next(iter(named.values()), None)
-    return template if isinstance(template, str) else None
+    from agent.models.tokenizer import default_chat_template
+
+    return default_chat_template(directory)
