@@ -188,3 +188,48 @@ def test_padded_model_vocabulary_widens_the_mask(tiny_dir: Path) -> None:
     allowed = constraint.allowed()
     assert allowed.shape[0] >= real + 64
     assert not allowed[real:].any().item()
+
+
+OPEN = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                         "n": {"type": "integer", "minimum": 0, "maximum": 99}}}
+# OPEN lists its properties and says nothing of others (no additionalProperties).
+
+
+def test_schemas_generate_only_their_listed_properties_in_compact_json(tiny_dir: Path) -> None:
+    """A schema that lists properties but says nothing of others gets only those (instructor's
+    schemas ran out of tokens inside an invented "description" key); and the spacing is
+    `json.dumps`'s, with no free whitespace between tokens."""
+    sched, events = make_scheduler(tiny_dir)
+    for seed in range(6):
+        sched.submit(request(f"s{seed}", json_schema=OPEN, temperature=1.0, seed=seed))
+    allowed = {**OPEN, "additionalProperties": {"type": "integer"}}  # the schema's own rule wins
+    sched.submit(request("extra", json_schema=allowed, temperature=1.0, seed=1, max_tokens=200))
+    results = run(sched, events)
+    for seed in range(6):
+        text, end = results[f"s{seed}"]
+        assert isinstance(end, Finished) and end.reason == "stop", text
+        value = json.loads(text)
+        assert set(value) <= {"name", "n"}, text
+        assert text == json.dumps(value, ensure_ascii=False), text
+    text, end = results["extra"]
+    if isinstance(end, Finished) and end.reason == "stop":
+        jsonschema.validate(json.loads(text), allowed)
+
+
+def test_an_unlisted_key_or_loose_whitespace_is_masked_out(tiny_dir: Path) -> None:
+    tokenizer = load_tokenizer(tiny_dir)
+    build = constraint_factory(tokenizer)
+
+    def accepts(text: str) -> bool:
+        constraint = build(request("m", json_schema=OPEN))
+        assert constraint is not None
+        for token in tokenizer.encode(text, add_special_tokens=False):
+            if not bool(constraint.allowed()[token].item()):
+                return False
+            constraint.consume(token)
+        return True
+
+    assert accepts('{"name": "a", "n": 1}')
+    assert not accepts('{"name": "a", "description": "x"}')
+    assert not accepts('{ "name": "a"}')
+    assert not accepts('{"name":"a"}')

@@ -41,38 +41,32 @@ from agent.api.common import (
     AnyRequest,
     Collected,
     ServicesDep,
-    collect,
     completion_budget,
     join_text,
     request_id,
     resolve_model,
-    start_stream,
+    respond,
     stop_list,
 )
 from agent.api.errors import (
-    ApiError,
     anthropic_error_body,
     anthropic_exception_handler,
-    from_failed,
     invalid,
-    to_api_error,
     unsupported_field,
 )
-from agent.api.sse import SSE_MEDIA_TYPE, ClosingStream, aclose, sse_event
+from agent.api.sse import SSE_MEDIA_TYPE, ClosingStream, relay, sse_event
 from agent.api.tools import (
+    Prompt,
     ToolPlan,
     check_choice,
     check_schema,
     check_unique,
-    needs_plan,
     new_call_id,
-    render_with_tools,
-    tool_plan,
+    prepare_prompt,
     tool_spec,
 )
-from agent.engine import ChatMessage, Engine
+from agent.engine import ChatMessage, Engine, ModelInfo
 from agent.generation import (
-    Failed,
     Finished,
     GenerationEvent,
     GenerationRequest,
@@ -224,19 +218,12 @@ def chat_messages(req: MessagesRequest | CountTokensRequest) -> list[ChatMessage
     return out
 
 
-async def prompt_for(engine: Engine, model: str, req: MessagesRequest | CountTokensRequest,
-                     ) -> tuple[list[int], ToolPlan | None, dict[str, Any] | None]:
-    """(prompt tokens, tool plan, output schema) for a conversation."""
+async def prompt_for(engine: Engine, info: ModelInfo, req: MessagesRequest | CountTokensRequest,
+                     ) -> Prompt:
     tools = message_tools(req)
     choice = message_tool_choice(req, tools)
     schema = output_schema(req)
-    messages = chat_messages(req)
-    plan = None
-    if needs_plan(tools, messages):
-        if schema is not None and not choice.forced:
-            choice = ToolChoice(mode="none")  # the reply must be the requested JSON
-        plan = await tool_plan(engine, model, tools, choice)
-    return await render_with_tools(engine, model, messages, plan), plan, schema
+    return await prepare_prompt(engine, info, chat_messages(req), tools, choice, schema)
 
 
 def sampling_params(req: MessagesRequest, max_tokens: int) -> SamplingParams:
@@ -335,8 +322,9 @@ class _Blocks:
                         index=self.count, content_block=TextBlock(text=""))))
                     self.text_open = True
                     self.count += 1
-                out.append(sse_event("content_block_delta", ContentBlockDelta(
-                    index=self.count - 1, delta=TextDelta(text=piece))))
+                if piece:  # "" only opens the block
+                    out.append(sse_event("content_block_delta", ContentBlockDelta(
+                        index=self.count - 1, delta=TextDelta(text=piece))))
                 continue
             out.extend(self._close_text())
             block = tool_use_block(piece, self.meta)
@@ -355,78 +343,39 @@ class _Blocks:
         return self._close_text()
 
 
-async def message_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
-                      ) -> AsyncGenerator[bytes, None]:
-    if meta.tools is not None:
-        async for data in _tool_message_sse(events, meta):
-            yield data
-        return
-    try:
-        yield sse_event("message_start", MessageStart(message=MessageOut(
-            id=meta.id, content=[], model=meta.model, stop_reason=None, stop_sequence=None,
-            usage=UsageOut(input_tokens=meta.input_tokens, output_tokens=0))))
-        yield sse_event("content_block_start",
-                        ContentBlockStart(index=0, content_block=TextBlock(text="")))
-        yield sse_event("ping", Ping())
-        async for event in events:
-            if isinstance(event, TokenChunk):
-                if event.text:
-                    yield sse_event("content_block_delta",
-                                    ContentBlockDelta(index=0, delta=TextDelta(text=event.text)))
-            elif isinstance(event, Failed):
-                yield sse_event("error", anthropic_error_body(from_failed(event)))
-                return
-            else:
-                reason, sequence = stop_reason(event)
-                yield sse_event("content_block_stop", ContentBlockStop(index=0))
-                yield sse_event("message_delta", MessageDelta(
-                    delta=MessageDeltaBody(stop_reason=reason, stop_sequence=sequence),
-                    usage=delta_usage(event.usage)))
-                yield sse_event("message_stop", MessageStop())
-                return
-        yield sse_event("error", anthropic_error_body(
-            ApiError("internal", "The generation ended without finishing.")))
-    except Exception as exc:  # the status line is sent: report a broken engine in-band
-        yield sse_event("error", anthropic_error_body(to_api_error(exc)))
-    finally:
-        await aclose(events)
-
-
-async def _tool_message_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
-                            ) -> AsyncGenerator[bytes, None]:
-    """The event sequence when the output may hold calls: text that may begin a call is held
-    back until decided; blocks open as their content arrives."""
-    assert meta.tools is not None
-    calls = meta.tools.stream()
-    assert calls is not None
+def message_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
+                ) -> AsyncGenerator[bytes, None]:
+    """The event sequence. Without tools one text block is open from the start; with tools,
+    text that may begin a call is held back until decided, and blocks open as their content
+    arrives."""
+    calls = meta.tools.stream() if meta.tools is not None else None
     blocks = _Blocks(meta)
-    try:
-        yield sse_event("message_start", MessageStart(message=MessageOut(
+
+    def start() -> list[bytes]:
+        out = [sse_event("message_start", MessageStart(message=MessageOut(
             id=meta.id, content=[], model=meta.model, stop_reason=None, stop_sequence=None,
-            usage=UsageOut(input_tokens=meta.input_tokens, output_tokens=0))))
-        yield sse_event("ping", Ping())
-        async for event in events:
-            if isinstance(event, TokenChunk):
-                for data in blocks.pieces(calls.feed(event.text)):
-                    yield data
-            elif isinstance(event, Failed):
-                yield sse_event("error", anthropic_error_body(from_failed(event)))
-                return
-            else:
-                for data in blocks.pieces(calls.finish()) + blocks.close():
-                    yield data
-                reason, sequence = stop_reason(event, blocks.called)
-                yield sse_event("message_delta", MessageDelta(
+            usage=UsageOut(input_tokens=meta.input_tokens, output_tokens=0))))]
+        if calls is None:
+            out += blocks.pieces([""])  # clients expect the text block before the ping
+        return [*out, sse_event("ping", Ping())]
+
+    def token(event: TokenChunk) -> list[bytes]:
+        if calls is not None:
+            return blocks.pieces(calls.feed(event.text))
+        return blocks.pieces([event.text]) if event.text else []
+
+    def finish(event: Finished) -> list[bytes]:
+        out = blocks.pieces(calls.finish()) if calls is not None else []
+        out += blocks.close()
+        reason, sequence = stop_reason(event, blocks.called)
+        return [*out,
+                sse_event("message_delta", MessageDelta(
                     delta=MessageDeltaBody(stop_reason=reason, stop_sequence=sequence),
-                    usage=delta_usage(event.usage)))
-                yield sse_event("message_stop", MessageStop())
-                return
-        yield sse_event("error", anthropic_error_body(
-            ApiError("internal", "The generation ended without finishing.")))
-    except Exception as exc:  # the status line is sent: report a broken engine in-band
-        yield sse_event("error", anthropic_error_body(to_api_error(exc)))
-    finally:
-        await aclose(events)
+                    usage=delta_usage(event.usage))),
+                sse_event("message_stop", MessageStop())]
+
+    return relay(events, start=start, token=token, finish=finish,
+                 error=lambda e: sse_event("error", anthropic_error_body(e)))
 
 
 def _nothing_to_generate(rid: str, meta: ResponseMeta, stream: bool) -> Response[MessageOut]:
@@ -458,28 +407,27 @@ class AnthropicController(Controller):
         check_conversation(data)
         engine = services.engine
         info = resolve_model(engine, data.model)
-        prompt, plan, schema = await prompt_for(engine, info.name, data)
-        max_tokens = completion_budget(info, len(prompt), data.max_tokens,
+        prompt = await prompt_for(engine, info, data)
+        max_tokens = completion_budget(info, len(prompt.tokens), data.max_tokens,
                                        services.settings.max_tokens_default)
         rid = request_id()
-        meta = ResponseMeta(id=f"msg_{rid}", model=info.name, input_tokens=len(prompt),
-                            tools=plan if plan is not None and plan.parses else None)
+        meta = ResponseMeta(id=f"msg_{rid}", model=info.name, input_tokens=len(prompt.tokens),
+                            tools=prompt.output_tools)
         if data.max_tokens == 0:
             return _nothing_to_generate(rid, meta, bool(data.stream))
-        grammar = plan.grammar() if plan is not None else None
-        generation = GenerationRequest(id=rid, model=info.name, prompt_tokens=prompt,
+        generation = GenerationRequest(id=rid, model=info.name, prompt_tokens=prompt.tokens,
                                        sampling=sampling_params(data, max_tokens),
-                                       json_schema=None if grammar else schema, grammar=grammar)
-        if data.stream:
-            events = await start_stream(request, services, "anthropic", generation)
-            return ClosingStream(message_sse(events, meta), media_type=SSE_MEDIA_TYPE)
-        result = await collect(request, services, "anthropic", generation)
-        return Response(message_out(result, meta))
+                                       json_schema=prompt.json_schema, grammar=prompt.grammar)
+        return await respond(request, services, "anthropic", generation,
+                             stream=bool(data.stream),
+                             frames=lambda events: message_sse(events, meta),
+                             media_type=SSE_MEDIA_TYPE,
+                             whole=lambda result: message_out(result, meta))
 
     @post("/count_tokens", status_code=200, summary="Count the tokens of a message")
     async def count_tokens(self, services: ServicesDep, data: JSONBody[CountTokensRequest],
                            ) -> CountTokensResponse:
         check_conversation(data)
         info = resolve_model(services.engine, data.model)
-        prompt, _, _ = await prompt_for(services.engine, info.name, data)
-        return CountTokensResponse(input_tokens=len(prompt))
+        prompt = await prompt_for(services.engine, info, data)
+        return CountTokensResponse(input_tokens=len(prompt.tokens))

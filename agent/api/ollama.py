@@ -25,19 +25,17 @@ from agent.api.common import (
     Services,
     ServicesDep,
     Timing,
-    collect,
     completion_budget,
     render_chat,
     request_id,
     resolve_model,
-    start_stream,
+    respond,
     stop_list,
     tokenize,
 )
 from agent.api.errors import (
     ApiError,
     ClientDisconnected,
-    from_failed,
     invalid,
     model_not_found,
     ollama_error_body,
@@ -68,21 +66,20 @@ from agent.api.ollama_schema import (
     TopLogprobOut,
     VersionResponse,
 )
-from agent.api.sse import NDJSON_MEDIA_TYPE, ClosingStream, aclose, ndjson_line, until_disconnect
+from agent.api.sse import NDJSON_MEDIA_TYPE, ClosingStream, ndjson_line, relay, until_disconnect
 from agent.api.tools import (
+    Prompt,
     ToolPlan,
     check_choice,
     check_schema,
     check_unique,
+    history_calls,
     json_mode_schema,
-    needs_plan,
-    render_with_tools,
-    tool_plan,
+    prepare_prompt,
     tool_spec,
 )
 from agent.engine import ChatMessage, ModelInfo, ModelNotFound
 from agent.generation import (
-    Failed,
     Finished,
     GenerationEvent,
     GenerationRequest,
@@ -176,21 +173,6 @@ def check_generate_request(req: GenerateRequest) -> None:
                       param="system")
 
 
-def _history_calls(message: MessageIn, where: str) -> list[dict[str, Any]]:
-    calls = []
-    for j, call in enumerate(message.tool_calls or []):
-        at = f"{where}.tool_calls[{j}].function"
-        function = call.get("function")
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise invalid(f"'{at}.name' is required.", param=f"{at}.name")
-        arguments = function.get("arguments") or {}
-        if not isinstance(arguments, dict):
-            raise invalid(f"'{at}.arguments' must be an object.", param=f"{at}.arguments")
-        calls.append(ToolCall(name=function["name"], arguments=arguments,
-                              id=str(call.get("id") or "")).as_template_call())
-    return calls
-
-
 def chat_messages(messages: list[MessageIn]) -> list[ChatMessage]:
     out = []
     last_calls: list[str] = []  # the names the latest assistant turn called, for its results
@@ -206,7 +188,7 @@ def chat_messages(messages: list[MessageIn]) -> list[ChatMessage]:
             name = message.tool_name or (last_calls[0] if len(last_calls) == 1 else None)
             out.append(ChatMessage(role="tool", content=message.content, name=name))
             continue
-        calls = _history_calls(message, where) if message.tool_calls else None
+        calls = history_calls(message.tool_calls, where) if message.tool_calls else None
         if calls:
             last_calls = [c["function"]["name"] for c in calls]
         # `thinking` of a replayed assistant turn is left out, as Ollama does for templates
@@ -370,8 +352,8 @@ def load_response(model: str, chat: bool) -> ChatResponse | GenerateResponse:
                             response="")
 
 
-async def generation_ndjson(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
-                            ) -> AsyncGenerator[bytes, None]:
+def generation_ndjson(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
+                      ) -> AsyncGenerator[bytes, None]:
     # With tools, text that may begin a call is held back until decided; a call goes out as a
     # chunk of its own with empty content, as Ollama streams them.
     calls = meta.tools.stream() if meta.tools is not None else None
@@ -392,52 +374,39 @@ async def generation_ndjson(events: AsyncIterator[GenerationEvent], meta: Respon
             out.append(ndjson_line(partial_response(meta, "", logprobs)))
         return out
 
-    try:
-        async for event in events:
-            if isinstance(event, TokenChunk):
-                if calls is not None:
-                    for data in pieces_out(calls.feed(event.text), event.logprobs):
-                        yield data
-                elif event.text or (meta.logprobs and event.logprobs):
-                    yield ndjson_line(partial_response(meta, event.text, event.logprobs))
-            elif isinstance(event, Failed):
-                yield ndjson_line(ollama_error_body(from_failed(event)))
-                return
-            else:
-                if calls is not None:
-                    for data in pieces_out(calls.finish(), None):
-                        yield data
-                meta.timing.finished_ns = time.monotonic_ns()
-                yield ndjson_line(final_response(meta, event))
-                return
-        yield ndjson_line(ollama_error_body(
-            ApiError("internal", "The generation ended without finishing.")))
-    except Exception as exc:  # the status line is sent: report a broken engine in-band
-        yield ndjson_line(ollama_error_body(to_api_error(exc)))
-    finally:
-        await aclose(events)
+    def token(event: TokenChunk) -> list[bytes]:
+        if calls is not None:
+            return pieces_out(calls.feed(event.text), event.logprobs)
+        if event.text or (meta.logprobs and event.logprobs):
+            return [ndjson_line(partial_response(meta, event.text, event.logprobs))]
+        return []
+
+    def finish(event: Finished) -> list[bytes]:
+        out = pieces_out(calls.finish(), None) if calls is not None else []
+        meta.timing.finished_ns = time.monotonic_ns()
+        return [*out, ndjson_line(final_response(meta, event))]
+
+    return relay(events, token=token, finish=finish,
+                 error=lambda e: ndjson_line(ollama_error_body(e)))
 
 
 async def _run(request: AnyRequest, services: Services, info: ModelInfo,
-               req: ChatRequest | GenerateRequest, prompt: list[int], timing: Timing,
-               window: int, plan: ToolPlan | None = None) -> Response[Any]:
+               req: ChatRequest | GenerateRequest, prompt: Prompt, timing: Timing,
+               window: int) -> Response[Any]:
     max_tokens = completion_budget(
-        info, len(prompt), requested_tokens(req.options, window),
+        info, len(prompt.tokens), requested_tokens(req.options, window),
         services.settings.max_tokens_default, context=window,
         prompt_param="messages" if isinstance(req, ChatRequest) else "prompt")
-    grammar = plan.grammar() if plan is not None else None
-    generation = GenerationRequest(id=request_id(), model=info.name, prompt_tokens=prompt,
+    generation = GenerationRequest(id=request_id(), model=info.name, prompt_tokens=prompt.tokens,
                                    sampling=sampling_params(req, max_tokens, window),
-                                   json_schema=None if grammar else output_schema(req),
-                                   grammar=grammar)
+                                   json_schema=prompt.json_schema, grammar=prompt.grammar)
     meta = ResponseMeta(model=info.name, chat=isinstance(req, ChatRequest),
-                        logprobs=bool(req.logprobs), timing=timing,
-                        tools=plan if plan is not None and plan.parses else None)
-    if req.stream:
-        events = await start_stream(request, services, "ollama", generation, timing)
-        return ClosingStream(generation_ndjson(events, meta), media_type=NDJSON_MEDIA_TYPE)
-    result = await collect(request, services, "ollama", generation, timing)
-    return Response(final_response(meta, result.finished, result.text, result.logprobs))
+                        logprobs=bool(req.logprobs), timing=timing, tools=prompt.output_tools)
+    return await respond(
+        request, services, "ollama", generation, stream=bool(req.stream), timing=timing,
+        frames=lambda events: generation_ndjson(events, meta), media_type=NDJSON_MEDIA_TYPE,
+        whole=lambda result: final_response(meta, result.finished, result.text,
+                                            result.logprobs))
 
 
 # --- pulling --------------------------------------------------------------------------------
@@ -492,14 +461,9 @@ class OllamaController(Controller):
             return Response(load_response(info.name, chat=True))
         tools = chat_tools(data)
         choice = chat_tool_choice(data, tools)
-        messages = chat_messages(data.messages)
-        plan = None
-        if needs_plan(tools, messages):
-            if output_schema(data) is not None and not choice.forced:
-                choice = ToolChoice(mode="none")  # the reply must be the requested JSON
-            plan = await tool_plan(services.engine, info.name, tools, choice)
-        prompt = await render_with_tools(services.engine, info.name, messages, plan)
-        return await _run(request, services, info, data, prompt, timing, window, plan)
+        prompt = await prepare_prompt(services.engine, info, chat_messages(data.messages),
+                                      tools, choice, output_schema(data))
+        return await _run(request, services, info, data, prompt, timing, window)
 
     @post("/generate", status_code=200, summary="Generate a completion")
     async def generate(self, request: AnyRequest, services: ServicesDep,
@@ -511,12 +475,13 @@ class OllamaController(Controller):
         if not data.prompt:
             return Response(load_response(info.name, chat=False))
         if data.raw:
-            prompt = await tokenize(services.engine, info.name, data.prompt)
+            tokens = await tokenize(services.engine, info.name, data.prompt)
         else:
             # Ollama templates a generate prompt as one user turn (after the system prompt).
             messages = [ChatMessage(role="system", content=data.system)] if data.system else []
             messages.append(ChatMessage(role="user", content=data.prompt))
-            prompt = await render_chat(services.engine, info.name, messages)
+            tokens = await render_chat(services.engine, info.name, messages)
+        prompt = Prompt(tokens=tokens, plan=None, json_schema=output_schema(data), grammar=None)
         return await _run(request, services, info, data, prompt, timing, window)
 
     @get("/tags", summary="List local models")

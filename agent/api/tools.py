@@ -10,6 +10,7 @@ request, and parses output whole or streamed (`agent.tools.parsers`).
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import string
@@ -19,11 +20,11 @@ from typing import Any
 
 from agent.api.common import render_chat
 from agent.api.errors import invalid, model_not_found
-from agent.engine import ChatMessage, Engine, ModelNotFound
+from agent.engine import ChatMessage, Engine, ModelInfo, ModelNotFound
 from agent.tools.formats import prepare_conversation
 from agent.tools.grammar import ANY_JSON_OBJECT, forced_call_grammar, schema_problem
 from agent.tools.parsers import ParsedOutput, ToolCallStream, parse_output
-from agent.tools.types import ToolChoice, ToolFormat, ToolSpec
+from agent.tools.types import ToolCall, ToolChoice, ToolFormat, ToolSpec
 
 # OpenAI's rule for function names (Anthropic's is the same without "."); also what the
 # parsers accept as a name.
@@ -133,6 +134,31 @@ async def tool_plan(engine: Engine, model: str, tools: Sequence[ToolSpec],
     return ToolPlan(fmt=fmt, tools=tuple(tools), choice=choice)
 
 
+def history_call(call: Any, at: str) -> dict[str, Any]:
+    """One call of a replayed assistant turn (`at` is its place, e.g. "messages[1].tool_calls[0]")
+    in template shape. Its arguments may be an object (Ollama) or its JSON text (OpenAI)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise invalid(f"'{at}.function.name' is required.", param=f"{at}.function.name")
+    arguments = function.get("arguments") or {}
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            raise invalid(f"'{at}.function.arguments' is not valid JSON.",
+                          param=f"{at}.function.arguments") from None
+    if not isinstance(arguments, dict):
+        raise invalid(f"'{at}.function.arguments' must be a JSON object.",
+                      param=f"{at}.function.arguments")
+    return ToolCall(name=function["name"], arguments=arguments,
+                    id=str(call.get("id") or "")).as_template_call()
+
+
+def history_calls(calls: list[dict[str, Any]] | None, where: str) -> list[dict[str, Any]]:
+    """An assistant turn's calls in template shape; `where` is the message's place."""
+    return [history_call(call, f"{where}.tool_calls[{j}]") for j, call in enumerate(calls or [])]
+
+
 async def render_with_tools(engine: Engine, model: str, messages: list[ChatMessage],
                             plan: ToolPlan | None) -> list[int]:
     """The prompt: the conversation with the plan's tools, in the model's own format."""
@@ -147,3 +173,37 @@ def json_mode_schema() -> dict[str, Any]:
     """The schema behind "any JSON object" modes (OpenAI json_object, Ollama "json")."""
     return dict(ANY_JSON_OBJECT)
 
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A templated conversation ready to run: its tokens, what it does with tools (None when
+    it offers none and replays none), and the constraint its output is generated under."""
+
+    tokens: list[int]
+    plan: ToolPlan | None
+    json_schema: dict[str, Any] | None
+    grammar: str | None
+
+    @property
+    def output_tools(self) -> ToolPlan | None:
+        """The plan when output may hold calls to parse, else None."""
+        return self.plan if self.plan is not None and self.plan.parses else None
+
+
+async def prepare_prompt(engine: Engine, info: ModelInfo, messages: list[ChatMessage],
+                         tools: Sequence[ToolSpec], choice: ToolChoice,
+                         schema: dict[str, Any] | None) -> Prompt:
+    """Every adapter's way from a checked conversation to a prompt: a tool plan when tools are
+    offered or replayed, the model's template, and a forced call's grammar (which wins over an
+    output schema)."""
+    plan = None
+    if needs_plan(tools, messages):
+        if schema is not None and not choice.forced:
+            # The reply must be the requested JSON, so it cannot also be a call.
+            choice = ToolChoice(mode="none")
+        plan = await tool_plan(engine, info.name, tools, choice)
+    tokens = await render_with_tools(engine, info.name, messages, plan)
+    grammar = plan.grammar() if plan is not None else None
+    return Prompt(tokens=tokens, plan=plan, json_schema=None if grammar else schema,
+                  grammar=grammar)

@@ -27,8 +27,11 @@ ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
 
 
 def json_schema_grammar(schema: dict[str, Any]) -> str:
-    """The llguidance grammar for output that is one JSON value matching `schema`."""
-    return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)  # type: ignore[arg-type]
+    """The llguidance grammar for output that is one JSON value matching `schema`, with every
+    object that lists its properties closed to others unless the schema says otherwise
+    (`close_objects`), as other servers' strict grammar modes generate."""
+    return llguidance.LLMatcher.grammar_from_json_schema(close_objects(schema),  # type: ignore[arg-type]
+                                                          defaults=JSON_STYLE)
 
 
 def lark_grammar(lark: str) -> str:
@@ -62,10 +65,11 @@ def close_objects(schema: Any) -> Any:
     """The schema with every object that lists `properties` but says nothing about others
     closed to them ("additionalProperties": false).
 
-    Used where the schema describes what the model should write, not what a validator should
-    tolerate: tool arguments (as OpenAI's strict mode requires), strict response formats and
+    Every schema flock generates under is one the model should write, not what a validator
+    should tolerate: tool arguments (as OpenAI's strict mode requires), response formats and
     Ollama's `format` (llama.cpp's converter, behind Ollama, closes objects the same way).
-    Without it a small model keeps inventing properties until max_tokens.
+    Without it a model keeps inventing properties (a schema's "description" copied as a key)
+    until max_tokens.
     """
     if not isinstance(schema, dict):
         return schema
