@@ -7,6 +7,7 @@ content_block_delta..., content_block_stop, message_delta, message_stop.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,9 +32,12 @@ from agent.api.anthropic_schema import (
     MessageStop,
     OutBlock,
     Ping,
+    SignatureDelta,
     StopReason,
     TextBlock,
     TextDelta,
+    ThinkingBlock,
+    ThinkingDelta,
     ToolUseBlock,
     UsageOut,
 )
@@ -75,6 +79,8 @@ from agent.generation import (
     Usage,
 )
 from agent.tools.grammar import close_objects
+from agent.tools.output import Piece
+from agent.tools.reasoning import Thought
 from agent.tools.types import ToolCall, ToolChoice, ToolSpec
 
 DEFAULT_TEMPERATURE = 1.0
@@ -99,8 +105,8 @@ def check_conversation(req: MessagesRequest | CountTokensRequest) -> None:
     """Reject what flock accepts only in its neutral form, naming the field."""
     if not req.messages:
         raise invalid("'messages' must contain at least one message.", param="messages")
-    if req.thinking is not None and req.thinking.get("type") != "disabled":
-        raise unsupported_field("thinking", "(extended thinking) is not supported")
+    if req.thinking is not None and req.thinking.get("type") not in ("enabled", "disabled"):
+        raise invalid("'thinking.type' must be 'enabled' or 'disabled'.", param="thinking.type")
     if req.output_config is not None and req.output_config.effort is not None:
         raise unsupported_field("output_config.effort", "is not supported")
     if isinstance(req, MessagesRequest) and req.container is not None:
@@ -184,6 +190,8 @@ def _turn(role: str, blocks: str | list[ContentBlockIn], where: str,
         at = f"{where}[{j}]"
         if block.type == "text" and block.text is not None:
             texts.append(block.text)
+        elif block.type in ("thinking", "redacted_thinking") and role == "assistant":
+            continue  # earlier reasoning is not shown to the model again
         elif block.type == "tool_use" and role == "assistant":
             if not isinstance(block.name, str) or not isinstance(block.input, dict):
                 raise invalid(f"'{at}' needs a 'name' and an object 'input'.", param=at)
@@ -226,6 +234,17 @@ async def prompt_for(engine: Engine, info: ModelInfo, req: MessagesRequest | Cou
     return await prepare_prompt(engine, info, chat_messages(req), tools, choice, schema)
 
 
+def shows_thinking(req: MessagesRequest, prompt: Prompt) -> bool:
+    """Whether the reply has thinking blocks: when the client enables thinking. Enabling it for
+    a model that writes no reasoning is a 400, as Anthropic answers for models without it."""
+    if req.thinking is None or req.thinking.get("type") != "enabled":
+        return False
+    if prompt.plan is None or prompt.plan.reasoning.fmt == "none":
+        raise invalid(f"'{req.model}' does not support thinking (its chat template writes no "
+                      "reasoning).", param="thinking")
+    return True
+
+
 def sampling_params(req: MessagesRequest, max_tokens: int) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
@@ -254,7 +273,8 @@ class ResponseMeta:
     id: str
     model: str
     input_tokens: int
-    tools: ToolPlan | None = None  # set when the output may hold tool calls
+    tools: ToolPlan | None = None  # set when the output may hold tool calls or reasoning
+    thinking: bool = False  # return the reasoning in thinking blocks (else it is dropped)
 
 
 def tool_use_block(call: ToolCall, meta: ResponseMeta) -> ToolUseBlock:
@@ -271,6 +291,9 @@ def message_out(result: Collected, meta: ResponseMeta) -> MessageOut:
         # Blocks in output order, as the stream opens them.
         content = [TextBlock(text=p) if isinstance(p, str) else tool_use_block(p, meta)
                    for p in parsed.pieces]
+        if parsed.reasoning and meta.thinking:
+            content.insert(0, ThinkingBlock(thinking=parsed.reasoning,
+                                            signature=thinking_signature(parsed.reasoning)))
     reason, sequence = stop_reason(result.finished, called)
     return MessageOut(
         id=meta.id, content=content,
@@ -297,36 +320,63 @@ def delta_usage(usage: Usage) -> DeltaUsage:
                       cache_read_input_tokens=final.cache_read_input_tokens)
 
 
+def thinking_signature(text: str) -> str:
+    """An opaque signature for a thinking block (clients only send it back)."""
+    return "flock-" + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 class _Blocks:
-    """Content blocks of a streamed message with tools, opened as output arrives: text goes
-    to an open text block (opened on demand), each call is a whole tool_use block."""
+    """Content blocks of a streamed message, opened as output arrives: text goes to an open
+    text block, reasoning to an open thinking block (both opened on demand), and each call is
+    a whole tool_use block."""
 
     def __init__(self, meta: ResponseMeta) -> None:
         self.meta = meta
         self.count = 0
-        self.text_open = False
+        self.open: str | None = None  # "text" or "thinking" while such a block is open
+        self.thought = ""  # the open thinking block's text, for its signature
         self.called = False
 
-    def _close_text(self) -> list[bytes]:
-        if not self.text_open:
-            return []
-        self.text_open = False
-        return [sse_event("content_block_stop", ContentBlockStop(index=self.count - 1))]
+    def _close(self) -> list[bytes]:
+        out = []
+        if self.open == "thinking":
+            out.append(sse_event("content_block_delta", ContentBlockDelta(
+                index=self.count - 1,
+                delta=SignatureDelta(signature=thinking_signature(self.thought)))))
+        if self.open is not None:
+            out.append(sse_event("content_block_stop", ContentBlockStop(index=self.count - 1)))
+        self.open, self.thought = None, ""
+        return out
 
-    def pieces(self, pieces: list[str | ToolCall]) -> list[bytes]:
+    def _opened(self, kind: str) -> list[bytes]:
+        if self.open == kind:
+            return []
+        out = self._close()
+        block: OutBlock = (TextBlock(text="") if kind == "text"
+                           else ThinkingBlock(thinking="", signature=""))
+        out.append(sse_event("content_block_start",
+                             ContentBlockStart(index=self.count, content_block=block)))
+        self.open = kind
+        self.count += 1
+        return out
+
+    def pieces(self, pieces: list[Piece]) -> list[bytes]:
         out = []
         for piece in pieces:
             if isinstance(piece, str):
-                if not self.text_open:
-                    out.append(sse_event("content_block_start", ContentBlockStart(
-                        index=self.count, content_block=TextBlock(text=""))))
-                    self.text_open = True
-                    self.count += 1
+                out += self._opened("text")
                 if piece:  # "" only opens the block
                     out.append(sse_event("content_block_delta", ContentBlockDelta(
                         index=self.count - 1, delta=TextDelta(text=piece))))
                 continue
-            out.extend(self._close_text())
+            if isinstance(piece, Thought):
+                if self.meta.thinking:
+                    out += self._opened("thinking")
+                    self.thought += piece.text
+                    out.append(sse_event("content_block_delta", ContentBlockDelta(
+                        index=self.count - 1, delta=ThinkingDelta(thinking=piece.text))))
+                continue
+            out += self._close()
             block = tool_use_block(piece, self.meta)
             index = self.count
             self.count += 1
@@ -340,7 +390,7 @@ class _Blocks:
         return out
 
     def close(self) -> list[bytes]:
-        return self._close_text()
+        return self._close()
 
 
 def message_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
@@ -412,7 +462,7 @@ class AnthropicController(Controller):
                                        services.settings.max_tokens_default)
         rid = request_id()
         meta = ResponseMeta(id=f"msg_{rid}", model=info.name, input_tokens=len(prompt.tokens),
-                            tools=prompt.output_tools)
+                            tools=prompt.output_tools, thinking=shows_thinking(data, prompt))
         if data.max_tokens == 0:
             return _nothing_to_generate(rid, meta, bool(data.stream))
         generation = GenerationRequest(id=rid, model=info.name, prompt_tokens=prompt.tokens,

@@ -76,6 +76,8 @@ from agent.api.tools import (
     history_calls,
     json_mode_schema,
     prepare_prompt,
+    reasoning_plan,
+    reasoning_style,
     tool_spec,
 )
 from agent.engine import ChatMessage, ModelInfo, ModelNotFound
@@ -88,6 +90,8 @@ from agent.generation import (
     TokenLogprob,
 )
 from agent.tools.grammar import close_objects
+from agent.tools.output import Piece
+from agent.tools.reasoning import Thought
 from agent.tools.types import ToolCall, ToolChoice, ToolSpec
 
 log = logging.getLogger(__name__)
@@ -100,8 +104,6 @@ DEFAULT_TEMPERATURE = 0.8
 
 def check_generation_fields(req: ChatRequest | GenerateRequest) -> None:
     """Reject what flock accepts only in its neutral form, naming the field."""
-    if req.think not in (None, False):
-        raise unsupported_field("think", "(thinking) is not supported")
     if req.top_logprobs and not req.logprobs:
         raise invalid("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
 
@@ -197,6 +199,18 @@ def chat_messages(messages: list[MessageIn]) -> list[ChatMessage]:
     return out
 
 
+def shows_thinking(req: ChatRequest | GenerateRequest, plan: ToolPlan | None,
+                   info: ModelInfo) -> bool:
+    """Whether the reply carries the model's reasoning in `thinking`: unless `think` is false.
+    Asking a model that writes none to think is a 400, as in Ollama. (flock cannot switch a
+    model's thinking off through its template, so `think: false` drops the reasoning.)"""
+    reasons = plan is not None and plan.reasoning.fmt != "none"
+    if req.think not in (None, False) and not reasons:
+        raise invalid(f"'{info.name}' does not support thinking (its chat template writes no "
+                      "reasoning).", param="think")
+    return req.think is not False
+
+
 def context_window(options: Options | None, info: ModelInfo) -> int:
     """The context this request may use: the model's, or a smaller `num_ctx`."""
     if options is None or options.num_ctx is None:
@@ -290,12 +304,15 @@ class ResponseMeta:
     chat: bool  # /api/chat wraps text in a message, /api/generate in `response`
     logprobs: bool
     timing: Timing
-    tools: ToolPlan | None = None  # set when the output may hold tool calls
+    tools: ToolPlan | None = None  # set when the output may hold tool calls or reasoning
+    thinking: bool = True  # return the reasoning (else it is dropped)
 
 
 def assistant_message(text: str, calls: list[ToolCall], first_index: int = 0,
-                      ) -> AssistantMessageOut:
+                      thinking: str = "") -> AssistantMessageOut:
     message = AssistantMessageOut(content=text)
+    if thinking:
+        message.thinking = thinking
     if calls:
         message.tool_calls = [
             ToolCallOut(function=FunctionCallOut(name=c.name, arguments=c.arguments,
@@ -307,13 +324,13 @@ def assistant_message(text: str, calls: list[ToolCall], first_index: int = 0,
 
 def partial_response(meta: ResponseMeta, text: str, logprobs: list[TokenLogprob] | None,
                      calls: list[ToolCall] | None = None, first_index: int = 0,
-                     ) -> ChatResponse | GenerateResponse:
+                     thinking: str = "") -> ChatResponse | GenerateResponse:
     lp = logprobs_out(logprobs) if meta.logprobs and logprobs else None
     if meta.chat:
         return ChatResponse(model=meta.model, created_at=timestamp(), done=False, logprobs=lp,
-                            message=assistant_message(text, calls or [], first_index))
+                            message=assistant_message(text, calls or [], first_index, thinking))
     return GenerateResponse(model=meta.model, created_at=timestamp(), done=False, logprobs=lp,
-                            response=text)
+                            response=text, thinking=thinking or None)
 
 
 def final_response(meta: ResponseMeta, finished: Finished, text: str = "",
@@ -334,13 +351,15 @@ def final_response(meta: ResponseMeta, finished: Finished, text: str = "",
         "eval_duration": t.finished_ns - t.first_event_ns,
         "logprobs": logprobs_out(logprobs) if meta.logprobs and logprobs else None,
     }
+    calls: list[ToolCall] = []
+    thinking = ""
+    if meta.tools is not None:
+        parsed = meta.tools.parse(text)
+        text, calls = parsed.text, parsed.calls
+        thinking = parsed.reasoning if meta.thinking else ""
     if meta.chat:
-        calls: list[ToolCall] = []
-        if meta.tools is not None:
-            parsed = meta.tools.parse(text)
-            text, calls = parsed.text, parsed.calls
-        return ChatResponse(**stats, message=assistant_message(text, calls))
-    return GenerateResponse(**stats, response=text)
+        return ChatResponse(**stats, message=assistant_message(text, calls, 0, thinking))
+    return GenerateResponse(**stats, response=text, thinking=thinking or None)
 
 
 def load_response(model: str, chat: bool) -> ChatResponse | GenerateResponse:
@@ -355,17 +374,22 @@ def load_response(model: str, chat: bool) -> ChatResponse | GenerateResponse:
 def generation_ndjson(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
                       ) -> AsyncGenerator[bytes, None]:
     # With tools, text that may begin a call is held back until decided; a call goes out as a
-    # chunk of its own with empty content, as Ollama streams them.
+    # chunk of its own with empty content, as Ollama streams them; reasoning goes out in
+    # `thinking` with empty content.
     calls = meta.tools.stream() if meta.tools is not None else None
     called = 0
 
-    def pieces_out(pieces: list[str | ToolCall], logprobs: list[TokenLogprob] | None,
-                   ) -> list[bytes]:
+    def pieces_out(pieces: list[Piece], logprobs: list[TokenLogprob] | None) -> list[bytes]:
         nonlocal called
         out = []
         for piece in pieces:
             if isinstance(piece, str):
                 out.append(ndjson_line(partial_response(meta, piece, logprobs)))
+            elif isinstance(piece, Thought):
+                if not meta.thinking:
+                    continue  # dropped, with its logprobs
+                out.append(ndjson_line(partial_response(meta, "", logprobs,
+                                                        thinking=piece.text)))
             else:
                 out.append(ndjson_line(partial_response(meta, "", logprobs, [piece], called)))
                 called += 1
@@ -401,7 +425,8 @@ async def _run(request: AnyRequest, services: Services, info: ModelInfo,
                                    sampling=sampling_params(req, max_tokens, window),
                                    json_schema=prompt.json_schema, grammar=prompt.grammar)
     meta = ResponseMeta(model=info.name, chat=isinstance(req, ChatRequest),
-                        logprobs=bool(req.logprobs), timing=timing, tools=prompt.output_tools)
+                        logprobs=bool(req.logprobs), timing=timing, tools=prompt.output_tools,
+                        thinking=shows_thinking(req, prompt.plan, info))
     return await respond(
         request, services, "ollama", generation, stream=bool(req.stream), timing=timing,
         frames=lambda events: generation_ndjson(events, meta), media_type=NDJSON_MEDIA_TYPE,
@@ -481,7 +506,9 @@ class OllamaController(Controller):
             messages = [ChatMessage(role="system", content=data.system)] if data.system else []
             messages.append(ChatMessage(role="user", content=data.prompt))
             tokens = await render_chat(services.engine, info.name, messages)
-        prompt = Prompt(tokens=tokens, plan=None, json_schema=output_schema(data), grammar=None)
+        schema = output_schema(data)
+        plan = None if data.raw else reasoning_plan(reasoning_style(info, schema is not None))
+        prompt = Prompt(tokens=tokens, plan=plan, json_schema=schema, grammar=None)
         return await _run(request, services, info, data, prompt, timing, window)
 
     @get("/tags", summary="List local models")
@@ -505,7 +532,8 @@ class OllamaController(Controller):
                 f"{info.architecture}.context_length": info.context_length,
             },
             # Every model can call tools: through its own template, or flock's default format.
-            capabilities=["completion", "tools"],
+            capabilities=["completion", "tools",
+                          *(["thinking"] if reasoning_style(info).fmt != "none" else [])],
             modified_at=timestamp(info.modified_at),
         )
 

@@ -115,6 +115,7 @@ class ToolCallOut(Struct, kw_only=True):
 class AssistantMessageOut(Struct, kw_only=True):
     role: Literal["assistant"] = "assistant"
     content: str
+    thinking: str | UnsetType = UNSET  # the model's reasoning, absent when it wrote none
     tool_calls: list[ToolCallOut] | UnsetType = UNSET  # absent unless the model called tools
 
 
@@ -138,6 +139,7 @@ class ChatResponse(_Stats, kw_only=True, omit_defaults=True):
 
 class GenerateResponse(_Stats, kw_only=True, omit_defaults=True):
     response: str
+    thinking: str | None = None  # the model's reasoning, absent when it wrote none
 
 
 class ModelDetails(Struct, kw_only=True):

@@ -82,6 +82,8 @@ from agent.generation import (
     Usage,
 )
 from agent.tools.grammar import close_objects
+from agent.tools.output import Piece
+from agent.tools.reasoning import Thought
 from agent.tools.types import ToolCall, ToolChoice, ToolSpec
 
 DEFAULT_TEMPERATURE = 1.0
@@ -367,6 +369,8 @@ def chat_completion(result: Collected, meta: ResponseMeta) -> ChatCompletion:
         message = AssistantMessageOut(content=parsed.text or None if called else parsed.text)
         if called:
             message.tool_calls = [tool_call_out(c, meta) for c in parsed.calls]
+        if parsed.reasoning:
+            message.reasoning_content = parsed.reasoning
     return ChatCompletion(
         id=meta.id, created=meta.created, model=meta.model,
         choices=[ChatChoice(
@@ -403,16 +407,18 @@ def chat_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
 
     # With tools, text that may begin a call is held back until the call is complete (or
     # turns out to be text); each call goes out as a name delta, then an arguments delta.
+    # Reasoning goes out in `reasoning_content` deltas.
     calls = meta.tools.stream() if meta.tools is not None else None
     called = 0
 
-    def pieces_out(pieces: list[str | ToolCall], logprobs: ChoiceLogprobs | None,
-                   ) -> list[bytes]:
+    def pieces_out(pieces: list[Piece], logprobs: ChoiceLogprobs | None) -> list[bytes]:
         nonlocal called
         out = []
         for piece in pieces:
-            if isinstance(piece, str):
-                out.append(chunk(Delta(content=piece), logprobs))
+            if isinstance(piece, str | Thought):
+                delta = (Delta(content=piece) if isinstance(piece, str)
+                         else Delta(reasoning_content=piece.text))
+                out.append(chunk(delta, logprobs))
                 logprobs = None
                 continue
             call = tool_call_out(piece, meta)

@@ -38,6 +38,9 @@ class ChatMessageIn(Struct, kw_only=True, forbid_unknown_fields=True):
     tool_call_id: str | None = None
     function_call: dict[str, Any] | None = None
     refusal: str | None = None
+    # A replayed reasoning model's turn; its reasoning is not shown to the model again.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class StreamOptions(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -153,6 +156,9 @@ class AssistantMessageOut(Struct, kw_only=True):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    # The model's reasoning, apart from the answer (as vLLM and llama.cpp's server return it);
+    # absent when it wrote none.
+    reasoning_content: str | UnsetType = UNSET
     tool_calls: list[ToolCallOut] | UnsetType = UNSET  # absent unless the model called tools
 
 
@@ -191,6 +197,7 @@ class ToolCallDelta(Struct, kw_only=True, omit_defaults=True):
 class Delta(Struct, kw_only=True, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 
 
