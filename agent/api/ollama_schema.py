@@ -1,7 +1,7 @@
 """Ollama wire models: /api/chat, /api/generate, model listing and pulling.
 
 Request models forbid unknown fields and unknown `options` (a 400 naming the field); fields
-accepted only in their neutral form (format, think, tools, images ...) are checked by the adapter.
+checked beyond their type (format, think, tools, images ...) are checked by the adapter.
 Response models omit unset fields, as Ollama does for everything but a request's final object.
 """
 

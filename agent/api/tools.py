@@ -1,6 +1,6 @@
-"""Tool calling and structured output for the adapters: checking tool definitions and schemas
-(a 400 naming what is wrong), showing tools to the model, forcing calls, and finding calls in
-what it wrote.
+"""Tool calling, reasoning and structured output for the adapters: checking tool definitions
+and schemas (a 400 naming what is wrong), showing tools to the model, forcing calls, and
+splitting what it wrote into reasoning, answer and calls.
 
 Each adapter turns its own wire shapes into `ToolSpec`s, a `ToolChoice` and `ChatMessage`s, and
 gets back a `ToolPlan` that knows the model's tool format. The plan prompts the model through

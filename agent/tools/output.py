@@ -12,7 +12,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from agent.tools.harmony import HarmonyStream
-from agent.tools.parsers import ParsedOutput, ToolCallStream
+from agent.tools.parsers import ParsedOutput, ToolCallStream, within_limit
 from agent.tools.reasoning import ReasoningStyle, ThinkSplitter, Thought
 from agent.tools.types import ToolCall, ToolFormat
 
@@ -64,14 +64,8 @@ class OutputStream:
 
     def _limit(self, pieces: list[Piece]) -> list[Piece]:
         """Harmony's calls beyond `max_calls` are dropped, as the other parsers do."""
-        out: list[Piece] = []
-        for piece in pieces:
-            if isinstance(piece, ToolCall):
-                self._called += 1
-                if self._max_calls is not None and self._called > self._max_calls:
-                    continue
-            out.append(piece)
-        return _merged(out)
+        kept, self._called = within_limit(pieces, self._called, self._max_calls)
+        return _merged(kept)
 
 
 def _merged(pieces: list[Piece]) -> list[Piece]:

@@ -55,6 +55,19 @@ class ParsedOutput:
     reasoning: str = ""  # the reasoning text (`agent.tools.output`), joined
 
 
+def within_limit(pieces: list[Any], seen: int, most: int | None) -> tuple[list[Any], int]:
+    """`pieces` without the calls beyond the first `most` of the output (`seen` came before),
+    and the new count of calls seen."""
+    kept = []
+    for piece in pieces:
+        if isinstance(piece, ToolCall):
+            seen += 1
+            if most is not None and seen > most:
+                continue
+        kept.append(piece)
+    return kept, seen
+
+
 def call_from_payload(payload: Any, names: Collection[str] | None,
                       arguments_keys: tuple[str, ...] = ("arguments", "parameters"),
                       ) -> ToolCall | None:
@@ -143,11 +156,8 @@ class ToolCallStream:
     def _take(self) -> list[Piece]:
         out, self._out = self._out, []
         merged: list[Piece] = []
-        for piece in out:
-            if isinstance(piece, ToolCall):
-                self._calls += 1
-                if self.max_calls is not None and self._calls > self.max_calls:
-                    continue
+        kept, self._calls = within_limit(out, self._calls, self.max_calls)
+        for piece in kept:
             if isinstance(piece, str) and merged and isinstance(merged[-1], str):
                 merged[-1] += piece
             elif piece != "":
