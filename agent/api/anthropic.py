@@ -462,7 +462,7 @@ class AnthropicController(Controller):
                                        services.settings.max_tokens_default)
         rid = request_id()
         meta = ResponseMeta(id=f"msg_{rid}", model=info.name, input_tokens=len(prompt.tokens),
-                            tools=prompt.output_tools, thinking=shows_thinking(data, prompt))
+                            tools=prompt.output_plan, thinking=shows_thinking(data, prompt))
         if data.max_tokens == 0:
             return _nothing_to_generate(rid, meta, bool(data.stream))
         generation = GenerationRequest(id=rid, model=info.name, prompt_tokens=prompt.tokens,

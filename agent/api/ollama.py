@@ -425,7 +425,7 @@ async def _run(request: AnyRequest, services: Services, info: ModelInfo,
                                    sampling=sampling_params(req, max_tokens, window),
                                    json_schema=prompt.json_schema, grammar=prompt.grammar)
     meta = ResponseMeta(model=info.name, chat=isinstance(req, ChatRequest),
-                        logprobs=bool(req.logprobs), timing=timing, tools=prompt.output_tools,
+                        logprobs=bool(req.logprobs), timing=timing, tools=prompt.output_plan,
                         thinking=shows_thinking(req, prompt.plan, info))
     return await respond(
         request, services, "ollama", generation, stream=bool(req.stream), timing=timing,

@@ -517,7 +517,7 @@ class OpenAIController(Controller):
         meta = ResponseMeta(
             id=f"chatcmpl-{rid}", created=int(time.time()), model=info.name,
             include_usage=bool(data.stream_options and data.stream_options.include_usage),
-            logprobs=bool(data.logprobs), tools=prompt.output_tools,
+            logprobs=bool(data.logprobs), tools=prompt.output_plan,
         )
         return await respond(request, services, "openai", generation, stream=bool(data.stream),
                              frames=lambda events: chat_sse(events, meta),

@@ -212,7 +212,7 @@ class Prompt:
     grammar: str | None
 
     @property
-    def output_tools(self) -> ToolPlan | None:
+    def output_plan(self) -> ToolPlan | None:
         """The plan when output needs splitting (calls or reasoning), else None."""
         return self.plan if self.plan is not None and self.plan.splits else None
 
