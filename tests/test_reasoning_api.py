@@ -7,20 +7,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-import anthropic
-import httpx
 import msgspec
-import ollama
-import openai
 import pytest
-from echo_engine import ECHO_MODEL, EchoEngine, running_server
+from echo_engine import ECHO_MODEL, EchoEngine
 from test_reasoning import GPT_OSS, QWEN3
+from test_tools_api import Server, serve
 
-from agent.api.app import create_app
 from agent.engine import ModelInfo, ModelNotFound
-from agent.settings import NodeSettings
 
 MODELS = {
     "qwen3": msgspec.structs.replace(ECHO_MODEL, name="qwen3", chat_template=QWEN3,
@@ -58,23 +52,9 @@ class ReasoningEcho(EchoEngine):
         return "harmony" if self.get_model(model).name == "gpt-oss" else "hermes"
 
 
-@dataclass
-class Server:
-    engine: EchoEngine
-    openai: openai.OpenAI
-    anthropic: anthropic.Anthropic
-    ollama: ollama.Client
-    http: httpx.Client
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    engine = ReasoningEcho()
-    app = create_app(engine, NodeSettings(max_tokens_default=1000))
-    with running_server(app) as url, httpx.Client(base_url=url, timeout=10) as http:
-        yield Server(engine, openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0),
-                     anthropic.Anthropic(base_url=url, api_key="k", max_retries=0),
-                     ollama.Client(host=url), http)
+    yield from serve(ReasoningEcho())
 
 
 def user(text: str) -> list[dict[str, str]]:
