@@ -240,3 +240,18 @@ def test_unknown_api_route_answers_in_ollama_format(server: Server) -> None:
 def test_root_answers_the_ollama_heartbeat(server: Server) -> None:
     assert server.http.head("/").status_code == 200
     assert server.http.get("/").text == "flock is running"
+
+
+@pytest.mark.parametrize(("last_n", "penalty", "context"), [
+    (-1, 1.2, 256),  # the whole context (the echo model's)
+    (0, 1.0, 1),  # switched off
+    (None, 1.2, 64),  # Ollama's default window
+])
+def test_repeat_last_n_minus_one_is_the_whole_context_and_zero_disables(
+        server: Server, last_n: int | None, penalty: float, context: int) -> None:
+    options: dict = {"repeat_penalty": 1.2}
+    if last_n is not None:
+        options["repeat_last_n"] = last_n
+    server.client.chat(model="echo", messages=user("x"), options=options)
+    params = server.engine.requests[-1].sampling
+    assert (params.repetition_penalty, params.repetition_context) == (penalty, context)

@@ -334,3 +334,29 @@ def test_unknown_route_and_method_answer_in_openai_format(server: Server) -> Non
     wrong = server.http.get("/v1/chat/completions")
     assert wrong.status_code == 405
     error_of(wrong)
+
+
+def test_system_fingerprint_is_a_string_in_responses_and_chunks(server: Server) -> None:
+    """OpenAI's schema types it as a string; null failed a strict client check."""
+    reply = server.client.chat.completions.create(model="echo", messages=user("Hi"))
+    assert isinstance(reply.system_fingerprint, str) and reply.system_fingerprint
+    chunks = list(server.client.chat.completions.create(
+        model="echo", messages=user("Hi"), stream=True, stream_options={"include_usage": True}))
+    assert {c.system_fingerprint for c in chunks} == {reply.system_fingerprint}
+    legacy = server.client.completions.create(model="echo", prompt="Hi")
+    assert legacy.system_fingerprint == reply.system_fingerprint
+    raw = post(server, {"model": "echo", "messages": user("Hi"), "stream": True}).text
+    assert '"system_fingerprint":null' not in raw
+
+
+def test_json_object_with_a_schema_constrains_to_that_schema(server: Server) -> None:
+    """instructor's JSON_SCHEMA mode (and vLLM's extension): the schema beside json_object."""
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+    server.client.chat.completions.create(
+        model="echo", messages=user('{"name": "x"}'),
+        response_format={"type": "json_object", "schema": schema})  # type: ignore[arg-type,typeddict-unknown-key]
+    assert server.engine.requests[-1].json_schema == schema
+    response = post(server, {"model": "echo", "messages": user("x"),
+                             "response_format": {"type": "json_object", "schema": 3}})
+    assert response.status_code == 400
+    assert error_of(response)["param"] == "response_format.schema"

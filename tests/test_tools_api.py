@@ -63,15 +63,19 @@ class Server:
     http: httpx.Client
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    engine = WideEcho()
+def serve(engine: EchoEngine) -> Iterator[Server]:
+    """A real server over `engine`, with the three official clients pointed at it."""
     app = create_app(engine, NodeSettings(max_tokens_default=1000))
     with running_server(app) as url, httpx.Client(base_url=url, timeout=10) as http:
         yield Server(url, engine,
                      openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0),
                      anthropic.Anthropic(base_url=url, api_key="k", max_retries=0),
                      ollama.Client(host=url), http)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    yield from serve(WideEcho())
 
 
 def user(text: str) -> list[dict[str, str]]:

@@ -7,6 +7,7 @@ content_block_delta..., content_block_stop, message_delta, message_stop.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,9 +32,12 @@ from agent.api.anthropic_schema import (
     MessageStop,
     OutBlock,
     Ping,
+    SignatureDelta,
     StopReason,
     TextBlock,
     TextDelta,
+    ThinkingBlock,
+    ThinkingDelta,
     ToolUseBlock,
     UsageOut,
 )
@@ -41,38 +45,32 @@ from agent.api.common import (
     AnyRequest,
     Collected,
     ServicesDep,
-    collect,
     completion_budget,
     join_text,
     request_id,
     resolve_model,
-    start_stream,
+    respond,
     stop_list,
 )
 from agent.api.errors import (
-    ApiError,
     anthropic_error_body,
     anthropic_exception_handler,
-    from_failed,
     invalid,
-    to_api_error,
     unsupported_field,
 )
-from agent.api.sse import SSE_MEDIA_TYPE, ClosingStream, aclose, sse_event
+from agent.api.sse import SSE_MEDIA_TYPE, ClosingStream, relay, sse_event
 from agent.api.tools import (
+    Prompt,
     ToolPlan,
     check_choice,
     check_schema,
     check_unique,
-    needs_plan,
     new_call_id,
-    render_with_tools,
-    tool_plan,
+    prepare_prompt,
     tool_spec,
 )
-from agent.engine import ChatMessage, Engine
+from agent.engine import ChatMessage, Engine, ModelInfo
 from agent.generation import (
-    Failed,
     Finished,
     GenerationEvent,
     GenerationRequest,
@@ -81,6 +79,8 @@ from agent.generation import (
     Usage,
 )
 from agent.tools.grammar import close_objects
+from agent.tools.output import Piece
+from agent.tools.reasoning import Thought
 from agent.tools.types import ToolCall, ToolChoice, ToolSpec
 
 DEFAULT_TEMPERATURE = 1.0
@@ -105,8 +105,8 @@ def check_conversation(req: MessagesRequest | CountTokensRequest) -> None:
     """Reject what flock accepts only in its neutral form, naming the field."""
     if not req.messages:
         raise invalid("'messages' must contain at least one message.", param="messages")
-    if req.thinking is not None and req.thinking.get("type") != "disabled":
-        raise unsupported_field("thinking", "(extended thinking) is not supported")
+    if req.thinking is not None and req.thinking.get("type") not in ("enabled", "disabled"):
+        raise invalid("'thinking.type' must be 'enabled' or 'disabled'.", param="thinking.type")
     if req.output_config is not None and req.output_config.effort is not None:
         raise unsupported_field("output_config.effort", "is not supported")
     if isinstance(req, MessagesRequest) and req.container is not None:
@@ -190,6 +190,8 @@ def _turn(role: str, blocks: str | list[ContentBlockIn], where: str,
         at = f"{where}[{j}]"
         if block.type == "text" and block.text is not None:
             texts.append(block.text)
+        elif block.type in ("thinking", "redacted_thinking") and role == "assistant":
+            continue  # earlier reasoning is not shown to the model again
         elif block.type == "tool_use" and role == "assistant":
             if not isinstance(block.name, str) or not isinstance(block.input, dict):
                 raise invalid(f"'{at}' needs a 'name' and an object 'input'.", param=at)
@@ -224,19 +226,23 @@ def chat_messages(req: MessagesRequest | CountTokensRequest) -> list[ChatMessage
     return out
 
 
-async def prompt_for(engine: Engine, model: str, req: MessagesRequest | CountTokensRequest,
-                     ) -> tuple[list[int], ToolPlan | None, dict[str, Any] | None]:
-    """(prompt tokens, tool plan, output schema) for a conversation."""
+async def prompt_for(engine: Engine, info: ModelInfo, req: MessagesRequest | CountTokensRequest,
+                     ) -> Prompt:
     tools = message_tools(req)
     choice = message_tool_choice(req, tools)
     schema = output_schema(req)
-    messages = chat_messages(req)
-    plan = None
-    if needs_plan(tools, messages):
-        if schema is not None and not choice.forced:
-            choice = ToolChoice(mode="none")  # the reply must be the requested JSON
-        plan = await tool_plan(engine, model, tools, choice)
-    return await render_with_tools(engine, model, messages, plan), plan, schema
+    return await prepare_prompt(engine, info, chat_messages(req), tools, choice, schema)
+
+
+def shows_thinking(req: MessagesRequest, prompt: Prompt) -> bool:
+    """Whether the reply has thinking blocks: when the client enables thinking. Enabling it for
+    a model that writes no reasoning is a 400, as Anthropic answers for models without it."""
+    if req.thinking is None or req.thinking.get("type") != "enabled":
+        return False
+    if prompt.plan is None or prompt.plan.reasoning.fmt == "none":
+        raise invalid(f"'{req.model}' does not support thinking (its chat template writes no "
+                      "reasoning).", param="thinking")
+    return True
 
 
 def sampling_params(req: MessagesRequest, max_tokens: int) -> SamplingParams:
@@ -267,7 +273,8 @@ class ResponseMeta:
     id: str
     model: str
     input_tokens: int
-    tools: ToolPlan | None = None  # set when the output may hold tool calls
+    tools: ToolPlan | None = None  # set when the output may hold tool calls or reasoning
+    thinking: bool = False  # return the reasoning in thinking blocks (else it is dropped)
 
 
 def tool_use_block(call: ToolCall, meta: ResponseMeta) -> ToolUseBlock:
@@ -284,6 +291,9 @@ def message_out(result: Collected, meta: ResponseMeta) -> MessageOut:
         # Blocks in output order, as the stream opens them.
         content = [TextBlock(text=p) if isinstance(p, str) else tool_use_block(p, meta)
                    for p in parsed.pieces]
+        if parsed.reasoning and meta.thinking:
+            content.insert(0, ThinkingBlock(thinking=parsed.reasoning,
+                                            signature=thinking_signature(parsed.reasoning)))
     reason, sequence = stop_reason(result.finished, called)
     return MessageOut(
         id=meta.id, content=content,
@@ -310,35 +320,63 @@ def delta_usage(usage: Usage) -> DeltaUsage:
                       cache_read_input_tokens=final.cache_read_input_tokens)
 
 
+def thinking_signature(text: str) -> str:
+    """An opaque signature for a thinking block (clients only send it back)."""
+    return "flock-" + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 class _Blocks:
-    """Content blocks of a streamed message with tools, opened as output arrives: text goes
-    to an open text block (opened on demand), each call is a whole tool_use block."""
+    """Content blocks of a streamed message, opened as output arrives: text goes to an open
+    text block, reasoning to an open thinking block (both opened on demand), and each call is
+    a whole tool_use block."""
 
     def __init__(self, meta: ResponseMeta) -> None:
         self.meta = meta
         self.count = 0
-        self.text_open = False
+        self.open: str | None = None  # "text" or "thinking" while such a block is open
+        self.thought = ""  # the open thinking block's text, for its signature
         self.called = False
 
-    def _close_text(self) -> list[bytes]:
-        if not self.text_open:
-            return []
-        self.text_open = False
-        return [sse_event("content_block_stop", ContentBlockStop(index=self.count - 1))]
+    def _close(self) -> list[bytes]:
+        out = []
+        if self.open == "thinking":
+            out.append(sse_event("content_block_delta", ContentBlockDelta(
+                index=self.count - 1,
+                delta=SignatureDelta(signature=thinking_signature(self.thought)))))
+        if self.open is not None:
+            out.append(sse_event("content_block_stop", ContentBlockStop(index=self.count - 1)))
+        self.open, self.thought = None, ""
+        return out
 
-    def pieces(self, pieces: list[str | ToolCall]) -> list[bytes]:
+    def _opened(self, kind: str) -> list[bytes]:
+        if self.open == kind:
+            return []
+        out = self._close()
+        block: OutBlock = (TextBlock(text="") if kind == "text"
+                           else ThinkingBlock(thinking="", signature=""))
+        out.append(sse_event("content_block_start",
+                             ContentBlockStart(index=self.count, content_block=block)))
+        self.open = kind
+        self.count += 1
+        return out
+
+    def pieces(self, pieces: list[Piece]) -> list[bytes]:
         out = []
         for piece in pieces:
             if isinstance(piece, str):
-                if not self.text_open:
-                    out.append(sse_event("content_block_start", ContentBlockStart(
-                        index=self.count, content_block=TextBlock(text=""))))
-                    self.text_open = True
-                    self.count += 1
-                out.append(sse_event("content_block_delta", ContentBlockDelta(
-                    index=self.count - 1, delta=TextDelta(text=piece))))
+                out += self._opened("text")
+                if piece:  # "" only opens the block
+                    out.append(sse_event("content_block_delta", ContentBlockDelta(
+                        index=self.count - 1, delta=TextDelta(text=piece))))
                 continue
-            out.extend(self._close_text())
+            if isinstance(piece, Thought):
+                if self.meta.thinking:
+                    out += self._opened("thinking")
+                    self.thought += piece.text
+                    out.append(sse_event("content_block_delta", ContentBlockDelta(
+                        index=self.count - 1, delta=ThinkingDelta(thinking=piece.text))))
+                continue
+            out += self._close()
             block = tool_use_block(piece, self.meta)
             index = self.count
             self.count += 1
@@ -352,81 +390,42 @@ class _Blocks:
         return out
 
     def close(self) -> list[bytes]:
-        return self._close_text()
+        return self._close()
 
 
-async def message_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
-                      ) -> AsyncGenerator[bytes, None]:
-    if meta.tools is not None:
-        async for data in _tool_message_sse(events, meta):
-            yield data
-        return
-    try:
-        yield sse_event("message_start", MessageStart(message=MessageOut(
-            id=meta.id, content=[], model=meta.model, stop_reason=None, stop_sequence=None,
-            usage=UsageOut(input_tokens=meta.input_tokens, output_tokens=0))))
-        yield sse_event("content_block_start",
-                        ContentBlockStart(index=0, content_block=TextBlock(text="")))
-        yield sse_event("ping", Ping())
-        async for event in events:
-            if isinstance(event, TokenChunk):
-                if event.text:
-                    yield sse_event("content_block_delta",
-                                    ContentBlockDelta(index=0, delta=TextDelta(text=event.text)))
-            elif isinstance(event, Failed):
-                yield sse_event("error", anthropic_error_body(from_failed(event)))
-                return
-            else:
-                reason, sequence = stop_reason(event)
-                yield sse_event("content_block_stop", ContentBlockStop(index=0))
-                yield sse_event("message_delta", MessageDelta(
-                    delta=MessageDeltaBody(stop_reason=reason, stop_sequence=sequence),
-                    usage=delta_usage(event.usage)))
-                yield sse_event("message_stop", MessageStop())
-                return
-        yield sse_event("error", anthropic_error_body(
-            ApiError("internal", "The generation ended without finishing.")))
-    except Exception as exc:  # the status line is sent: report a broken engine in-band
-        yield sse_event("error", anthropic_error_body(to_api_error(exc)))
-    finally:
-        await aclose(events)
-
-
-async def _tool_message_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
-                            ) -> AsyncGenerator[bytes, None]:
-    """The event sequence when the output may hold calls: text that may begin a call is held
-    back until decided; blocks open as their content arrives."""
-    assert meta.tools is not None
-    calls = meta.tools.stream()
-    assert calls is not None
+def message_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
+                ) -> AsyncGenerator[bytes, None]:
+    """The event sequence. Without tools one text block is open from the start; with tools,
+    text that may begin a call is held back until decided, and blocks open as their content
+    arrives."""
+    calls = meta.tools.stream() if meta.tools is not None else None
     blocks = _Blocks(meta)
-    try:
-        yield sse_event("message_start", MessageStart(message=MessageOut(
+
+    def start() -> list[bytes]:
+        out = [sse_event("message_start", MessageStart(message=MessageOut(
             id=meta.id, content=[], model=meta.model, stop_reason=None, stop_sequence=None,
-            usage=UsageOut(input_tokens=meta.input_tokens, output_tokens=0))))
-        yield sse_event("ping", Ping())
-        async for event in events:
-            if isinstance(event, TokenChunk):
-                for data in blocks.pieces(calls.feed(event.text)):
-                    yield data
-            elif isinstance(event, Failed):
-                yield sse_event("error", anthropic_error_body(from_failed(event)))
-                return
-            else:
-                for data in blocks.pieces(calls.finish()) + blocks.close():
-                    yield data
-                reason, sequence = stop_reason(event, blocks.called)
-                yield sse_event("message_delta", MessageDelta(
+            usage=UsageOut(input_tokens=meta.input_tokens, output_tokens=0))))]
+        if calls is None:
+            out += blocks.pieces([""])  # clients expect the text block before the ping
+        return [*out, sse_event("ping", Ping())]
+
+    def token(event: TokenChunk) -> list[bytes]:
+        if calls is not None:
+            return blocks.pieces(calls.feed(event.text))
+        return blocks.pieces([event.text]) if event.text else []
+
+    def finish(event: Finished) -> list[bytes]:
+        out = blocks.pieces(calls.finish()) if calls is not None else []
+        out += blocks.close()
+        reason, sequence = stop_reason(event, blocks.called)
+        return [*out,
+                sse_event("message_delta", MessageDelta(
                     delta=MessageDeltaBody(stop_reason=reason, stop_sequence=sequence),
-                    usage=delta_usage(event.usage)))
-                yield sse_event("message_stop", MessageStop())
-                return
-        yield sse_event("error", anthropic_error_body(
-            ApiError("internal", "The generation ended without finishing.")))
-    except Exception as exc:  # the status line is sent: report a broken engine in-band
-        yield sse_event("error", anthropic_error_body(to_api_error(exc)))
-    finally:
-        await aclose(events)
+                    usage=delta_usage(event.usage))),
+                sse_event("message_stop", MessageStop())]
+
+    return relay(events, start=start, token=token, finish=finish,
+                 error=lambda e: sse_event("error", anthropic_error_body(e)))
 
 
 def _nothing_to_generate(rid: str, meta: ResponseMeta, stream: bool) -> Response[MessageOut]:
@@ -458,28 +457,27 @@ class AnthropicController(Controller):
         check_conversation(data)
         engine = services.engine
         info = resolve_model(engine, data.model)
-        prompt, plan, schema = await prompt_for(engine, info.name, data)
-        max_tokens = completion_budget(info, len(prompt), data.max_tokens,
+        prompt = await prompt_for(engine, info, data)
+        max_tokens = completion_budget(info, len(prompt.tokens), data.max_tokens,
                                        services.settings.max_tokens_default)
         rid = request_id()
-        meta = ResponseMeta(id=f"msg_{rid}", model=info.name, input_tokens=len(prompt),
-                            tools=plan if plan is not None and plan.parses else None)
+        meta = ResponseMeta(id=f"msg_{rid}", model=info.name, input_tokens=len(prompt.tokens),
+                            tools=prompt.output_plan, thinking=shows_thinking(data, prompt))
         if data.max_tokens == 0:
             return _nothing_to_generate(rid, meta, bool(data.stream))
-        grammar = plan.grammar() if plan is not None else None
-        generation = GenerationRequest(id=rid, model=info.name, prompt_tokens=prompt,
+        generation = GenerationRequest(id=rid, model=info.name, prompt_tokens=prompt.tokens,
                                        sampling=sampling_params(data, max_tokens),
-                                       json_schema=None if grammar else schema, grammar=grammar)
-        if data.stream:
-            events = await start_stream(request, services, "anthropic", generation)
-            return ClosingStream(message_sse(events, meta), media_type=SSE_MEDIA_TYPE)
-        result = await collect(request, services, "anthropic", generation)
-        return Response(message_out(result, meta))
+                                       json_schema=prompt.json_schema, grammar=prompt.grammar)
+        return await respond(request, services, "anthropic", generation,
+                             stream=bool(data.stream),
+                             frames=lambda events: message_sse(events, meta),
+                             media_type=SSE_MEDIA_TYPE,
+                             whole=lambda result: message_out(result, meta))
 
     @post("/count_tokens", status_code=200, summary="Count the tokens of a message")
     async def count_tokens(self, services: ServicesDep, data: JSONBody[CountTokensRequest],
                            ) -> CountTokensResponse:
         check_conversation(data)
         info = resolve_model(services.engine, data.model)
-        prompt, _, _ = await prompt_for(services.engine, info.name, data)
-        return CountTokensResponse(input_tokens=len(prompt))
+        prompt = await prompt_for(services.engine, info, data)
+        return CountTokensResponse(input_tokens=len(prompt.tokens))

@@ -27,6 +27,10 @@ class ContentBlockIn(Struct, kw_only=True):
     tool_use_id: str | None = None
     content: str | list[dict[str, Any]] | None = None
     is_error: bool | None = None
+    # thinking / redacted_thinking (replayed from an earlier reply)
+    thinking: str | None = None
+    signature: str | None = None
+    data: str | None = None
     # Prompt-caching hints and citations change nothing about what flock generates.
     cache_control: dict[str, Any] | None = None
     citations: list[dict[str, Any]] | None = None
@@ -94,7 +98,15 @@ class ToolUseBlock(Struct, kw_only=True, tag_field="type", tag="tool_use"):
     input: dict[str, Any]
 
 
-OutBlock = TextBlock | ToolUseBlock
+class ThinkingBlock(Struct, kw_only=True, tag_field="type", tag="thinking"):
+    """The model's reasoning (extended thinking). `signature` is opaque to clients, who send
+    the block back as it is; flock's is a digest of the text."""
+
+    thinking: str
+    signature: str
+
+
+OutBlock = TextBlock | ToolUseBlock | ThinkingBlock
 
 
 class UsageOut(Struct, kw_only=True):
@@ -147,10 +159,20 @@ class InputJsonDelta(Struct, kw_only=True, tag_field="type", tag="input_json_del
     partial_json: str
 
 
+class ThinkingDelta(Struct, kw_only=True, tag_field="type", tag="thinking_delta"):
+    thinking: str
+
+
+class SignatureDelta(Struct, kw_only=True, tag_field="type", tag="signature_delta"):
+    """Sent just before a thinking block stops."""
+
+    signature: str
+
+
 class ContentBlockDelta(Struct, kw_only=True):
     type: Literal["content_block_delta"] = "content_block_delta"
     index: int
-    delta: TextDelta | InputJsonDelta
+    delta: TextDelta | InputJsonDelta | ThinkingDelta | SignatureDelta
 
 
 class ContentBlockStop(Struct, kw_only=True):

@@ -13,11 +13,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from litestar import Request
+from litestar import Request, Response
 from litestar.di import NamedDependency
 
 from agent.api.errors import ApiError, ApiName, error_status, from_failed, invalid, model_not_found
-from agent.api.sse import aclose, prepend, until_disconnect
+from agent.api.sse import ClosingStream, aclose, prepend, until_disconnect
 from agent.engine import ChatMessage, Engine, ModelInfo, ModelNotFound
 from agent.generation import (
     Failed,
@@ -270,3 +270,24 @@ async def start_stream(
         await aclose(events)
         raise from_failed(first)
     return prepend(first, events)
+
+
+async def respond(
+    request: AnyRequest,
+    services: Services,
+    api: ApiName,
+    generation: GenerationRequest,
+    *,
+    stream: bool,
+    frames: Callable[[AsyncIterator[GenerationEvent]], AsyncGenerator[bytes, None]],
+    media_type: str,
+    whole: Callable[[Collected], Any],
+    timing: Timing | None = None,
+) -> Response[Any]:
+    """Run a request as the client asked: streamed as the API's `frames`, or collected and
+    answered as one `whole` object."""
+    if stream:
+        events = await start_stream(request, services, api, generation, timing)
+        return ClosingStream(frames(events), media_type=media_type)
+    result = await collect(request, services, api, generation, timing)
+    return Response(whole(result))

@@ -25,19 +25,17 @@ from agent.api.common import (
     Services,
     ServicesDep,
     Timing,
-    collect,
     completion_budget,
     render_chat,
     request_id,
     resolve_model,
-    start_stream,
+    respond,
     stop_list,
     tokenize,
 )
 from agent.api.errors import (
     ApiError,
     ClientDisconnected,
-    from_failed,
     invalid,
     model_not_found,
     ollama_error_body,
@@ -68,21 +66,22 @@ from agent.api.ollama_schema import (
     TopLogprobOut,
     VersionResponse,
 )
-from agent.api.sse import NDJSON_MEDIA_TYPE, ClosingStream, aclose, ndjson_line, until_disconnect
+from agent.api.sse import NDJSON_MEDIA_TYPE, ClosingStream, ndjson_line, relay, until_disconnect
 from agent.api.tools import (
+    Prompt,
     ToolPlan,
     check_choice,
     check_schema,
     check_unique,
+    history_calls,
     json_mode_schema,
-    needs_plan,
-    render_with_tools,
-    tool_plan,
+    prepare_prompt,
+    reasoning_plan,
+    reasoning_style,
     tool_spec,
 )
 from agent.engine import ChatMessage, ModelInfo, ModelNotFound
 from agent.generation import (
-    Failed,
     Finished,
     GenerationEvent,
     GenerationRequest,
@@ -91,6 +90,8 @@ from agent.generation import (
     TokenLogprob,
 )
 from agent.tools.grammar import close_objects
+from agent.tools.output import Piece
+from agent.tools.reasoning import Thought
 from agent.tools.types import ToolCall, ToolChoice, ToolSpec
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,6 @@ DEFAULT_TEMPERATURE = 0.8
 
 def check_generation_fields(req: ChatRequest | GenerateRequest) -> None:
     """Reject what flock accepts only in its neutral form, naming the field."""
-    if req.think not in (None, False):
-        raise unsupported_field("think", "(thinking) is not supported")
     if req.top_logprobs and not req.logprobs:
         raise invalid("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
 
@@ -176,21 +175,6 @@ def check_generate_request(req: GenerateRequest) -> None:
                       param="system")
 
 
-def _history_calls(message: MessageIn, where: str) -> list[dict[str, Any]]:
-    calls = []
-    for j, call in enumerate(message.tool_calls or []):
-        at = f"{where}.tool_calls[{j}].function"
-        function = call.get("function")
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise invalid(f"'{at}.name' is required.", param=f"{at}.name")
-        arguments = function.get("arguments") or {}
-        if not isinstance(arguments, dict):
-            raise invalid(f"'{at}.arguments' must be an object.", param=f"{at}.arguments")
-        calls.append(ToolCall(name=function["name"], arguments=arguments,
-                              id=str(call.get("id") or "")).as_template_call())
-    return calls
-
-
 def chat_messages(messages: list[MessageIn]) -> list[ChatMessage]:
     out = []
     last_calls: list[str] = []  # the names the latest assistant turn called, for its results
@@ -206,13 +190,25 @@ def chat_messages(messages: list[MessageIn]) -> list[ChatMessage]:
             name = message.tool_name or (last_calls[0] if len(last_calls) == 1 else None)
             out.append(ChatMessage(role="tool", content=message.content, name=name))
             continue
-        calls = _history_calls(message, where) if message.tool_calls else None
+        calls = history_calls(message.tool_calls, where) if message.tool_calls else None
         if calls:
             last_calls = [c["function"]["name"] for c in calls]
         # `thinking` of a replayed assistant turn is left out, as Ollama does for templates
         # without a thinking section.
         out.append(ChatMessage(role=message.role, content=message.content, tool_calls=calls))
     return out
+
+
+def shows_thinking(req: ChatRequest | GenerateRequest, plan: ToolPlan | None,
+                   info: ModelInfo) -> bool:
+    """Whether the reply carries the model's reasoning in `thinking`: unless `think` is false.
+    Asking a model that writes none to think is a 400, as in Ollama. (flock cannot switch a
+    model's thinking off through its template, so `think: false` drops the reasoning.)"""
+    reasons = plan is not None and plan.reasoning.fmt != "none"
+    if req.think not in (None, False) and not reasons:
+        raise invalid(f"'{info.name}' does not support thinking (its chat template writes no "
+                      "reasoning).", param="think")
+    return req.think is not False
 
 
 def context_window(options: Options | None, info: ModelInfo) -> int:
@@ -308,12 +304,15 @@ class ResponseMeta:
     chat: bool  # /api/chat wraps text in a message, /api/generate in `response`
     logprobs: bool
     timing: Timing
-    tools: ToolPlan | None = None  # set when the output may hold tool calls
+    tools: ToolPlan | None = None  # set when the output may hold tool calls or reasoning
+    thinking: bool = True  # return the reasoning (else it is dropped)
 
 
 def assistant_message(text: str, calls: list[ToolCall], first_index: int = 0,
-                      ) -> AssistantMessageOut:
+                      thinking: str = "") -> AssistantMessageOut:
     message = AssistantMessageOut(content=text)
+    if thinking:
+        message.thinking = thinking
     if calls:
         message.tool_calls = [
             ToolCallOut(function=FunctionCallOut(name=c.name, arguments=c.arguments,
@@ -325,13 +324,13 @@ def assistant_message(text: str, calls: list[ToolCall], first_index: int = 0,
 
 def partial_response(meta: ResponseMeta, text: str, logprobs: list[TokenLogprob] | None,
                      calls: list[ToolCall] | None = None, first_index: int = 0,
-                     ) -> ChatResponse | GenerateResponse:
+                     thinking: str = "") -> ChatResponse | GenerateResponse:
     lp = logprobs_out(logprobs) if meta.logprobs and logprobs else None
     if meta.chat:
         return ChatResponse(model=meta.model, created_at=timestamp(), done=False, logprobs=lp,
-                            message=assistant_message(text, calls or [], first_index))
+                            message=assistant_message(text, calls or [], first_index, thinking))
     return GenerateResponse(model=meta.model, created_at=timestamp(), done=False, logprobs=lp,
-                            response=text)
+                            response=text, thinking=thinking or None)
 
 
 def final_response(meta: ResponseMeta, finished: Finished, text: str = "",
@@ -352,13 +351,15 @@ def final_response(meta: ResponseMeta, finished: Finished, text: str = "",
         "eval_duration": t.finished_ns - t.first_event_ns,
         "logprobs": logprobs_out(logprobs) if meta.logprobs and logprobs else None,
     }
+    calls: list[ToolCall] = []
+    thinking = ""
+    if meta.tools is not None:
+        parsed = meta.tools.parse(text)
+        text, calls = parsed.text, parsed.calls
+        thinking = parsed.reasoning if meta.thinking else ""
     if meta.chat:
-        calls: list[ToolCall] = []
-        if meta.tools is not None:
-            parsed = meta.tools.parse(text)
-            text, calls = parsed.text, parsed.calls
-        return ChatResponse(**stats, message=assistant_message(text, calls))
-    return GenerateResponse(**stats, response=text)
+        return ChatResponse(**stats, message=assistant_message(text, calls, 0, thinking))
+    return GenerateResponse(**stats, response=text, thinking=thinking or None)
 
 
 def load_response(model: str, chat: bool) -> ChatResponse | GenerateResponse:
@@ -370,20 +371,25 @@ def load_response(model: str, chat: bool) -> ChatResponse | GenerateResponse:
                             response="")
 
 
-async def generation_ndjson(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
-                            ) -> AsyncGenerator[bytes, None]:
+def generation_ndjson(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
+                      ) -> AsyncGenerator[bytes, None]:
     # With tools, text that may begin a call is held back until decided; a call goes out as a
-    # chunk of its own with empty content, as Ollama streams them.
+    # chunk of its own with empty content, as Ollama streams them; reasoning goes out in
+    # `thinking` with empty content.
     calls = meta.tools.stream() if meta.tools is not None else None
     called = 0
 
-    def pieces_out(pieces: list[str | ToolCall], logprobs: list[TokenLogprob] | None,
-                   ) -> list[bytes]:
+    def pieces_out(pieces: list[Piece], logprobs: list[TokenLogprob] | None) -> list[bytes]:
         nonlocal called
         out = []
         for piece in pieces:
             if isinstance(piece, str):
                 out.append(ndjson_line(partial_response(meta, piece, logprobs)))
+            elif isinstance(piece, Thought):
+                if not meta.thinking:
+                    continue  # dropped, with its logprobs
+                out.append(ndjson_line(partial_response(meta, "", logprobs,
+                                                        thinking=piece.text)))
             else:
                 out.append(ndjson_line(partial_response(meta, "", logprobs, [piece], called)))
                 called += 1
@@ -392,52 +398,40 @@ async def generation_ndjson(events: AsyncIterator[GenerationEvent], meta: Respon
             out.append(ndjson_line(partial_response(meta, "", logprobs)))
         return out
 
-    try:
-        async for event in events:
-            if isinstance(event, TokenChunk):
-                if calls is not None:
-                    for data in pieces_out(calls.feed(event.text), event.logprobs):
-                        yield data
-                elif event.text or (meta.logprobs and event.logprobs):
-                    yield ndjson_line(partial_response(meta, event.text, event.logprobs))
-            elif isinstance(event, Failed):
-                yield ndjson_line(ollama_error_body(from_failed(event)))
-                return
-            else:
-                if calls is not None:
-                    for data in pieces_out(calls.finish(), None):
-                        yield data
-                meta.timing.finished_ns = time.monotonic_ns()
-                yield ndjson_line(final_response(meta, event))
-                return
-        yield ndjson_line(ollama_error_body(
-            ApiError("internal", "The generation ended without finishing.")))
-    except Exception as exc:  # the status line is sent: report a broken engine in-band
-        yield ndjson_line(ollama_error_body(to_api_error(exc)))
-    finally:
-        await aclose(events)
+    def token(event: TokenChunk) -> list[bytes]:
+        if calls is not None:
+            return pieces_out(calls.feed(event.text), event.logprobs)
+        if event.text or (meta.logprobs and event.logprobs):
+            return [ndjson_line(partial_response(meta, event.text, event.logprobs))]
+        return []
+
+    def finish(event: Finished) -> list[bytes]:
+        out = pieces_out(calls.finish(), None) if calls is not None else []
+        meta.timing.finished_ns = time.monotonic_ns()
+        return [*out, ndjson_line(final_response(meta, event))]
+
+    return relay(events, token=token, finish=finish,
+                 error=lambda e: ndjson_line(ollama_error_body(e)))
 
 
 async def _run(request: AnyRequest, services: Services, info: ModelInfo,
-               req: ChatRequest | GenerateRequest, prompt: list[int], timing: Timing,
-               window: int, plan: ToolPlan | None = None) -> Response[Any]:
+               req: ChatRequest | GenerateRequest, prompt: Prompt, timing: Timing,
+               window: int) -> Response[Any]:
     max_tokens = completion_budget(
-        info, len(prompt), requested_tokens(req.options, window),
+        info, len(prompt.tokens), requested_tokens(req.options, window),
         services.settings.max_tokens_default, context=window,
         prompt_param="messages" if isinstance(req, ChatRequest) else "prompt")
-    grammar = plan.grammar() if plan is not None else None
-    generation = GenerationRequest(id=request_id(), model=info.name, prompt_tokens=prompt,
+    generation = GenerationRequest(id=request_id(), model=info.name, prompt_tokens=prompt.tokens,
                                    sampling=sampling_params(req, max_tokens, window),
-                                   json_schema=None if grammar else output_schema(req),
-                                   grammar=grammar)
+                                   json_schema=prompt.json_schema, grammar=prompt.grammar)
     meta = ResponseMeta(model=info.name, chat=isinstance(req, ChatRequest),
-                        logprobs=bool(req.logprobs), timing=timing,
-                        tools=plan if plan is not None and plan.parses else None)
-    if req.stream:
-        events = await start_stream(request, services, "ollama", generation, timing)
-        return ClosingStream(generation_ndjson(events, meta), media_type=NDJSON_MEDIA_TYPE)
-    result = await collect(request, services, "ollama", generation, timing)
-    return Response(final_response(meta, result.finished, result.text, result.logprobs))
+                        logprobs=bool(req.logprobs), timing=timing, tools=prompt.output_plan,
+                        thinking=shows_thinking(req, prompt.plan, info))
+    return await respond(
+        request, services, "ollama", generation, stream=bool(req.stream), timing=timing,
+        frames=lambda events: generation_ndjson(events, meta), media_type=NDJSON_MEDIA_TYPE,
+        whole=lambda result: final_response(meta, result.finished, result.text,
+                                            result.logprobs))
 
 
 # --- pulling --------------------------------------------------------------------------------
@@ -492,14 +486,9 @@ class OllamaController(Controller):
             return Response(load_response(info.name, chat=True))
         tools = chat_tools(data)
         choice = chat_tool_choice(data, tools)
-        messages = chat_messages(data.messages)
-        plan = None
-        if needs_plan(tools, messages):
-            if output_schema(data) is not None and not choice.forced:
-                choice = ToolChoice(mode="none")  # the reply must be the requested JSON
-            plan = await tool_plan(services.engine, info.name, tools, choice)
-        prompt = await render_with_tools(services.engine, info.name, messages, plan)
-        return await _run(request, services, info, data, prompt, timing, window, plan)
+        prompt = await prepare_prompt(services.engine, info, chat_messages(data.messages),
+                                      tools, choice, output_schema(data))
+        return await _run(request, services, info, data, prompt, timing, window)
 
     @post("/generate", status_code=200, summary="Generate a completion")
     async def generate(self, request: AnyRequest, services: ServicesDep,
@@ -511,12 +500,15 @@ class OllamaController(Controller):
         if not data.prompt:
             return Response(load_response(info.name, chat=False))
         if data.raw:
-            prompt = await tokenize(services.engine, info.name, data.prompt)
+            tokens = await tokenize(services.engine, info.name, data.prompt)
         else:
             # Ollama templates a generate prompt as one user turn (after the system prompt).
             messages = [ChatMessage(role="system", content=data.system)] if data.system else []
             messages.append(ChatMessage(role="user", content=data.prompt))
-            prompt = await render_chat(services.engine, info.name, messages)
+            tokens = await render_chat(services.engine, info.name, messages)
+        schema = output_schema(data)
+        plan = None if data.raw else reasoning_plan(reasoning_style(info, schema is not None))
+        prompt = Prompt(tokens=tokens, plan=plan, json_schema=schema, grammar=None)
         return await _run(request, services, info, data, prompt, timing, window)
 
     @get("/tags", summary="List local models")
@@ -540,7 +532,8 @@ class OllamaController(Controller):
                 f"{info.architecture}.context_length": info.context_length,
             },
             # Every model can call tools: through its own template, or flock's default format.
-            capabilities=["completion", "tools"],
+            capabilities=["completion", "tools",
+                          *(["thinking"] if reasoning_style(info).fmt != "none" else [])],
             modified_at=timestamp(info.modified_at),
         )
 

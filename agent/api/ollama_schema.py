@@ -1,7 +1,7 @@
 """Ollama wire models: /api/chat, /api/generate, model listing and pulling.
 
 Request models forbid unknown fields and unknown `options` (a 400 naming the field); fields
-accepted only in their neutral form (format, think, tools, images ...) are checked by the adapter.
+checked beyond their type (format, think, tools, images ...) are checked by the adapter.
 Response models omit unset fields, as Ollama does for everything but a request's final object.
 """
 
@@ -115,6 +115,7 @@ class ToolCallOut(Struct, kw_only=True):
 class AssistantMessageOut(Struct, kw_only=True):
     role: Literal["assistant"] = "assistant"
     content: str
+    thinking: str | UnsetType = UNSET  # the model's reasoning, absent when it wrote none
     tool_calls: list[ToolCallOut] | UnsetType = UNSET  # absent unless the model called tools
 
 
@@ -138,6 +139,7 @@ class ChatResponse(_Stats, kw_only=True, omit_defaults=True):
 
 class GenerateResponse(_Stats, kw_only=True, omit_defaults=True):
     response: str
+    thinking: str | None = None  # the model's reasoning, absent when it wrote none
 
 
 class ModelDetails(Struct, kw_only=True):

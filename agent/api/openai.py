@@ -6,7 +6,6 @@ objects, or `data:` chunks ended by `data: [DONE]` when streaming.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
@@ -19,23 +18,19 @@ from agent.api.common import (
     AnyRequest,
     Collected,
     ServicesDep,
-    collect,
     completion_budget,
     join_text,
     request_id,
     resolve_model,
+    respond,
     seed_value,
-    start_stream,
     stop_list,
     tokenize,
 )
 from agent.api.errors import (
-    ApiError,
-    from_failed,
     invalid,
     openai_error_body,
     openai_exception_handler,
-    to_api_error,
     unsupported_field,
 )
 from agent.api.openai_schema import (
@@ -63,22 +58,21 @@ from agent.api.openai_schema import (
     TopLogprobOut,
     UsageOut,
 )
-from agent.api.sse import SSE_DONE, SSE_MEDIA_TYPE, ClosingStream, aclose, sse_data
+from agent.api.sse import SSE_DONE, SSE_MEDIA_TYPE, relay, sse_data
 from agent.api.tools import (
     ToolPlan,
     check_choice,
     check_schema,
     check_unique,
+    history_calls,
     json_mode_schema,
-    needs_plan,
     new_call_id,
-    render_with_tools,
-    tool_plan,
+    prepare_prompt,
     tool_spec,
 )
 from agent.engine import ChatMessage, ModelInfo
 from agent.generation import (
-    Failed,
+    Finished,
     FinishReason,
     GenerationEvent,
     GenerationRequest,
@@ -88,10 +82,11 @@ from agent.generation import (
     Usage,
 )
 from agent.tools.grammar import close_objects
+from agent.tools.output import Piece
+from agent.tools.reasoning import Thought
 from agent.tools.types import ToolCall, ToolChoice, ToolSpec
 
 DEFAULT_TEMPERATURE = 1.0
-_UNFINISHED = ApiError("internal", "The generation ended without finishing.")
 
 # --- request checks and conversion (pure) -----------------------------------------------------
 
@@ -158,15 +153,19 @@ def response_schema(req: ChatCompletionRequest) -> dict[str, Any] | None:
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
-        return json_mode_schema()
+        # Any object, or the schema beside the type (vLLM's and Together's extension).
+        if fmt.schema is None:
+            return json_mode_schema()
+        return check_schema(fmt.schema, "response_format.schema")
     if fmt.type != "json_schema":
         raise invalid(f"'response_format.type' must be 'text', 'json_object' or 'json_schema', "
                       f"not '{fmt.type}'.", param="response_format.type")
     if not isinstance(fmt.json_schema, dict):
         raise invalid("'response_format.json_schema' is required for type 'json_schema'.",
                       param="response_format.json_schema")
-    # Strict or not, the reply is generated under the schema, so it always validates; strict
-    # schemas also admit no properties beyond those listed (OpenAI's rule).
+    # Strict or not, the reply is generated under the schema, so it always validates, and
+    # objects admit no properties beyond those listed unless the schema itself allows them
+    # (`close_objects`, which the grammar applies to every schema; strict ones say so here).
     schema = check_schema(fmt.json_schema.get("schema", json_mode_schema()),
                           "response_format.json_schema.schema")
     return close_objects(schema) if fmt.json_schema.get("strict") else schema
@@ -190,28 +189,6 @@ def _message_text(message: ChatMessageIn, where: str) -> str:
                 param=f"{where}.content[{j}]")
         texts.append(part.text)
     return join_text(texts)
-
-
-def _history_calls(message: ChatMessageIn, where: str) -> list[dict[str, Any]]:
-    """An assistant turn's calls in template shape (arguments decoded from their JSON text)."""
-    calls = []
-    for j, call in enumerate(message.tool_calls or []):
-        at = f"{where}.tool_calls[{j}]"
-        function = call.get("function")
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise invalid(f"'{at}.function.name' is required.", param=f"{at}.function.name")
-        arguments = function.get("arguments") or "{}"
-        try:
-            decoded = json.loads(arguments) if isinstance(arguments, str) else arguments
-        except ValueError:
-            raise invalid(f"'{at}.function.arguments' is not valid JSON.",
-                          param=f"{at}.function.arguments") from None
-        if not isinstance(decoded, dict):
-            raise invalid(f"'{at}.function.arguments' must be a JSON object.",
-                          param=f"{at}.function.arguments")
-        calls.append(ToolCall(name=function["name"], arguments=decoded,
-                              id=str(call.get("id") or "")).as_template_call())
-    return calls
 
 
 def chat_messages(messages: list[ChatMessageIn]) -> list[ChatMessage]:
@@ -241,7 +218,7 @@ def chat_messages(messages: list[ChatMessageIn]) -> list[ChatMessage]:
             if message.role != "assistant":
                 raise invalid(f"'{where}.tool_calls' belongs only to role 'assistant'.",
                               param=f"{where}.tool_calls")
-            calls = _history_calls(message, where)
+            calls = history_calls(message.tool_calls, where)
             names.update({c["id"]: c["function"]["name"] for c in calls if c["id"]})
         role = "system" if message.role == "developer" else message.role
         content = "" if calls and message.content is None else _message_text(message, where)
@@ -392,6 +369,8 @@ def chat_completion(result: Collected, meta: ResponseMeta) -> ChatCompletion:
         message = AssistantMessageOut(content=parsed.text or None if called else parsed.text)
         if called:
             message.tool_calls = [tool_call_out(c, meta) for c in parsed.calls]
+        if parsed.reasoning:
+            message.reasoning_content = parsed.reasoning
     return ChatCompletion(
         id=meta.id, created=meta.created, model=meta.model,
         choices=[ChatChoice(
@@ -415,8 +394,8 @@ def text_completion(result: Collected, meta: ResponseMeta) -> TextCompletion:
     )
 
 
-async def chat_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
-                   ) -> AsyncGenerator[bytes, None]:
+def chat_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
+             ) -> AsyncGenerator[bytes, None]:
     """Chat chunks: a role chunk, content chunks, a finish chunk, optionally a usage chunk."""
 
     def chunk(delta: Delta, logprobs: ChoiceLogprobs | None = None,
@@ -428,16 +407,18 @@ async def chat_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
 
     # With tools, text that may begin a call is held back until the call is complete (or
     # turns out to be text); each call goes out as a name delta, then an arguments delta.
+    # Reasoning goes out in `reasoning_content` deltas.
     calls = meta.tools.stream() if meta.tools is not None else None
     called = 0
 
-    def pieces_out(pieces: list[str | ToolCall], logprobs: ChoiceLogprobs | None,
-                   ) -> list[bytes]:
+    def pieces_out(pieces: list[Piece], logprobs: ChoiceLogprobs | None) -> list[bytes]:
         nonlocal called
         out = []
         for piece in pieces:
-            if isinstance(piece, str):
-                out.append(chunk(Delta(content=piece), logprobs))
+            if isinstance(piece, str | Thought):
+                delta = (Delta(content=piece) if isinstance(piece, str)
+                         else Delta(reasoning_content=piece.text))
+                out.append(chunk(delta, logprobs))
                 logprobs = None
                 continue
             call = tool_call_out(piece, meta)
@@ -451,40 +432,27 @@ async def chat_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
             out.append(chunk(Delta(), logprobs))
         return out
 
-    try:
-        yield chunk(Delta(role="assistant", content=""))
-        async for event in events:
-            if isinstance(event, TokenChunk):
-                logprobs = (chat_logprobs(event.logprobs)
-                            if meta.logprobs and event.logprobs else None)
-                if calls is not None:
-                    for data in pieces_out(calls.feed(event.text), logprobs):
-                        yield data
-                elif event.text or logprobs:
-                    yield chunk(Delta(content=event.text), logprobs)
-            elif isinstance(event, Failed):
-                yield sse_data(openai_error_body(from_failed(event)))
-                return
-            else:
-                if calls is not None:
-                    for data in pieces_out(calls.finish(), None):
-                        yield data
-                yield chunk(Delta(), reason=finish_reason(event.reason, called > 0))
-                if meta.include_usage:
-                    yield sse_data(ChatCompletionChunk(
-                        id=meta.id, created=meta.created, model=meta.model, choices=[],
-                        usage=usage_out(event.usage)))
-                yield SSE_DONE
-                return
-        yield sse_data(openai_error_body(_UNFINISHED))
-    except Exception as exc:  # the status line is sent: report a broken engine in-band
-        yield sse_data(openai_error_body(to_api_error(exc)))
-    finally:
-        await aclose(events)
+    def token(event: TokenChunk) -> list[bytes]:
+        logprobs = chat_logprobs(event.logprobs) if meta.logprobs and event.logprobs else None
+        if calls is not None:
+            return pieces_out(calls.feed(event.text), logprobs)
+        return [chunk(Delta(content=event.text), logprobs)] if event.text or logprobs else []
+
+    def finish(event: Finished) -> list[bytes]:
+        out = pieces_out(calls.finish(), None) if calls is not None else []
+        out.append(chunk(Delta(), reason=finish_reason(event.reason, called > 0)))
+        if meta.include_usage:
+            out.append(sse_data(ChatCompletionChunk(
+                id=meta.id, created=meta.created, model=meta.model, choices=[],
+                usage=usage_out(event.usage))))
+        return [*out, SSE_DONE]
+
+    return relay(events, start=lambda: [chunk(Delta(role="assistant", content=""))],
+                 token=token, finish=finish, error=lambda e: sse_data(openai_error_body(e)))
 
 
-async def completion_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
-                         ) -> AsyncGenerator[bytes, None]:
+def completion_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
+                   ) -> AsyncGenerator[bytes, None]:
     def chunk(text: str, logprobs: CompletionLogprobs | None = None,
               reason: str | None = None) -> bytes:
         return sse_data(TextCompletion(
@@ -494,30 +462,24 @@ async def completion_sse(events: AsyncIterator[GenerationEvent], meta: ResponseM
         ))
 
     offset = 0
-    try:
-        async for event in events:
-            if isinstance(event, TokenChunk):
-                logprobs = (completion_logprobs(event.logprobs, offset, meta.top_logprobs)
-                            if meta.logprobs and event.logprobs else None)
-                if event.text or logprobs:
-                    yield chunk(event.text, logprobs)
-                offset += len(event.text)
-            elif isinstance(event, Failed):
-                yield sse_data(openai_error_body(from_failed(event)))
-                return
-            else:
-                yield chunk("", reason=finish_reason(event.reason))
-                if meta.include_usage:
-                    yield sse_data(TextCompletion(
-                        id=meta.id, created=meta.created, model=meta.model, choices=[],
-                        usage=usage_out(event.usage)))
-                yield SSE_DONE
-                return
-        yield sse_data(openai_error_body(_UNFINISHED))
-    except Exception as exc:
-        yield sse_data(openai_error_body(to_api_error(exc)))
-    finally:
-        await aclose(events)
+
+    def token(event: TokenChunk) -> list[bytes]:
+        nonlocal offset
+        logprobs = (completion_logprobs(event.logprobs, offset, meta.top_logprobs)
+                    if meta.logprobs and event.logprobs else None)
+        offset += len(event.text)
+        return [chunk(event.text, logprobs)] if event.text or logprobs else []
+
+    def finish(event: Finished) -> list[bytes]:
+        out = [chunk("", reason=finish_reason(event.reason))]
+        if meta.include_usage:
+            out.append(sse_data(TextCompletion(id=meta.id, created=meta.created,
+                                               model=meta.model, choices=[],
+                                               usage=usage_out(event.usage))))
+        return [*out, SSE_DONE]
+
+    return relay(events, token=token, finish=finish,
+                 error=lambda e: sse_data(openai_error_body(e)))
 
 
 def model_card(info: ModelInfo) -> ModelCard:
@@ -542,34 +504,25 @@ class OpenAIController(Controller):
         tools = chat_tools(data)
         choice = chat_tool_choice(data, tools)
         schema = response_schema(data)
-        messages = chat_messages(data.messages)
-        plan = None
-        if needs_plan(tools, messages):
-            if schema is not None and not choice.forced:
-                # The reply must be the requested JSON, so it cannot also be a call.
-                choice = ToolChoice(mode="none")
-            plan = await tool_plan(engine, info.name, tools, choice)
-        prompt = await render_with_tools(engine, info.name, messages, plan)
+        prompt = await prepare_prompt(engine, info, chat_messages(data.messages), tools,
+                                      choice, schema)
         requested = (data.max_completion_tokens if data.max_completion_tokens is not None
                      else data.max_tokens)
-        max_tokens = completion_budget(info, len(prompt), requested,
+        max_tokens = completion_budget(info, len(prompt.tokens), requested,
                                        services.settings.max_tokens_default)
         rid = request_id()
-        grammar = plan.grammar() if plan is not None else None
-        generation = GenerationRequest(id=rid, model=info.name, prompt_tokens=prompt,
+        generation = GenerationRequest(id=rid, model=info.name, prompt_tokens=prompt.tokens,
                                        sampling=chat_sampling(data, max_tokens),
-                                       json_schema=None if grammar else schema, grammar=grammar)
+                                       json_schema=prompt.json_schema, grammar=prompt.grammar)
         meta = ResponseMeta(
             id=f"chatcmpl-{rid}", created=int(time.time()), model=info.name,
             include_usage=bool(data.stream_options and data.stream_options.include_usage),
-            logprobs=bool(data.logprobs),
-            tools=plan if plan is not None and plan.parses else None,
+            logprobs=bool(data.logprobs), tools=prompt.output_plan,
         )
-        if data.stream:
-            events = await start_stream(request, services, "openai", generation)
-            return ClosingStream(chat_sse(events, meta), media_type=SSE_MEDIA_TYPE)
-        result = await collect(request, services, "openai", generation)
-        return Response(chat_completion(result, meta))
+        return await respond(request, services, "openai", generation, stream=bool(data.stream),
+                             frames=lambda events: chat_sse(events, meta),
+                             media_type=SSE_MEDIA_TYPE,
+                             whole=lambda result: chat_completion(result, meta))
 
     @post("/completions", status_code=200, summary="Create a text completion (legacy)")
     async def completions(
@@ -593,11 +546,10 @@ class OpenAIController(Controller):
             include_usage=bool(data.stream_options and data.stream_options.include_usage),
             logprobs=data.logprobs is not None, top_logprobs=bool(data.logprobs),
         )
-        if data.stream:
-            events = await start_stream(request, services, "openai", generation)
-            return ClosingStream(completion_sse(events, meta), media_type=SSE_MEDIA_TYPE)
-        result = await collect(request, services, "openai", generation)
-        return Response(text_completion(result, meta))
+        return await respond(request, services, "openai", generation, stream=bool(data.stream),
+                             frames=lambda events: completion_sse(events, meta),
+                             media_type=SSE_MEDIA_TYPE,
+                             whole=lambda result: text_completion(result, meta))
 
     @get("/models", summary="List models")
     async def list_models(self, services: ServicesDep) -> ModelList:

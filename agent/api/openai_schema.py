@@ -11,10 +11,16 @@ from typing import Annotated, Any, Literal
 
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from agent import __version__
+
 PositiveInt = Annotated[int, Meta(ge=1)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+
+# OpenAI's schema types `system_fingerprint` as a string: the backend configuration that made
+# the output. flock's output changes with its own version.
+SYSTEM_FINGERPRINT = "fp_flock_" + __version__.replace(".", "_")
 
 
 class ContentPart(Struct, kw_only=True):
@@ -32,6 +38,9 @@ class ChatMessageIn(Struct, kw_only=True, forbid_unknown_fields=True):
     tool_call_id: str | None = None
     function_call: dict[str, Any] | None = None
     refusal: str | None = None
+    # A replayed reasoning model's turn; its reasoning is not shown to the model again.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class StreamOptions(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -44,6 +53,9 @@ class ResponseFormat(Struct, kw_only=True):
     type: str
     # {"name": ..., "schema": {...}, "strict": bool, "description": ...} for "json_schema"
     json_schema: dict[str, Any] | None = None
+    # {"type": "json_object", "schema": {...}}: the form vLLM, Together and Anyscale accept
+    # (instructor's JSON_SCHEMA mode sends it).
+    schema: dict[str, Any] | None = None
 
 
 class _SamplingFields(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -144,6 +156,9 @@ class AssistantMessageOut(Struct, kw_only=True):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    # The model's reasoning, apart from the answer (as vLLM and llama.cpp's server return it);
+    # absent when it wrote none.
+    reasoning_content: str | UnsetType = UNSET
     tool_calls: list[ToolCallOut] | UnsetType = UNSET  # absent unless the model called tools
 
 
@@ -161,7 +176,7 @@ class ChatCompletion(Struct, kw_only=True):
     model: str
     choices: list[ChatChoice]
     usage: UsageOut
-    system_fingerprint: str | None = None
+    system_fingerprint: str = SYSTEM_FINGERPRINT
 
 
 class FunctionCallDelta(Struct, kw_only=True, omit_defaults=True):
@@ -182,6 +197,7 @@ class ToolCallDelta(Struct, kw_only=True, omit_defaults=True):
 class Delta(Struct, kw_only=True, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 
 
@@ -199,7 +215,7 @@ class ChatCompletionChunk(Struct, kw_only=True):
     model: str
     choices: list[ChunkChoice]
     usage: UsageOut | None = None
-    system_fingerprint: str | None = None
+    system_fingerprint: str = SYSTEM_FINGERPRINT
 
 
 class CompletionLogprobs(Struct, kw_only=True):
@@ -223,7 +239,7 @@ class TextCompletion(Struct, kw_only=True):
     model: str
     choices: list[CompletionChoice]
     usage: UsageOut | None = None
-    system_fingerprint: str | None = None
+    system_fingerprint: str = SYSTEM_FINGERPRINT
 
 
 class ModelCard(Struct, kw_only=True):

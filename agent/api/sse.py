@@ -11,7 +11,7 @@ they await the engine under `until_disconnect`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import anyio
@@ -23,7 +23,8 @@ from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 from litestar.types import Receive, Send
 
-from agent.api.errors import ClientDisconnected
+from agent.api.errors import ApiError, ClientDisconnected, from_failed, to_api_error
+from agent.generation import Failed, Finished, GenerationEvent, TokenChunk
 
 T = TypeVar("T")
 
@@ -130,3 +131,39 @@ async def prepend(first: T, rest: AsyncIterator[T]) -> AsyncGenerator[T, None]:
             yield item
     finally:
         await aclose(rest)
+
+
+UNFINISHED = ApiError("internal", "The generation ended without finishing.")
+
+
+async def relay(
+    events: AsyncIterator[GenerationEvent],
+    *,
+    token: Callable[[TokenChunk], Iterable[bytes]],
+    finish: Callable[[Finished], Iterable[bytes]],
+    error: Callable[[ApiError], bytes],
+    start: Callable[[], Iterable[bytes]] = lambda: (),
+) -> AsyncGenerator[bytes, None]:
+    """The body of a streamed response: `start` frames, then each token's frames until the
+    finish frames; a failure ends it with the API's error frame. The status line is sent by
+    then, so a broken engine (or a stream that stops without finishing) is reported in-band,
+    and the engine's stream is closed however the body ends."""
+    try:
+        for data in start():
+            yield data
+        async for event in events:
+            if isinstance(event, TokenChunk):
+                for data in token(event):
+                    yield data
+            elif isinstance(event, Failed):
+                yield error(from_failed(event))
+                return
+            else:
+                for data in finish(event):
+                    yield data
+                return
+        yield error(UNFINISHED)
+    except Exception as exc:
+        yield error(to_api_error(exc))
+    finally:
+        await aclose(events)

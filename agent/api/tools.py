@@ -1,6 +1,6 @@
-"""Tool calling and structured output for the adapters: checking tool definitions and schemas
-(a 400 naming what is wrong), showing tools to the model, forcing calls, and finding calls in
-what it wrote.
+"""Tool calling, reasoning and structured output for the adapters: checking tool definitions
+and schemas (a 400 naming what is wrong), showing tools to the model, forcing calls, and
+splitting what it wrote into reasoning, answer and calls.
 
 Each adapter turns its own wire shapes into `ToolSpec`s, a `ToolChoice` and `ChatMessage`s, and
 gets back a `ToolPlan` that knows the model's tool format. The plan prompts the model through
@@ -10,6 +10,7 @@ request, and parses output whole or streamed (`agent.tools.parsers`).
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import string
@@ -19,11 +20,13 @@ from typing import Any
 
 from agent.api.common import render_chat
 from agent.api.errors import invalid, model_not_found
-from agent.engine import ChatMessage, Engine, ModelNotFound
+from agent.engine import ChatMessage, Engine, ModelInfo, ModelNotFound
 from agent.tools.formats import prepare_conversation
 from agent.tools.grammar import ANY_JSON_OBJECT, forced_call_grammar, schema_problem
-from agent.tools.parsers import ParsedOutput, ToolCallStream, parse_output
-from agent.tools.types import ToolChoice, ToolFormat, ToolSpec
+from agent.tools.output import OutputStream, split_output
+from agent.tools.parsers import ParsedOutput
+from agent.tools.reasoning import NO_REASONING, ReasoningStyle, detect_reasoning
+from agent.tools.types import ToolCall, ToolChoice, ToolFormat, ToolSpec
 
 # OpenAI's rule for function names (Anthropic's is the same without "."); also what the
 # parsers accept as a name.
@@ -83,11 +86,12 @@ def new_call_id(prefix: str, fmt: ToolFormat) -> str:
 
 @dataclass(frozen=True)
 class ToolPlan:
-    """What one request does with tools, given the model's format."""
+    """What one request does with tools and reasoning, given the model's formats."""
 
     fmt: ToolFormat
     tools: tuple[ToolSpec, ...]
     choice: ToolChoice
+    reasoning: ReasoningStyle = NO_REASONING
 
     @property
     def parses(self) -> bool:
@@ -108,15 +112,22 @@ class ToolPlan:
     def max_calls(self) -> int | None:
         return None if self.choice.parallel else 1
 
-    def stream(self) -> ToolCallStream | None:
-        if not self.parses:
+    @property
+    def splits(self) -> bool:
+        """Whether output needs splitting: it may hold calls, or reasoning."""
+        return self.parses or self.reasoning.fmt != "none" or self.fmt == "harmony"
+
+    def stream(self) -> OutputStream | None:
+        if not self.splits:
             return None
-        return ToolCallStream(self.fmt, self.names, self.max_calls)
+        return OutputStream(self.reasoning, self.fmt if self.parses else None, self.names,
+                            self.max_calls, {t.name: t.parameters for t in self.tools})
 
     def parse(self, text: str) -> ParsedOutput:
-        if not self.parses:
+        stream = self.stream()
+        if stream is None:
             return ParsedOutput(text=text, calls=[], pieces=[text] if text else [])
-        return parse_output(self.fmt, text, self.names, self.max_calls)
+        return split_output(stream, text)
 
 
 def needs_plan(tools: Sequence[ToolSpec], messages: Sequence[ChatMessage]) -> bool:
@@ -125,12 +136,53 @@ def needs_plan(tools: Sequence[ToolSpec], messages: Sequence[ChatMessage]) -> bo
 
 
 async def tool_plan(engine: Engine, model: str, tools: Sequence[ToolSpec],
-                    choice: ToolChoice) -> ToolPlan:
+                    choice: ToolChoice, reasoning: ReasoningStyle = NO_REASONING,
+                    ) -> ToolPlan:
     try:
         fmt = await engine.tool_format(model)
     except ModelNotFound:
         raise model_not_found(model) from None
-    return ToolPlan(fmt=fmt, tools=tuple(tools), choice=choice)
+    if fmt == "harmony" and reasoning.fmt == "none":
+        reasoning = ReasoningStyle("harmony")
+    return ToolPlan(fmt=fmt, tools=tuple(tools), choice=choice, reasoning=reasoning)
+
+
+def reasoning_style(info: ModelInfo, constrained: bool = False) -> ReasoningStyle:
+    """How the model writes reasoning, from its template. Output generated under a schema or a
+    forced call's grammar holds none (and must not be read as a block the prompt opened)."""
+    return NO_REASONING if constrained else detect_reasoning(info.chat_template)
+
+
+def reasoning_plan(style: ReasoningStyle) -> ToolPlan | None:
+    """The plan of a request without tools, for a model that reasons (None when it does not)."""
+    if style.fmt == "none":
+        return None
+    return ToolPlan(fmt="default", tools=(), choice=ToolChoice(mode="none"), reasoning=style)
+
+
+def history_call(call: Any, at: str) -> dict[str, Any]:
+    """One call of a replayed assistant turn (`at` is its place, e.g. "messages[1].tool_calls[0]")
+    in template shape. Its arguments may be an object (Ollama) or its JSON text (OpenAI)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise invalid(f"'{at}.function.name' is required.", param=f"{at}.function.name")
+    arguments = function.get("arguments") or {}
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            raise invalid(f"'{at}.function.arguments' is not valid JSON.",
+                          param=f"{at}.function.arguments") from None
+    if not isinstance(arguments, dict):
+        raise invalid(f"'{at}.function.arguments' must be a JSON object.",
+                      param=f"{at}.function.arguments")
+    return ToolCall(name=function["name"], arguments=arguments,
+                    id=str(call.get("id") or "")).as_template_call()
+
+
+def history_calls(calls: list[dict[str, Any]] | None, where: str) -> list[dict[str, Any]]:
+    """An assistant turn's calls in template shape; `where` is the message's place."""
+    return [history_call(call, f"{where}.tool_calls[{j}]") for j, call in enumerate(calls or [])]
 
 
 async def render_with_tools(engine: Engine, model: str, messages: list[ChatMessage],
@@ -147,3 +199,39 @@ def json_mode_schema() -> dict[str, Any]:
     """The schema behind "any JSON object" modes (OpenAI json_object, Ollama "json")."""
     return dict(ANY_JSON_OBJECT)
 
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A templated conversation ready to run: its tokens, what it does with tools (None when
+    it offers none and replays none), and the constraint its output is generated under."""
+
+    tokens: list[int]
+    plan: ToolPlan | None
+    json_schema: dict[str, Any] | None
+    grammar: str | None
+
+    @property
+    def output_plan(self) -> ToolPlan | None:
+        """The plan when output needs splitting (calls or reasoning), else None."""
+        return self.plan if self.plan is not None and self.plan.splits else None
+
+
+async def prepare_prompt(engine: Engine, info: ModelInfo, messages: list[ChatMessage],
+                         tools: Sequence[ToolSpec], choice: ToolChoice,
+                         schema: dict[str, Any] | None) -> Prompt:
+    """Every adapter's way from a checked conversation to a prompt: a tool plan when tools are
+    offered or replayed, the model's template, a forced call's grammar (which wins over an
+    output schema), and how its reasoning is split from the answer."""
+    plan = None
+    constrained = schema is not None or choice.forced
+    style = reasoning_style(info, constrained)
+    if needs_plan(tools, messages):
+        if schema is not None and not choice.forced:
+            # The reply must be the requested JSON, so it cannot also be a call.
+            choice = ToolChoice(mode="none")
+        plan = await tool_plan(engine, info.name, tools, choice, style)
+    tokens = await render_with_tools(engine, info.name, messages, plan)
+    grammar = plan.grammar() if plan is not None else None
+    return Prompt(tokens=tokens, plan=plan or reasoning_plan(style),
+                  json_schema=None if grammar else schema, grammar=grammar)

@@ -26,6 +26,7 @@ class RowSampler:
     # Constrained decoding (JSON schema, grammar): see agent.runtime.constraints. It has
     # `allowed() -> mx.array` (bool, vocab), `consume(token)` and `finished() -> bool`.
     constraint: Any = None
+    _prompt_ids: set[int] | None = field(default=None, repr=False)  # the prompt's distinct ids
 
     def __post_init__(self) -> None:
         if self.params.seed is not None and not self.params.greedy:
@@ -44,8 +45,28 @@ class RowSampler:
         return (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
                 or p.frequency_penalty != 0.0)
 
-    def adjust(self, logits: mx.array, prompt_tail: list[int]) -> mx.array:
-        """Penalties over recent tokens, as llama.cpp/mlx-lm (repetition) and OpenAI define them."""
+    def recent_tokens(self, prompt: list[int]) -> set[int]:
+        """The distinct ids among the last `repetition_context` tokens of prompt + output: the
+        window the repetition penalty looks at (a window as long as the context is all of it,
+        Ollama's `repeat_last_n: -1`)."""
+        window = self.params.repetition_context
+        if window <= 0:
+            return set()
+        recent = set(self.history[-window:])
+        room = window - len(self.history)
+        if room > 0 and prompt:
+            if room >= len(prompt):
+                # The whole prompt is in the window from here on: count it once, not per step.
+                if self._prompt_ids is None:
+                    self._prompt_ids = set(prompt)
+                recent |= self._prompt_ids
+            else:
+                recent.update(prompt[-room:])
+        return recent
+
+    def adjust(self, logits: mx.array, prompt: list[int]) -> mx.array:
+        """Penalties over recent tokens, as llama.cpp/mlx-lm (repetition) and OpenAI define them;
+        `prompt` is the whole prompt (the window decides how much of it counts)."""
         p = self.params
         if self.constraint is not None:
             allowed = self.constraint.allowed()
@@ -53,9 +74,9 @@ class RowSampler:
         if not self._penalised:
             return logits
         if p.repetition_penalty != 1.0 and p.repetition_context > 0:
-            recent = (prompt_tail + self.history)[-p.repetition_context:]
+            recent = self.recent_tokens(prompt)
             if recent:
-                ids = mx.array(sorted(set(recent)))
+                ids = mx.array(sorted(recent))
                 selected = logits[ids]
                 selected = mx.where(selected < 0, selected * p.repetition_penalty,
                                     selected / p.repetition_penalty)

@@ -439,7 +439,7 @@ class Scheduler:
             picks = []
             pending = []
             for seq, row in zip(seqs, rows, strict=True):
-                row_logits = seq.sampler.adjust(logits[row], seq.prompt[-64:])
+                row_logits = seq.sampler.adjust(logits[row], seq.prompt)
                 token = seq.sampler.choose(row_logits)
                 lp = None
                 if seq.request.sampling.logprobs:

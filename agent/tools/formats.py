@@ -44,6 +44,15 @@ def detect_tool_format(template: str | Sequence[Mapping[str, str]] | Mapping[str
     text = template_text(template)
     if not text or not _USES_TOOLS.search(text):
         return "default"
+    if "<|channel|>" in text and "to=functions" in text:
+        return "harmony"
+    if "<minimax:tool_call>" in text:
+        return "minimax"
+    if "tool\u2581calls\u2581begin" in text:
+        # V3 writes the arguments in a ```json fence; V3.1 writes them bare.
+        return "deepseek_v3" if "```json" in text else "deepseek_v31"
+    if "<arg_key>" in text:
+        return "glm45"
     if "<tool_call>" in text:
         return "hermes"
     if "[TOOL_CALLS]" in text or "[AVAILABLE_TOOLS]" in text:
@@ -135,4 +144,23 @@ def prepare_conversation(
         if offered:
             conversation = _with_system(conversation, default_tool_prompt(offered))
         return conversation, None
-    return list(messages), [t.as_template_tool() for t in offered] or None
+    conversation = list(messages)
+    if fmt in ("deepseek_v3", "deepseek_v31"):
+        conversation = [_json_arguments(m) for m in conversation]
+    return conversation, [t.as_template_tool() for t in offered] or None
+
+
+def _json_arguments(message: ChatMessage) -> ChatMessage:
+    """DeepSeek's templates concatenate a replayed call's arguments as text (`+`), so they get
+    the arguments' JSON rather than the object other templates iterate."""
+    if not message.tool_calls:
+        return message
+    calls = []
+    for call in message.tool_calls:
+        name, arguments = _call_parts(call)
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments,
+                                                                      ensure_ascii=False)
+        calls.append({**call, "type": call.get("type", "function"),
+                      "function": {"name": name, "arguments": text}})
+    return ChatMessage(role=message.role, content=message.content, tool_calls=calls,
+                       tool_call_id=message.tool_call_id, name=message.name)

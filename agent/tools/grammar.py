@@ -13,6 +13,15 @@ from typing import Any
 
 import llguidance
 
+from agent.tools.families import (
+    DS_CALL_BEGIN,
+    DS_CALL_END,
+    DS_CALLS_BEGIN,
+    DS_CALLS_END,
+    DS_SEP,
+    MINIMAX_CLOSE,
+    MINIMAX_OPEN,
+)
 from agent.tools.formats import CALL_CLOSE, CALL_OPEN
 from agent.tools.parsers import MISTRAL_MARKER
 from agent.tools.types import ToolChoice, ToolFormat, ToolSpec
@@ -27,8 +36,11 @@ ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
 
 
 def json_schema_grammar(schema: dict[str, Any]) -> str:
-    """The llguidance grammar for output that is one JSON value matching `schema`."""
-    return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)  # type: ignore[arg-type]
+    """The llguidance grammar for output that is one JSON value matching `schema`, with every
+    object that lists its properties closed to others unless the schema says otherwise
+    (`close_objects`), as other servers' strict grammar modes generate."""
+    return llguidance.LLMatcher.grammar_from_json_schema(close_objects(schema),  # type: ignore[arg-type]
+                                                          defaults=JSON_STYLE)
 
 
 def lark_grammar(lark: str) -> str:
@@ -62,10 +74,11 @@ def close_objects(schema: Any) -> Any:
     """The schema with every object that lists `properties` but says nothing about others
     closed to them ("additionalProperties": false).
 
-    Used where the schema describes what the model should write, not what a validator should
-    tolerate: tool arguments (as OpenAI's strict mode requires), strict response formats and
+    Every schema flock generates under is one the model should write, not what a validator
+    should tolerate: tool arguments (as OpenAI's strict mode requires), response formats and
     Ollama's `format` (llama.cpp's converter, behind Ollama, closes objects the same way).
-    Without it a small model keeps inventing properties until max_tokens.
+    Without it a model keeps inventing properties (a schema's "description" copied as a key)
+    until max_tokens.
     """
     if not isinstance(schema, dict):
         return schema
@@ -134,7 +147,69 @@ def forced_call_grammar(fmt: ToolFormat, tools: Sequence[ToolSpec], choice: Tool
     if fmt == "mistral":
         array = {"type": "array", "items": call_schema(chosen), "minItems": 1, "maxItems": most}
         return f"start: {_lark_string(MISTRAL_MARKER)} calls\ncalls: {_inline(array)}\n"
+    if fmt in ("deepseek_v3", "deepseek_v31"):
+        return _deepseek_grammar(chosen, most, fenced=fmt == "deepseek_v3")
+    if fmt == "minimax":
+        return _minimax_grammar(chosen, most)
+    if fmt == "harmony":
+        # One call per turn: generation ends at the call (gpt-oss's <|call|> stop token).
+        return "start: " + " | ".join(
+            f"{_lark_string('<|channel|>commentary to=functions.' + t.name)} "
+            f"{_lark_string(' <|constrain|>json<|message|>')} "
+            f"{_inline(close_objects(t.parameters))}" for t in chosen) + "\n"
+    # Hermes, flock's default and GLM 4.5 (whose parser takes Hermes' JSON body too).
     more = f' ("\\n" call){{0,{most - 1}}}' if most > 1 else ""
     return (f"start: call{more}\n"
             f"call: {_lark_string(CALL_OPEN + chr(10))} body {_lark_string(chr(10) + CALL_CLOSE)}\n"
             f"body: {_inline(call_schema(chosen))}\n")
+
+
+def _deepseek_grammar(tools: Sequence[ToolSpec], most: int, fenced: bool) -> str:
+    lines = [f"start: {_lark_string(DS_CALLS_BEGIN)} call{{1,{most}}} "
+             f"{_lark_string(DS_CALLS_END)}",
+             "call: " + " | ".join(f"call{i}" for i in range(len(tools)))]
+    for i, tool in enumerate(tools):
+        if fenced:
+            head, tail = f"function{DS_SEP}{tool.name}\n```json\n", "\n```"
+        else:
+            head, tail = f"{tool.name}{DS_SEP}", ""
+        lines.append(f"call{i}: {_lark_string(DS_CALL_BEGIN + head)} "
+                     f"{_inline(close_objects(tool.parameters))} "
+                     f"{_lark_string(tail + DS_CALL_END)}")
+    return "\n".join(lines) + "\n"
+
+
+def _bare_value(schema: Any) -> str:
+    """A MiniMax argument value: bare text for strings (an enum's words, or text up to the
+    schema's maxLength), JSON for anything else."""
+    if isinstance(schema, dict):
+        enum = schema.get("enum")
+        if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
+            return "(" + " | ".join(_lark_string(v) for v in enum) + ")"
+        if schema.get("type") == "string":
+            most = schema.get("maxLength")
+            return f"/[^<]{{0,{int(most)}}}/" if isinstance(most, int) else "/[^<]*/"
+        if schema:
+            return _inline(close_objects(schema))
+    return "/[^<]*/"
+
+
+def _minimax_grammar(tools: Sequence[ToolSpec], most: int) -> str:
+    """MiniMax's XML-ish calls: parameter names from the schema, each value as it types it."""
+    lines = [f"start: {_lark_string(MINIMAX_OPEN + chr(10))} invoke{{1,{most}}} "
+             f"{_lark_string(MINIMAX_CLOSE)}",
+             "invoke: " + " | ".join(f"invoke{i}" for i in range(len(tools)))]
+    for i, tool in enumerate(tools):
+        # Each parameter at most once, in the schema's order; the required ones always.
+        properties = tool.parameters.get("properties") or {}
+        required = set(tool.parameters.get("required") or ())
+        close = _lark_string("</parameter>\n")
+        params = ""
+        for k, (key, schema) in enumerate(properties.items()):
+            rule = f"p{i}_{k}"
+            lines.append(f"{rule}: " + _lark_string('<parameter name="' + key + '">')
+                         + f" {_bare_value(schema)} {close}")
+            params += f" {rule}" + ("" if key in required else "?")
+        head = _lark_string(f'<invoke name="{tool.name}">\n')
+        lines.append(f"invoke{i}: {head}{params} {_lark_string('</invoke>' + chr(10))}")
+    return "\n".join(lines) + "\n"

@@ -15,10 +15,19 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.tools.families import (
+    DS_CALLS_BEGIN,
+    DS_CALLS_END,
+    MINIMAX_CLOSE,
+    MINIMAX_OPEN,
+    parse_deepseek_calls,
+    parse_glm_call,
+    parse_minimax_calls,
+)
 from agent.tools.formats import CALL_CLOSE, CALL_OPEN
 from agent.tools.types import ToolCall, ToolFormat
 
@@ -29,12 +38,34 @@ MISTRAL_MARKER = "[TOOL_CALLS]"
 
 _decoder = json.JSONDecoder()
 
+# (opening, closing) marker of a call region, per format; the rest use Hermes' tags.
+_MARKERS: dict[str, tuple[str, str]] = {
+    "mistral": (MISTRAL_MARKER, ""),
+    "deepseek_v3": (DS_CALLS_BEGIN, DS_CALLS_END),
+    "deepseek_v31": (DS_CALLS_BEGIN, DS_CALLS_END),
+    "minimax": (MINIMAX_OPEN, MINIMAX_CLOSE),
+}
+
 
 @dataclass(frozen=True)
 class ParsedOutput:
-    text: str  # all the text, calls taken out
+    text: str  # all the text, calls (and reasoning) taken out
     calls: list[ToolCall]
-    pieces: list[Piece] = field(default_factory=list)  # text and calls in output order
+    pieces: list[Any] = field(default_factory=list)  # text, calls (and Thoughts) in order
+    reasoning: str = ""  # the reasoning text (`agent.tools.output`), joined
+
+
+def within_limit(pieces: list[Any], seen: int, most: int | None) -> tuple[list[Any], int]:
+    """`pieces` without the calls beyond the first `most` of the output (`seen` came before),
+    and the new count of calls seen."""
+    kept = []
+    for piece in pieces:
+        if isinstance(piece, ToolCall):
+            seen += 1
+            if most is not None and seen > most:
+                continue
+        kept.append(piece)
+    return kept, seen
 
 
 def call_from_payload(payload: Any, names: Collection[str] | None,
@@ -87,9 +118,11 @@ class ToolCallStream:
     """Incremental tool-call detection for one output (see the module docstring)."""
 
     def __init__(self, fmt: ToolFormat, names: Collection[str] | None = None,
-                 max_calls: int | None = None) -> None:
+                 max_calls: int | None = None,
+                 schemas: Mapping[str, dict[str, Any]] | None = None) -> None:
         self.fmt = fmt
         self.names = names
+        self.schemas = schemas  # tool name -> its parameters (types bare-text arguments)
         self.max_calls = max_calls
         self._calls = 0
         self._buf = ""
@@ -123,11 +156,8 @@ class ToolCallStream:
     def _take(self) -> list[Piece]:
         out, self._out = self._out, []
         merged: list[Piece] = []
-        for piece in out:
-            if isinstance(piece, ToolCall):
-                self._calls += 1
-                if self.max_calls is not None and self._calls > self.max_calls:
-                    continue
+        kept, self._calls = within_limit(out, self._calls, self.max_calls)
+        for piece in kept:
             if isinstance(piece, str) and merged and isinstance(merged[-1], str):
                 merged[-1] += piece
             elif piece != "":
@@ -146,10 +176,10 @@ class ToolCallStream:
         if body:
             self._out.append(body)
 
-    def _call(self, call: ToolCall | None, raw: str) -> None:
-        """A call region ended: a call (whitespace around it dropped) or text as written."""
-        if call is not None:
-            self._out.append(call)
+    def _call(self, call: ToolCall | list[ToolCall] | None, raw: str) -> None:
+        """A call region ended: its calls (whitespace around them dropped) or text as written."""
+        if call:
+            self._out.extend(call if isinstance(call, list) else [call])
             self._held_ws = ""
             self._after_call = True
         else:
@@ -157,13 +187,26 @@ class ToolCallStream:
             self._held_ws = ""
             self._after_call = False
 
-    # ---- marked formats: hermes, default, mistral -----------------------------------------
+    # ---- marked formats: hermes, default, mistral, glm45, deepseek, minimax -----------------
     @property
     def _marker(self) -> str:
-        return MISTRAL_MARKER if self.fmt == "mistral" else CALL_OPEN
+        return _MARKERS.get(self.fmt, (CALL_OPEN, CALL_CLOSE))[0]
+
+    @property
+    def _close(self) -> str:
+        return _MARKERS.get(self.fmt, (CALL_OPEN, CALL_CLOSE))[1]
+
+    def _region_calls(self, body: str) -> ToolCall | list[ToolCall] | None:
+        if self.fmt in ("deepseek_v3", "deepseek_v31"):
+            return parse_deepseek_calls(body, self.names)
+        if self.fmt == "minimax":
+            return parse_minimax_calls(body, self.names, self.schemas)
+        if self.fmt == "glm45" and not body.lstrip().startswith("{"):
+            return parse_glm_call(body, self.names, self.schemas)
+        return self._hermes_call(body)  # GLM's forced calls are Hermes-style JSON
 
     def _feed_marked(self) -> None:
-        marker = self._marker
+        marker, close = self._marker, self._close
         while True:
             if not self._in_call:
                 at = self._buf.find(marker)
@@ -177,12 +220,12 @@ class ToolCallStream:
                 self._in_call = True
             if self.fmt == "mistral":
                 return  # the calls run to the end of the output
-            end = self._buf.find(CALL_CLOSE)
+            end = self._buf.find(close)
             if end < 0:
                 return
-            body, self._buf = self._buf[:end], self._buf[end + len(CALL_CLOSE):]
+            body, self._buf = self._buf[:end], self._buf[end + len(close):]
             self._in_call = False
-            self._call(self._hermes_call(body), CALL_OPEN + body + CALL_CLOSE)
+            self._call(self._region_calls(body), marker + body + close)
 
     def _finish_marked(self) -> None:
         if not self._in_call:
@@ -194,8 +237,8 @@ class ToolCallStream:
             for call in calls or ():
                 self._call(call, "")
         else:
-            # An unclosed call (the model stopped right after the JSON) still counts if whole.
-            self._call(self._hermes_call(self._buf), CALL_OPEN + self._buf)
+            # An unclosed call (the model stopped right after it) still counts if whole.
+            self._call(self._region_calls(self._buf), self._marker + self._buf)
         self._buf = ""
         self._in_call = False
 
@@ -273,9 +316,10 @@ def parse_mistral_calls(text: str, names: Collection[str] | None) -> list[ToolCa
 
 
 def parse_output(fmt: ToolFormat, text: str, names: Collection[str] | None = None,
-                 max_calls: int | None = None) -> ParsedOutput:
+                 max_calls: int | None = None,
+                 schemas: Mapping[str, dict[str, Any]] | None = None) -> ParsedOutput:
     """The calls in a whole output and the text around them."""
-    stream = ToolCallStream(fmt, names, max_calls)
+    stream = ToolCallStream(fmt, names, max_calls, schemas)
     pieces = stream.feed(text) + stream.finish()
     merged: list[Piece] = []
     for piece in pieces:

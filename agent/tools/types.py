@@ -6,11 +6,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-ToolFormat = Literal["hermes", "llama3", "mistral", "default"]
+ToolFormat = Literal["hermes", "llama3", "mistral", "glm45", "deepseek_v3", "deepseek_v31",
+                     "minimax", "harmony", "default"]
 """How a model family writes tool calls (see `agent.tools.formats`):
 - "hermes": `<tool_call>{"name": ..., "arguments": ...}</tool_call>` (Hermes, Qwen 2/2.5/3);
 - "llama3": a bare `{"name": ..., "parameters": ...}` object, maybe after `<|python_tag|>`;
 - "mistral": `[TOOL_CALLS]` then a JSON list of calls, or `name[ARGS]{...}` (newer tokenizers);
+- "glm45", "deepseek_v3" (fenced JSON), "deepseek_v31", "minimax": see `agent.tools.families`;
+- "harmony": gpt-oss's channels, a call addressed `to=functions.NAME` (`agent.tools.harmony`);
 - "default": flock's documented format for templates without tools: Hermes-style tags, with
   the tools described in the system prompt by flock rather than by the template.
 """
