@@ -68,11 +68,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not models:
         print(f"no models in {settings.models_dir} (try: flock pull smollm2-135m)")
         return 0
-    print(f"{'NAME':<28} {'ARCH':<8} {'QUANT':<6} {'SIZE':>10}  PATH")
+    print(f"{'NAME':<28} {'ARCH':<12} {'ENGINE':<7} {'QUANT':<6} {'SIZE':>10}  PATH")
     for m in models:
         info = ModelStore(settings.models_dir).info(m.name)
-        print(f"{info.name:<28} {info.architecture:<8} {info.quantization:<6} "
-              f"{info.size_bytes / 1e6:>8.0f}MB  {m.path}")
+        print(f"{info.name:<28} {info.architecture:<12} {info.engine or '-':<7} "
+              f"{info.quantization:<6} {info.size_bytes / 1e6:>8.0f}MB  {m.path}")
+        if info.refusal:
+            print(f"  cannot be served: {info.refusal}")
     return 0
 
 
@@ -82,7 +84,8 @@ def _model_row(settings: Any, name: str) -> dict[str, Any]:
     info = ModelStore(settings.models_dir).info(name)
     return {"name": info.name, "architecture": info.architecture,
             "quantization": info.quantization, "size_bytes": info.size_bytes,
-            "context_length": info.context_length, "digest": info.digest}
+            "context_length": info.context_length, "digest": info.digest,
+            "engine": info.engine, "refusal": info.refusal}
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

@@ -39,6 +39,8 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     digest: str
     modified_at: float  # unix seconds
     chat_template: str | None = None
+    engine: str = ""  # which engine serves it: "flock" (its own decoder) or "mlx-lm"
+    refusal: str | None = None  # why nothing here can serve it (its architecture), if so
 
 
 class LoadedModel(msgspec.Struct, frozen=True, kw_only=True):

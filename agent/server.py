@@ -136,7 +136,12 @@ async def run_agent(settings: NodeSettings, *, started: asyncio.Event | None = N
     if settings.model:
         async def load_default() -> None:
             # The default model is placed like any other: on this node, or across the
-            # cluster when it does not fit here. Ready once its head serves somewhere.
+            # cluster when it does not fit here. Ready once its head serves somewhere. A model
+            # nothing here can run is said once (never retried: that cannot go away).
+            refused = engine.refusal(settings.model)  # type: ignore[arg-type]
+            if refused is not None:
+                log.error("the default model %s cannot be served: %s", settings.model, refused)
+                return
             while True:
                 try:
                     await engine.ensure_serving(settings.model)  # type: ignore[arg-type]

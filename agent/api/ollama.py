@@ -529,6 +529,7 @@ class OllamaController(Controller):
             model_info={
                 "general.architecture": info.architecture,
                 "general.parameter_count": info.parameters,
+                "flock.engine": info.engine,
                 f"{info.architecture}.context_length": info.context_length,
             },
             # Every model can call tools: through its own template, or flock's default format.

@@ -483,7 +483,8 @@ def completion_sse(events: AsyncIterator[GenerationEvent], meta: ResponseMeta,
 
 
 def model_card(info: ModelInfo) -> ModelCard:
-    return ModelCard(id=info.name, created=int(info.modified_at))
+    return ModelCard(id=info.name, created=int(info.modified_at), engine=info.engine,
+                     refusal=info.refusal)
 
 
 # --- routes ---------------------------------------------------------------------------------

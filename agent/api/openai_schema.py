@@ -247,6 +247,8 @@ class ModelCard(Struct, kw_only=True):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "flock"
+    engine: str = ""  # flock's extension: which engine serves it ("flock" or "mlx-lm")
+    refusal: str | None = None  # flock's extension: why it cannot be served here, if so
 
 
 class ModelList(Struct, kw_only=True):

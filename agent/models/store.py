@@ -163,6 +163,7 @@ class ModelStore:
             digest=_combined_digest(m.weights_sha256),
             modified_at=m.created_at,
             chat_template=_chat_template(model.path),
+            **_serving(arch.read_config(model.path)),
         )
 
     def verify(self, name: str) -> None:
@@ -282,7 +283,14 @@ def info_from_dir(model_dir: Path, name: str) -> ModelInfo:
         digest="",
         modified_at=model_dir.stat().st_mtime,
         chat_template=_chat_template(model_dir),
+        **_serving(config),
     )
+
+
+def _serving(config: dict[str, Any]) -> dict[str, Any]:
+    """ModelInfo's engine and refusal fields, from the architecture registry."""
+    found = arch.architecture(config)
+    return {"engine": found.engine or "", "refusal": arch.refusal(config)}
 
 
 def describe(

@@ -178,6 +178,9 @@ class NodeEngine:
 
     async def _routed(self, request: GenerationRequest, channel: _Channel
                       ) -> AsyncIterator[GenerationEvent] | Failed:
+        refused = self.refusal(request.model)
+        if refused is not None:
+            return Failed(id=request.id, code="bad_request", message=refused)
         try:
             destination = await self.router.route(request.model)
         except ModelNotFound as exc:
@@ -188,6 +191,19 @@ class NodeEngine:
         if destination.runner is None:
             self._watch(destination, channel)
         return destination.open(request)
+
+    def refusal(self, model: str) -> str | None:
+        """Why `model` can never be served (its architecture), known before any placement."""
+        try:
+            return self.get_model(model).refusal
+        except ModelNotFound:
+            pass
+        except (OSError, ValueError):
+            return None
+        try:  # a model given by path
+            return info_from_dir(self.store.resolve(model), model).refusal
+        except (ModelNotFound, OSError, ValueError):
+            return None  # the router says whether anyone has it
 
     async def _here(self, request: GenerationRequest, channel: _Channel
                     ) -> AsyncIterator[GenerationEvent] | Failed:
