@@ -222,8 +222,12 @@ def make_arch_model(directory: Path, arch: str, tokenizer_dir: Path, *,
     if directory.exists():
         shutil.rmtree(directory)
     save_model(directory, model)
-    # Unset fields stay out: transformers validates config.json when the tokenizer loads.
-    config = {k: v for k, v in dataclasses.asdict(args).items() if v is not None}
+    # Unset optional fields stay out: transformers validates config.json when the tokenizer
+    # loads, and rejects some of them as None.
+    required = {f.name for f in dataclasses.fields(args)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    config = {k: v for k, v in dataclasses.asdict(args).items()
+              if v is not None or k in required}
     config["eos_token_id"] = 2
     save_config(config, directory / "config.json")
     for name in TOKENIZER_FILES:

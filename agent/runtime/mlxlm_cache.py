@@ -151,11 +151,13 @@ class MlxLmSlots:
 
     def layout(self, sequences: int, tokens: int) -> int | None:
         """Rows for `sequences` sequences of up to `tokens` positions: the batch cache pads
-        every row to the longest, so all of them at `tokens` must fit. One sequence always
-        fits here (the scheduler refused it already if its tokens cannot)."""
+        every row to the longest and grows by whole steps, so all of them at `tokens` plus a
+        step must fit. One sequence always fits here (the scheduler refused it already if its
+        tokens cannot), at worst a step over the budget."""
         if self.limit_bytes is None or sequences <= 1:
             return max(sequences, 1)
-        return sequences if sequences * self._row_bytes(tokens) <= self.limit_bytes else None
+        need = sequences * self._row_bytes(tokens + KVCache.step)
+        return sequences if need <= self.limit_bytes else None
 
     # ---- rows ----------------------------------------------------------------------------
     def acquire(self, owner: str, tokens_needed: int, *, rows: int | None = None) -> int:
