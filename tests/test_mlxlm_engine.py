@@ -11,7 +11,7 @@ from pathlib import Path
 import mlx_lm
 import pytest
 
-from agent.generation import Finished, GenerationRequest, SamplingParams
+from agent.generation import Finished, GenerationRequest, SamplingParams, TokenChunk
 from agent.runtime.client import RunnerProcess
 from agent.runtime.environment import runner_environment
 from agent.runtime.protocol import RunnerConfig
@@ -168,3 +168,54 @@ def test_kv_budget_counts_the_caches_real_bytes(smollm2_dir: Path) -> None:
     # A request that can never fit is refused at once.
     sched.submit(greedy("huge", PROMPT, max_tokens=1000))
     assert ending(events, "huge").code == "bad_request"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "lfm2", "deepseek_v3"])
+def test_rows_join_and_leave_the_batch_without_disturbing_others(
+        arch: str, smollm2_dir: Path) -> None:
+    """Sliding-window, recurrent and latent-attention caches: a row cancelled mid-batch leaves
+    (filter), a later one joins the shrunk batch (extend), and every survivor's ids stay
+    mlx-lm's own."""
+    model_dir, expected = arch_dir(arch, smollm2_dir)
+    third = [*PROMPT[:9], 4321, 1234]
+    want_b, want_c = mlxlm_ids(model_dir, OTHER_PROMPT), mlxlm_ids(model_dir, third)
+    sched, events = scheduler_for(model_dir)
+    sched.submit(greedy("a", PROMPT))
+    sched.submit(greedy("gone", PROMPT))
+    for _ in range(4):
+        sched.step()
+    sched.submit(greedy("b", OTHER_PROMPT))
+    for _ in range(4):
+        sched.step()
+    sched.cancel("gone")
+    for _ in range(3):
+        sched.step()
+    sched.submit(greedy("c", third))
+    run_all(sched)
+    assert finished(events, "gone").reason == "cancelled"
+    assert tokens_of(events, "a") == expected
+    assert tokens_of(events, "b") == want_b
+    assert tokens_of(events, "c") == want_c
+    assert sched.stats.decode_rows_max == 3
+
+
+def test_sampling_logprobs_and_stop_ids_work_on_the_mlxlm_engine(smollm2_dir: Path) -> None:
+    model_dir, expected = arch_dir("mixtral", smollm2_dir)
+    sampled = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.8, top_k=40, seed=7)
+    cut = next(i for i in range(3, GREEDY_TOKENS) if expected[i] not in expected[:i])
+    runs = []
+    for _ in range(2):
+        sched, events = scheduler_for(model_dir)
+        sched.submit(GenerationRequest(id="s", model="m", prompt_tokens=PROMPT,
+                                       sampling=sampled))
+        sched.submit(GenerationRequest(id="g", model="m", prompt_tokens=PROMPT, sampling=(
+            SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0, logprobs=True,
+                           top_logprobs=2, stop_token_ids=(expected[cut],)))))
+        run_all(sched)
+        runs.append(tokens_of(events, "s"))
+        # Greedy with logprobs: the chosen token is the top one; the stop id ends it there.
+        assert tokens_of(events, "g") == expected[:cut]
+        assert finished(events, "g").reason == "stop"
+        chunks = [e for e in events if isinstance(e, TokenChunk) and e.id == "g" and e.logprobs]
+        assert chunks and all(c.logprobs[0].top[0].token_id == c.token_ids[-1] for c in chunks)
+    assert runs[0] == runs[1] and len(runs[0]) == GREEDY_TOKENS  # seeded: reproducible
