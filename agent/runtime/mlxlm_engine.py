@@ -59,7 +59,10 @@ def load_mlxlm_model(model_dir: Path) -> MlxLmModel:
     except Exception as exc:
         raise UnsupportedModel(f"mlx-lm could not load this '{model_type}' model: "
                                f"{type(exc).__name__}: {exc}") from exc
-    probe = model(mx.array([[0]]))
+    from mlx_lm.models.cache import make_prompt_cache
+
+    # The vocabulary is the head's width (configs nest or pad it differently).
+    probe = model(mx.array([[0]]), cache=make_prompt_cache(model))
     return MlxLmModel(model, config, int(probe.shape[-1]))
 
 
