@@ -8,7 +8,9 @@ import hashlib
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import mlx_lm
+import msgspec
 import pytest
 
 from agent.generation import Finished, GenerationRequest, SamplingParams, TokenChunk
@@ -219,3 +221,57 @@ def test_sampling_logprobs_and_stop_ids_work_on_the_mlxlm_engine(smollm2_dir: Pa
         chunks = [e for e in events if isinstance(e, TokenChunk) and e.id == "g" and e.logprobs]
         assert chunks and all(c.logprobs[0].top[0].token_id == c.token_ids[-1] for c in chunks)
     assert runs[0] == runs[1] and len(runs[0]) == GREEDY_TOKENS  # seeded: reproducible
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2"])
+def test_tensor_parallel_through_the_models_own_shard(
+        arch: str, smollm2_dir: Path, tmp_path: Path) -> None:
+    """Two ranks, each with the model cut by mlx-lm's shard(): mlx-lm's greedy ids, and two
+    concurrent requests still decode in one step on both ranks."""
+    from tests.test_pipeline import start_all, tensor_configs
+
+    model_dir, expected = arch_dir(arch, smollm2_dir)
+    other_expected = mlxlm_ids(model_dir, OTHER_PROMPT)
+
+    async def main() -> None:
+        configs = [msgspec.structs.replace(c, stats_interval_s=0.05)
+                   for c in tensor_configs(model_dir, 2)]
+        runners = await start_all(configs, tmp_path)
+        head = runners[0]
+        try:
+            # Each rank holds its shard: the layers' heads and experts are split in two (the
+            # embedding and the head, most of a tiny model, are not).
+            tensors = mx.load(str(model_dir / "model.safetensors"))
+            whole = sum(a.nbytes for a in tensors.values())
+            layers = sum(a.nbytes for k, a in tensors.items() if k.startswith("model.layers."))
+            assert all(r.ready and r.ready.weight_bytes < whole - layers // 4 for r in runners)
+            assert all(r.ready and r.ready.engine == "mlx-lm" for r in runners)
+            ids, _ = await collect(head, greedy("solo", PROMPT))
+            assert ids == expected
+            (a, _), (b, _) = await asyncio.gather(
+                collect(head, greedy("a", PROMPT)), collect(head, greedy("b", OTHER_PROMPT)))
+            assert a == expected and b == other_expected
+            deadline = time.monotonic() + 10
+            while head.last_stats.get("generated_tokens_total", 0) < 3 * GREEDY_TOKENS:
+                assert time.monotonic() < deadline, head.last_stats
+                await asyncio.sleep(0.05)
+            assert head.last_stats["decode_rows_max"] == 2
+        finally:
+            for runner in runners:
+                await runner.stop()
+
+    asyncio.run(main())
+
+
+def test_tensor_parallel_is_refused_by_name_without_shard(smollm2_dir: Path,
+                                                          tmp_path: Path) -> None:
+    from agent.runtime.client import RunnerStartError
+    from tests.test_pipeline import start_all, tensor_configs
+
+    model_dir, _ = arch_dir("phi3", smollm2_dir)
+
+    async def main() -> None:
+        with pytest.raises(RunnerStartError, match=r"phi3.*shard"):
+            await start_all(tensor_configs(model_dir, 2), tmp_path)
+
+    asyncio.run(main())

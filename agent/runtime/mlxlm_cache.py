@@ -109,6 +109,8 @@ class MlxLmSlots:
         self.solo: list[list[Any] | None] = []  # a row's own cache, until it joins the batch
         self.batch: list[Any] | None = None
         self.order: list[int] = []  # row of each batch position
+        # Row events for tensor-parallel peers that mirror these rows (None: nobody does).
+        self.events: list[tuple] | None = None
 
     # ---- figures -------------------------------------------------------------------------
     @property
@@ -161,18 +163,26 @@ class MlxLmSlots:
 
     # ---- rows ----------------------------------------------------------------------------
     def acquire(self, owner: str, tokens_needed: int, *, rows: int | None = None) -> int:
-        for row, current in enumerate(self._owner):
-            if current is None:
-                self._owner[row] = owner
-                self.lengths[row] = 0
-                self.solo[row] = None
-                return row
-        self._owner.append(owner)
-        self.lengths.append(0)
-        self.solo.append(None)
-        return len(self._owner) - 1
+        row = next((r for r, current in enumerate(self._owner) if current is None),
+                   len(self._owner))
+        self.take_row(row, owner)
+        if self.events is not None:
+            self.events.append(("acquire", row))
+        return row
+
+    def take_row(self, row: int, owner: str = "peer") -> None:
+        """Give `row` (a free one, or the next new one) to `owner`, empty."""
+        while len(self._owner) <= row:
+            self._owner.append(None)
+            self.lengths.append(0)
+            self.solo.append(None)
+        self._owner[row] = owner
+        self.lengths[row] = 0
+        self.solo[row] = None
 
     def release(self, row: int) -> None:
+        if self.events is not None:
+            self.events.append(("release", row))
         self._owner[row] = None
         self.lengths[row] = 0
         self.solo[row] = None

@@ -117,23 +117,32 @@ class MlxLmCompute:
         pass
 
 
-def load_for_runner(config: RunnerConfig, budget_for: Any) -> tuple[tuple[Any, ...], Ready]:
+def load_for_runner(config: RunnerConfig, budget_for: Any, group: Any = None
+                    ) -> tuple[tuple[Any, ...], Ready]:
     """The mlx-lm engine's part of runner start-up: (model, tokenizer, slots, limits, prefix
     cache or None, compute) and the Ready message. `budget_for(weight_bytes, bytes_per_token,
-    context)` is the runner's KV budget rule."""
+    context)` is the runner's KV budget rule. With a tensor `group` the model is cut by its own
+    `shard()` (every rank runs this same sequence of model calls: the probes' collectives pair
+    up)."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     from agent.runtime.blas import describe_blas
     from agent.runtime.prefix import PrefixCache
     from agent.runtime.scheduler import SchedulerLimits
 
-    if config.role != "solo" or len(config.tp_hosts) > 1:
-        raise UnsupportedModel("the mlx-lm engine runs a model on one node; pipeline stages "
-                               "and tensor parallel need an architecture flock's decoder runs "
+    if config.role not in ("solo", "tp_follower") or config.layer_start not in (None, 0):
+        raise UnsupportedModel("the mlx-lm engine does not run pipeline stages; they need an "
+                               "architecture flock's decoder runs "
                                f"({', '.join(SUPPORTED_ARCHITECTURES)})")
     started = time.perf_counter()
     model_dir = Path(config.model_dir)
     model = load_mlxlm_model(model_dir)
+    if group is not None:
+        arch = model.raw_config.get("model_type", "?")
+        if not hasattr(model.model, "shard"):
+            raise UnsupportedModel(f"tensor parallel: mlx-lm's '{arch}' module has no shard()")
+        model.model.shard(group)
+        mx.eval(model.model.parameters())
     if config.kv_bits is not None:
         print(f"flock: kv_bits={config.kv_bits} is not applied on the mlx-lm engine; the cache "
               "keeps the model's dtype", file=sys.stderr)
@@ -154,7 +163,7 @@ def load_for_runner(config: RunnerConfig, budget_for: Any) -> tuple[tuple[Any, .
     )
     slots = MlxLmSlots(model.model, cost, limit_bytes=budget)
     prefix = None
-    if cost.reusable:
+    if cost.reusable and group is None:  # peers would need the same entries: not yet
         prefix_bytes = config.prefix_cache_bytes
         if prefix_bytes is None:
             prefix_bytes = min(budget // 4, 256 * 1024 * 1024)

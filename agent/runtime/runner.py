@@ -194,8 +194,22 @@ def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
             def budget(weights: int, per_token: int, context: int) -> int:
                 return kv_budget(config, weights, per_token, context)
 
+            group = join_tensor_group(config, Path(tempfile.gettempdir())) if tensor else None
             (decoder, tokenizer, kv, limits, prefix, mlxlm_compute), ready = load_for_runner(
-                config, budget)
+                config, budget, group)
+            if tensor:
+                from agent.runtime.mlxlm_tensor import TensorHeadCompute, follow_tensor
+
+                deadline = time.monotonic() + config.startup_timeout_s
+                if config.role == "tp_follower":
+                    upstream = StageLink.accept(listener, deadline=deadline,
+                                                timeout=config.link_timeout_s)
+                    outbox.send(ready)
+                    return follow_tensor(mlxlm_compute, upstream, inbox_fd, watchdog)
+                peers = [StageLink.connect(peer, deadline=deadline,
+                                           timeout=config.link_timeout_s)
+                         for peer in config.tp_peers]
+                mlxlm_compute = TensorHeadCompute(decoder, kv, peers)
             scheduler = Scheduler(decoder, tokenizer, kv, limits, outbox.send,
                                   prefix_cache=prefix, compute=mlxlm_compute,
                                   constraint_factory=constraint_factory(tokenizer))
