@@ -34,6 +34,9 @@ class LocalCompute:
         return prefill(self.decoder, mx.array(tokens), start, row, self.kv.keys, self.kv.values,
                        quant=self.quant)
 
+    def will_decode(self, rows: list[int]) -> None:
+        """Every row is computed each step (rows not decoding take a harmless write)."""
+
     def decode(self, tokens: list[int] | mx.array, positions: list[int]) -> mx.array:
         """Logits (rows, vocab), one row per KV row; writes each row's new KV. `tokens` may be
         a lazy int32 array (the previous step's argmax, not yet computed)."""

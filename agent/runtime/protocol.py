@@ -77,6 +77,7 @@ class Ready(msgspec.Struct, frozen=True, tag="ready", kw_only=True):
     context_length: int
     load_seconds: float
     blas: str = ""
+    engine: str = "flock"  # which engine serves: "flock" (its own decoder) or "mlx-lm"
 
 
 class Stats(msgspec.Struct, frozen=True, tag="stats"):

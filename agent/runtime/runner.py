@@ -12,7 +12,7 @@ import select
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -60,6 +60,25 @@ def kv_budget(config: RunnerConfig, weight_bytes: int, bytes_per_token: int, con
     allowed = int(free * WEIGHT_HEADROOM)
     useful = config.max_batch * context * bytes_per_token
     return max(min(allowed, useful), 16 * bytes_per_token)
+
+
+def choose_engine(config: dict[str, Any]) -> Literal["flock", "mlx-lm"]:
+    """Which engine runs a model: flock's decoder for the families it implements, mlx-lm's own
+    modules for every other architecture mlx-lm ships (found without importing them, after
+    mlx-lm's model_type remapping). Unknown ones go to flock's decoder, whose refusal names the
+    supported architectures. (The architecture registry, agent/models/arch.py, takes this over.)
+    """
+    import importlib.util
+
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    from agent.runtime.model import SUPPORTED_ARCHITECTURES
+
+    model_type = str(config.get("model_type", ""))
+    if model_type in SUPPORTED_ARCHITECTURES or not model_type.replace("_", "").isalnum():
+        return "flock"
+    module = MODEL_REMAPPING.get(model_type, model_type)
+    return "mlx-lm" if importlib.util.find_spec(f"mlx_lm.models.{module}") else "flock"
 
 
 def join_tensor_group(config: RunnerConfig, scratch: Path) -> Any:
@@ -158,6 +177,7 @@ def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
     from agent.runtime.constraints import constraint_factory
     from agent.runtime.follower import Follower, follow
     from agent.runtime.links import StageLink, listen
+    from agent.runtime.model import read_config
     from agent.runtime.scheduler import Scheduler
 
     tensor = len(config.tp_hosts) > 1
@@ -167,6 +187,34 @@ def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
     try:
         # Listen before loading: the peer may connect while we are still reading weights.
         listener = listen(config.listen) if multi and config.listen else None
+        engine = choose_engine(read_config(Path(config.model_dir)))
+        if engine == "mlx-lm":
+            from agent.runtime.mlxlm_engine import load_for_runner
+
+            def budget(weights: int, per_token: int, context: int) -> int:
+                return kv_budget(config, weights, per_token, context)
+
+            group = join_tensor_group(config, Path(tempfile.gettempdir())) if tensor else None
+            (decoder, tokenizer, kv, limits, prefix, mlxlm_compute), ready = load_for_runner(
+                config, budget, group)
+            if tensor:
+                from agent.runtime.mlxlm_tensor import TensorHeadCompute, follow_tensor
+
+                deadline = time.monotonic() + config.startup_timeout_s
+                if config.role == "tp_follower":
+                    upstream = StageLink.accept(listener, deadline=deadline,
+                                                timeout=config.link_timeout_s)
+                    outbox.send(ready)
+                    return follow_tensor(mlxlm_compute, upstream, inbox_fd, watchdog)
+                peers = [StageLink.connect(peer, deadline=deadline,
+                                           timeout=config.link_timeout_s)
+                         for peer in config.tp_peers]
+                mlxlm_compute = TensorHeadCompute(decoder, kv, peers)
+            scheduler = Scheduler(decoder, tokenizer, kv, limits, outbox.send,
+                                  prefix_cache=prefix, compute=mlxlm_compute,
+                                  constraint_factory=constraint_factory(tokenizer))
+            outbox.send(ready)
+            return _serve_loop(config, scheduler, inbox_fd, outbox, watchdog)
         group = join_tensor_group(config, Path(tempfile.gettempdir())) if tensor else None
         (decoder, tokenizer, kv, limits, prefix), ready = load(config, journal, group)
         deadline = time.monotonic() + config.startup_timeout_s
@@ -199,6 +247,11 @@ def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
         outbox.send(RunnerError(message=f"{type(exc).__name__}: {exc}"))
         return 1
     outbox.send(ready)
+    return _serve_loop(config, scheduler, inbox_fd, outbox, watchdog)
+
+
+def _serve_loop(config: RunnerConfig, scheduler: Any, inbox_fd: int, outbox: Outbox,
+                watchdog: Watchdog | None) -> int:
     frames = FrameBuffer()
     next_stats = 0.0
     while True:

@@ -27,10 +27,9 @@ from agent.generation import (
     Usage,
 )
 from agent.runtime.compute import LocalCompute
-from agent.runtime.kv import KvSlots
-from agent.runtime.model import Decoder
 from agent.runtime.prefix import PrefixCache, copy_rows
 from agent.runtime.sampling import RowSampler, top_logprobs
+from agent.runtime.seam import Compute, Slots
 from agent.runtime.stops import StopMatcher
 
 Emit = Callable[[GenerationEvent], None]
@@ -95,6 +94,7 @@ class SchedulerStats:
     decode_steps_total: int = 0
     decode_seconds_total: float = 0.0
     lookahead_steps_total: int = 0  # decode steps queued before the previous one was read
+    decode_rows_max: int = 0  # the most sequences one decode step computed together
 
 
 MIN_PREFILL_SLICE = 16  # tokens: below this a slice is mostly weight traffic
@@ -125,19 +125,23 @@ class Lookahead:
 
 
 class Scheduler:
-    """Owns the KV slots of one runner and decides what runs in each step."""
+    """Owns the KV slots of one runner and decides what runs in each step.
+
+    `decoder` is flock's `Decoder` or the mlx-lm engine's model (the scheduler reads its
+    `config.vocab_size`); `kv` and `compute` are either engine's halves of the seam (`seam.py`).
+    """
 
     def __init__(
         self,
-        decoder: Decoder,
+        decoder: Any,
         tokenizer: Any,
-        kv: KvSlots,
+        kv: Slots,
         limits: SchedulerLimits,
         emit: Emit,
         *,
         compiled: bool = True,
         prefix_cache: PrefixCache | None = None,
-        compute: LocalCompute | None = None,
+        compute: Compute | None = None,
         constraint_factory: Callable[[GenerationRequest], Any] | None = None,
     ) -> None:
         self.decoder = decoder
@@ -148,7 +152,8 @@ class Scheduler:
         kv.limit_bytes = limits.kv_budget_bytes
         self.limits = limits
         self.emit = emit
-        self.compute = compute or LocalCompute(decoder, kv, compiled=compiled)
+        self.compute: Compute = compute or LocalCompute(decoder, kv,  # type: ignore[arg-type]
+                                                        compiled=compiled)
         self.eos_ids: set[int] = set(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.waiting: deque[GenerationRequest] = deque()
         self.running: dict[str, Sequence] = {}
@@ -371,11 +376,13 @@ class Scheduler:
                 positions[seq.row] = seq.length
             for seq in decoding:
                 tokens[seq.row] = seq.next_token  # type: ignore[assignment]
+            self.compute.will_decode([s.row for s in decoding])
             logits = self.compute.decode(tokens, positions)
         else:
             self.stats.lookahead_steps_total += 1
         for seq in decoding:
             seq.length += 1
+        self.stats.decode_rows_max = max(self.stats.decode_rows_max, len(decoding))
         if self._may_look_ahead(decoding):
             self._greedy_with_lookahead(decoding, logits)
         else:
@@ -407,6 +414,7 @@ class Scheduler:
         positions = [0] * self.kv.rows
         for seq in decoding:
             positions[seq.row] = seq.length
+        self.compute.will_decode([s.row for s in decoding])
         ahead = self.compute.decode(chosen, positions)
         mx.async_eval(ahead, self.kv.keys, self.kv.values)
         self._ahead = Lookahead(ahead, {s.request.id: s.row for s in decoding}, self.kv.rows)
@@ -536,6 +544,7 @@ class Scheduler:
             "generated_tokens_total": float(self.stats.generated_tokens_total),
             "decode_steps_total": float(self.stats.decode_steps_total),
             "decode_seconds_total": self.stats.decode_seconds_total,
+            "decode_rows_max": float(self.stats.decode_rows_max),
             "prefix_hits": float(self.prefix.stats.hits if self.prefix else 0),
             "prefix_misses": float(self.prefix.stats.misses if self.prefix else 0),
             "evictions": float(self.prefix.stats.evictions if self.prefix else 0),

@@ -1,0 +1,182 @@
+"""The mlx-lm engine: any architecture mlx-lm has a module for, run by mlx-lm's own model code.
+
+flock's decoder (`model.py`) runs the llama family with its own math; every other architecture
+mlx-lm can load runs here, behind the same scheduler (continuous batching, admission, sampling,
+stop strings, streaming): `MlxLmCompute` implements the scheduler's compute seam over
+`MlxLmSlots` (mlx-lm's caches, one batch cache for every decoding row). The model is loaded with
+mlx_lm.utils.load_model, weights as stored. One node only: pipeline stages and tensor parallel
+run on flock's decoder.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from agent.runtime.mlxlm_cache import CacheCost, MlxLmSlots, measure_cost
+from agent.runtime.model import SUPPORTED_ARCHITECTURES, UnsupportedModel
+from agent.runtime.protocol import Ready, RunnerConfig
+
+DEFAULT_CONTEXT = 4096  # when a config names no maximum position
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the scheduler asks of a model."""
+
+    vocab_size: int
+    max_position_embeddings: int
+
+
+class MlxLmModel:
+    """An mlx-lm model object and the facts the runner reports about it."""
+
+    def __init__(self, model: Any, config: dict[str, Any], vocab_size: int) -> None:
+        self.model = model
+        self.raw_config = config
+        text = config.get("text_config") or {}
+        context = config.get("max_position_embeddings") or text.get("max_position_embeddings")
+        self.config = ModelFacts(vocab_size, int(context or DEFAULT_CONTEXT))
+
+    def weight_bytes(self) -> int:
+        return sum(a.nbytes for _, a in tree_flatten(self.model.parameters()))
+
+
+def load_mlxlm_model(model_dir: Path) -> MlxLmModel:
+    """Load with mlx-lm's own loader; a failure names the architecture."""
+    from mlx_lm.utils import load_config, load_model
+
+    config = load_config(model_dir)
+    model_type = config.get("model_type", "?")
+    try:
+        model, config = load_model(model_dir)
+    except Exception as exc:
+        raise UnsupportedModel(f"mlx-lm could not load this '{model_type}' model: "
+                               f"{type(exc).__name__}: {exc}") from exc
+    from mlx_lm.models.cache import make_prompt_cache
+
+    # The vocabulary is the head's width (configs nest or pad it differently).
+    probe = model(mx.array([[0]]), cache=make_prompt_cache(model))
+    return MlxLmModel(model, config, int(probe.shape[-1]))
+
+
+class MlxLmCompute:
+    """The scheduler's compute seam over an mlx-lm model: prefill one row into its own cache,
+    decode every decoding row in one batched call."""
+
+    # A decode step advances every row's cache (recurrent state too), so a queued step that the
+    # scheduler drops would not be harmless: no lookahead.
+    lazy_decode = False
+
+    def __init__(self, model: MlxLmModel, slots: MlxLmSlots) -> None:
+        self.model = model.model
+        self.slots = slots
+        self._rows: list[int] = []
+
+    def prefill(self, row: int, start: int, tokens: list[int]) -> mx.array:
+        slots = self.slots
+        assert slots.lengths[row] == start, (row, slots.lengths[row], start)
+        cache = slots.cache_of(row)
+        logits = self.model(mx.array(tokens)[None], cache=cache)
+        slots.lengths[row] = start + len(tokens)
+        return logits[:, -1, :]
+
+    def will_decode(self, rows: list[int]) -> None:
+        self._rows = sorted(rows)
+
+    def decode(self, tokens: list[int] | mx.array, positions: list[int]) -> mx.array:
+        slots, rows = self.slots, self._rows
+        assert rows, "will_decode names the rows first"
+        for row in rows:
+            assert positions[row] == slots.lengths[row], (row, positions[row], slots.lengths[row])
+        ids = tokens if isinstance(tokens, mx.array) else mx.array(tokens)
+        if slots.geometry.batchable:
+            batch = slots.batch_for(rows)
+            inputs = ids[mx.array(slots.order)][:, None]
+            logits = self.model(inputs, cache=batch)[:, -1, :]
+            at = {row: i for i, row in enumerate(slots.order)}
+        else:
+            # Caches that cannot merge (a chunked cache...): each row its own call, same step.
+            parts = [self.model(ids[row:row + 1][:, None], cache=slots.cache_of(row))[:, -1, :]
+                     for row in rows]
+            logits = mx.concatenate(parts, axis=0)
+            at = {row: i for i, row in enumerate(rows)}
+        for row in rows:
+            slots.lengths[row] += 1
+        if len(at) == slots.rows and all(at[r] == r for r in range(slots.rows)):
+            return logits
+        return logits[mx.array([at.get(r, 0) for r in range(slots.rows)])]
+
+    def close(self) -> None:
+        pass
+
+
+def load_for_runner(config: RunnerConfig, budget_for: Any, group: Any = None
+                    ) -> tuple[tuple[Any, ...], Ready]:
+    """The mlx-lm engine's part of runner start-up: (model, tokenizer, slots, limits, prefix
+    cache or None, compute) and the Ready message. `budget_for(weight_bytes, bytes_per_token,
+    context)` is the runner's KV budget rule. With a tensor `group` the model is cut by its own
+    `shard()` (every rank runs this same sequence of model calls: the probes' collectives pair
+    up)."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from agent.runtime.blas import describe_blas
+    from agent.runtime.prefix import PrefixCache
+    from agent.runtime.scheduler import SchedulerLimits
+
+    if config.role not in ("solo", "tp_follower") or config.layer_start not in (None, 0):
+        raise UnsupportedModel("the mlx-lm engine does not run pipeline stages; they need an "
+                               "architecture flock's decoder runs "
+                               f"({', '.join(SUPPORTED_ARCHITECTURES)})")
+    started = time.perf_counter()
+    model_dir = Path(config.model_dir)
+    model = load_mlxlm_model(model_dir)
+    if group is not None:
+        arch = model.raw_config.get("model_type", "?")
+        if not hasattr(model.model, "shard"):
+            raise UnsupportedModel(f"tensor parallel: mlx-lm's '{arch}' module has no shard()")
+        model.model.shard(group)
+        mx.eval(model.model.parameters())
+    if config.kv_bits is not None:
+        print(f"flock: kv_bits={config.kv_bits} is not applied on the mlx-lm engine; the cache "
+              "keeps the model's dtype", file=sys.stderr)
+    cost: CacheCost = measure_cost(model.model)
+    tokenizer = load_tokenizer(model_dir)
+    context = model.config.max_position_embeddings
+    if config.context_length:
+        context = min(context, config.context_length)
+    weights = model.weight_bytes()
+    budget = budget_for(weights, cost.bytes_per_token, context)
+    limits = SchedulerLimits(
+        max_batch=config.max_batch,
+        max_queue=config.max_queue,
+        prefill_chunk=config.prefill_chunk,
+        prefill_gap_steps=config.prefill_gap_steps,
+        context_length=context,
+        kv_budget_bytes=budget,
+    )
+    slots = MlxLmSlots(model.model, cost, limit_bytes=budget)
+    prefix = None
+    if cost.reusable and group is None:  # peers would need the same entries: not yet
+        prefix_bytes = config.prefix_cache_bytes
+        if prefix_bytes is None:
+            prefix_bytes = min(budget // 4, 256 * 1024 * 1024)
+        prefix = PrefixCache(prefix_bytes)
+    ready = Ready(
+        model_name=config.model_name,
+        weight_bytes=weights,
+        kv_budget_bytes=budget,
+        kv_bytes_per_token=cost.bytes_per_token,
+        context_length=context,
+        load_seconds=time.perf_counter() - started,
+        blas=describe_blas(),
+        engine="mlx-lm",
+    )
+    compute = MlxLmCompute(model, slots)
+    return (model, tokenizer, slots, limits, prefix, compute), ready

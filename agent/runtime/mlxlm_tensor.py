@@ -1,0 +1,99 @@
+"""Tensor parallel on the mlx-lm engine: every rank holds the model cut by its own `shard()`.
+
+Rank 0 runs the scheduler; before each step it sends the other ranks the step's inputs and its
+row events (rows acquired and released, the rows a decode computes) over plain links, so each
+rank's caches follow the same merges and filters and every rank makes the same model calls,
+whose collectives (inside mlx-lm's sharded layers) keep them in lockstep. Only rank 0's logits
+are used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+from typing import Any
+
+import mlx.core as mx
+
+from agent.runtime.links import StageLink, StageLinkError, StepMessage
+from agent.runtime.mlxlm_cache import MlxLmSlots
+from agent.runtime.mlxlm_engine import MlxLmCompute, MlxLmModel
+from agent.runtime.watchdog import Watchdog
+
+
+class TensorHeadCompute(MlxLmCompute):
+    """Rank 0: tells its peers each step, then computes its own shard of it."""
+
+    def __init__(self, model: MlxLmModel, slots: MlxLmSlots, peers: list[StageLink]) -> None:
+        super().__init__(model, slots)
+        self.peers = peers
+        slots.events = []
+
+    def _tell(self, message: StepMessage) -> None:
+        for peer in self.peers:
+            peer.send(message)
+
+    def _drain(self) -> list[Any]:
+        events = self.slots.events
+        assert events is not None
+        ops = list(events)
+        events.clear()
+        return ops
+
+    def prefill(self, row: int, start: int, tokens: list[int]) -> mx.array:
+        self._tell(StepMessage(op="prefill", kv_ops=self._drain(), row=row, start=start,
+                               tokens=tokens))
+        return super().prefill(row, start, tokens)
+
+    def decode(self, tokens: list[int] | mx.array, positions: list[int]) -> mx.array:
+        assert not isinstance(tokens, mx.array), "a tensor head decodes known tokens"
+        ops = [*self._drain(), ("rows", list(self._rows))]
+        self._tell(StepMessage(op="decode", kv_ops=ops, tokens=list(tokens),
+                               positions=positions))
+        return super().decode(tokens, positions)
+
+    def close(self) -> None:
+        for peer in self.peers:
+            with contextlib.suppress(ConnectionError):
+                peer.send(StepMessage(op="shutdown"))
+            peer.close()
+
+
+def _apply(compute: MlxLmCompute, ops: list[Any]) -> None:
+    slots = compute.slots
+    for op in ops:
+        kind = op[0]
+        if kind == "acquire":
+            slots.take_row(int(op[1]))
+        elif kind == "release":
+            slots.release(int(op[1]))
+        elif kind == "rows":
+            compute.will_decode([int(r) for r in op[1]])
+
+
+def follow_tensor(compute: MlxLmCompute, upstream: StageLink, control_fd: int,
+                  watchdog: Watchdog | None = None) -> int:
+    """A peer rank: replay rank 0's steps until it shuts down or the agent goes away."""
+    while True:
+        readable, _, _ = select.select([upstream, control_fd], [], [], 5.0)
+        if control_fd in readable and not os.read(control_fd, 1 << 16):
+            return 0
+        if upstream not in readable:
+            continue
+        try:
+            message, _ = upstream.recv(timeout=None)
+        except StageLinkError:
+            return 1
+        if message.op == "shutdown":
+            return 0
+        _apply(compute, message.kv_ops)
+        if watchdog:
+            watchdog.arm()
+        if message.op == "prefill":
+            out = compute.prefill(message.row, message.start, message.tokens)
+        else:
+            out = compute.decode(message.tokens, message.positions)
+        mx.eval(out, compute.slots.keys)
+        if watchdog:
+            watchdog.disarm()
