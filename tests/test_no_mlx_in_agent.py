@@ -72,7 +72,8 @@ def test_serving_agent_holds_no_mlx(smollm2_dir: Path, tmp_path: Path) -> None:
 def test_control_plane_modules_import_no_mlx() -> None:
     code = (
         "import sys, json\n"
-        "import agent.server, agent.cli, agent.serving.engine, agent.serving.pool, agent.serving.router, agent.cluster.controller\n"
+        "import agent.server, agent.cli, agent.cluster.controller\n"
+        "import agent.serving.engine, agent.serving.pool, agent.serving.router\n"
         "import agent.cluster.shard_source, agent.cluster.shape, agent.api.app\n"
         "import agent.api.shards, agent.api.cluster, agent.models.store, agent.models.fetch\n"
         "import agent.models.tokenizer, agent.models.arch, agent.models.shards, agent.spec\n"

@@ -31,7 +31,7 @@ SMOLLM2 = ModelShape(
     name="smollm2-135m", num_layers=30, num_heads=9, num_kv_heads=3, hidden_size=576,
     intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
     layer_bytes=14_160_384, embedding_bytes=113_246_208, kv_bytes_per_token_per_layer=1536,
-    context_length=8192,
+    context_length=8192, architecture="llama",
 )
 SMOLLM2_CONFIG = {
     "model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30,
@@ -435,3 +435,16 @@ def test_model_shape_without_weights_uses_config_dimensions(tmp_path: Path) -> N
     (tmp_path / "config.json").write_text(json.dumps(untied))
     shape = model_shape(tmp_path, "x")
     assert shape.embedding_bytes == 2 * SMOLLM2.embedding_bytes and not shape.tie_word_embeddings
+
+
+def test_a_split_the_models_engine_cannot_run_is_refused_by_name() -> None:
+    # An mlx-lm-engine model without pipeline stages: one node that holds it, or nothing.
+    whole_only = SMOLLM2.model_copy(update={"strategies": ("single",),
+                                            "architecture": "gemma3_text"})
+    small = [node(i, 600 * MiB) for i in range(3)]
+    with pytest.raises(PlacementError, match="'gemma3_text'.*pipeline parallel.*single"):
+        place(whole_only, small)
+    roomy = [node(0, 4000 * MiB), *small]
+    assert place(whole_only, roomy).strategy == "single"
+    with pytest.raises(PlacementError, match="tensor parallel"):
+        place(whole_only, small, strategy="tensor")

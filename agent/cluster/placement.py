@@ -171,7 +171,22 @@ def place(
     else:
         groups, counts, reason = _place_hybrid(model, costs, pinned or by_id,
                                                pinned=pinned is not None)
+    _check_engine_allows(model, groups)
     return _placement(model, groups, counts, reason=reason, instance_id=instance_id, owner=owner)
+
+
+def _check_engine_allows(model: ModelShape, groups: Groups) -> None:
+    """A split the model's engine cannot run is refused here, naming what it allows."""
+    needs = {"pipeline"} if len(groups) > 1 else set()
+    if any(len(group) > 1 for group in groups):
+        needs.add("tensor")
+    missing = sorted(needs - set(model.strategies))
+    if missing:
+        what = model.architecture or model.name
+        raise PlacementError(
+            f"{model.name} ('{what}') cannot run as {' and '.join(missing)} parallel on its "
+            f"engine (it allows: {', '.join(model.strategies)}); it needs one node that holds "
+            f"it whole")
 
 
 def choose_auto(model: ModelShape, nodes: list[NodeProfile], *,

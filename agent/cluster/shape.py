@@ -30,7 +30,7 @@ def model_shape(model_dir: Path, name: str, dtype_bytes: int = 4, *,
     that fail.
     """
     config = arch.read_config(Path(model_dir))
-    arch.check(config)
+    found = arch.check(config)
     dims = arch.shape(config)
     fmt = arch.weight_format(config, dtype or _FLOAT_BYTES.get(dtype_bytes, "float32"))
     element = fmt.element_bytes if dtype else dtype_bytes
@@ -64,6 +64,8 @@ def model_shape(model_dir: Path, name: str, dtype_bytes: int = 4, *,
         kv_bytes_per_token_per_layer=dims.max_kv_bytes_per_token(element),
         context_length=dims.context,
         dtype_bytes=element,
+        strategies=found.strategies,
+        architecture=found.model_type,
     )
 
 

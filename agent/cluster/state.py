@@ -63,6 +63,10 @@ class ModelShape(Frozen):
     kv_bytes_per_token_per_layer: int
     context_length: int
     dtype_bytes: int = 4  # bytes per weight and KV element at the serving dtype (kv_bits rescales)
+    # How its engine may spread it (the architecture registry's answer): "single" always,
+    # "pipeline" (stages of its layer list), "tensor" (heads sharded over a group).
+    strategies: tuple[str, ...] = ("single", "pipeline", "tensor")
+    architecture: str = ""
 
 
 class Stage(Frozen):

@@ -38,7 +38,10 @@ LayerKind = Literal["full", "sliding", "latent", "recurrent", "none"]
 FLOCK_DECODER_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 # The engine that runs architectures through mlx-lm's own modules is not built yet: until it
 # lands nothing may be routed to it, so its architectures are refused with a message saying so.
-MLX_LM_ENGINE_AVAILABLE = False
+MLX_LM_ENGINE_AVAILABLE = True
+# Pipeline stages of mlx-lm modules (slicing their layer list) are not built yet: offered for
+# modules with a layer list once they are.
+MLX_LM_PIPELINE_AVAILABLE = False
 
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -176,7 +179,7 @@ def architecture(config: dict[str, Any]) -> Architecture:
                             ("single", "pipeline", "tensor"))
     if module is not None:
         strategies: list[Strategy] = ["single"]
-        if module.layer_list:
+        if module.layer_list and MLX_LM_PIPELINE_AVAILABLE:
             strategies.append("pipeline")
         if module.shard:
             strategies.append("tensor")

@@ -63,22 +63,12 @@ def kv_budget(config: RunnerConfig, weight_bytes: int, bytes_per_token: int, con
 
 
 def choose_engine(config: dict[str, Any]) -> Literal["flock", "mlx-lm"]:
-    """Which engine runs a model: flock's decoder for the families it implements, mlx-lm's own
-    modules for every other architecture mlx-lm ships (found without importing them, after
-    mlx-lm's model_type remapping). Unknown ones go to flock's decoder, whose refusal names the
-    supported architectures. (The architecture registry, agent/models/arch.py, takes this over.)
-    """
-    import importlib.util
+    """Which engine runs a model, as the architecture registry says: flock's decoder for the
+    families it implements, mlx-lm's own modules for every other architecture mlx-lm ships.
+    Unknown ones go to flock's decoder, whose refusal names the supported architectures."""
+    from agent.models import arch
 
-    from mlx_lm.utils import MODEL_REMAPPING
-
-    from agent.runtime.model import SUPPORTED_ARCHITECTURES
-
-    model_type = str(config.get("model_type", ""))
-    if model_type in SUPPORTED_ARCHITECTURES or not model_type.replace("_", "").isalnum():
-        return "flock"
-    module = MODEL_REMAPPING.get(model_type, model_type)
-    return "mlx-lm" if importlib.util.find_spec(f"mlx_lm.models.{module}") else "flock"
+    return "mlx-lm" if arch.architecture(config).engine == "mlx-lm" else "flock"
 
 
 def join_tensor_group(config: RunnerConfig, scratch: Path) -> Any:
