@@ -9,6 +9,7 @@ positions, write a preallocated KV cache, compile the whole decode step, hold on
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,25 +89,75 @@ class LayerRange:
 
 
 @dataclass
+class Dense:
+    """A projection's weight (out, in), with its bias when the model has one."""
+
+    weight: mx.array
+    bias: mx.array | None = None
+
+
+Linear = Dense
+
+
+@dataclass
+class FusedQKV:
+    """[q; k; v] rows in one matrix: one matmul instead of three (the input is read once, and
+    at batch 1 the per-call overhead of small matmuls dominates on CPU)."""
+
+    qkv: Linear
+
+
+@dataclass
+class SplitQKV:
+    q: Linear
+    k: Linear
+    v: Linear
+
+
+@dataclass
+class Attention:
+    qkv: FusedQKV | SplitQKV
+    o: Linear
+    q_norm: mx.array | None = None  # qwen3 normalises q and k per head
+    k_norm: mx.array | None = None
+
+
+@dataclass
+class FusedGateUp:
+    """[gate; up] rows in one matrix, for the same reason as FusedQKV."""
+
+    gate_up: Linear
+
+
+@dataclass
+class SplitGateUp:
+    gate: Linear
+    up: Linear
+
+
+@dataclass
+class Mlp:
+    gate_up: FusedGateUp | SplitGateUp
+    down: Linear
+
+
+@dataclass
 class Layer:
     attn_norm: mx.array
     ffn_norm: mx.array
-    # Fused [q; k; v] rows when fused, else None and q/k/v separate.
-    wqkv: mx.array | None
-    bqkv: mx.array | None
-    wq: mx.array | None
-    wk: mx.array | None
-    wv: mx.array | None
-    bq: mx.array | None
-    bk: mx.array | None
-    bv: mx.array | None
-    wo: mx.array
-    w_gate_up: mx.array | None
-    w_gate: mx.array | None
-    w_up: mx.array | None
-    w_down: mx.array
-    q_norm: mx.array | None = None
-    k_norm: mx.array | None = None
+    attn: Attention
+    mlp: Mlp
+
+
+def arrays_of(value: object) -> list[mx.array]:
+    """Every array held by `value` (a weight type of this module, or a list of them)."""
+    if isinstance(value, mx.array):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [a for item in value for a in arrays_of(item)]
+    if hasattr(value, "__dataclass_fields__"):
+        return [a for item in vars(value).values() for a in arrays_of(item)]
+    return []
 
 
 @dataclass
@@ -116,9 +167,9 @@ class Decoder:
     config: DecoderConfig
     layers_range: LayerRange
     layers: list[Layer]
-    embed: mx.array | None
+    embed: Linear | None
     norm: mx.array | None
-    lm_head: mx.array | None  # None with tied embeddings: the embedding is used instead
+    lm_head: Linear | None  # None with tied embeddings: the embedding is used instead
     rope: Any
     # Heads held by this rank (tensor parallel divides them).
     local_heads: int = 0
@@ -131,20 +182,23 @@ class Decoder:
     projects: bool = True
 
     @property
-    def head_weight(self) -> mx.array:
-        assert self.lm_head is not None or self.embed is not None
-        return self.lm_head if self.lm_head is not None else self.embed  # type: ignore[return-value]
+    def head(self) -> Linear:
+        head = self.lm_head if self.lm_head is not None else self.embed
+        assert head is not None
+        return head
 
     def weight_bytes(self) -> int:
-        total = 0
-        for layer in self.layers:
-            for value in vars(layer).values():
-                if isinstance(value, mx.array):
-                    total += value.nbytes
-        for value in (self.embed, self.norm, self.lm_head):
-            if value is not None:
-                total += value.nbytes
-        return total
+        return sum(a.nbytes for a in arrays_of([self.layers, self.embed, self.norm,
+                                                self.lm_head]))
+
+
+def _concat_rows(parts: list[Dense]) -> Dense:
+    """One projection computing `parts`' outputs side by side."""
+    biases = [p.bias for p in parts]
+    bias = None
+    if all(b is not None for b in biases):
+        bias = mx.concatenate(biases, axis=0)  # type: ignore[arg-type]
+    return Dense(mx.concatenate([p.weight for p in parts], axis=0), bias)
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
@@ -254,50 +308,45 @@ def load_decoder(
     def maybe(name: str) -> mx.array | None:
         return weights.pop(name).astype(dtype) if name in weights else None
 
+    def linear(name: str, split: Callable[[mx.array, int], mx.array]) -> Dense:
+        bias = maybe(name + ".bias")
+        if bias is not None and split is rows:
+            bias = rows(bias, tp)
+        elif bias is not None and rank > 0:
+            bias = None  # a column-split output is summed over the ranks: add its bias once
+        return Dense(split(get(name), tp), bias)
+
     built: list[Layer] = []
     for index in range(layers.start, layers.stop):
         p = f"model.layers.{index}."
-        wq = rows(get(p + "self_attn.q_proj"), tp)
-        wk = rows(get(p + "self_attn.k_proj"), tp)
-        wv = rows(get(p + "self_attn.v_proj"), tp)
-        bq, bk, bv = (maybe(p + f"self_attn.{n}_proj.bias") for n in "qkv")
-        if bq is not None and bk is not None and bv is not None:
-            bq, bk, bv = rows(bq, tp), rows(bk, tp), rows(bv, tp)
-        w_gate = rows(get(p + "mlp.gate_proj"), tp)
-        w_up = rows(get(p + "mlp.up_proj"), tp)
+        q, k, v = (linear(p + f"self_attn.{n}_proj", rows) for n in "qkv")
+        gate, up = linear(p + "mlp.gate_proj", rows), linear(p + "mlp.up_proj", rows)
+        qkv: FusedQKV | SplitQKV = SplitQKV(q, k, v)
+        gate_up: FusedGateUp | SplitGateUp = SplitGateUp(gate, up)
+        if fuse:
+            qkv = FusedQKV(_concat_rows([q, k, v]))
+            gate_up = FusedGateUp(_concat_rows([gate, up]))
         layer = Layer(
             attn_norm=weights.pop(p + "input_layernorm.weight").astype(dtype),
             ffn_norm=weights.pop(p + "post_attention_layernorm.weight").astype(dtype),
-            wqkv=None, bqkv=None, wq=wq, wk=wk, wv=wv, bq=bq, bk=bk, bv=bv,
-            wo=cols(get(p + "self_attn.o_proj"), tp),
-            w_gate_up=None, w_gate=w_gate, w_up=w_up,
-            w_down=cols(get(p + "mlp.down_proj"), tp),
-            q_norm=maybe(p + "self_attn.q_norm.weight"),
-            k_norm=maybe(p + "self_attn.k_norm.weight"),
+            attn=Attention(qkv=qkv, o=linear(p + "self_attn.o_proj", cols),
+                           q_norm=maybe(p + "self_attn.q_norm.weight"),
+                           k_norm=maybe(p + "self_attn.k_norm.weight")),
+            mlp=Mlp(gate_up=gate_up, down=linear(p + "mlp.down_proj", cols)),
         )
-        if fuse:
-            # One matmul instead of three (and two): the input is read once, and at batch 1 the
-            # per-call overhead of small matmuls dominates on CPU.
-            layer.wqkv = mx.concatenate([wq, wk, wv], axis=0)
-            layer.wq = layer.wk = layer.wv = None
-            if bq is not None and bk is not None and bv is not None:
-                layer.bqkv = mx.concatenate([bq, bk, bv], axis=0)
-                layer.bq = layer.bk = layer.bv = None
-            layer.w_gate_up = mx.concatenate([w_gate, w_up], axis=0)
-            layer.w_gate = layer.w_up = None
-        mx.eval([v for v in vars(layer).values() if isinstance(v, mx.array)])
+        mx.eval(arrays_of(layer))
         built.append(layer)
 
     embed = None
     if embeds or (projects and config.tie_word_embeddings):
-        embed = get("model.embed_tokens")
+        embed = Dense(get("model.embed_tokens"))
     decoder = Decoder(
         config=config,
         layers_range=layers,
         layers=built,
         embed=embed,
         norm=weights.pop("model.norm.weight").astype(dtype) if projects else None,
-        lm_head=get("lm_head") if projects and not config.tie_word_embeddings else None,
+        lm_head=Dense(get("lm_head")) if projects and not config.tie_word_embeddings else None,
         rope=initialize_rope(hd, config.rope_theta, config.rope_traditional,
                              config.rope_scaling, config.max_position_embeddings),
         local_heads=config.num_heads // tp,
@@ -306,5 +355,5 @@ def load_decoder(
         embeds=embeds,
         projects=projects,
     )
-    mx.eval([a for a in (decoder.embed, decoder.norm, decoder.lm_head) if a is not None])
+    mx.eval(arrays_of([decoder.embed, decoder.norm, decoder.lm_head]))
     return decoder

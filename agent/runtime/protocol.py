@@ -7,6 +7,7 @@ agent -> runner messages and a private copy of its stdout carries runner -> agen
 
 from __future__ import annotations
 
+import enum
 import struct
 from typing import Any
 
@@ -16,6 +17,15 @@ from agent.generation import Failed, Finished, GenerationRequest, TokenChunk
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 256 * 1024 * 1024
+
+
+class RunnerRole(enum.StrEnum):
+    """What a runner does in its instance (a str, so it compares equal to its value)."""
+
+    SOLO = "solo"  # the whole model here, or rank 0 driving one tensor group
+    HEAD = "head"  # the first pipeline stage: scheduler, sampling, embedding and head
+    FOLLOWER = "follower"  # a later pipeline stage (or the leader of its stage's tensor group)
+    TP_FOLLOWER = "tp_follower"  # a tensor-parallel peer: computes its shard of its stage
 
 
 class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,11 +46,13 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     compile_step: bool = True
     fuse_projections: bool = True
     stats_interval_s: float = 1.0
-    # Pipeline role. "solo": the whole model here. "head": layers [layer_start, layer_stop) plus
-    # the embedding, the final norm and the head; it connects to `downstream` and accepts the
-    # last stage's link back on `listen`. "follower": accepts its upstream on `listen` and
-    # connects to `downstream` (the next follower, or the head's `listen` when it is last).
-    role: str = "solo"
+    # Role in the instance. SOLO: the whole model here (or the whole stage, leading a tensor
+    # group). HEAD: layers [layer_start, layer_stop) plus the embedding, the final norm and the
+    # head; it connects to `downstream` and accepts the last stage's link back on `listen`.
+    # FOLLOWER: accepts its upstream on `listen` and connects to `downstream` (the next
+    # follower, or the head's `listen` when it is last). TP_FOLLOWER: a tensor-parallel peer
+    # that accepts its group leader's link on `listen` and computes its shard of each step.
+    role: RunnerRole = RunnerRole.SOLO
     layer_start: int | None = None
     layer_stop: int | None = None
     listen: str | None = None
