@@ -33,6 +33,9 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     model_name: str
     model_dir: str
+    # What the weights are served as: "keep" (as stored: a quantized checkpoint stays quantized,
+    # other tensors keep their dtype), "float32" / "float16" / "bfloat16" (dequantized and cast
+    # at load), or "auto" (keep on Metal/CUDA; on CPU float32 when it fits in memory, else keep).
     dtype: str = "float32"
     max_batch: int = 16
     max_queue: int = 64
@@ -89,6 +92,7 @@ class Ready(msgspec.Struct, frozen=True, tag="ready", kw_only=True):
     context_length: int
     load_seconds: float
     blas: str = ""
+    dtype: str = ""  # what the weights were loaded as: "keep" or a float dtype's name
 
 
 class Stats(msgspec.Struct, frozen=True, tag="stats"):

@@ -79,19 +79,22 @@ def join_tensor_group(config: RunnerConfig, scratch: Path) -> Any:
 
 def load(config: RunnerConfig, journal: Journal | None = None,
          group: Any = None) -> tuple[Any, Ready]:
-    import mlx.core as mx
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     from agent.runtime.blas import describe_blas
     from agent.runtime.kv import KvGeometry, KvSlots
-    from agent.runtime.model import LayerRange, load_decoder
+    from agent.runtime.model import LayerRange, load_decoder, serving_dtype
     from agent.runtime.prefix import PrefixCache
     from agent.runtime.scheduler import SchedulerLimits
 
     started = time.perf_counter()
     model_dir = Path(config.model_dir)
-    dtype = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}.get(
-        config.dtype, mx.float32)
+    from agent import sysinfo
+
+    available = sysinfo.available_memory_bytes()
+    if config.memory_cap_bytes is not None:
+        available = min(available, config.memory_cap_bytes)
+    dtype = serving_dtype(config.dtype, model_dir, int(available * WEIGHT_HEADROOM))
     layers = None
     if config.layer_start is not None and config.layer_stop is not None:
         layers = LayerRange(config.layer_start, config.layer_stop)
@@ -107,7 +110,7 @@ def load(config: RunnerConfig, journal: Journal | None = None,
     # kv_bits 4 or 8: keys and values stored quantized along head_dim (KvGeometry.bytes_per_token
     # is then the quantized size, so the budget and the KV metrics count what is allocated).
     geometry = KvGeometry(len(decoder.layers), decoder.local_kv_heads, decoder.config.head_dim,
-                          dtype, bits=config.kv_bits)
+                          decoder.dtype, bits=config.kv_bits)
     weights = decoder.weight_bytes()
     budget = kv_budget(config, weights, geometry.bytes_per_token, context)
     limits = SchedulerLimits(
@@ -126,6 +129,7 @@ def load(config: RunnerConfig, journal: Journal | None = None,
         context_length=context,
         load_seconds=time.perf_counter() - started,
         blas=describe_blas(),
+        dtype="keep" if dtype is None else str(dtype).rpartition(".")[2],
     )
     prefix_bytes = config.prefix_cache_bytes
     if prefix_bytes is None:

@@ -16,15 +16,20 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from agent.runtime.kv import KvQuant
-from agent.runtime.model import Decoder, FusedGateUp, FusedQKV, Layer, Linear
+from agent.runtime.model import Decoder, Dense, FusedGateUp, FusedQKV, Layer, Linear
 
 NEG_INF = -1e30  # large finite number: a fully masked row stays finite
 
 
 def linear(x: mx.array, proj: Linear) -> mx.array:
-    if proj.bias is not None:
-        return mx.addmm(proj.bias, x, proj.weight.T)
-    return x @ proj.weight.T
+    if isinstance(proj, Dense):
+        if proj.bias is not None:
+            return mx.addmm(proj.bias, x, proj.weight.T)
+        return x @ proj.weight.T
+    # As mlx-lm's QuantizedLinear computes it, so kept checkpoints give its logits.
+    out = mx.quantized_matmul(x, proj.weight, proj.scales, proj.biases, transpose=True,
+                              group_size=proj.group_size, bits=proj.bits, mode=proj.mode)
+    return out + proj.bias if proj.bias is not None else out
 
 
 def _all_sum(x: mx.array, group: Any) -> mx.array:
@@ -62,8 +67,14 @@ def _mlp(dec: Decoder, layer: Layer, x: mx.array) -> mx.array:
 
 
 def embed_tokens(dec: Decoder, tokens: mx.array) -> mx.array:
-    assert dec.embed is not None
-    return dec.embed.weight[tokens]
+    embed = dec.embed
+    assert embed is not None
+    if isinstance(embed, Dense):
+        return embed.weight[tokens]
+    # Only the looked-up rows are dequantized (mlx-lm's QuantizedEmbedding does the same).
+    return mx.dequantize(embed.weight[tokens], embed.scales[tokens],
+                         None if embed.biases is None else embed.biases[tokens],
+                         group_size=embed.group_size, bits=embed.bits, mode=embed.mode)
 
 
 def project_logits(dec: Decoder, h: mx.array) -> mx.array:
