@@ -18,10 +18,20 @@ from agent.models.tokenizer import load_tokenizer
 from agent.runtime.client import RunnerProcess
 from agent.runtime.environment import runner_environment
 from agent.runtime.kv import KvGeometry, KvSlots
-from agent.runtime.model import FusedGateUp, FusedQKV, Quantized, SplitQKV, load_decoder
+from agent.runtime.model import (
+    FusedGateUp,
+    FusedQKV,
+    LayerRange,
+    Quantized,
+    SplitQKV,
+    load_decoder,
+)
 from agent.runtime.protocol import RunnerConfig
 from agent.runtime.step import prefill
 from agent.settings import NodeSettings
+from tests.quant_models import convert_quantized
+from tests.test_pipeline import start_all, tensor_configs
+from tests.tiny_models import make_tiny_model
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 2473, 30, 506, 3575, 282, 4649, 314]
 STEPS = 24
@@ -137,3 +147,58 @@ def test_k_quants_are_refused_for_keep(tmp_path: Path) -> None:
     write_k_quant_gguf(tmp_path / "k.gguf")
     with pytest.raises(GGUFImportError, match=r"Q4_K \(1 tensors\).*--dtype float32"):
         import_gguf(tmp_path / "k.gguf", tmp_path / "out", dtype="keep")
+
+
+def first_logits(dec, prompt: list[int]) -> mx.array:  # type: ignore[no-untyped-def]
+    kv = KvSlots(KvGeometry(len(dec.layers), dec.local_kv_heads, dec.config.head_dim,
+                            dec.dtype), chunk=64)
+    row = kv.acquire("a", len(prompt) + 1)
+    return prefill(dec, mx.array(prompt) if dec.embeds else prompt, 0, row, kv.keys, kv.values)
+
+
+def test_kept_pipeline_stages_compose_to_the_whole_model(smollm2_4bit_dir: Path) -> None:
+    whole = first_logits(load_decoder(smollm2_4bit_dir, dtype=None), PROMPT)
+    first = load_decoder(smollm2_4bit_dir, dtype=None, layers=LayerRange(0, 12))
+    second = load_decoder(smollm2_4bit_dir, dtype=None, layers=LayerRange(12, 30))
+    assert isinstance(second.embed, Quantized)  # the tied head of the last stage
+    hidden = first_logits(first, PROMPT)
+    assert mx.array_equal(whole, first_logits(second, hidden)).item()
+
+
+def test_kept_tensor_parallel_matches_one_process(tmp_path: Path) -> None:
+    """Quantized rows and whole quantization groups of columns are sharded over 2 ranks."""
+    source = make_tiny_model(tmp_path / "f32", hidden=128, intermediate=256)
+    model_dir = convert_quantized(source, tmp_path / "q4")
+
+    async def first_logprobs(runner: RunnerProcess) -> list[float]:
+        request = GenerationRequest(
+            id="lp", model="tiny", prompt_tokens=list(range(5, 40)),
+            sampling=SamplingParams(max_tokens=4, temperature=0.0, logprobs=True,
+                                    top_logprobs=5))
+        values = []
+        async for event in runner.generate(request):
+            if isinstance(event, TokenChunk) and event.logprobs:
+                values += [t.logprob for t in event.logprobs[0].top]
+        return values
+
+    async def main() -> None:
+        import msgspec
+
+        solo = (await start_all([RunnerConfig(model_name="tiny", model_dir=str(model_dir),
+                                              dtype="keep")], tmp_path))[0]
+        try:
+            expected = await first_logprobs(solo)
+        finally:
+            await solo.stop()
+        configs = [msgspec.structs.replace(c, dtype="keep")
+                   for c in tensor_configs(model_dir, 2)]
+        runners = await start_all(configs, tmp_path)
+        try:
+            got = await first_logprobs(runners[0])
+        finally:
+            for runner in runners:
+                await runner.stop()
+        assert len(got) == len(expected) > 0
+        assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-3
+
+    asyncio.run(main())
