@@ -202,3 +202,17 @@ def test_kept_tensor_parallel_matches_one_process(tmp_path: Path) -> None:
         assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-3
 
     asyncio.run(main())
+
+
+def test_serving_dtype_names(smollm2_4bit_dir: Path) -> None:
+    from agent.runtime.model import float32_bytes, serving_dtype
+
+    assert serving_dtype("keep", smollm2_4bit_dir, 0) is None
+    assert serving_dtype("bfloat16", smollm2_4bit_dir, 0) == mx.bfloat16
+    size = float32_bytes(smollm2_4bit_dir)
+    assert 500 << 20 < size < 560 << 20  # 135M parameters at 4 bytes
+    # auto on CPU: float32 when it fits, else the stored quantization.
+    assert serving_dtype("auto", smollm2_4bit_dir, size) == mx.float32
+    assert serving_dtype("auto", smollm2_4bit_dir, size - 1) is None
+    with pytest.raises(ValueError, match="dtype must be one of keep, auto"):
+        serving_dtype("int8", smollm2_4bit_dir, 0)
