@@ -69,3 +69,20 @@ def smollm2_dir(smollm2_gguf: Path) -> Path:
     if not (out / "config.json").exists():
         import_gguf(smollm2_gguf, out, dtype="float32")
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_4bit_dir(smollm2_dir: Path) -> Path:
+    """SmolLM2 as an mlx-community-style 4-bit directory (`mlx_lm.convert -q`, group 64)."""
+    from tests.quant_models import convert_quantized
+
+    return convert_quantized(smollm2_dir, TEST_CACHE / "models" / "smollm2-135m-4bit-g64")
+
+
+@pytest.fixture(scope="session")
+def smollm2_mixed_dir(smollm2_dir: Path) -> Path:
+    """SmolLM2 4-bit with per-module overrides in config.json (8-bit and unquantized modules)."""
+    from tests.quant_models import convert_quantized
+
+    return convert_quantized(smollm2_dir, TEST_CACHE / "models" / "smollm2-135m-mixed",
+                             mixed=True)

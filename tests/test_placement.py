@@ -442,7 +442,7 @@ def test_a_split_the_models_engine_cannot_run_is_refused_by_name() -> None:
     whole_only = SMOLLM2.model_copy(update={"strategies": ("single",),
                                             "architecture": "gemma3_text"})
     small = [node(i, 600 * MiB) for i in range(3)]
-    with pytest.raises(PlacementError, match="'gemma3_text'.*pipeline parallel.*single"):
+    with pytest.raises(PlacementError, match=r"'gemma3_text'.*pipeline parallel.*single"):
         place(whole_only, small)
     roomy = [node(0, 4000 * MiB), *small]
     assert place(whole_only, roomy).strategy == "single"

@@ -9,7 +9,7 @@ and `data_port + 4k + 1` (the mx.distributed ring).
 from __future__ import annotations
 
 from agent.cluster.state import NodeProfile, Placement
-from agent.runtime.protocol import RunnerConfig
+from agent.runtime.protocol import RunnerConfig, RunnerRole
 
 PORTS_PER_SLOT = 4
 MAX_SLOTS = 64
@@ -41,8 +41,8 @@ def runner_configs(placement: Placement, slot: int, profiles: dict[str, NodeProf
                    base: RunnerConfig) -> dict[tuple[str, int], RunnerConfig]:
     """(node id, rank) -> the RunnerConfig of that rank. Ranks count nodes in stage order.
 
-    A single node runs "solo"; a pipeline runs a "head" and "follower"s in a ring back to the
-    head; one tensor group runs rank 0 "solo" (it drives the group) and "tp_follower"s.
+    A single node runs SOLO; a pipeline runs a HEAD and FOLLOWERs in a ring back to the head;
+    one tensor group runs rank 0 SOLO (it drives the group) and TP_FOLLOWERs.
     """
     try:
         nodes = [profiles[n] for n in placement.nodes()]
@@ -52,7 +52,8 @@ def runner_configs(placement: Placement, slot: int, profiles: dict[str, NodeProf
     common = {"model_name": placement.model}
     if len(nodes) == 1:
         stage = stages[0]
-        return {(nodes[0].node_id, 0): _with(base, role="solo", layer_start=stage.layer_start,
+        return {(nodes[0].node_id, 0): _with(base, role=RunnerRole.SOLO,
+                                              layer_start=stage.layer_start,
                                               layer_stop=stage.layer_stop, **common)}
     if all(len(stage.nodes) == 1 for stage in stages):
         out = {}
@@ -60,17 +61,18 @@ def runner_configs(placement: Placement, slot: int, profiles: dict[str, NodeProf
             me = profiles[stage.nodes[0]]
             nxt = profiles[stages[(rank + 1) % len(stages)].nodes[0]]
             out[(me.node_id, rank)] = _with(
-                base, role="head" if rank == 0 else "follower", layer_start=stage.layer_start,
-                layer_stop=stage.layer_stop, listen=link_address(me, slot),
-                downstream=link_address(nxt, slot), **common)
+                base, role=RunnerRole.HEAD if rank == 0 else RunnerRole.FOLLOWER,
+                layer_start=stage.layer_start, layer_stop=stage.layer_stop,
+                listen=link_address(me, slot), downstream=link_address(nxt, slot), **common)
         return out
     if len(stages) == 1:
         ring = [link_address(p, slot, 1) for p in nodes]
         links = [link_address(p, slot) for p in nodes]
         return {
             (p.node_id, rank): _with(
-                base, role="solo" if rank == 0 else "tp_follower", tp_rank=rank, tp_hosts=ring,
-                tp_peers=links[1:] if rank == 0 else [], listen=links[rank], **common)
+                base, role=RunnerRole.SOLO if rank == 0 else RunnerRole.TP_FOLLOWER, tp_rank=rank,
+                tp_hosts=ring, tp_peers=links[1:] if rank == 0 else [], listen=links[rank],
+                **common)
             for rank, p in enumerate(nodes)
         }
     return _hybrid_configs(placement, slot, profiles, base, common)
@@ -92,13 +94,13 @@ def _hybrid_configs(placement: Placement, slot: int, profiles: dict[str, NodePro
         layers = {"layer_start": stage.layer_start, "layer_stop": stage.layer_stop}
         for tp_rank, member in enumerate(members):
             if tp_rank == 0:
-                config = _with(base, role="head" if index == 0 else "follower",
+                config = _with(base, role=RunnerRole.HEAD if index == 0 else RunnerRole.FOLLOWER,
                                listen=link_address(leader, slot),
                                downstream=link_address(following, slot), tp_rank=0,
                                tp_hosts=ring if len(members) > 1 else [], tp_peers=peers,
                                **layers, **common)
             else:
-                config = _with(base, role="tp_follower", listen=link_address(member, slot),
+                config = _with(base, role=RunnerRole.TP_FOLLOWER, listen=link_address(member, slot),
                                tp_rank=tp_rank, tp_hosts=ring, **layers, **common)
             out[(member.node_id, rank)] = config
             rank += 1

@@ -1,7 +1,8 @@
 """GGUF -> mlx-lm import: turns a llama-family GGUF file into a directory `mlx_lm.load` reads.
 
-Weights come from MLX's own GGUF reader (Q4_0/Q4_1/Q4_K/Q8_0 arrive as MLX-quantized
-weight/scales/biases, other tensor types as float16/float32); the tokenizer is rebuilt from the
+Weights come from MLX's own GGUF reader (Q4_0/Q4_1/Q8_0 arrive as MLX-quantized
+weight/scales/biases with 32 weights a group, K-quants and other types as float16, floats as
+stored); the tokenizer is rebuilt from the
 GGUF vocabulary with the `tokenizers` library so that it splits text the way llama.cpp does.
 """
 
@@ -74,14 +75,17 @@ _PER_LAYER = {
 def import_gguf(gguf_path: Path, out_dir: Path, *, dtype: str = "float32") -> Path:
     """Convert `gguf_path` into an mlx-lm directory at `out_dir` and return `out_dir`.
 
-    dtype: "float32" (fastest on MLX CPU), "float16", "bfloat16", or "keep": tensors MLX reads
-    quantized (Q4_0, Q4_1, Q4_K, Q8_0) stay quantized in mlx-lm's `quantization` layout (for
-    Metal/CUDA) and the rest become float16. The whole GGUF is held in memory while converting.
+    dtype: "float32" (fastest on MLX CPU), "float16", "bfloat16", or "keep": Q4_0, Q4_1 and
+    Q8_0 tensors stay quantized in mlx-lm's `quantization` layout, as stored (no float round
+    trip), and the rest become float16; a file with other quantized types (K-quants) is refused,
+    since MLX reads those as float16. The whole GGUF is held in memory while converting.
     The directory appears whole or not at all; an existing `out_dir` is replaced.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if dtype not in DTYPES:
         raise GGUFImportError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if dtype == "keep":
+        _refuse_unkept(gguf_path)
     try:
         loaded = mx.load(str(gguf_path), format="gguf", return_metadata=True)
     except (RuntimeError, ValueError, OSError) as e:
@@ -289,6 +293,71 @@ def _unpermute_rows(n_rows: int, n_heads: int) -> mx.array:
         raise GGUFImportError(f"cannot split {n_rows} q/k rows into {n_heads} heads")
     idx = mx.arange(n_rows).reshape(n_heads, head_dim // 2, 2).swapaxes(1, 2)
     return idx.reshape(-1)
+
+
+# ggml tensor types MLX's GGUF reader returns as MLX-quantized weight/scales/biases (group 32);
+# it returns every other quantized type (the K-quants, IQ*) dequantized to float16.
+_KEPT_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
+_FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}
+_GGML_NAMES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K",
+               14: "Q6_K", 15: "Q8_K"}
+
+
+def gguf_tensor_types(path: Path) -> dict[str, int]:
+    """Each tensor's ggml type, read from the GGUF header (metadata is skipped, not kept)."""
+    import struct
+
+    def unpack(f: Any, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        return struct.unpack(fmt, f.read(size))[0]
+
+    def string(f: Any) -> bytes:
+        return f.read(unpack(f, "<Q"))
+
+    scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+              11: "<q", 12: "<d"}
+
+    def skip(f: Any, kind: int) -> None:
+        if kind == 8:
+            string(f)
+        elif kind == 9:
+            item, count = unpack(f, "<I"), unpack(f, "<Q")
+            if item in scalar:
+                f.seek(count * struct.calcsize(scalar[item]), os.SEEK_CUR)
+            else:
+                for _ in range(count):
+                    skip(f, item)
+        else:
+            f.seek(struct.calcsize(scalar[kind]), os.SEEK_CUR)
+
+    types: dict[str, int] = {}
+    with Path(path).open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise GGUFImportError(f"{path} is not a GGUF file")
+        _version, tensors, entries = struct.unpack("<IQQ", f.read(20))
+        for _ in range(entries):
+            string(f)
+            skip(f, unpack(f, "<I"))
+        for _ in range(tensors):
+            name = string(f).decode()
+            dims = unpack(f, "<I")
+            f.seek(8 * dims, os.SEEK_CUR)
+            types[name] = unpack(f, "<I")
+            f.seek(8, os.SEEK_CUR)  # offset
+    return types
+
+
+def _refuse_unkept(path: Path) -> None:
+    """`keep` stores what MLX reads quantized; a K-quant would arrive as float16 (twice the size
+    of a 8-bit kept weight, four times a 4-bit one), so it is refused rather than kept silently."""
+    others = Counter(_GGML_NAMES.get(t, f"type {t}") for t in gguf_tensor_types(path).values()
+                     if t not in _KEPT_TYPES and t not in _FLOAT_TYPES)
+    if others:
+        found = ", ".join(f"{n} ({c} tensors)" for n, c in sorted(others.items()))
+        raise GGUFImportError(
+            f"{path.name} has tensors in {found}, which MLX cannot keep quantized (it reads them "
+            f"as float16): --dtype keep imports only Q4_0, Q4_1, Q8_0 and float tensors; import "
+            f"it with --dtype float32, float16 or bfloat16 instead")
 
 
 def _convert_tensors(

@@ -1,9 +1,10 @@
-"""Where a step's arithmetic happens: all in this process, or spread along a pipeline.
+"""Where a step's arithmetic happens: all in this process, or spread over several.
 
-The scheduler asks for logits and never knows which. `LocalCompute` runs the whole model here;
-`PipelineHeadCompute` runs the first stage, ships the hidden states (and the KV layout journal,
-so the followers' caches mirror this one) down the chain, and projects the hidden states that
-come back from the last stage into logits.
+The scheduler asks for logits and never knows which. `LocalCompute` runs the whole model here.
+`HeadCompute` drives a multi-process instance: it sends each step's inputs and the KV layout
+journal to its tensor-parallel peers (so their caches mirror this one), and with a pipeline runs
+the first stage, ships the hidden states down the chain and projects the hidden states that
+come back from the last stage into logits. The other ranks run `follower.Follower`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 
 import mlx.core as mx
 
+from agent.runtime.journal import Journal
 from agent.runtime.kv import KvSlots
 from agent.runtime.links import StageLink, StepMessage
 from agent.runtime.model import Decoder
@@ -44,25 +46,7 @@ class LocalCompute:
         return self._step(ids, mx.array(positions))
 
     def _step(self, *inputs: mx.array) -> mx.array:
-        """Run the decode function on `inputs` and this runner's KV arrays, handing the KV over:
-        once the step is queued, nothing but the step itself refers to the old arrays, so MLX
-        writes the new keys and values into their buffers instead of copying the whole cache
-        (at batch 8 the copies took a third of each step; at 4K context, more)."""
-        keys, values = self.kv.keys, self.kv.values
-        self.kv.keys, self.kv.values = [], []
-        try:
-            out = self.decode_fn(*inputs, *keys, *values)
-        except BaseException:
-            self.kv.keys, self.kv.values = keys, values
-            raise
-        del keys, values
-        self._take_kv(out)
-        return out[0]
-
-    def _take_kv(self, out: tuple[mx.array, ...]) -> None:
-        arrays = (len(out) - 1) // 2
-        self.kv.keys = list(out[1:1 + arrays])
-        self.kv.values = list(out[1 + arrays:])
+        return self.kv.step_in_place(self.decode_fn, *inputs)
 
     def close(self) -> None:
         pass
@@ -80,7 +64,7 @@ class HeadCompute(LocalCompute):
 
     lazy_decode = False  # every step talks to peers over blocking links
 
-    def __init__(self, decoder: Decoder, kv: KvSlots, journal: list[tuple], *, compiled: bool,
+    def __init__(self, decoder: Decoder, kv: KvSlots, journal: Journal, *, compiled: bool,
                  tp_peers: list[StageLink] | None = None, downstream: StageLink | None = None,
                  upstream: StageLink | None = None) -> None:
         super().__init__(decoder, kv, compiled=compiled)
@@ -93,7 +77,7 @@ class HeadCompute(LocalCompute):
                                             project=False, quant=self.quant)
             self.project_fn = make_project_fn(decoder, compiled=compiled)
 
-    def _drain(self) -> list[tuple]:
+    def _drain(self) -> Journal:
         ops = list(self.journal)
         self.journal.clear()
         return ops

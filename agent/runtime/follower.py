@@ -13,6 +13,7 @@ import select
 
 import mlx.core as mx
 
+from agent.runtime.journal import Gather, KvOp, PrefixDrop, PrefixLoad, PrefixSave, Resize
 from agent.runtime.kv import KvSlots
 from agent.runtime.links import StageLink, StageLinkError
 from agent.runtime.model import Decoder
@@ -38,25 +39,24 @@ class Follower:
                                         quant=self.quant)
         self.saved: dict[int, tuple[list[mx.array], list[mx.array]]] = {}
 
-    def apply(self, ops: list) -> None:
+    def apply(self, ops: list[KvOp]) -> None:
         for op in ops:
-            kind = op[0]
-            if kind == "resize":
-                self.kv.resize(op[1], op[2])
-            elif kind == "gather":
-                self.kv.gather(list(op[1]), op[2])
-            elif kind == "prefix_save":
-                keys, values = self.kv.read_row(op[2], op[3])
-                self.saved[op[1]] = (copy_rows(keys), copy_rows(values))
-            elif kind == "prefix_load":
-                keys, values = self.saved[op[1]]
-                n = op[3]
-                self.kv.write_row(op[2], [k[:, :, :n] for k in keys],
-                                  [v[:, :, :n] for v in values])
-            elif kind == "prefix_drop":
-                self.saved.pop(op[1], None)
-            else:
-                raise ValueError(f"unknown KV journal op {kind!r}")
+            match op:
+                case Resize(rows, capacity):
+                    self.kv.resize(rows, capacity)
+                case Gather(index, capacity):
+                    self.kv.gather(list(index), capacity)
+                case PrefixSave(entry, row, length):
+                    keys, values = self.kv.read_row(row, length)
+                    self.saved[entry] = (copy_rows(keys), copy_rows(values))
+                case PrefixLoad(entry, row, length):
+                    keys, values = self.saved[entry]
+                    self.kv.write_row(row, [k[:, :, :length] for k in keys],
+                                      [v[:, :, :length] for v in values])
+                case PrefixDrop(entry):
+                    self.saved.pop(entry, None)
+                case _:
+                    raise ValueError(f"unknown KV journal op {op!r}")
 
     def step(self, op: str, row: int, start: int, positions: list[int], h: mx.array) -> mx.array:
         if op == "prefill":
@@ -64,21 +64,9 @@ class Follower:
                           embed=self.embeds, project=False, quant=self.quant)
             mx.eval(out, self.kv.keys, self.kv.values)
             return out
-        # The KV arrays are handed to the step (no other reference while it runs), so MLX
-        # writes the new keys and values in place instead of copying the cache.
-        keys, values = self.kv.keys, self.kv.values
-        self.kv.keys, self.kv.values = [], []
-        try:
-            result = self.decode_fn(h, mx.array(positions), *keys, *values)
-        except BaseException:
-            self.kv.keys, self.kv.values = keys, values
-            raise
-        del keys, values
-        arrays = (len(result) - 1) // 2
-        self.kv.keys = list(result[1:1 + arrays])
-        self.kv.values = list(result[1 + arrays:])
-        mx.eval(result[0], self.kv.keys, self.kv.values)
-        return result[0]
+        out = self.kv.step_in_place(self.decode_fn, h, mx.array(positions))
+        mx.eval(out, self.kv.keys, self.kv.values)
+        return out
 
 
 def follow(follower: Follower, upstream: StageLink, downstream: StageLink | None,

@@ -12,11 +12,12 @@ import contextlib
 import socket
 import struct
 import time
-from typing import Any
 
 import mlx.core as mx
 import msgspec
 import numpy as np
+
+from agent.runtime.journal import KvOp
 
 _LEN = struct.Struct(">IQ")  # header bytes, payload bytes
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -31,7 +32,8 @@ class StepMessage(msgspec.Struct, frozen=True, kw_only=True):
     """What travels along the pipeline with each step's activations."""
 
     op: str  # "prefill" | "decode" | "shutdown"
-    kv_ops: list[Any] = []  # the head's KV layout journal since the last message
+    # The head's KV layout journal since the last message (tagged by each op's kind).
+    kv_ops: list[KvOp] = []
     row: int = -1
     start: int = 0
     positions: list[int] = []

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from agent.runtime.journal import Journal, PrefixDrop
+
 
 @dataclass
 class PrefixEntry:
@@ -49,7 +51,7 @@ def common_prefix_length(a: tuple[int, ...] | list[int], b: tuple[int, ...] | li
 
 class PrefixCache:
     def __init__(self, max_bytes: int, *, min_tokens: int = 16,
-                 journal: list[tuple] | None = None) -> None:
+                 journal: Journal | None = None) -> None:
         self.max_bytes = max_bytes
         self.min_tokens = min_tokens
         self.journal = journal  # drops, recorded for pipeline followers that mirror entries
@@ -102,7 +104,7 @@ class PrefixCache:
         entry = self.entries.pop(key)
         self.bytes -= entry.nbytes
         if self.journal is not None:
-            self.journal.append(("prefix_drop", entry.id))
+            self.journal.append(PrefixDrop(entry.id))
 
     def clear(self) -> None:
         for key in list(self.entries):

@@ -7,6 +7,7 @@ agent -> runner messages and a private copy of its stdout carries runner -> agen
 
 from __future__ import annotations
 
+import enum
 import struct
 from typing import Any
 
@@ -18,11 +19,23 @@ HEADER = struct.Struct(">I")
 MAX_FRAME = 256 * 1024 * 1024
 
 
+class RunnerRole(enum.StrEnum):
+    """What a runner does in its instance (a str, so it compares equal to its value)."""
+
+    SOLO = "solo"  # the whole model here, or rank 0 driving one tensor group
+    HEAD = "head"  # the first pipeline stage: scheduler, sampling, embedding and head
+    FOLLOWER = "follower"  # a later pipeline stage (or the leader of its stage's tensor group)
+    TP_FOLLOWER = "tp_follower"  # a tensor-parallel peer: computes its shard of its stage
+
+
 class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a runner needs, passed explicitly (runners read no settings of their own)."""
 
     model_name: str
     model_dir: str
+    # What the weights are served as: "keep" (as stored: a quantized checkpoint stays quantized,
+    # other tensors keep their dtype), "float32" / "float16" / "bfloat16" (dequantized and cast
+    # at load), or "auto" (keep on Metal/CUDA; on CPU float32 when it fits in memory, else keep).
     dtype: str = "float32"
     max_batch: int = 16
     max_queue: int = 64
@@ -36,11 +49,13 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     compile_step: bool = True
     fuse_projections: bool = True
     stats_interval_s: float = 1.0
-    # Pipeline role. "solo": the whole model here. "head": layers [layer_start, layer_stop) plus
-    # the embedding, the final norm and the head; it connects to `downstream` and accepts the
-    # last stage's link back on `listen`. "follower": accepts its upstream on `listen` and
-    # connects to `downstream` (the next follower, or the head's `listen` when it is last).
-    role: str = "solo"
+    # Role in the instance. SOLO: the whole model here (or the whole stage, leading a tensor
+    # group). HEAD: layers [layer_start, layer_stop) plus the embedding, the final norm and the
+    # head; it connects to `downstream` and accepts the last stage's link back on `listen`.
+    # FOLLOWER: accepts its upstream on `listen` and connects to `downstream` (the next
+    # follower, or the head's `listen` when it is last). TP_FOLLOWER: a tensor-parallel peer
+    # that accepts its group leader's link on `listen` and computes its shard of each step.
+    role: RunnerRole = RunnerRole.SOLO
     layer_start: int | None = None
     layer_stop: int | None = None
     listen: str | None = None
@@ -78,6 +93,7 @@ class Ready(msgspec.Struct, frozen=True, tag="ready", kw_only=True):
     load_seconds: float
     blas: str = ""
     engine: str = "flock"  # which engine serves: "flock" (its own decoder) or "mlx-lm"
+    dtype: str = ""  # what the weights were loaded as: "keep" or a float dtype's name
 
 
 class Stats(msgspec.Struct, frozen=True, tag="stats"):

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import msgspec
 
 from agent.generation import Failed
+from agent.runtime.journal import Journal
 from agent.runtime.links import StageLinkError
 from agent.runtime.protocol import (
     Cancel,
@@ -24,6 +25,7 @@ from agent.runtime.protocol import (
     Ready,
     RunnerConfig,
     RunnerError,
+    RunnerRole,
     Shutdown,
     Stats,
     Submit,
@@ -84,27 +86,30 @@ def join_tensor_group(config: RunnerConfig, scratch: Path) -> Any:
     return mx.distributed.init(backend=config.tp_backend, strict=True)
 
 
-def load(config: RunnerConfig, journal: list[tuple] | None = None,
+def load(config: RunnerConfig, journal: Journal | None = None,
          group: Any = None) -> tuple[Any, Ready]:
-    import mlx.core as mx
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     from agent.runtime.blas import describe_blas
     from agent.runtime.kv import KvGeometry, KvSlots
-    from agent.runtime.model import LayerRange, load_decoder
+    from agent.runtime.model import LayerRange, load_decoder, serving_dtype
     from agent.runtime.prefix import PrefixCache
     from agent.runtime.scheduler import SchedulerLimits
 
     started = time.perf_counter()
     model_dir = Path(config.model_dir)
-    dtype = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}.get(
-        config.dtype, mx.float32)
+    from agent import sysinfo
+
+    available = sysinfo.available_memory_bytes()
+    if config.memory_cap_bytes is not None:
+        available = min(available, config.memory_cap_bytes)
+    dtype = serving_dtype(config.dtype, model_dir, int(available * WEIGHT_HEADROOM))
     layers = None
     if config.layer_start is not None and config.layer_stop is not None:
         layers = LayerRange(config.layer_start, config.layer_stop)
-    head = config.role in ("solo", "head")
+    head = config.role in (RunnerRole.SOLO, RunnerRole.HEAD)
     # Tensor peers of the first stage embed the token ids themselves.
-    peer_embeds = config.role == "tp_follower" and config.layer_start in (None, 0)
+    peer_embeds = config.role == RunnerRole.TP_FOLLOWER and config.layer_start in (None, 0)
     decoder = load_decoder(model_dir, dtype=dtype, fuse=config.fuse_projections, layers=layers,
                            embeds=head or peer_embeds, projects=head, group=group)
     tokenizer = load_tokenizer(model_dir)
@@ -114,7 +119,7 @@ def load(config: RunnerConfig, journal: list[tuple] | None = None,
     # kv_bits 4 or 8: keys and values stored quantized along head_dim (KvGeometry.bytes_per_token
     # is then the quantized size, so the budget and the KV metrics count what is allocated).
     geometry = KvGeometry(len(decoder.layers), decoder.local_kv_heads, decoder.config.head_dim,
-                          dtype, bits=config.kv_bits)
+                          decoder.dtype, bits=config.kv_bits)
     weights = decoder.weight_bytes()
     budget = kv_budget(config, weights, geometry.bytes_per_token, context)
     limits = SchedulerLimits(
@@ -133,6 +138,7 @@ def load(config: RunnerConfig, journal: list[tuple] | None = None,
         context_length=context,
         load_seconds=time.perf_counter() - started,
         blas=describe_blas(),
+        dtype="keep" if dtype is None else str(dtype).rpartition(".")[2],
     )
     prefix_bytes = config.prefix_cache_bytes
     if prefix_bytes is None:
@@ -150,7 +156,7 @@ def _connect_pipeline(config: RunnerConfig, listener: Any) -> tuple[Any, Any]:
     deadline = time.monotonic() + config.startup_timeout_s
     timeout = config.link_timeout_s
     assert config.downstream is not None
-    if config.role == "head":
+    if config.role == RunnerRole.HEAD:
         downstream = StageLink.connect(config.downstream, deadline=deadline, timeout=timeout)
         upstream = StageLink.accept(listener, deadline=deadline, timeout=timeout)
     else:
@@ -171,8 +177,8 @@ def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
     from agent.runtime.scheduler import Scheduler
 
     tensor = len(config.tp_hosts) > 1
-    multi = config.role != "solo" or tensor
-    journal: list[tuple] | None = [] if multi else None
+    multi = config.role != RunnerRole.SOLO or tensor
+    journal: Journal | None = [] if multi else None
     watchdog = Watchdog(config.link_timeout_s) if tensor else None
     try:
         # Listen before loading: the peer may connect while we are still reading weights.
@@ -210,13 +216,13 @@ def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
         deadline = time.monotonic() + config.startup_timeout_s
         tp_peers = [StageLink.connect(peer, deadline=deadline, timeout=config.link_timeout_s)
                     for peer in config.tp_peers]
-        if config.role == "tp_follower":
+        if config.role == RunnerRole.TP_FOLLOWER:
             upstream = StageLink.accept(listener, deadline=deadline, timeout=config.link_timeout_s)
             outbox.send(ready)
             first_stage = config.layer_start in (None, 0)
             return follow(Follower(decoder, kv, compiled=config.compile_step,
                                    embeds=first_stage), upstream, None, inbox_fd, watchdog)
-        if config.role == "follower":
+        if config.role == RunnerRole.FOLLOWER:
             downstream, upstream = _connect_pipeline(config, listener)
             outbox.send(ready)
             return follow(Follower(decoder, kv, compiled=config.compile_step), upstream,
@@ -225,7 +231,7 @@ def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
         if multi:
             assert journal is not None
             downstream = upstream = None
-            if config.role == "head":
+            if config.role == RunnerRole.HEAD:
                 downstream, upstream = _connect_pipeline(config, listener)
             compute = HeadCompute(decoder, kv, journal, compiled=config.compile_step,
                                   tp_peers=tp_peers, downstream=downstream, upstream=upstream)

@@ -27,6 +27,7 @@ from agent.generation import (
     Usage,
 )
 from agent.runtime.compute import LocalCompute
+from agent.runtime.journal import PrefixLoad, PrefixSave
 from agent.runtime.prefix import PrefixCache, copy_rows
 from agent.runtime.sampling import RowSampler, top_logprobs
 from agent.runtime.seam import Compute, Slots
@@ -304,7 +305,7 @@ class Scheduler:
         self.kv.write_row(seq.row, [k[:, :, :n] for k in entry.keys],
                           [v[:, :, :n] for v in entry.values])
         if self.kv.journal is not None:
-            self.kv.journal.append(("prefix_load", entry.id, seq.row, n))
+            self.kv.journal.append(PrefixLoad(entry.id, seq.row, n))
         seq.prefilled = seq.length = seq.cached_tokens = n
 
     def _remember_prefix(self, seq: Sequence) -> None:
@@ -314,7 +315,7 @@ class Scheduler:
         keys, values = self.kv.read_row(seq.row, seq.length)
         entry_id = self.prefix.store(tokens, copy_rows(keys), copy_rows(values))
         if entry_id is not None and self.kv.journal is not None:
-            self.kv.journal.append(("prefix_save", entry_id, seq.row, seq.length))
+            self.kv.journal.append(PrefixSave(entry_id, seq.row, seq.length))
 
     def _finish_unstarted(self, request: GenerationRequest, reason: str) -> None:
         usage = Usage(prompt_tokens=len(request.prompt_tokens), completion_tokens=0)

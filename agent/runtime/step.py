@@ -16,15 +16,20 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from agent.runtime.kv import KvQuant
-from agent.runtime.model import Decoder, Layer
+from agent.runtime.model import Decoder, Dense, FusedGateUp, FusedQKV, Layer, Linear
 
 NEG_INF = -1e30  # large finite number: a fully masked row stays finite
 
 
-def _linear(x: mx.array, w: mx.array, b: mx.array | None = None) -> mx.array:
-    if b is not None:
-        return mx.addmm(b, x, w.T)
-    return x @ w.T
+def linear(x: mx.array, proj: Linear) -> mx.array:
+    if isinstance(proj, Dense):
+        if proj.bias is not None:
+            return mx.addmm(proj.bias, x, proj.weight.T)
+        return x @ proj.weight.T
+    # As mlx-lm's QuantizedLinear computes it, so kept checkpoints give its logits.
+    out = mx.quantized_matmul(x, proj.weight, proj.scales, proj.biases, transpose=True,
+                              group_size=proj.group_size, bits=proj.bits, mode=proj.mode)
+    return out + proj.bias if proj.bias is not None else out
 
 
 def _all_sum(x: mx.array, group: Any) -> mx.array:
@@ -35,40 +40,46 @@ def _qkv(dec: Decoder, layer: Layer, x: mx.array) -> tuple[mx.array, mx.array, m
     """Projected q, k, v in (batch, heads, tokens, head_dim), normed where the model says."""
     batch, tokens, _ = x.shape
     heads, kv_heads, hd = dec.local_heads, dec.local_kv_heads, dec.config.head_dim
-    if layer.wqkv is not None:
-        qkv = _linear(x, layer.wqkv, layer.bqkv)
+    attn = layer.attn
+    if isinstance(attn.qkv, FusedQKV):
+        qkv = linear(x, attn.qkv.qkv)
         q, k, v = mx.split(qkv, [heads * hd, (heads + kv_heads) * hd], axis=-1)
     else:
-        q = _linear(x, layer.wq, layer.bq)  # type: ignore[arg-type]
-        k = _linear(x, layer.wk, layer.bk)  # type: ignore[arg-type]
-        v = _linear(x, layer.wv, layer.bv)  # type: ignore[arg-type]
+        q, k, v = linear(x, attn.qkv.q), linear(x, attn.qkv.k), linear(x, attn.qkv.v)
     q = q.reshape(batch, tokens, heads, hd)
     k = k.reshape(batch, tokens, kv_heads, hd)
     v = v.reshape(batch, tokens, kv_heads, hd)
     eps = dec.config.rms_norm_eps
-    if layer.q_norm is not None:
-        q = mx.fast.rms_norm(q, layer.q_norm, eps)
-    if layer.k_norm is not None:
-        k = mx.fast.rms_norm(k, layer.k_norm, eps)
+    if attn.q_norm is not None:
+        q = mx.fast.rms_norm(q, attn.q_norm, eps)
+    if attn.k_norm is not None:
+        k = mx.fast.rms_norm(k, attn.k_norm, eps)
     return q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
 def _mlp(dec: Decoder, layer: Layer, x: mx.array) -> mx.array:
-    if layer.w_gate_up is not None:
-        gate, up = mx.split(_linear(x, layer.w_gate_up), 2, axis=-1)
+    mlp = layer.mlp
+    if isinstance(mlp.gate_up, FusedGateUp):
+        gate, up = mx.split(linear(x, mlp.gate_up.gate_up), 2, axis=-1)
     else:
-        gate, up = _linear(x, layer.w_gate), _linear(x, layer.w_up)  # type: ignore[arg-type]
-    return _all_sum(_linear(gate * mx.sigmoid(gate) * up, layer.w_down), dec.group)
+        gate, up = linear(x, mlp.gate_up.gate), linear(x, mlp.gate_up.up)
+    return _all_sum(linear(gate * mx.sigmoid(gate) * up, mlp.down), dec.group)
 
 
 def embed_tokens(dec: Decoder, tokens: mx.array) -> mx.array:
-    assert dec.embed is not None
-    return dec.embed[tokens]
+    embed = dec.embed
+    assert embed is not None
+    if isinstance(embed, Dense):
+        return embed.weight[tokens]
+    # Only the looked-up rows are dequantized (mlx-lm's QuantizedEmbedding does the same).
+    return mx.dequantize(embed.weight[tokens], embed.scales[tokens],
+                         None if embed.biases is None else embed.biases[tokens],
+                         group_size=embed.group_size, bits=embed.bits, mode=embed.mode)
 
 
 def project_logits(dec: Decoder, h: mx.array) -> mx.array:
     assert dec.norm is not None
-    return _linear(mx.fast.rms_norm(h, dec.norm, dec.config.rms_norm_eps), dec.head_weight)
+    return linear(mx.fast.rms_norm(h, dec.norm, dec.config.rms_norm_eps), dec.head)
 
 
 def _rope_angles(dec: Decoder, positions: mx.array) -> tuple[mx.array, mx.array] | None:
@@ -153,7 +164,7 @@ def decode_step(
         else:
             attn = _quantized_attention(qg, k_cache, v_cache, mask, quant)
         attn = attn.reshape(rows, 1, kv_heads * group_size * hd)
-        h = h + _all_sum(_linear(attn, layer.wo), dec.group)
+        h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
         h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))
     out = project_logits(dec, h[:, 0, :]) if project else h
     return out, new_keys, new_values
@@ -218,7 +229,7 @@ def prefill(
             q, k_all, v_all, scale=scale, mask="causal" if n > 1 else None
         )
         attn = attn.transpose(0, 2, 1, 3).reshape(1, n, -1)
-        h = h + _all_sum(_linear(attn, layer.wo), dec.group)
+        h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
         h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))
     if not project:
         return h
