@@ -42,6 +42,7 @@ def _settings_from(args: argparse.Namespace) -> Any:
         kv_budget_bytes=getattr(args, "kv_budget", None),
         prefix_cache_bytes=getattr(args, "prefix_cache", None),
         shutdown_grace_s=getattr(args, "shutdown_grace", None),
+        dtype=getattr(args, "serve_dtype", None),
     )
 
 
@@ -342,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--blas", choices=["auto", "off"],
                      help="interpose an optimised BLAS for runners on Linux (default auto)")
     run.add_argument("--max-batch", type=int, help="sequences decoded together (default 16)")
+    run.add_argument("--dtype", dest="serve_dtype",
+                     choices=["auto", "keep", "float32", "float16", "bfloat16"],
+                     help="what runners load: keep (the checkpoint's quantization), a float "
+                          "dtype, or auto (default: keep on Metal/CUDA; on CPU float32 when it "
+                          "fits, else keep)")
     run.add_argument("--prefill-chunk", type=int,
                      help="most prompt tokens per prefill slice while others decode (default 512)")
     run.add_argument("--prefill-gap-steps", type=float,

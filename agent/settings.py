@@ -57,7 +57,7 @@ class NodeSettings(BaseSettings):
 
     # What to serve when no cluster spec says otherwise.
     model: str | None = DEFAULT_MODEL
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    dtype: Literal["auto", "keep", "float32", "float16", "bfloat16"] = "auto"
 
     # Runner behaviour
     max_batch: int = Field(default=16, ge=1, le=256)

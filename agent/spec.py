@@ -122,6 +122,10 @@ class ModelEntry(_Section):
     layers: list[PositiveInt] | None = None
     context_length: PositiveInt | None = None
     kv_bits: Literal[4, 8] | None = None
+    # What the runners load: "keep" serves the checkpoint's quantization as stored, a float
+    # name dequantizes/casts to it, "auto" picks (see cluster/shape.serving_dtype); unset: the
+    # node's `dtype` setting.
+    dtype: Literal["auto", "keep", "float32", "float16", "bfloat16"] | None = None
 
 
 class SpecError(BaseModel):

@@ -15,8 +15,8 @@ from litestar.response import Stream
 
 from agent.api.cluster import peer_signature_error
 from agent.cluster.auth import ReplayGuard
+from agent.cluster.catalogue import ModelCatalogue
 from agent.cluster.peers import response_headers
-from agent.cluster.shape import model_shape
 from agent.engine import ModelNotFound
 from agent.models.shards import (
     SMALL_FILES,
@@ -74,10 +74,12 @@ class ShardApi(Controller):
             return refused
         try:
             model_dir, info = request.app.state["engine"].stored_model(model)
-            shape = model_shape(model_dir, model)
         except ModelNotFound:
             return Response({"error": {"message": f"no model {model}"}}, status_code=404)
-        body = msgspec.json.encode({"info": info, "shape": shape.model_dump(mode="json")})
+        # A model nothing can run keeps its info (its refusal travels with it), and no shapes.
+        shapes = {} if info.refusal else ModelCatalogue.shapes_of(model_dir, model)
+        body = msgspec.json.encode({"info": info, "shapes": {
+            dtype: shape.model_dump(mode="json") for dtype, shape in shapes.items()}})
         cluster = request.app.state["cluster"]
         return Response(body, media_type="application/json",
                         headers=response_headers(cluster.secret, cluster.node_id, body,

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import quote
 
 import msgspec
 
 from agent.cluster.peers import PeerClient, PeerError, base_url
-from agent.cluster.shape import model_shape
+from agent.cluster.shape import SERVING_DTYPES, model_bytes, serving_dtype, shape_for_dtype
 from agent.cluster.state import ModelShape, NodeProfile
 from agent.engine import ModelInfo, ModelNotFound, canonical_name
 from agent.models.store import ModelStore
@@ -26,21 +27,33 @@ class ModelCatalogue:
     def __init__(self, store: ModelStore, client: PeerClient) -> None:
         self.store = store
         self.client = client
-        self._shapes: dict[str, ModelShape] = {}
-        # Models only other nodes hold: name -> (info, shape), from a holder.
-        self._remote: dict[str, tuple[ModelInfo, ModelShape]] = {}
+        self._shapes: dict[tuple[str, str], ModelShape] = {}
+        # Models only other nodes hold: name -> (info, shape at each serving format).
+        self._remote: dict[str, tuple[ModelInfo, dict[str, ModelShape]]] = {}
 
-    def shape(self, model: str) -> ModelShape | None:
-        if model not in self._shapes:
+    def shape(self, model: str, dtype: str = "float32",
+              nodes: list[NodeProfile] | None = None) -> ModelShape | None:
+        """`model`'s placement shape at the format `dtype` resolves to on `nodes`."""
+        nodes = nodes or []
+        auto = dtype == "auto"
+        key = (model, dtype if not auto else "auto:" + ",".join(
+            f"{n.backend}{n.usable_memory_bytes}" for n in sorted(nodes, key=lambda n: n.node_id)))
+        if key not in self._shapes:
             try:
-                self._shapes[model] = model_shape(self.store.resolve(model), model)
+                self._shapes[key] = shape_for_dtype(self.store.resolve(model), model, dtype,
+                                                    nodes)
             except (ModelNotFound, OSError, ValueError, KeyError) as exc:
                 remote = self._remote.get(model)
-                if remote is None:
+                if remote is None or "float32" not in remote[1]:
                     log.debug("no shape for %s: %s", model, exc)
                     return None
-                self._shapes[model] = remote[1]
-        return self._shapes[model]
+                shapes = remote[1]
+                chosen = serving_dtype(dtype, float32_bytes=model_bytes(shapes["float32"]),
+                                       nodes=nodes)
+                if chosen not in shapes:
+                    return None
+                self._shapes[key] = shapes[chosen]
+        return self._shapes[key]
 
     def remote_info(self, model: str) -> ModelInfo | None:
         entry = self._remote.get(canonical_name(model))
@@ -48,6 +61,11 @@ class ModelCatalogue:
 
     def remote_models(self) -> list[ModelInfo]:
         return [info for info, _ in self._remote.values()]
+
+    @staticmethod
+    def shapes_of(model_dir: Any, model: str) -> dict[str, ModelShape]:
+        """The shape at every serving format, as a holder sends them to peers."""
+        return {dtype: shape_for_dtype(model_dir, model, dtype, []) for dtype in SERVING_DTYPES}
 
     async def refresh(self, peers: Iterable[NodeProfile]) -> None:
         """Ask a holder once for each model peers hold and this node does not."""
@@ -64,7 +82,8 @@ class ModelCatalogue:
                     response = await self.client.request("GET", url)
                     if response.status_code == 200:
                         data = response.json()
-                        self._remote[model] = (msgspec.convert(data["info"], ModelInfo),
-                                               ModelShape.model_validate(data["shape"]))
+                        shapes = {dtype: ModelShape.model_validate(shape)
+                                  for dtype, shape in data["shapes"].items()}
+                        self._remote[model] = (msgspec.convert(data["info"], ModelInfo), shapes)
                 except (PeerError, ValueError, KeyError, msgspec.ValidationError) as exc:
                     log.debug("no info for %s from %s: %s", model, profile.name, exc)

@@ -301,10 +301,19 @@ class ClusterController:
         fetched = await asyncio.gather(*(self.fetch_assignment(p) for p in self.peers()))
         self.assignment = continue_from(self.assignment, list(fetched))
 
+    def requested_dtype(self, model: str) -> str:
+        """What `model`'s runners should load: its cluster.toml entry's `dtype`, else this
+        (the leader's) node's `dtype` setting; "auto" is resolved with the shape."""
+        spec = self.assignment.spec
+        entry = next((m for m in spec.spec.models if canonical_name(m.model) == model),
+                     None) if spec else None
+        return (entry.dtype if entry and entry.dtype else None) or self.settings.dtype
+
     async def _lead(self) -> None:
         current = self.assignment
+        nodes = list(self.nodes().values())
         shapes = {m: s for m in current.desired_models()
-                  if (s := self.catalogue.shape(m)) is not None}
+                  if (s := self.catalogue.shape(m, self.requested_dtype(m), nodes)) is not None}
         changed = next_assignment(current, shapes, list(self.nodes().values()), self.node_id)
         if changed is not None:
             self.assignment = changed

@@ -548,7 +548,7 @@ def _placement(model: ModelShape, groups: Groups, counts: list[int], *, reason: 
     else:
         label = "pipeline" if all(len(s.nodes) == 1 for s in stages) else "hybrid"
     return Placement(instance_id=instance_id, model=model.name, strategy=label, stages=stages,
-                     owner=owner, reason=reason)
+                     owner=owner, reason=reason, dtype=model.dtype)
 
 
 # --- stability --------------------------------------------------------------------------------
@@ -593,6 +593,8 @@ def _still_valid(previous: Placement, model: ModelShape, nodes: list[NodeProfile
     a loaded instance's own runners are what use that memory.
     """
     if previous.instance_id != instance_id or previous.model != model.name:
+        return False
+    if previous.dtype != model.dtype:  # another serving format: other bytes, other runners
         return False
     if previous.strategy not in _PRODUCES[strategy]:
         return False

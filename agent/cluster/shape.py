@@ -13,11 +13,12 @@ import json
 import struct
 from pathlib import Path
 
-from agent.cluster.state import ModelShape
+from agent.cluster.state import ModelShape, NodeProfile
 from agent.models import arch
 
 _HEADER_LIMIT = 100 << 20  # a sane bound for the JSON header; guards against garbage files
 _FLOAT_BYTES = {4: "float32", 2: "float16"}
+SERVING_DTYPES = ("keep", *arch.WEIGHT_DTYPES)  # what runners can load
 
 
 def model_shape(model_dir: Path, name: str, dtype_bytes: int = 4, *,
@@ -66,7 +67,37 @@ def model_shape(model_dir: Path, name: str, dtype_bytes: int = 4, *,
         dtype_bytes=element,
         strategies=found.strategies,
         architecture=found.model_type,
+        dtype=dtype if dtype in ("keep", *arch.WEIGHT_DTYPES) else "float32",
     )
+
+
+def model_bytes(shape: ModelShape) -> int:
+    """Every layer and the embedding, at the shape's serving format."""
+    return shape.num_layers * shape.layer_bytes + shape.embedding_bytes
+
+
+def serving_dtype(requested: str, *, float32_bytes: int, nodes: list[NodeProfile]) -> str:
+    """What an instance's runners load, decided once by the leader for every rank.
+
+    An explicit choice stands. "auto" keeps a checkpoint as stored on Metal and CUDA; on MLX's
+    CPU backend, where float32 is the fast format (float16 decodes ~3x slower there), the
+    checkpoint is widened to float32 when that fits the node with the most usable memory, and
+    kept as stored otherwise (pooling memory is why a cluster exists).
+    """
+    if requested != "auto":
+        return requested
+    if nodes and any(n.backend != "cpu" for n in nodes):
+        return "keep"
+    largest = max((n.usable_memory_bytes for n in nodes), default=0)
+    return "float32" if float32_bytes <= largest else "keep"
+
+
+def shape_for_dtype(model_dir: Path, name: str, requested: str,
+                    nodes: list[NodeProfile]) -> ModelShape:
+    """The placement shape at the dtype `requested` resolves to on these nodes."""
+    f32 = model_shape(model_dir, name, dtype="float32")
+    chosen = serving_dtype(requested, float32_bytes=model_bytes(f32), nodes=nodes)
+    return f32 if chosen == "float32" else model_shape(model_dir, name, dtype=chosen)
 
 
 def _tensor_shapes(model_dir: Path) -> dict[str, tuple[str, list[int]]]:

@@ -67,6 +67,7 @@ class ModelShape(Frozen):
     # "pipeline" (stages of its layer list), "tensor" (heads sharded over a group).
     strategies: tuple[str, ...] = ("single", "pipeline", "tensor")
     architecture: str = ""
+    dtype: str = "float32"  # what runners load: "keep" (as stored) or a float dtype's name
 
 
 class Stage(Frozen):
@@ -84,6 +85,7 @@ class Placement(Frozen):
     stages: list[Stage]
     owner: Literal["spec", "api", "auto"] = "auto"
     reason: str = ""  # why placement chose this shape (shown in status), e.g. what `auto` decided
+    dtype: str = "float32"  # what every rank loads (the leader resolved it; bytes counted at it)
 
     @property
     def head_node(self) -> str:

@@ -44,6 +44,7 @@ def runner_configs(placement: Placement, slot: int, profiles: dict[str, NodeProf
     A single node runs SOLO; a pipeline runs a HEAD and FOLLOWERs in a ring back to the head;
     one tensor group runs rank 0 SOLO (it drives the group) and TP_FOLLOWERs.
     """
+    base = _with(base, dtype=placement.dtype)  # one dtype for every rank, as placement counted
     try:
         nodes = [profiles[n] for n in placement.nodes()]
     except KeyError as exc:
