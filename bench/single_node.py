@@ -1,6 +1,7 @@
 """Single-node figures of the foundation issue, measured side by side in one run.
 
-    .venv/bin/python -m bench.single_node [--rounds 3] [--tokens 128] [--models-dir DIR]
+    .venv/bin/python -m bench.single_node [--rounds 3] [--tokens 128] [--blas-threads N]
+                                          [--models-dir DIR]
 
 Prints `name: value` lines:
   api_decode_vs_mlxlm       decode tok/s through the streaming HTTP API / mlx-lm in-process with
@@ -16,7 +17,8 @@ Prints `name: value` lines:
                             cached_prompt_tokens_during_timing (the usage's cached_tokens, summed)
 Every timed request carries a prompt that starts with a tag made for it (round, kind, random
 hex) in its own system message, so the prefix cache has nothing to serve it: the figures are
-prefill, not cache hits. Warm-ups (shape compilation) use other prompts of the same lengths. Each
+prefill, not cache hits. Warm-ups (shape compilation) use other prompts of the same lengths
+(mlx-lm: one as long as the short prompt). Each
 mlx-lm figure runs in its own subprocess (the BLAS preload is process-wide); rounds alternate
 which side goes first, and medians are reported.
 """
@@ -81,8 +83,8 @@ def new_tag(kind: str) -> str:
 def mlxlm_worker(model_dir: str, warm: list[list[int]], prompts: dict[str, list[int]],
                  tokens: int) -> dict[str, dict[str, float]]:
     """Per prompt: seconds to the first token (prefill and one argmax) and, over `tokens` more
-    greedy steps, decode tok/s. The `warm` prompts (same lengths, other ids) run first, so every
-    shape is compiled before a timed one."""
+    greedy steps (the "short" prompt only), decode tok/s. The `warm` prompts (other ids) run
+    first."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.utils import load_model
@@ -108,20 +110,23 @@ def mlxlm_worker(model_dir: str, warm: list[list[int]], prompts: dict[str, list[
 
 def mlxlm(model_dir: Path, tokenizer: Any, round_tag: str, prompts: dict[str, list[int]],
           tokens: int, env: dict[str, str]) -> dict[str, dict[str, float]]:
-    warm = [fit_prompt(tokenizer, len(ids), new_tag(f"{round_tag}-mlxwarm"))[1]
-            for ids in prompts.values()]
+    # One warm-up prompt as long as the short one: mlx-lm's model is not compiled per shape on
+    # the CPU, so it readies the kernels; a second long prefill would double the slowest part.
+    warm = [fit_prompt(tokenizer, len(prompts["short"]), new_tag(f"{round_tag}-mlxwarm"))[1]]
     return call_in_subprocess(  # type: ignore[no-any-return]
         "bench.single_node:mlxlm_worker",
         {"model_dir": str(model_dir), "warm": warm, "prompts": prompts, "tokens": tokens}, env,
         timeout=1200)
 
 
-def runner_env(state_dir: Path, *, blas: str) -> dict[str, str]:
-    """The environment a flock runner gets, with the BLAS shim (`auto`) or without (`off`)."""
+def runner_env(state_dir: Path, *, blas: str, threads: int | None) -> dict[str, str]:
+    """The environment a flock runner gets, with the BLAS shim (`auto`) or without (`off`), and
+    `threads` OpenBLAS threads (None: flock's default)."""
     from agent.runtime.environment import runner_environment
     from agent.settings import NodeSettings
 
-    env, _ = runner_environment(NodeSettings(state_dir=state_dir, blas=blas))  # type: ignore[arg-type]
+    settings = NodeSettings(state_dir=state_dir, blas=blas, blas_threads=threads)  # type: ignore[arg-type]
+    env, _ = runner_environment(settings)
     return env
 
 
@@ -192,6 +197,10 @@ def main() -> int:
     parser.add_argument("--models-dir", type=Path,
                         help="model store to pull SmolLM2 into (default: the tests' import, "
                              "else ~/.cache/flock-bench/models)")
+    parser.add_argument("--blas-threads", type=int,
+                        help="OpenBLAS threads of the agent's runner and of mlx-lm alike "
+                             "(default: flock's); 1 on a machine shared with other work, where "
+                             "waiting threads collapse")
     args = parser.parse_args()
     warn_if_busy()
     models_dir, model_dir = bench_models(args.models_dir)
@@ -201,9 +210,12 @@ def main() -> int:
     rows: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="flock-single-node-") as tmp:
         state = Path(tmp)
-        same_blas = runner_env(state, blas="auto")
-        default = runner_env(state, blas="off")
-        agent = bench_agent(state / "agent", MODEL, models_dir=models_dir, args=["--metrics"])
+        same_blas = runner_env(state, blas="auto", threads=args.blas_threads)
+        default = runner_env(state, blas="off", threads=args.blas_threads)
+        emit("openblas_threads", same_blas.get("OPENBLAS_NUM_THREADS", "?"))
+        threads = ["--blas-threads", str(args.blas_threads)] if args.blas_threads else []
+        agent = bench_agent(state / "agent", MODEL, models_dir=models_dir,
+                            args=["--metrics", *threads])
         try:
             api = ApiRound(agent.url, tokenizer, args.tokens)
             asyncio.run(api.warm_up())
