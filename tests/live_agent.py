@@ -56,7 +56,7 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, *,
 # ---- processes: own session, stopped at exit and on signals -----------------------------------
 
 _started: list[subprocess.Popen[bytes]] = []
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: a signal may arrive while the main thread holds it
 _installed = False
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
