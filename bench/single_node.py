@@ -66,13 +66,14 @@ def chat_prompt(tokenizer: Any, words: int, tag: str) -> tuple[list[dict[str, st
 
 def fit_prompt(tokenizer: Any, target: int, tag: str
                ) -> tuple[list[dict[str, str]], list[int]]:
-    """`chat_prompt` with at least `target` tokens (the fewest words that reach it)."""
-    words = max(1, target // 3)
+    """`chat_prompt` with at least `target` tokens, a few over at most (the frame alone is ~40
+    tokens and each item ~4: grow the list in steps that cannot overshoot far)."""
+    words = 1
     while True:
         messages, ids = chat_prompt(tokenizer, words, tag)
         if len(ids) >= target or words > 10 * target:
             return messages, ids
-        words += max(1, (target - len(ids)) // 2)
+        words += max(1, (target - len(ids)) // 5)
 
 
 def new_tag(kind: str) -> str:
