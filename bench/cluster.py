@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -37,40 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.cluster_tools import (  # noqa: E402
-    MODEL,
-    QUESTION,
-    LoopbackCluster,
-    free_port,
-    peak_rss_bytes,
-    runner_config,
-    runner_pids,
-    shared_models_dir,
-)
+from bench.common import bench_models, chat_body, emit, stream_chat, warn_if_busy  # noqa: E402
+from tests.cluster_tools import MODEL, QUESTION, LoopbackCluster, runner_config  # noqa: E402
+from tests.live_agent import free_port, peak_rss_bytes, runner_pids, wait_until  # noqa: E402
 
-CACHE = Path(os.environ.get("FLOCK_BENCH_CACHE", Path.home() / ".cache" / "flock-bench"))
-TEST_MODELS = Path(os.environ.get("FLOCK_TEST_CACHE", Path.home() / ".cache" / "flock-test"))
 DECODE_PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
-
-
-def emit(name: str, value: float, digits: int = 3) -> None:
-    print(f"{name}: {value:.{digits}f}", flush=True)
-
-
-def ensure_models() -> tuple[Path, Path]:
-    """(a model store holding `smollm2-135m`, that model's directory)."""
-    from agent.models.fetch import pull
-    from agent.models.store import ModelStore
-
-    imported = sorted((TEST_MODELS / "models").glob("smollm2-135m-f32-*"))
-    if imported and (imported[0] / "config.json").exists():
-        root = shared_models_dir(TEST_MODELS / "cluster-models", imported[0])
-    else:
-        root = CACHE / "models"
-        store = ModelStore(root)
-        if MODEL not in {m.name for m in store.list()}:
-            pull(store, MODEL)
-    return root, ModelStore(root).resolve(MODEL)
 
 
 # ---- decode and memory through the API ---------------------------------------------------------
@@ -78,27 +48,10 @@ def ensure_models() -> tuple[Path, Path]:
 
 def stream_decode(client: httpx.Client, model: str, n: int) -> float:
     """Decode tok/s of one greedy streamed chat (first token to last)."""
-    body = {"model": model, "messages": DECODE_PROMPT, "temperature": 0, "max_tokens": n,
-            "stream": True, "stream_options": {"include_usage": True}}
-    first = last = 0.0
-    tokens = 0
-    with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-    if tokens < 2 or last <= first:
-        raise RuntimeError(f"too few tokens streamed ({tokens})")
-    return (tokens - 1) / (last - first)
+    timing = stream_chat(client, chat_body(model, DECODE_PROMPT, n))
+    if timing.tokens < 2 or timing.last <= timing.first:
+        raise RuntimeError(f"too few tokens streamed ({timing.tokens})")
+    return timing.decode_tok_s
 
 
 def pipeline_figures(models: Path, model_dir: Path, rounds: int, n: int) -> dict[str, float]:
@@ -157,15 +110,17 @@ def cold_start(models: Path) -> float:
                     "stream": True}
             deadline = started + 600
             with httpx.Client(base_url=agents[0].url, timeout=600, trust_env=False) as client:
-                while True:
+                def answers() -> bool:
+                    if not agents[0].alive():
+                        raise RuntimeError(f"agent did not start:\n{agents[0].log_tail()}")
                     try:
                         client.get("/healthz", timeout=2)
-                        break
+                        return True
                     except httpx.TransportError:
-                        if time.monotonic() > deadline or not agents[0].alive():
-                            raise RuntimeError(
-                                f"agent did not start:\n{agents[0].log_tail()}") from None
-                        time.sleep(0.05)
+                        return False
+
+                wait_until(answers, deadline - time.monotonic(), "the agent to answer HTTP",
+                           interval=0.05, describe=agents[0].log_tail)
                 with client.stream("POST", "/v1/chat/completions", json=body) as response:
                     response.raise_for_status()
                     for line in response.iter_lines():
@@ -334,13 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-transport", action="store_true")
     args = parser.parse_args(argv)
     _loopback_ok()
-    models, model_dir = ensure_models()
+    warn_if_busy()
+    models, model_dir = bench_models()
 
     figures: dict[str, Any] = pipeline_figures(models, model_dir, args.rounds, args.tokens)
     emit("pipeline3_vs_1_decode",
-         figures["pipeline3_decode_tok_s"] / figures["single_decode_tok_s"])
+         figures["pipeline3_decode_tok_s"] / figures["single_decode_tok_s"], 3)
     emit("pipeline3_max_rss_vs_single",
-         figures["pipeline3_largest_runner_peak_rss_mb"] / figures["single_runner_peak_rss_mb"])
+         figures["pipeline3_largest_runner_peak_rss_mb"] / figures["single_runner_peak_rss_mb"], 3)
     for name in ("single_decode_tok_s", "pipeline3_decode_tok_s", "single_runner_peak_rss_mb",
                  "pipeline3_largest_runner_peak_rss_mb"):
         emit(name, figures[name], 1)
@@ -349,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_transport:
         transport = transport_figures(model_dir, args.rounds, args.tokens)
         emit("pipeline_tcp_vs_ring_decode",
-             transport["tcp_decode_tok_s"] / transport["ring_decode_tok_s"])
+             transport["tcp_decode_tok_s"] / transport["ring_decode_tok_s"], 3)
         emit("pipeline_tcp_decode_tok_s", transport["tcp_decode_tok_s"], 1)
         emit("pipeline_ring_decode_tok_s", transport["ring_decode_tok_s"], 1)
     return 0

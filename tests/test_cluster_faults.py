@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ from tests.cluster_tools import (
     runner_pids,
     shared_models_dir,
 )
+from tests.live_agent import wait_until
 
 ERROR_WITHIN_S = 5.0
 SERVES_AGAIN_WITHIN_S = 60.0  # the figure is 30 s on a quiet machine (bench/faults.py)
@@ -164,7 +164,9 @@ def test_pipeline_survives_node_kills_and_a_partition(models_dir: Path, tmp_path
         healed = cluster.wait_for("one placement after healing", lambda: one_placement(cluster),
                                   timeout=120)
         assert healed["stages"] == healthy["stages"]
-        time.sleep(3)  # let the cut-off node's runner stop
+        # The cut-off node's runner stops once it sees the healed placement.
+        wait_until(lambda: runner_pids(cut.pid) == [], 60, "the cut-off node's runner to stop",
+                   describe=cluster.describe)
         assert {a.name: runner_pids(a.pid) for a in majority} == kept
         assert runner_pids(cut.pid) == []
         reply = cluster.post(cut, "/v1/chat/completions", json={

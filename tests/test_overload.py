@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from live_agent import LiveAgent, start_agent
+from live_agent import LiveAgent, start_agent, wait_until
 from tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -134,6 +134,18 @@ def scrape(node: LiveAgent) -> str:
     return httpx.get(f"{node.url}/metrics", timeout=30).text
 
 
+def settled(node: LiveAgent, requests: float, timeout: float = 30.0) -> str:
+    """A scrape once the agent has counted `requests` requests in all and the runner's last
+    report shows nothing running or queued."""
+    def check() -> str | None:
+        text = scrape(node)
+        done = metric(text, "flock_requests_total") >= requests
+        idle = metric(text, "flock_sequences_active") + metric(text, "flock_sequences_queued")
+        return text if done and idle == 0 else None
+
+    return wait_until(check, timeout, f"{requests:.0f} requests counted and an idle runner")
+
+
 async def burst(node: LiveAgent, n: int) -> list[Outcome]:
     limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
     async with httpx.AsyncClient(base_url=node.url, limits=limits, timeout=None) as client:
@@ -164,11 +176,11 @@ def test_64_concurrent_requests_complete_or_are_rejected_promptly(node: LiveAgen
 
     # Rejected before any work: the runner admitted (and prefilled) only the requests that
     # completed. Every request has the same prompt, so its admitted prompt tokens tell.
-    time.sleep(2.5)  # runner stats arrive every second
-    after = scrape(node)
+    # Runner stats arrive about once a second: wait for every request to be counted and the
+    # runner's report from after the burst.
+    after = settled(node, metric(before, "flock_requests_total") + CONCURRENCY)
     prompt_tokens = json.loads(asyncio.run(_one(node)).body)["usage"]["prompt_tokens"]
-    time.sleep(2.5)
-    final = scrape(node)
+    final = settled(node, metric(after, "flock_requests_total") + 1)
     admitted = (metric(after, "flock_prompt_tokens_total")
                 - metric(before, "flock_prompt_tokens_total"))
     assert admitted == prompt_tokens * len(done), (admitted, prompt_tokens, len(done))

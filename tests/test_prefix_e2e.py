@@ -13,11 +13,8 @@ Cache hits are read from usage where the API has a field (OpenAI `cached_tokens`
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +25,7 @@ import httpx
 import ollama
 import openai
 import pytest
+from live_agent import LiveAgent, start_agent, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
@@ -41,10 +39,19 @@ QUESTIONS = ["Which drawer holds item 21?", "And item 35?", "Summarise what you 
 @dataclass
 class Node:
     name: str
-    url: str
-    model: str
-    state: Path
-    process: subprocess.Popen[bytes]
+    agent: LiveAgent
+
+    @property
+    def url(self) -> str:
+        return self.agent.url
+
+    @property
+    def model(self) -> str:
+        return str(self.agent.model)
+
+    @property
+    def process(self) -> Any:
+        return self.agent.process
 
     def metric(self, name: str) -> float:
         """The sum of a metric's samples over all label sets (0 when absent)."""
@@ -60,54 +67,41 @@ class Node:
         return f"\n{name}" in httpx.get(f"{self.url}/metrics", timeout=10).text
 
     def wait_metric_above(self, name: str, floor: float, timeout: float = 15.0) -> float:
-        """Runners report their counters about once a second: wait for `name` to pass `floor`."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = self.metric(name)
-            if value > floor or time.monotonic() > deadline:
-                return value
-            time.sleep(0.2)
+        """Runners report their counters about once a second: wait for `name` to pass `floor`
+        (its value then; the last one read when the deadline passes, for the caller's assert)."""
+        seen = [self.metric(name)]
+
+        def above() -> bool:
+            seen.append(self.metric(name))
+            return seen[-1] > floor
+
+        with contextlib.suppress(AssertionError):
+            wait_until(above, timeout, f"{name} above {floor}")
+        return seen[-1]
 
     def settle(self) -> None:
-        """Let the runner's next stats report land, so metric baselines are current."""
-        time.sleep(1.5)
+        """Wait for the runner's stats report that counts every request answered so far (one
+        prefix-cache lookup, hit or miss, each), so metric baselines are current."""
+        def current() -> bool:
+            lookups = (self.metric("flock_prefix_cache_hits_total")
+                       + self.metric("flock_prefix_cache_misses_total"))
+            return lookups >= self.metric("flock_requests_total")
+
+        wait_until(current, 30, f"{self.name}'s runner to report every request",
+                   describe=self.log_tail)
 
     def log_tail(self) -> str:
-        return (self.state / "agent.log").read_text(errors="replace")[-3000:]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        return self.agent.log_text()[-3000:]
 
 
 def _start(name: str, model_dir: Path, state: Path, *extra: str) -> Node:
-    port = _free_port()
-    with (state / "agent.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--host", "127.0.0.1", "--port", str(port),
-             "--state-dir", str(state), "--models-dir", str(state / "models"),
-             "--model", str(model_dir), "--log-level", "info", "--metrics", "--no-discovery",
-             *extra],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-    return Node(name, f"http://127.0.0.1:{port}", str(model_dir), state, process)
+    agent = start_agent(state, model=str(model_dir), wait=False,
+                        args=["--metrics", "--no-discovery", *extra])
+    return Node(name, agent)
 
 
 def _wait_ready(node: Node) -> None:
-    deadline = time.monotonic() + 240
-    while True:
-        if node.process.poll() is not None:
-            raise RuntimeError(f"agent {node.name} exited: {node.log_tail()}")
-        try:
-            if httpx.get(f"{node.url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"agent {node.name} did not become ready")
-        time.sleep(0.5)
+    node.agent.wait_ready(240)
     # Models load on first use: one short request loads the runner and compiles its step.
     client = openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused")
     client.chat.completions.create(model=node.model, max_tokens=2, temperature=0,
@@ -115,12 +109,7 @@ def _wait_ready(node: Node) -> None:
 
 
 def _stop(node: Node) -> None:
-    node.process.terminate()
-    try:
-        node.process.wait(30)
-    except subprocess.TimeoutExpired:
-        node.process.kill()
-        node.process.wait(10)
+    node.agent.stop()
 
 
 @dataclass

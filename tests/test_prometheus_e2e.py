@@ -36,6 +36,7 @@ from deploy_tools import (
     ensure_promtool,
     promql_metric_names,
 )
+from live_agent import running_agent
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
@@ -71,35 +72,8 @@ class Agent:
         return response.text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _data_port_base() -> int:
-    """A base for the runners' link ports (base .. base + 4k) unlikely to clash with another
-    agent started on this machine at the same time."""
-    return 20000 + (os.getpid() * 7919 + _free_port()) % 35000
-
-
 def _exposed_names(text: str) -> set[str]:
     return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"agent exited ({process.returncode}):\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"agent not ready in {timeout}s:\n{log.read_text()[-4000:]}")
-        time.sleep(0.3)
 
 
 @contextlib.contextmanager
@@ -108,27 +82,8 @@ def _running_agent(
 ) -> Iterator[tuple[str, int]]:
     """`python -m agent run` on loopback with its own state, port and data ports until the
     block ends; yields (url, port) once it is ready. Stops only the process it started."""
-    state.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = state / "agent.out"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--host", "127.0.0.1", "--port", str(port),
-             "--state-dir", str(state), "--models-dir", str(state / "models"),
-             "--data-port", str(_data_port_base()), "--metrics", "--log-level", "info", *args],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
-        )
-    try:
-        _wait_ready(url, process, log_path, timeout=180)
-        yield url, port
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+    with running_agent(state, model=None, args=["--metrics", *args], env=env) as agent:
+        yield agent.url, agent.port
 
 
 @pytest.fixture(scope="module")

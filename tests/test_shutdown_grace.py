@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from live_agent import LiveAgent, start_agent
+from live_agent import LiveAgent, metric_total, start_agent, wait_until
 
 from agent.server import abort_margin_s
 
@@ -132,6 +132,22 @@ def _refused(url: str, model: str) -> str | None:
     return None if response.status_code == 503 else f"answered {response.status_code}"
 
 
+def _refused_or_fail(url: str, model: str) -> bool:
+    """True once a new request is refused; fails at once when one is served during the drain
+    (before the listener closes, a request may still fail otherwise: then ask again)."""
+    outcome = _refused(url, model)
+    assert outcome is None or not outcome.startswith("answered 2"), \
+        f"a new request was served during the drain: {outcome}"
+    return outcome is None
+
+
+def _admitted(url: str) -> float:
+    """Sequences the runner decodes or queues, as its last stats report says."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return (metric_total(text, "flock_sequences_active")
+            + metric_total(text, "flock_sequences_queued"))
+
+
 @pytest.fixture
 def agent(smollm2_dir: Path, tmp_path: Path) -> Any:
     live = start_agent(tmp_path / "state", model=str(smollm2_dir),
@@ -151,14 +167,14 @@ def test_requests_past_the_grace_end_with_a_shutdown_error_and_the_agent_exits_0
         thread.start()
     for call in calls:
         assert call.started.wait(120), f"{call.api} never started"
-    time.sleep(0.5)  # the non-streaming ones are admitted too
+    # The non-streaming ones are admitted too: the runner reports all six (about once a second).
+    wait_until(lambda: _admitted(agent.url) >= len(calls), 30, "the runner to admit every call")
     assert all(not c.ended_at for c in calls), [(c.api, c.stream, c.error, c.text[-200:])
                                                 for c in calls if c.ended_at]
 
     signalled = time.monotonic()
     agent.process.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    assert _refused(agent.url, model) is None, "a new request was served during the drain"
+    wait_until(lambda: _refused_or_fail(agent.url, model), 10, "new requests to be refused")
 
     for thread in threads:
         thread.join(GRACE_S + 10)
