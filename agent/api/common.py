@@ -53,13 +53,18 @@ def request_id() -> str:
     return uuid.uuid4().hex
 
 
-def resolve_model(engine: Engine, name: str) -> ModelInfo:
+def resolve_model(engine: Engine, name: str, *, to_run: bool = True) -> ModelInfo:
+    """The model a request names; one nothing here can run is a 400 at once when the request
+    would run it (`to_run`), before any templating or placement."""
     if not name:
         raise invalid("'model' must name a model", param="model")
     try:
-        return engine.get_model(name)
+        info = engine.get_model(name)
     except ModelNotFound:
         raise model_not_found(name) from None
+    if to_run and info.refusal:
+        raise invalid(f"model '{name}' cannot be served: {info.refusal}", param="model")
+    return info
 
 
 def _template_errors() -> tuple[type[BaseException], ...]:

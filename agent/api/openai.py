@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from litestar import Controller, Response, get, post
@@ -558,5 +559,9 @@ class OpenAIController(Controller):
 
     @get("/models/{model_id:path}", summary="Retrieve a model")
     async def get_model(self, services: ServicesDep, model_id: FromPath[str]) -> ModelCard:
-        # Model names may contain "/" (hub ids); the path parameter keeps its leading slash.
-        return model_card(resolve_model(services.engine, model_id.lstrip("/")))
+        # Model names may contain "/" (hub ids); the path parameter keeps its leading slash,
+        # which an absolute model path (a directory served by path) keeps too.
+        name = model_id.lstrip("/")
+        if not name.startswith(("/", "~")) and Path("/" + name).is_dir():
+            name = "/" + name
+        return model_card(resolve_model(services.engine, name, to_run=False))

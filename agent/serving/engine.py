@@ -99,9 +99,13 @@ class NodeEngine:
             return self.store.info(name)
         except ModelNotFound:
             remote = self.peers.remote_info(name) if self.peers else None
-            if remote is None:
-                raise
-            return remote
+            if remote is not None:
+                return remote
+            model_dir = self.store.resolve(name)  # a path to a model directory, or raises
+            try:
+                return self._info(name, model_dir)
+            except (OSError, ValueError) as exc:
+                raise ModelNotFound(name) from exc
 
     def stored_model(self, name: str) -> tuple[Path, ModelInfo]:
         """A model of this node's own store: its directory and info (raises ModelNotFound)."""
@@ -196,12 +200,6 @@ class NodeEngine:
         """Why `model` can never be served (its architecture), known before any placement."""
         try:
             return self.get_model(model).refusal
-        except ModelNotFound:
-            pass
-        except (OSError, ValueError):
-            return None
-        try:  # a model given by path
-            return info_from_dir(self.store.resolve(model), model).refusal
         except (ModelNotFound, OSError, ValueError):
             return None  # the router says whether anyone has it
 
