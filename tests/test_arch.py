@@ -291,3 +291,9 @@ def test_placement_shape_reads_nested_configs_and_refuses_what_cannot_run(
     kept = model_shape(tmp_path, "q", dtype="keep")
     assert kept.layer_bytes < f32.layer_bytes / 6 and kept.dtype_bytes == 2
     assert f32.kv_bytes_per_token_per_layer == 2 * 2 * 32 * 4
+
+
+def test_readme_table_is_the_registrys() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("<!-- architectures:begin -->\n") + len("<!-- architectures:begin -->\n")
+    assert readme[start:readme.index("<!-- architectures:end -->")] == arch.markdown_table()
