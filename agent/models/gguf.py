@@ -9,7 +9,6 @@ GGUF vocabulary with the `tokenizers` library so that it splits text the way lla
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -26,6 +25,8 @@ from tokenizers import pre_tokenizers as pre
 
 from agent.models import arch as registry
 from agent.models.files import replace_dir
+from agent.models.gguf_header import GGUFImportError, refuse_unkept
+from agent.models.rope_scaling import llama3_scaling_from_divisors, round_float32
 
 DTYPES = ("float32", "float16", "bfloat16", "keep")
 GROUP_SIZE = 32  # every GGUF block type MLX reads natively packs 32 weights per scale
@@ -33,10 +34,6 @@ SHARD_BYTES = 5 << 30  # split model*.safetensors past this, as mlx-lm's own con
 
 # llama.cpp token types (gguf.TokenType)
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
-
-
-class GGUFImportError(ValueError):
-    """The GGUF file cannot be turned into an mlx-lm model (architecture, tokenizer, tensor...)."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +82,7 @@ def import_gguf(gguf_path: Path, out_dir: Path, *, dtype: str = "float32") -> Pa
     if dtype not in DTYPES:
         raise GGUFImportError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if dtype == "keep":
-        _refuse_unkept(gguf_path)
+        refuse_unkept(gguf_path)
     try:
         loaded = mx.load(str(gguf_path), format="gguf", return_metadata=True)
     except (RuntimeError, ValueError, OSError) as e:
@@ -182,10 +179,10 @@ def _model_config(meta: _Metadata, name: str, arch: _Arch, weights: dict[str, mx
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv_heads,
         "head_dim": head_dim,
-        "rms_norm_eps": _round_float32(
+        "rms_norm_eps": round_float32(
             float(meta.get(f"{name}.attention.layer_norm_rms_epsilon", 1e-5))
         ),
-        "rope_theta": _round_float32(rope_theta),
+        "rope_theta": round_float32(rope_theta),
         "vocab_size": int(weights["token_embd.weight"].shape[0]),
         "max_position_embeddings": context,
         "tie_word_embeddings": "output.weight" not in weights,
@@ -202,11 +199,6 @@ def _model_config(meta: _Metadata, name: str, arch: _Arch, weights: dict[str, mx
 _HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
-def _round_float32(x: float) -> float:
-    """GGUF stores float32; print 100000.0 rather than 99999.99744..."""
-    return float(f"{x:.7g}")
-
-
 def _rope_scaling(
     meta: _Metadata, name: str, weights: dict[str, mx.array], head_dim: int, theta: float
 ) -> dict | None:
@@ -216,7 +208,7 @@ def _rope_scaling(
         # Llama 3.1+: llama.cpp bakes the llama3 scaling into per-frequency divisors and drops
         # its parameters, so recover them by matching against the known parameterisations.
         divisors = weights["rope_freqs.weight"].astype(mx.float32).tolist()
-        return _llama3_scaling_from_divisors(divisors, head_dim, theta)
+        return llama3_scaling_from_divisors(divisors, head_dim, theta)
     if kind in (None, "none") or factor in (None, 0.0, 1.0):
         return None
     if kind == "linear":
@@ -228,45 +220,6 @@ def _rope_scaling(
             scaling["original_max_position_embeddings"] = int(original)
         return scaling
     raise GGUFImportError(f"unsupported rope scaling type {kind!r}")
-
-
-def _llama3_divisors(
-    head_dim: int, theta: float, factor: float, low: float, high: float, original: int
-) -> list[float]:
-    # The same computation llama.cpp's converter runs to write rope_freqs.
-    out = []
-    for i in range(0, head_dim, 2):
-        wavelen = 2 * math.pi * theta ** (i / head_dim)
-        if wavelen < original / high:
-            out.append(1.0)
-        elif wavelen > original / low:
-            out.append(factor)
-        else:
-            smooth = (original / wavelen - low) / (high - low)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return out
-
-
-def _llama3_scaling_from_divisors(
-    divisors: list[float], head_dim: int, theta: float
-) -> dict | None:
-    if all(abs(d - 1.0) < 1e-6 for d in divisors):
-        return None
-    factor = _round_float32(max(divisors))
-    for original in (8192, 4096, 16384, 32768, 2048, 65536, 131072):
-        for low, high in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0), (1.0, 8.0)):
-            expected = _llama3_divisors(head_dim, theta, factor, low, high, original)
-            if len(expected) == len(divisors) and all(
-                math.isclose(a, b, rel_tol=1e-4) for a, b in zip(expected, divisors, strict=True)
-            ):
-                return {
-                    "rope_type": "llama3",
-                    "factor": factor,
-                    "low_freq_factor": low,
-                    "high_freq_factor": high,
-                    "original_max_position_embeddings": original,
-                }
-    raise GGUFImportError("rope_freqs does not match any known llama3 rope scaling")
 
 
 # --- tensors --------------------------------------------------------------------------------
@@ -293,71 +246,6 @@ def _unpermute_rows(n_rows: int, n_heads: int) -> mx.array:
         raise GGUFImportError(f"cannot split {n_rows} q/k rows into {n_heads} heads")
     idx = mx.arange(n_rows).reshape(n_heads, head_dim // 2, 2).swapaxes(1, 2)
     return idx.reshape(-1)
-
-
-# ggml tensor types MLX's GGUF reader returns as MLX-quantized weight/scales/biases (group 32);
-# it returns every other quantized type (the K-quants, IQ*) dequantized to float16.
-_KEPT_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
-_FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}
-_GGML_NAMES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K",
-               14: "Q6_K", 15: "Q8_K"}
-
-
-def gguf_tensor_types(path: Path) -> dict[str, int]:
-    """Each tensor's ggml type, read from the GGUF header (metadata is skipped, not kept)."""
-    import struct
-
-    def unpack(f: Any, fmt: str) -> Any:
-        size = struct.calcsize(fmt)
-        return struct.unpack(fmt, f.read(size))[0]
-
-    def string(f: Any) -> bytes:
-        return f.read(unpack(f, "<Q"))
-
-    scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
-              11: "<q", 12: "<d"}
-
-    def skip(f: Any, kind: int) -> None:
-        if kind == 8:
-            string(f)
-        elif kind == 9:
-            item, count = unpack(f, "<I"), unpack(f, "<Q")
-            if item in scalar:
-                f.seek(count * struct.calcsize(scalar[item]), os.SEEK_CUR)
-            else:
-                for _ in range(count):
-                    skip(f, item)
-        else:
-            f.seek(struct.calcsize(scalar[kind]), os.SEEK_CUR)
-
-    types: dict[str, int] = {}
-    with Path(path).open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise GGUFImportError(f"{path} is not a GGUF file")
-        _version, tensors, entries = struct.unpack("<IQQ", f.read(20))
-        for _ in range(entries):
-            string(f)
-            skip(f, unpack(f, "<I"))
-        for _ in range(tensors):
-            name = string(f).decode()
-            dims = unpack(f, "<I")
-            f.seek(8 * dims, os.SEEK_CUR)
-            types[name] = unpack(f, "<I")
-            f.seek(8, os.SEEK_CUR)  # offset
-    return types
-
-
-def _refuse_unkept(path: Path) -> None:
-    """`keep` stores what MLX reads quantized; a K-quant would arrive as float16 (twice the size
-    of a 8-bit kept weight, four times a 4-bit one), so it is refused rather than kept silently."""
-    others = Counter(_GGML_NAMES.get(t, f"type {t}") for t in gguf_tensor_types(path).values()
-                     if t not in _KEPT_TYPES and t not in _FLOAT_TYPES)
-    if others:
-        found = ", ".join(f"{n} ({c} tensors)" for n, c in sorted(others.items()))
-        raise GGUFImportError(
-            f"{path.name} has tensors in {found}, which MLX cannot keep quantized (it reads them "
-            f"as float16): --dtype keep imports only Q4_0, Q4_1, Q8_0 and float tensors; import "
-            f"it with --dtype float32, float16 or bfloat16 instead")
 
 
 def _convert_tensors(
