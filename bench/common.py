@@ -269,3 +269,23 @@ async def stream_chat_async(client: Any, body: Mapping[str, Any]) -> StreamTimin
 
 if __name__ == "__main__":
     _worker_main(sys.argv[1:])
+
+
+def mlxlm_timed_greedy(model: Any, prompt: list[int], tokens: int,
+                       warmup: int) -> tuple[float, list[int]]:
+    """mlx-lm's own greedy loop (`generate_step`) after a warm-up: decode tok/s from the first
+    token on (prefill excluded) and the ids. Runs in a bench worker process (imports MLX)."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    ids_in = mx.array(prompt)
+    for _ in generate_step(ids_in, model, max_tokens=warmup):
+        pass
+    ids: list[int] = []
+    started = 0.0
+    for token, _ in generate_step(ids_in, model, max_tokens=tokens):
+        ids.append(int(token))
+        if len(ids) == 1:
+            started = time.perf_counter()
+    return (len(ids) - 1) / (time.perf_counter() - started), ids
+

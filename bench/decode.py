@@ -34,6 +34,7 @@ from bench.common import (
     cpu_pressure,
     emit,
     median,
+    mlxlm_timed_greedy,
     runner_env,
     smollm2_f32_dir,
 )
@@ -61,22 +62,12 @@ def _blas() -> str:
 # ---- workers (each runs in its own process) ----------------------------------------------------
 def mlxlm_worker(model_dir: str, tokens: int) -> dict[str, Any]:
     """mlx-lm's own generation loop, greedy; decode tok/s and the token ids."""
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
     from mlx_lm.utils import load
 
     model, tokenizer = load(Path(model_dir))
-    prompt = mx.array(prompt_ids(tokenizer))
-    for _ in generate_step(prompt, model, max_tokens=WARMUP_TOKENS):
-        pass
-    ids: list[int] = []
-    started = 0.0
-    for token, _ in generate_step(prompt, model, max_tokens=tokens):
-        ids.append(int(token))
-        if len(ids) == 1:
-            started = time.perf_counter()
-    elapsed = time.perf_counter() - started
-    return {"tok_s": (len(ids) - 1) / elapsed, "ids": ids, "prompt_tokens": int(prompt.size),
+    prompt = prompt_ids(tokenizer)
+    tok_s, ids = mlxlm_timed_greedy(model, prompt, tokens, WARMUP_TOKENS)
+    return {"tok_s": tok_s, "ids": ids, "prompt_tokens": len(prompt),
             "blas": _blas()}
 
 

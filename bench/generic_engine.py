@@ -30,6 +30,7 @@ from bench.common import (
     cpu_pressure,
     emit,
     median,
+    mlxlm_timed_greedy,
     runner_env,
     smollm2_f32_dir,
 )
@@ -87,21 +88,11 @@ def _blas() -> str:
 
 def mlxlm_worker(model_dir: str, tokens: int) -> dict[str, Any]:
     """mlx-lm's own generation loop, greedy: decode tok/s and the ids."""
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
     from mlx_lm.utils import load_model
 
     model, _ = load_model(Path(model_dir))
-    prompt = mx.array(PROMPT)
-    for _ in generate_step(prompt, model, max_tokens=WARMUP_TOKENS):
-        pass
-    ids: list[int] = []
-    started = 0.0
-    for token, _ in generate_step(prompt, model, max_tokens=tokens):
-        ids.append(int(token))
-        if len(ids) == 1:
-            started = time.perf_counter()
-    return {"tok_s": (len(ids) - 1) / (time.perf_counter() - started), "ids": ids,
+    tok_s, ids = mlxlm_timed_greedy(model, PROMPT, tokens, WARMUP_TOKENS)
+    return {"tok_s": tok_s, "ids": ids,
             "blas": _blas()}
 
 

@@ -137,19 +137,20 @@ def tensor_configs(model_dir: Path, ranks: int) -> list[RunnerConfig]:
     ]
 
 
+async def first_logprobs(runner: RunnerProcess) -> list[float]:
+    """The top-5 logprobs of a fixed prompt's first 4 greedy tokens, from a real runner."""
+    request = GenerationRequest(
+        id="lp", model="tiny", prompt_tokens=list(range(5, 40)),
+        sampling=SamplingParams(max_tokens=4, temperature=0.0, logprobs=True, top_logprobs=5))
+    values = []
+    async for event in runner.generate(request):
+        if isinstance(event, TokenChunk) and event.logprobs:
+            values += [t.logprob for t in event.logprobs[0].top]
+    return values
+
+
 def test_tensor_parallel_logits_match_one_process(tiny_dir: Path, tmp_path: Path) -> None:
     """Tiny random models have near-tied logits, so compare the distributions, not tokens."""
-
-    async def first_logprobs(runner: RunnerProcess) -> list[float]:
-        request = GenerationRequest(
-            id="lp", model="tiny", prompt_tokens=list(range(5, 40)),
-            sampling=SamplingParams(max_tokens=4, temperature=0.0, logprobs=True,
-                                    top_logprobs=5))
-        values = []
-        async for event in runner.generate(request):
-            if isinstance(event, TokenChunk) and event.logprobs:
-                values += [t.logprob for t in event.logprobs[0].top]
-        return values
 
     async def main() -> None:
         solo = (await start_all([RunnerConfig(model_name="tiny", model_dir=str(tiny_dir))],

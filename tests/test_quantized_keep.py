@@ -30,7 +30,7 @@ from agent.runtime.protocol import RunnerConfig
 from agent.runtime.step import prefill
 from agent.settings import NodeSettings
 from tests.quant_models import convert_quantized
-from tests.test_pipeline import start_all, tensor_configs
+from tests.test_pipeline import first_logprobs, start_all, tensor_configs
 from tests.tiny_models import make_tiny_model
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 2473, 30, 506, 3575, 282, 4649, 314]
@@ -169,17 +169,6 @@ def test_kept_tensor_parallel_matches_one_process(tmp_path: Path) -> None:
     """Quantized rows and whole quantization groups of columns are sharded over 2 ranks."""
     source = make_tiny_model(tmp_path / "f32", hidden=128, intermediate=256)
     model_dir = convert_quantized(source, tmp_path / "q4")
-
-    async def first_logprobs(runner: RunnerProcess) -> list[float]:
-        request = GenerationRequest(
-            id="lp", model="tiny", prompt_tokens=list(range(5, 40)),
-            sampling=SamplingParams(max_tokens=4, temperature=0.0, logprobs=True,
-                                    top_logprobs=5))
-        values = []
-        async for event in runner.generate(request):
-            if isinstance(event, TokenChunk) and event.logprobs:
-                values += [t.logprob for t in event.logprobs[0].top]
-        return values
 
     async def main() -> None:
         import msgspec

@@ -127,7 +127,7 @@ def load_for_runner(config: RunnerConfig, budget_for: Any, group: Any = None
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     from agent.runtime.blas import describe_blas
-    from agent.runtime.prefix import PrefixCache
+    from agent.runtime.prefix import PrefixCache, prefix_cache_bytes
     from agent.runtime.scheduler import SchedulerLimits
 
     if config.role not in ("solo", "tp_follower") or config.layer_start not in (None, 0):
@@ -153,21 +153,11 @@ def load_for_runner(config: RunnerConfig, budget_for: Any, group: Any = None
         context = min(context, config.context_length)
     weights = model.weight_bytes()
     budget = budget_for(weights, cost.bytes_per_token, context)
-    limits = SchedulerLimits(
-        max_batch=config.max_batch,
-        max_queue=config.max_queue,
-        prefill_chunk=config.prefill_chunk,
-        prefill_gap_steps=config.prefill_gap_steps,
-        context_length=context,
-        kv_budget_bytes=budget,
-    )
+    limits = SchedulerLimits.for_runner(config, context_length=context, kv_budget_bytes=budget)
     slots = MlxLmSlots(model.model, cost, limit_bytes=budget)
     prefix = None
     if cost.reusable and group is None:  # peers would need the same entries: not yet
-        prefix_bytes = config.prefix_cache_bytes
-        if prefix_bytes is None:
-            prefix_bytes = min(budget // 4, 256 * 1024 * 1024)
-        prefix = PrefixCache(prefix_bytes)
+        prefix = PrefixCache(prefix_cache_bytes(config.prefix_cache_bytes, budget))
     ready = Ready(
         model_name=config.model_name,
         weight_bytes=weights,

@@ -9,7 +9,6 @@ quantized one is served quantized (`mx.quantized_matmul`) or dequantized to a fl
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,9 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models.rope_utils import initialize_rope
+
+from agent.models.arch import read_config
+from agent.models.tensors import LayerRange, safetensor_files, stage_wants
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -72,21 +74,6 @@ class DecoderConfig:
             attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
             qk_norm=arch == "qwen3",
         )
-
-
-@dataclass(frozen=True)
-class LayerRange:
-    """Layers [start, stop) of a model held by one pipeline stage."""
-
-    start: int
-    stop: int
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.start < self.stop:
-            raise ValueError(f"bad layer range [{self.start}, {self.stop})")
-
-    def __len__(self) -> int:
-        return self.stop - self.start
 
 
 @dataclass
@@ -292,35 +279,6 @@ def serving_dtype(name: str, model_dir: Path, available_bytes: int) -> mx.Dtype 
     if mx.default_device() != mx.cpu:
         return None
     return mx.float32 if float32_bytes(model_dir) <= available_bytes else None
-
-
-def read_config(model_dir: Path) -> dict[str, Any]:
-    return json.loads((model_dir / "config.json").read_text())
-
-
-def safetensor_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / f for f in files]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise UnsupportedModel(f"no .safetensors weights in {model_dir}")
-    return files
-
-
-def stage_wants(name: str, layers: LayerRange, embeds: bool, projects: bool, tied: bool) -> bool:
-    """Whether a stage holding `layers` (and the embedding / the head) needs tensor `name`."""
-    if name.startswith("model.layers."):
-        index = int(name.split(".")[2])
-        return layers.start <= index < layers.stop
-    if name.startswith("model.embed_tokens."):
-        return embeds or (projects and tied)
-    if name.startswith("model.norm."):
-        return projects
-    if name.startswith("lm_head."):
-        return projects and not tied
-    return False
 
 
 def load_weights(model_dir: Path, config: DecoderConfig, layers: LayerRange, *, embeds: bool,

@@ -49,6 +49,12 @@ def common_prefix_length(a: tuple[int, ...] | list[int], b: tuple[int, ...] | li
     return i
 
 
+def prefix_cache_bytes(configured: int | None, kv_budget_bytes: int) -> int:
+    """The prefix cache's bound: as configured, else a quarter of the KV budget (at most
+    256 MiB): a few long conversations' worth; more buys little and stays resident for good."""
+    return configured if configured is not None else min(kv_budget_bytes // 4, 256 << 20)
+
+
 class PrefixCache:
     def __init__(self, max_bytes: int, *, min_tokens: int = 16,
                  journal: Journal | None = None) -> None:

@@ -35,7 +35,6 @@ from agent.runtime.protocol import (
 from agent.runtime.watchdog import Watchdog
 
 WEIGHT_HEADROOM = 0.8  # share of free memory (after weights) the KV cache may take
-PREFIX_CACHE_DEFAULT_MAX = 256 * 1024 * 1024
 
 
 class Outbox:
@@ -93,7 +92,7 @@ def load(config: RunnerConfig, journal: Journal | None = None,
     from agent.runtime.blas import describe_blas
     from agent.runtime.kv import KvGeometry, KvSlots
     from agent.runtime.model import LayerRange, load_decoder, serving_dtype
-    from agent.runtime.prefix import PrefixCache
+    from agent.runtime.prefix import PrefixCache, prefix_cache_bytes
     from agent.runtime.scheduler import SchedulerLimits
 
     started = time.perf_counter()
@@ -122,14 +121,7 @@ def load(config: RunnerConfig, journal: Journal | None = None,
                           decoder.dtype, bits=config.kv_bits)
     weights = decoder.weight_bytes()
     budget = kv_budget(config, weights, geometry.bytes_per_token, context)
-    limits = SchedulerLimits(
-        max_batch=config.max_batch,
-        max_queue=config.max_queue,
-        prefill_chunk=config.prefill_chunk,
-        prefill_gap_steps=config.prefill_gap_steps,
-        context_length=context,
-        kv_budget_bytes=budget,
-    )
+    limits = SchedulerLimits.for_runner(config, context_length=context, kv_budget_bytes=budget)
     ready = Ready(
         model_name=config.model_name,
         weight_bytes=weights,
@@ -140,12 +132,8 @@ def load(config: RunnerConfig, journal: Journal | None = None,
         blas=describe_blas(),
         dtype="keep" if dtype is None else str(dtype).rpartition(".")[2],
     )
-    prefix_bytes = config.prefix_cache_bytes
-    if prefix_bytes is None:
-        # A few long conversations' worth: more buys little and stays resident for good.
-        prefix_bytes = min(budget // 4, PREFIX_CACHE_DEFAULT_MAX)
     kv = KvSlots(geometry, journal=journal, limit_bytes=budget)
-    prefix = PrefixCache(prefix_bytes, journal=journal)
+    prefix = PrefixCache(prefix_cache_bytes(config.prefix_cache_bytes, budget), journal=journal)
     return (decoder, tokenizer, kv, limits, prefix), ready
 
 

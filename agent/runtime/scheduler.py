@@ -29,6 +29,7 @@ from agent.generation import (
 from agent.runtime.compute import LocalCompute
 from agent.runtime.journal import PrefixLoad, PrefixSave
 from agent.runtime.prefix import PrefixCache, copy_rows
+from agent.runtime.protocol import RunnerConfig
 from agent.runtime.sampling import RowSampler, top_logprobs
 from agent.runtime.seam import Compute, Slots
 from agent.runtime.stops import StopMatcher
@@ -47,6 +48,15 @@ class SchedulerLimits:
     solo_prefill_chunk: int = 2048  # slice size when nothing else is decoding
     context_length: int = 8192
     kv_budget_bytes: int = 1 << 30
+
+    @classmethod
+    def for_runner(cls, config: RunnerConfig, *, context_length: int,
+                   kv_budget_bytes: int) -> SchedulerLimits:
+        """The limits a runner's configuration sets, with its context and KV budget."""
+        return cls(max_batch=config.max_batch, max_queue=config.max_queue,
+                   prefill_chunk=config.prefill_chunk,
+                   prefill_gap_steps=config.prefill_gap_steps,
+                   context_length=context_length, kv_budget_bytes=kv_budget_bytes)
 
 
 @dataclass
