@@ -4,13 +4,16 @@ an mlx-lm model's layer list, give mlx-lm's own greedy ids, alone and for concur
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
 from mlx.utils import tree_flatten
 
-from agent.generation import Finished
+from agent.generation import Failed, Finished, TokenChunk
 from agent.models import arch
 from agent.runtime.client import RunnerProcess
 from agent.runtime.environment import runner_environment
@@ -32,9 +35,10 @@ def test_every_tiny_architecture_is_sliceable_and_others_are_refused_by_name() -
     assert "pipeline" not in arch.architecture({"model_type": "mamba"}).strategies
 
 
-@pytest.mark.parametrize("name", sorted(BUILDERS))
-def test_two_stage_pipeline_gives_mlxlm_greedy_ids(name: str, smollm2_dir: Path,
-                                                   tmp_path: Path) -> None:
+def run_pipeline(name: str, smollm2_dir: Path, tmp_path: Path,
+                 cuts: list[float] | None = None) -> None:
+    """Serve `name` split at `cuts` (shares of its layers; default one cut in the middle) and
+    check mlx-lm's greedy ids, alone and for two concurrent requests."""
     from mlx_lm.utils import load_model
 
     model_dir, expected = arch_dir(name, smollm2_dir)
@@ -43,19 +47,19 @@ def test_two_stage_pipeline_gives_mlxlm_greedy_ids(name: str, smollm2_dir: Path,
     whole = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
     layers = len(model.layers)
     del model
-    configs = pipeline_configs(model_dir, [(0, layers // 2), (layers // 2, layers)],
-                               stats_interval_s=0.05)
+    bounds = [0, *(round(c * layers) for c in cuts or [0.5]), layers]
+    splits = list(itertools.pairwise(bounds))
+    configs = pipeline_configs(model_dir, splits, stats_interval_s=0.05)
     env, _ = runner_environment(NodeSettings(state_dir=tmp_path / "state", blas_threads=1))
     runners = [RunnerProcess(c, env) for c in configs]
 
     async def main() -> None:
         try:
-            head_ready, follower_ready = await asyncio.gather(
-                *(r.start(timeout=180) for r in runners))
+            readies = await asyncio.gather(*(r.start(timeout=180) for r in runners))
             # Each stage holds its slice only: together, the whole model once.
-            assert head_ready.engine == follower_ready.engine == "mlx-lm"
-            assert follower_ready.weight_bytes < whole / 2
-            assert head_ready.weight_bytes + follower_ready.weight_bytes == whole
+            assert {r.engine for r in readies} == {"mlx-lm"}
+            assert all(r.weight_bytes < whole / 2 for r in readies[1:])
+            assert sum(r.weight_bytes for r in readies) == whole
             head = runners[0]
             ids, end = await collect(head, greedy("solo", PROMPT))
             assert isinstance(end, Finished) and end.reason == "length"
@@ -70,6 +74,48 @@ def test_two_stage_pipeline_gives_mlxlm_greedy_ids(name: str, smollm2_dir: Path,
                 await asyncio.sleep(0.05)
             # Both sequences were computed in one decode step (not one after the other).
             assert head.last_stats["decode_rows_max"] == 2
+        finally:
+            for runner in runners:
+                await runner.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_two_stage_pipeline_gives_mlxlm_greedy_ids(name: str, smollm2_dir: Path,
+                                                   tmp_path: Path) -> None:
+    run_pipeline(name, smollm2_dir, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["qwen3_next", "nemotron_h"])
+def test_three_stages_of_mixed_layer_kinds(name: str, smollm2_dir: Path,
+                                           tmp_path: Path) -> None:
+    """A middle stage, and one-layer stages (nemotron_h's last holds a MoE block only: no cache
+    of its own, its masks come from the stand-ins' caches)."""
+    run_pipeline(name, smollm2_dir, tmp_path, cuts=[0.25, 0.75])
+
+
+def test_killing_a_follower_fails_the_stream_within_seconds(smollm2_dir: Path,
+                                                            tmp_path: Path) -> None:
+    model_dir, _ = arch_dir("olmo2", smollm2_dir)
+    configs = pipeline_configs(model_dir, [(0, 1), (1, 2)], link_timeout_s=3.0)
+    env, _ = runner_environment(NodeSettings(state_dir=tmp_path / "state", blas_threads=1))
+    runners = [RunnerProcess(c, env) for c in configs]
+
+    async def main() -> None:
+        try:
+            await asyncio.gather(*(r.start(timeout=180) for r in runners))
+            head, follower = runners
+            stream = head.generate(greedy("long", PROMPT, 1500))
+            assert isinstance(await anext(stream), TokenChunk)
+            assert follower.pid is not None
+            os.kill(follower.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            last = None
+            async for event in stream:
+                last = event
+            assert isinstance(last, Failed) and "stage" in last.message
+            assert time.monotonic() - killed < 5.0
         finally:
             for runner in runners:
                 await runner.stop()

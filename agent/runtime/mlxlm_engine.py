@@ -177,7 +177,11 @@ def load_for_runner(config: RunnerConfig, budget_for: Any, group: Any = None
     if config.context_length:
         context = min(context, config.context_length)
     weights = model.weight_bytes()
-    budget = budget_for(weights, cost.bytes_per_token, context)
+    # Recurrent state is a fixed cost per sequence: spread over the context, so that a budget
+    # sized for `max_batch` sequences counts it (a stage or model of recurrent layers only
+    # keeps ~nothing per token, and would otherwise be sized for one sequence).
+    per_token = cost.bytes_per_token + -(-cost.bytes_per_sequence // max(context, 1))
+    budget = budget_for(weights, per_token, context)
     limits = SchedulerLimits(
         max_batch=config.max_batch,
         max_queue=config.max_queue,
