@@ -121,3 +121,50 @@ def test_killing_a_follower_fails_the_stream_within_seconds(smollm2_dir: Path,
                 await runner.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("name", ["gemma3_text", "lfm2", "deepseek_v3"])
+def test_rows_join_and_leave_the_pipelines_batch(name: str, smollm2_dir: Path,
+                                                 tmp_path: Path) -> None:
+    """Sliding-window, recurrent and latent-attention caches on both stages: a row cancelled
+    mid-stream leaves the batch (filter), later ones join it (extend), and every survivor's ids
+    stay mlx-lm's own (the followers replayed the same merges and filters)."""
+    from mlx_lm.utils import load_model
+
+    model_dir, expected = arch_dir(name, smollm2_dir)
+    third = [*PROMPT[:9], 4321, 1234]
+    model, _ = load_model(model_dir)
+    want_b = mlxlm_greedy(model, OTHER_PROMPT, GREEDY_TOKENS)[0]
+    want_c = mlxlm_greedy(model, third, GREEDY_TOKENS)[0]
+    layers = len(model.layers)
+    del model
+    configs = pipeline_configs(model_dir, [(0, layers // 2), (layers // 2, layers)])
+    env, _ = runner_environment(NodeSettings(state_dir=tmp_path / "state", blas_threads=1))
+    runners = [RunnerProcess(c, env) for c in configs]
+
+    async def main() -> None:
+        try:
+            await asyncio.gather(*(r.start(timeout=180) for r in runners))
+            head = runners[0]
+            gone = head.generate(greedy("gone", PROMPT))
+            assert isinstance(await anext(gone), TokenChunk)
+            a_ids: list[int] = []
+            later: list[asyncio.Task[tuple[list[int], object]]] = []
+            async for event in head.generate(greedy("a", PROMPT)):
+                if not isinstance(event, TokenChunk):
+                    assert isinstance(event, Finished)
+                    break
+                a_ids += event.token_ids
+                if len(a_ids) >= 2 and not later:
+                    later.append(asyncio.create_task(collect(head, greedy("b", OTHER_PROMPT))))
+                elif len(a_ids) >= 6 and len(later) == 1:
+                    await gone.aclose()  # cancels it in the runner: its row leaves the batch
+                    later.append(asyncio.create_task(collect(head, greedy("c", third))))
+            (b_ids, end_b), (c_ids, end_c) = await asyncio.gather(*later)
+            assert isinstance(end_b, Finished) and isinstance(end_c, Finished)
+            assert a_ids == expected and b_ids == want_b and c_ids == want_c
+        finally:
+            for runner in runners:
+                await runner.stop()
+
+    asyncio.run(main())
