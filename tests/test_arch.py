@@ -83,10 +83,6 @@ def test_mlx_lm_families_run_on_the_mlx_lm_engine_on_one_node() -> None:
         found = arch.architecture(CONFIGS[name])
         assert found.engine == "mlx-lm" and found.runnable, name
         assert arch.refusal(CONFIGS[name]) is None, name
-        if name == "gemma3":  # its text_config wrapper's slicing is not covered yet
-            reason = arch.refusal(CONFIGS[name], "pipeline", 2)
-            assert reason is not None and "'gemma3'" in reason and "pipeline" in reason
-            continue
         # Pipeline stages slice the module's layer list (runtime/mlxlm_pipeline.py) ...
         assert "pipeline" in found.strategies, name
         assert arch.refusal(CONFIGS[name], "pipeline", 2) is None, name
@@ -117,9 +113,10 @@ def test_readme_table_lists_every_architecture_with_its_engine() -> None:
 
 
 def test_strategies_follow_what_mlx_lm_modules_offer() -> None:
-    # deepseek_v3 defines shard(); gemma3 does not, so tensor parallel is not offered.
+    # deepseek_v3 defines shard(); gemma3 does not, so tensor parallel is not offered (its
+    # layer list slices: pipeline is).
     assert "tensor" in arch.architecture(CONFIGS["deepseek_v3"]).strategies
-    assert arch.architecture(CONFIGS["gemma3"]).strategies == ("single",)
+    assert arch.architecture(CONFIGS["gemma3"]).strategies == ("single", "pipeline")
 
 
 def test_unknown_architecture_is_refused_naming_it_and_what_runs() -> None:

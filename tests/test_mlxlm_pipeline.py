@@ -4,12 +4,16 @@ an mlx-lm model's layer list, give mlx-lm's own greedy ids, alone and for concur
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
+import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
@@ -20,10 +24,21 @@ from agent.runtime.environment import runner_environment
 from agent.runtime.mlxlm_pipeline import SLICEABLE_MODULES, check_sliceable
 from agent.runtime.model import UnsupportedModel
 from agent.settings import NodeSettings
-from tests.test_mlxlm_engine import OTHER_PROMPT, arch_dir, greedy
+from tests.conftest import TEST_CACHE
+from tests.test_mlxlm_engine import _KEY, OTHER_PROMPT, arch_dir, greedy
 from tests.test_pipeline import pipeline_configs
 from tests.test_runner_process import collect
-from tests.tiny_archs import BUILDERS, GREEDY_TOKENS, PROMPT, mlxlm_greedy
+from tests.tiny_archs import (
+    BUILDERS,
+    GREEDY_TOKENS,
+    MIN_DISTINCT,
+    MIN_GAP,
+    PERTURB,
+    PROMPT,
+    SPECIAL_IDS,
+    TOKENIZER_FILES,
+    mlxlm_greedy,
+)
 
 
 def test_every_tiny_architecture_is_sliceable_and_others_are_refused_by_name() -> None:
@@ -35,13 +50,45 @@ def test_every_tiny_architecture_is_sliceable_and_others_are_refused_by_name() -
     assert "pipeline" not in arch.architecture({"model_type": "mamba"}).strategies
 
 
+def make_gemma3_wrapper(smollm2_dir: Path) -> tuple[Path, list[int]]:
+    """gemma3_text's tiny model inside mlx-lm's gemma3 module: a config with its dimensions
+    under `text_config` (built once per machine, like tiny_archs' models)."""
+    from mlx_lm.models import gemma3
+    from mlx_lm.utils import save_config, save_model
+
+    directory = TEST_CACHE / "models" / f"tiny-gemma3-wrapper-{_KEY}"
+    done = directory / "flock-expected.json"
+    if done.exists():
+        return directory, json.loads(done.read_text())["ids"]
+    text = {k: v for k, v in dataclasses.asdict(BUILDERS["gemma3_text"]()).items()
+            if v is not None}
+    config = {"model_type": "gemma3", "vocab_size": text["vocab_size"], "text_config": text}
+    mx.random.seed(3)
+    model = gemma3.Model(gemma3.ModelArgs.from_dict(config))
+    model.load_weights([(k, v + PERTURB * mx.random.normal(v.shape).astype(v.dtype))
+                        for k, v in tree_flatten(model.parameters())], strict=False)
+    mx.eval(model.parameters())
+    ids, gap = mlxlm_greedy(model, PROMPT, GREEDY_TOKENS)
+    assert gap > MIN_GAP and not set(ids) & SPECIAL_IDS and len(set(ids)) >= MIN_DISTINCT
+    save_model(directory, model)
+    save_config({**config, "eos_token_id": 2}, directory / "config.json")
+    for name in TOKENIZER_FILES:
+        if (smollm2_dir / name).exists():
+            shutil.copy(smollm2_dir / name, directory / name)
+    done.write_text(json.dumps({"ids": ids}))
+    return directory, ids
+
+
 def run_pipeline(name: str, smollm2_dir: Path, tmp_path: Path,
                  cuts: list[float] | None = None) -> None:
     """Serve `name` split at `cuts` (shares of its layers; default one cut in the middle) and
     check mlx-lm's greedy ids, alone and for two concurrent requests."""
     from mlx_lm.utils import load_model
 
-    model_dir, expected = arch_dir(name, smollm2_dir)
+    if name == "gemma3":
+        model_dir, expected = make_gemma3_wrapper(smollm2_dir)
+    else:
+        model_dir, expected = arch_dir(name, smollm2_dir)
     model, _ = load_model(model_dir)
     other_expected = mlxlm_greedy(model, OTHER_PROMPT, GREEDY_TOKENS)[0]
     whole = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
@@ -81,7 +128,7 @@ def run_pipeline(name: str, smollm2_dir: Path, tmp_path: Path,
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("name", sorted(BUILDERS))
+@pytest.mark.parametrize("name", [*sorted(BUILDERS), "gemma3"])
 def test_two_stage_pipeline_gives_mlxlm_greedy_ids(name: str, smollm2_dir: Path,
                                                    tmp_path: Path) -> None:
     run_pipeline(name, smollm2_dir, tmp_path)

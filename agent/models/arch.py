@@ -44,9 +44,9 @@ MLX_LM_ENGINE_AVAILABLE = True
 # (tests/test_mlxlm_pipeline.py). Others with a layer list are refused by name until covered.
 MLX_LM_PIPELINE_AVAILABLE = True
 MLX_LM_PIPELINE_MODULES = frozenset({
-    "cohere", "deepseek_v2", "deepseek_v3", "gemma2", "gemma3_text", "glm4_moe", "gpt_oss",
-    "granite", "lfm2", "minimax", "ministral3", "mixtral", "nemotron_h", "olmo2", "phi3",
-    "qwen2_moe", "qwen3_moe", "qwen3_next", "smollm3", "starcoder2",
+    "cohere", "deepseek_v2", "deepseek_v3", "gemma2", "gemma3", "gemma3_text", "glm4_moe",
+    "gpt_oss", "granite", "lfm2", "minimax", "ministral3", "mixtral", "nemotron_h", "olmo2",
+    "phi3", "qwen2_moe", "qwen3_moe", "qwen3_next", "smollm3", "starcoder2",
 })
 
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
