@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import msgspec
 import pytest
 from mlx.utils import tree_flatten
 
@@ -210,6 +211,41 @@ def test_rows_join_and_leave_the_pipelines_batch(name: str, smollm2_dir: Path,
             (b_ids, end_b), (c_ids, end_c) = await asyncio.gather(*later)
             assert isinstance(end_b, Finished) and isinstance(end_c, Finished)
             assert a_ids == expected and b_ids == want_b and c_ids == want_c
+        finally:
+            for runner in runners:
+                await runner.stop()
+
+    asyncio.run(main())
+
+
+def test_the_head_admits_by_the_tightest_stage(smollm2_dir: Path, tmp_path: Path) -> None:
+    """A follower whose budget holds one sequence (with mlx-lm's 256-position growth step) but
+    not two: the head learns it at start-up, so the second request waits instead of the
+    follower's caches outgrowing its budget; both still get mlx-lm's ids."""
+    model_dir, expected = arch_dir("olmo2", smollm2_dir)
+    configs = pipeline_configs(model_dir, [(0, 1), (1, 2)], stats_interval_s=0.05)
+    configs[1] = msgspec.structs.replace(configs[1], kv_budget_bytes=200_000)
+    env, _ = runner_environment(NodeSettings(state_dir=tmp_path / "state", blas_threads=1))
+    runners = [RunnerProcess(c, env) for c in configs]
+
+    async def main() -> None:
+        try:
+            head_ready, follower_ready = await asyncio.gather(
+                *(r.start(timeout=180) for r in runners))
+            assert follower_ready.kv_budget_bytes == 200_000
+            # The head counts the follower's bytes scaled to its own budget.
+            scale = head_ready.kv_budget_bytes / 200_000
+            assert head_ready.kv_bytes_per_token >= follower_ready.kv_bytes_per_token * scale
+            head = runners[0]
+            (a, end_a), (b, end_b) = await asyncio.gather(
+                collect(head, greedy("a", PROMPT)), collect(head, greedy("b", PROMPT)))
+            assert isinstance(end_a, Finished) and isinstance(end_b, Finished)
+            assert a == b == expected
+            deadline = time.monotonic() + 10
+            while head.last_stats.get("generated_tokens_total", 0) < 2 * GREEDY_TOKENS:
+                assert time.monotonic() < deadline, head.last_stats
+                await asyncio.sleep(0.05)
+            assert head.last_stats["decode_rows_max"] == 1
         finally:
             for runner in runners:
                 await runner.stop()

@@ -23,6 +23,7 @@ slice.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import select
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from agent.runtime.mlxlm_cache import MlxLmSlots
 from agent.runtime.mlxlm_engine import MlxLmCompute, MlxLmModel
 from agent.runtime.model import UnsupportedModel
 from agent.runtime.protocol import RunnerConfig
+from agent.runtime.scheduler import SchedulerLimits
 from agent.runtime.watchdog import Watchdog
 
 # The modules whose slicing is checked against mlx-lm's own generation (the registry's list).
@@ -263,6 +265,25 @@ class PipelineHeadCompute(MlxLmCompute):
         assert back is not None
         return back
 
+    def agree(self, limits: SchedulerLimits, timeout: float) -> SchedulerLimits:
+        """Admission for the whole chain, asked once at start-up. Each stage's caches cost what
+        its own layers keep, against its own budget B_i; the head keeps its budget B_0 and
+        counts each cost as the largest of cost_i * B_0 / B_i over the stages, so whatever fits
+        the head's count fits every stage."""
+        self.downstream.send(StepMessage(op="hello"))
+        message, _ = self.upstream.recv(timeout=timeout)
+        mine, budget = self.slots.geometry, limits.kv_budget_bytes
+        per_token, per_sequence = mine.bytes_per_token, mine.bytes_per_sequence
+        for op in message.kv_ops:
+            if op[0] != "cost" or int(op[1]) <= 0:
+                continue
+            theirs = int(op[1])
+            per_token = max(per_token, -(-int(op[2]) * budget // theirs))
+            per_sequence = max(per_sequence, -(-int(op[3]) * budget // theirs))
+        self.slots.geometry = dataclasses.replace(mine, bytes_per_token=per_token,
+                                                  bytes_per_sequence=per_sequence)
+        return limits
+
     def close(self) -> None:
         with contextlib.suppress(ConnectionError):
             self.downstream.send(StepMessage(op="shutdown"))
@@ -277,6 +298,12 @@ class PipelineFollower:
         self.stage = stage
         self.slots = slots
         self.rows: list[int] = []
+
+    def cost(self) -> list[Any]:
+        """This stage's budget and cache cost, for the head's admission (`agree`)."""
+        geometry = self.slots.geometry
+        return ["cost", int(self.slots.limit_bytes or 0), geometry.bytes_per_token,
+                geometry.bytes_per_sequence]
 
     def apply(self, ops: list[Any]) -> None:
         for op in ops:
@@ -323,6 +350,9 @@ def follow_pipeline(follower: PipelineFollower, upstream: StageLink, downstream:
             with contextlib.suppress(ConnectionError):
                 downstream.send(message)
             return 0
+        if message.op == "hello":  # start-up: add this stage's cost, pass it on
+            downstream.send(StepMessage(op="hello", kv_ops=[*message.kv_ops, follower.cost()]))
+            continue
         follower.apply(message.kv_ops)
         assert h is not None
         if watchdog:

@@ -201,6 +201,9 @@ def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
                                            downstream, inbox_fd, watchdog)
                 mlxlm_compute = PipelineHeadCompute(decoder, kv, decoder.stage, downstream,
                                                     upstream)
+                limits = mlxlm_compute.agree(limits, config.startup_timeout_s)
+                ready = msgspec.structs.replace(ready,
+                                                kv_bytes_per_token=kv.geometry.bytes_per_token)
             elif tensor:
                 from agent.runtime.mlxlm_tensor import TensorHeadCompute, follow_tensor
 
