@@ -88,7 +88,7 @@ class Stage:
         self.incoming: mx.array | None = None  # the hidden states a follower's layer a takes
         # The head's trip down the chain; None while probing (layer a then passes through).
         self.remote: Callable[[mx.array], mx.array] | None = None
-        self.width = 0
+        self.width, self.dtype = 0, mx.float32
         keep: set[int] = set()
         for i, layer in enumerate(layers):
             if start <= i < stop:
@@ -104,7 +104,7 @@ class Stage:
                         id(embed) not in in_layers:
                     # Shapes only: nothing is read from the (lazy) weights.
                     probe = embed(mx.array([[0]]))
-                    self.width = int(probe.shape[-1])
+                    self.width, self.dtype = int(probe.shape[-1]), probe.dtype
                     _stub_embedding(embed, self.width, probe.dtype)
             if not self.width:
                 raise UnsupportedModel("pipeline stages: no token embedding found beside the "
@@ -135,7 +135,7 @@ class Stage:
         if self.head:
             return None
         ids = inputs.astype(mx.float32)[..., None]
-        return mx.sin(ids * 0.37 + mx.arange(self.width) * 0.11)
+        return mx.sin(ids * 0.37 + mx.arange(self.width) * 0.11).astype(self.dtype)
 
     def _call(self, inputs: mx.array, cache: list[Any], incoming: mx.array | None) -> mx.array:
         self.incoming = incoming
