@@ -83,9 +83,17 @@ def test_mlx_lm_families_run_on_the_mlx_lm_engine_on_one_node() -> None:
         found = arch.architecture(CONFIGS[name])
         assert found.engine == "mlx-lm" and found.runnable, name
         assert arch.refusal(CONFIGS[name]) is None, name
-        # Pipeline stages of mlx-lm modules are not built yet: refused by name.
-        reason = arch.refusal(CONFIGS[name], "pipeline", 2)
+        # Pipeline stages slice the module's layer list (runtime/mlxlm_pipeline.py) ...
+        assert "pipeline" in found.strategies, name
+        assert arch.refusal(CONFIGS[name], "pipeline", 2) is None, name
+        # ... but not inside tensor groups.
+        reason = arch.refusal(CONFIGS[name], "hybrid", 4)
         assert reason is not None and f"'{name}'" in reason and "pipeline" in reason
+    # A module whose slicing no test covers is refused pipeline stages by name.
+    assert arch.mlx_lm_module("mamba") is not None
+    assert "mamba" not in arch.MLX_LM_PIPELINE_MODULES
+    reason = arch.refusal({"model_type": "mamba"}, "pipeline", 2)
+    assert reason is not None and "'mamba'" in reason and "pipeline" in reason
 
 
 def test_remapped_model_types_use_mlx_lm_modules() -> None:
@@ -99,15 +107,16 @@ def test_remapped_model_types_use_mlx_lm_modules() -> None:
 def test_readme_table_lists_every_architecture_with_its_engine() -> None:
     table = arch.markdown_table()
     assert "| llama | flock | single, pipeline, tensor | yes |" in table
-    assert "| kimi_k2 | mlx-lm | single, tensor | yes |" in table
+    assert "| kimi_k2 | mlx-lm | single, pipeline, tensor | yes |" in table
     assert len(table.splitlines()) == 2 + len({*arch.FLOCK_DECODER_ARCHITECTURES,
                                                *arch.mlx_lm_architectures()})
 
 
 def test_strategies_follow_what_mlx_lm_modules_offer() -> None:
-    # deepseek_v3 defines shard(); gemma3 does not, so tensor parallel is not offered.
+    # deepseek_v3 defines shard(); gemma3 does not, so tensor parallel is not offered (its
+    # layer list slices: pipeline is).
     assert "tensor" in arch.architecture(CONFIGS["deepseek_v3"]).strategies
-    assert arch.architecture(CONFIGS["gemma3"]).strategies == ("single",)
+    assert arch.architecture(CONFIGS["gemma3"]).strategies == ("single", "pipeline")
 
 
 def test_unknown_architecture_is_refused_naming_it_and_what_runs() -> None:

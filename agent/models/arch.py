@@ -39,9 +39,15 @@ FLOCK_DECODER_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 # The engine that runs architectures through mlx-lm's own modules is not built yet: until it
 # lands nothing may be routed to it, so its architectures are refused with a message saying so.
 MLX_LM_ENGINE_AVAILABLE = True
-# Pipeline stages of mlx-lm modules (slicing their layer list) are not built yet: offered for
-# modules with a layer list once they are.
-MLX_LM_PIPELINE_AVAILABLE = False
+# Pipeline stages of mlx-lm modules slice their layer list (runtime/mlxlm_pipeline.py); offered
+# for the modules whose 2-stage slicing is checked against mlx-lm's own generation
+# (tests/test_mlxlm_pipeline.py). Others with a layer list are refused by name until covered.
+MLX_LM_PIPELINE_AVAILABLE = True
+MLX_LM_PIPELINE_MODULES = frozenset({
+    "cohere", "deepseek_v2", "deepseek_v3", "gemma2", "gemma3", "gemma3_text", "glm4_moe",
+    "gpt_oss", "granite", "lfm2", "minimax", "ministral3", "mixtral", "nemotron_h", "olmo2",
+    "phi3", "qwen2_moe", "qwen3_moe", "qwen3_next", "smollm3", "starcoder2",
+})
 
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -179,7 +185,8 @@ def architecture(config: dict[str, Any]) -> Architecture:
                             ("single", "pipeline", "tensor"))
     if module is not None:
         strategies: list[Strategy] = ["single"]
-        if module.layer_list and MLX_LM_PIPELINE_AVAILABLE:
+        if module.layer_list and MLX_LM_PIPELINE_AVAILABLE and \
+                module.name in MLX_LM_PIPELINE_MODULES:
             strategies.append("pipeline")
         if module.shard:
             strategies.append("tensor")
@@ -227,6 +234,9 @@ def refusal(config: dict[str, Any], strategy: str | None = None, ranks: int = 1)
                 allowed = ", ".join(arch.strategies)
                 return (f"architecture '{model_type}' cannot run as {need} parallel on the "
                         f"{arch.engine} engine (it allows: {allowed})")
+    if strategy == "hybrid" and arch.engine == "mlx-lm":
+        return (f"architecture '{model_type}' cannot run tensor groups inside pipeline stages "
+                "on the mlx-lm engine (it allows pipeline or tensor parallel, not both)")
     if strategy in ("tensor", "hybrid") and ranks > 1 and arch.engine == "flock":
         try:
             dims = shape(config)

@@ -70,7 +70,10 @@ class ChatTokenizer:
         return dict(self._tokenizer.get_vocab(with_added_tokens=True))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        # encode_batch releases the GIL while it works (encode does not): a huge prompt
+        # tokenized on a worker thread must not freeze the agent's event loop.
+        [encoding] = self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)
+        return list(encoding.ids)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return str(self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))

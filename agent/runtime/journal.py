@@ -47,5 +47,35 @@ class PrefixDrop(msgspec.Struct, frozen=True, tag="prefix_drop"):
     entry: int
 
 
-KvOp = Resize | Gather | PrefixSave | PrefixLoad | PrefixDrop
+# The mlx-lm engine's caches are mlx-lm's own batch caches: its ranks mirror the rows instead.
+
+
+class RowAcquire(msgspec.Struct, frozen=True, tag="acquire"):
+    """Row `row` starts a sequence (a fresh mlx-lm prompt cache)."""
+
+    row: int
+
+
+class RowRelease(msgspec.Struct, frozen=True, tag="release"):
+    """Row `row`'s sequence ended (its caches leave the batch)."""
+
+    row: int
+
+
+class DecodeRows(msgspec.Struct, frozen=True, tag="rows"):
+    """This decode step computes exactly `rows` (an mlx-lm cache write always advances it)."""
+
+    rows: list[int]
+
+
+class StageCost(msgspec.Struct, frozen=True, tag="cost"):
+    """A pipeline stage's KV budget and cache cost, for the head's admission at start-up."""
+
+    budget_bytes: int
+    bytes_per_token: int
+    bytes_per_sequence: int
+
+
+KvOp = (Resize | Gather | PrefixSave | PrefixLoad | PrefixDrop | RowAcquire | RowRelease
+        | DecodeRows | StageCost)
 Journal = list[KvOp]

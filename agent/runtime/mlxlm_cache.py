@@ -16,12 +16,15 @@ sequence.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import CacheList, KVCache, make_prompt_cache
+
+from agent.runtime.journal import KvOp, RowAcquire, RowRelease
 
 
 @dataclass(frozen=True)
@@ -41,10 +44,19 @@ def _leaves(cache: Any) -> list[Any]:
     return [cache]
 
 
-def measure_cost(model: Any) -> CacheCost:
-    """Run one token through a fresh cache and read what each layer's cache holds."""
+Forward = Callable[[mx.array, list[Any]], mx.array]
+
+
+def _call_model(model: Any) -> Forward:
+    return lambda inputs, cache: model(inputs, cache=cache)
+
+
+def measure_cost(model: Any, forward: Forward | None = None) -> CacheCost:
+    """Run one token through a fresh cache and read what each layer's cache holds.
+    `forward(inputs, cache)`: how to call the model (a pipeline stage calls its slice)."""
+    call = forward or _call_model(model)
     cache = make_prompt_cache(model)
-    model(mx.array([[0]]), cache=cache)
+    call(mx.array([[0]]), cache)
     mx.eval([c.state for c in cache])
     per_token = fixed = 0
     for leaf in (leaf for c in cache for leaf in _leaves(c)):
@@ -58,33 +70,34 @@ def measure_cost(model: Any) -> CacheCost:
         bytes_per_token=max(per_token, 1),
         bytes_per_sequence=fixed,
         reusable=all(type(leaf) is KVCache for leaf in leaves),
-        batchable=all(hasattr(c, "merge") for c in cache) and batches_correctly(model),
+        batchable=all(hasattr(c, "merge") for c in cache) and batches_correctly(model, call),
         kinds=tuple(sorted({type(leaf).__name__ for leaf in leaves})),
     )
 
 
-def batches_correctly(model: Any) -> bool:
+def batches_correctly(model: Any, forward: Forward | None = None) -> bool:
     """Whether batched decode of rows at different positions gives each row's own logits.
 
     Some mlx-lm modules break with batch caches (gemma2's attention broadcasts the batch mask
     over its KV heads), so this is checked once at load, on two short rows, before any request
     relies on it; a model that fails decodes each row with its own call instead."""
     prompts, nexts = [[1, 2, 3], [4]], [5, 6]
+    call = forward or _call_model(model)
 
     def prefilled() -> list[list[Any]]:
         caches = []
         for prompt in prompts:
             cache = make_prompt_cache(model)
-            model(mx.array([prompt]), cache=cache)
+            call(mx.array([prompt]), cache)
             caches.append(cache)
         return caches
 
     try:
-        solo = [model(mx.array([[t]]), cache=c)[:, -1, :]
+        solo = [call(mx.array([[t]]), c)[:, -1, :]
                 for t, c in zip(nexts, prefilled(), strict=True)]
         caches = prefilled()
         batch = [caches[0][i].merge([c[i] for c in caches]) for i in range(len(caches[0]))]
-        both = model(mx.array([[t] for t in nexts]), cache=batch)[:, -1, :]
+        both = call(mx.array([[t] for t in nexts]), batch)[:, -1, :]
         want = mx.concatenate(solo, axis=0).astype(mx.float32)
         scale = float(mx.abs(want).max().item()) + 1.0
         return float(mx.abs(both.astype(mx.float32) - want).max().item()) <= 1e-2 * scale
@@ -110,7 +123,7 @@ class MlxLmSlots:
         self.batch: list[Any] | None = None
         self.order: list[int] = []  # row of each batch position
         # Row events for tensor-parallel peers that mirror these rows (None: nobody does).
-        self.events: list[tuple] | None = None
+        self.events: list[KvOp] | None = None
 
     # ---- figures -------------------------------------------------------------------------
     @property
@@ -167,7 +180,7 @@ class MlxLmSlots:
                    len(self._owner))
         self.take_row(row, owner)
         if self.events is not None:
-            self.events.append(("acquire", row))
+            self.events.append(RowAcquire(row))
         return row
 
     def take_row(self, row: int, owner: str = "peer") -> None:
@@ -182,7 +195,7 @@ class MlxLmSlots:
 
     def release(self, row: int) -> None:
         if self.events is not None:
-            self.events.append(("release", row))
+            self.events.append(RowRelease(row))
         self._owner[row] = None
         self.lengths[row] = 0
         self.solo[row] = None

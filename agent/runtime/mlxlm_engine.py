@@ -4,12 +4,13 @@ flock's decoder (`model.py`) runs the llama family with its own math; every othe
 mlx-lm can load runs here, behind the same scheduler (continuous batching, admission, sampling,
 stop strings, streaming): `MlxLmCompute` implements the scheduler's compute seam over
 `MlxLmSlots` (mlx-lm's caches, one batch cache for every decoding row). The model is loaded with
-mlx_lm.utils.load_model, weights as stored. One node only: pipeline stages and tensor parallel
-run on flock's decoder.
+mlx_lm.utils.load_model, weights as stored. Tensor parallel is in `mlxlm_tensor.py`, pipeline
+stages in `mlxlm_pipeline.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -19,8 +20,10 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from agent.runtime.journal import DecodeRows
+from agent.runtime.links import StepMessage
 from agent.runtime.mlxlm_cache import CacheCost, MlxLmSlots, measure_cost
-from agent.runtime.model import SUPPORTED_ARCHITECTURES, UnsupportedModel
+from agent.runtime.model import UnsupportedModel
 from agent.runtime.protocol import Ready, RunnerConfig
 
 DEFAULT_CONTEXT = 4096  # when a config names no maximum position
@@ -43,6 +46,7 @@ class MlxLmModel:
         text = config.get("text_config") or {}
         context = config.get("max_position_embeddings") or text.get("max_position_embeddings")
         self.config = ModelFacts(vocab_size, int(context or DEFAULT_CONTEXT))
+        self.stage: Any = None  # a pipeline stage's slice (mlxlm_pipeline.Stage), if any
 
     def weight_bytes(self) -> int:
         return sum(a.nbytes for _, a in tree_flatten(self.model.parameters()))
@@ -83,9 +87,14 @@ class MlxLmCompute:
         slots = self.slots
         assert slots.lengths[row] == start, (row, slots.lengths[row], start)
         cache = slots.cache_of(row)
-        logits = self.model(mx.array(tokens)[None], cache=cache)
+        logits = self._forward(mx.array(tokens)[None], cache,
+                               StepMessage(op="prefill", row=row, start=start))
         slots.lengths[row] = start + len(tokens)
         return logits[:, -1, :]
+
+    def _forward(self, inputs: mx.array, cache: list[Any], message: StepMessage) -> mx.array:
+        """One model call; `message` says what it is, for a pipeline head's stages."""
+        return self.model(inputs, cache=cache)
 
     def will_decode(self, rows: list[int]) -> None:
         self._rows = sorted(rows)
@@ -99,12 +108,16 @@ class MlxLmCompute:
         if slots.geometry.batchable:
             batch = slots.batch_for(rows)
             inputs = ids[mx.array(slots.order)][:, None]
-            logits = self.model(inputs, cache=batch)[:, -1, :]
+            message = StepMessage(op="decode", kv_ops=[DecodeRows(list(rows))],
+                                  positions=list(positions))
+            logits = self._forward(inputs, batch, message)[:, -1, :]
             at = {row: i for i, row in enumerate(slots.order)}
         else:
             # Caches that cannot merge (a chunked cache...): each row its own call, same step.
-            parts = [self.model(ids[row:row + 1][:, None], cache=slots.cache_of(row))[:, -1, :]
-                     for row in rows]
+            # (To pipeline stages each such call is a one-token prefill of that row.)
+            parts = [self._forward(ids[row:row + 1][:, None], slots.cache_of(row),
+                                   StepMessage(op="prefill", row=row, start=slots.lengths[row])
+                                   )[:, -1, :] for row in rows]
             logits = mx.concatenate(parts, axis=0)
             at = {row: i for i, row in enumerate(rows)}
         for row in rows:
@@ -130,13 +143,22 @@ def load_for_runner(config: RunnerConfig, budget_for: Any, group: Any = None
     from agent.runtime.prefix import PrefixCache, prefix_cache_bytes
     from agent.runtime.scheduler import SchedulerLimits
 
-    if config.role not in ("solo", "tp_follower") or config.layer_start not in (None, 0):
-        raise UnsupportedModel("the mlx-lm engine does not run pipeline stages; they need an "
-                               "architecture flock's decoder runs "
-                               f"({', '.join(SUPPORTED_ARCHITECTURES)})")
+    pipeline = config.role in ("head", "follower")
+    if pipeline and group is not None:
+        raise UnsupportedModel("the mlx-lm engine does not run tensor groups inside pipeline "
+                               "stages")
+    if config.role not in ("solo", "tp_follower", "head", "follower") or (
+            not pipeline and config.layer_start not in (None, 0)):
+        raise UnsupportedModel(f"the mlx-lm engine does not run role {config.role!r} with "
+                               f"layers from {config.layer_start}")
     started = time.perf_counter()
     model_dir = Path(config.model_dir)
-    model = load_mlxlm_model(model_dir)
+    if pipeline:
+        from agent.runtime.mlxlm_pipeline import load_stage
+
+        model = load_stage(model_dir, config)
+    else:
+        model = load_mlxlm_model(model_dir)
     if group is not None:
         arch = model.raw_config.get("model_type", "?")
         if not hasattr(model.model, "shard"):
@@ -146,17 +168,26 @@ def load_for_runner(config: RunnerConfig, budget_for: Any, group: Any = None
     if config.kv_bits is not None:
         print(f"flock: kv_bits={config.kv_bits} is not applied on the mlx-lm engine; the cache "
               "keeps the model's dtype", file=sys.stderr)
-    cost: CacheCost = measure_cost(model.model)
+    stage = model.stage
+    cost: CacheCost = measure_cost(model.model, stage.probe_forward if stage else None)
+    if stage is not None and not stage.head:
+        # Whether rows batch is the head's call: its messages say which way each step goes.
+        cost = dataclasses.replace(cost, batchable=True)
     tokenizer = load_tokenizer(model_dir)
     context = model.config.max_position_embeddings
     if config.context_length:
         context = min(context, config.context_length)
     weights = model.weight_bytes()
-    budget = budget_for(weights, cost.bytes_per_token, context)
+    # Recurrent state is a fixed cost per sequence: spread over the context, so that a budget
+    # sized for `max_batch` sequences counts it (a stage or model of recurrent layers only
+    # keeps ~nothing per token, and would otherwise be sized for one sequence).
+    per_token = cost.bytes_per_token + -(-cost.bytes_per_sequence // max(context, 1))
+    budget = budget_for(weights, per_token, context)
     limits = SchedulerLimits.for_runner(config, context_length=context, kv_budget_bytes=budget)
     slots = MlxLmSlots(model.model, cost, limit_bytes=budget)
     prefix = None
-    if cost.reusable and group is None:  # peers would need the same entries: not yet
+    # Peers and later stages would need the same entries: not yet.
+    if cost.reusable and group is None and stage is None:
         prefix = PrefixCache(prefix_cache_bytes(config.prefix_cache_bytes, budget))
     ready = Ready(
         model_name=config.model_name,

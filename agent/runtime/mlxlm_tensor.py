@@ -12,10 +12,10 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-from typing import Any
 
 import mlx.core as mx
 
+from agent.runtime.journal import DecodeRows, KvOp, RowAcquire, RowRelease
 from agent.runtime.links import StageLink, StageLinkError, StepMessage
 from agent.runtime.mlxlm_cache import MlxLmSlots
 from agent.runtime.mlxlm_engine import MlxLmCompute, MlxLmModel
@@ -34,7 +34,7 @@ class TensorHeadCompute(MlxLmCompute):
         for peer in self.peers:
             peer.send(message)
 
-    def _drain(self) -> list[Any]:
+    def _drain(self) -> list[KvOp]:
         events = self.slots.events
         assert events is not None
         ops = list(events)
@@ -48,7 +48,7 @@ class TensorHeadCompute(MlxLmCompute):
 
     def decode(self, tokens: list[int] | mx.array, positions: list[int]) -> mx.array:
         assert not isinstance(tokens, mx.array), "a tensor head decodes known tokens"
-        ops = [*self._drain(), ("rows", list(self._rows))]
+        ops = [*self._drain(), DecodeRows(list(self._rows))]
         self._tell(StepMessage(op="decode", kv_ops=ops, tokens=list(tokens),
                                positions=positions))
         return super().decode(tokens, positions)
@@ -60,16 +60,18 @@ class TensorHeadCompute(MlxLmCompute):
             peer.close()
 
 
-def _apply(compute: MlxLmCompute, ops: list[Any]) -> None:
+def _apply(compute: MlxLmCompute, ops: list[KvOp]) -> None:
     slots = compute.slots
     for op in ops:
-        kind = op[0]
-        if kind == "acquire":
-            slots.take_row(int(op[1]))
-        elif kind == "release":
-            slots.release(int(op[1]))
-        elif kind == "rows":
-            compute.will_decode([int(r) for r in op[1]])
+        match op:
+            case RowAcquire(row=row):
+                slots.take_row(row)
+            case RowRelease(row=row):
+                slots.release(row)
+            case DecodeRows(rows=rows):
+                compute.will_decode(list(rows))
+            case _:
+                raise ValueError(f"unexpected op {op!r} for a tensor peer of the mlx-lm engine")
 
 
 def follow_tensor(compute: MlxLmCompute, upstream: StageLink, control_fd: int,

@@ -181,7 +181,24 @@ def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
             group = join_tensor_group(config, Path(tempfile.gettempdir())) if tensor else None
             (decoder, tokenizer, kv, limits, prefix, mlxlm_compute), ready = load_for_runner(
                 config, budget, group)
-            if tensor:
+            if config.role in ("head", "follower"):
+                from agent.runtime.mlxlm_pipeline import (
+                    PipelineFollower,
+                    PipelineHeadCompute,
+                    follow_pipeline,
+                )
+
+                downstream, upstream = _connect_pipeline(config, listener)
+                if config.role == "follower":
+                    outbox.send(ready)
+                    return follow_pipeline(PipelineFollower(decoder.stage, kv), upstream,
+                                           downstream, inbox_fd, watchdog)
+                mlxlm_compute = PipelineHeadCompute(decoder, kv, decoder.stage, downstream,
+                                                    upstream)
+                limits = mlxlm_compute.agree(limits, config.startup_timeout_s)
+                ready = msgspec.structs.replace(ready,
+                                                kv_bytes_per_token=kv.geometry.bytes_per_token)
+            elif tensor:
                 from agent.runtime.mlxlm_tensor import TensorHeadCompute, follow_tensor
 
                 deadline = time.monotonic() + config.startup_timeout_s
