@@ -16,7 +16,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from agent.cluster.placement import _KV_QUANT_GROUP, kv_bytes_per_token_per_layer
+from agent.cluster.memory_model import _KV_QUANT_GROUP, kv_bytes_per_token_per_layer
 from agent.cluster.state import ModelShape, NodeProfile, Placement, Stage
 from agent.cluster.wiring import runner_configs
 from agent.generation import (
