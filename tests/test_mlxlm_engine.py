@@ -47,6 +47,24 @@ def mlxlm_ids(model_dir: Path, prompt: list[int]) -> list[int]:
     return mlxlm_greedy(model, prompt, GREEDY_TOKENS)[0]
 
 
+
+async def assert_greedy_and_batched(head: RunnerProcess, expected: list[int],
+                                    other_expected: list[int]) -> None:
+    """mlx-lm's greedy ids alone and for two concurrent requests, which one decode step
+    computed together (not one after the other)."""
+    ids, end = await collect(head, greedy("solo", PROMPT))
+    assert isinstance(end, Finished) and end.reason == "length"
+    assert ids == expected
+    (a, end_a), (b, end_b) = await asyncio.gather(
+        collect(head, greedy("a", PROMPT)), collect(head, greedy("b", OTHER_PROMPT)))
+    assert isinstance(end_a, Finished) and isinstance(end_b, Finished)
+    assert a == expected and b == other_expected
+    deadline = time.monotonic() + 10
+    while head.last_stats.get("generated_tokens_total", 0) < 3 * GREEDY_TOKENS:
+        assert time.monotonic() < deadline, head.last_stats
+        await asyncio.sleep(0.05)
+    assert head.last_stats["decode_rows_max"] == 2
+
 def test_flock_families_stay_on_flocks_decoder() -> None:
     for arch in ("llama", "mistral", "qwen2", "qwen3"):
         assert choose_engine({"model_type": arch}) == "flock"
@@ -73,19 +91,7 @@ def test_runner_serves_arch_with_mlxlm_greedy_ids_and_batches(
         assert ready.engine == "mlx-lm"
         assert ready.kv_bytes_per_token > 0
         try:
-            ids, end = await collect(runner, greedy("solo", PROMPT))
-            assert isinstance(end, Finished) and end.reason == "length"
-            assert ids == expected
-            (a, end_a), (b, end_b) = await asyncio.gather(
-                collect(runner, greedy("a", PROMPT)), collect(runner, greedy("b", OTHER_PROMPT)))
-            assert isinstance(end_a, Finished) and isinstance(end_b, Finished)
-            assert a == expected and b == other_expected
-            # Both sequences were computed by one decode step (not one after the other).
-            deadline = time.monotonic() + 10
-            while runner.last_stats.get("generated_tokens_total", 0) < 3 * GREEDY_TOKENS:
-                assert time.monotonic() < deadline, runner.last_stats
-                await asyncio.sleep(0.05)
-            assert runner.last_stats["decode_rows_max"] == 2
+            await assert_greedy_and_batched(runner, expected, other_expected)
         finally:
             await runner.stop()
 
@@ -246,16 +252,7 @@ def test_tensor_parallel_through_the_models_own_shard(
             layers = sum(a.nbytes for k, a in tensors.items() if k.startswith("model.layers."))
             assert all(r.ready and r.ready.weight_bytes < whole - layers // 4 for r in runners)
             assert all(r.ready and r.ready.engine == "mlx-lm" for r in runners)
-            ids, _ = await collect(head, greedy("solo", PROMPT))
-            assert ids == expected
-            (a, _), (b, _) = await asyncio.gather(
-                collect(head, greedy("a", PROMPT)), collect(head, greedy("b", OTHER_PROMPT)))
-            assert a == expected and b == other_expected
-            deadline = time.monotonic() + 10
-            while head.last_stats.get("generated_tokens_total", 0) < 3 * GREEDY_TOKENS:
-                assert time.monotonic() < deadline, head.last_stats
-                await asyncio.sleep(0.05)
-            assert head.last_stats["decode_rows_max"] == 2
+            await assert_greedy_and_batched(head, expected, other_expected)
         finally:
             for runner in runners:
                 await runner.stop()

@@ -26,7 +26,13 @@ from agent.runtime.mlxlm_pipeline import SLICEABLE_MODULES, check_sliceable
 from agent.runtime.model import UnsupportedModel
 from agent.settings import NodeSettings
 from tests.conftest import TEST_CACHE
-from tests.test_mlxlm_engine import _KEY, OTHER_PROMPT, arch_dir, greedy
+from tests.test_mlxlm_engine import (
+    _KEY,
+    OTHER_PROMPT,
+    arch_dir,
+    assert_greedy_and_batched,
+    greedy,
+)
 from tests.test_pipeline import pipeline_configs
 from tests.test_runner_process import collect
 from tests.tiny_archs import (
@@ -109,19 +115,7 @@ def run_pipeline(name: str, smollm2_dir: Path, tmp_path: Path,
             assert all(r.weight_bytes < whole / 2 for r in readies[1:])
             assert sum(r.weight_bytes for r in readies) == whole
             head = runners[0]
-            ids, end = await collect(head, greedy("solo", PROMPT))
-            assert isinstance(end, Finished) and end.reason == "length"
-            assert ids == expected
-            (a, end_a), (b, end_b) = await asyncio.gather(
-                collect(head, greedy("a", PROMPT)), collect(head, greedy("b", OTHER_PROMPT)))
-            assert isinstance(end_a, Finished) and isinstance(end_b, Finished)
-            assert a == expected and b == other_expected
-            deadline = time.monotonic() + 10
-            while head.last_stats.get("generated_tokens_total", 0) < 3 * GREEDY_TOKENS:
-                assert time.monotonic() < deadline, head.last_stats
-                await asyncio.sleep(0.05)
-            # Both sequences were computed in one decode step (not one after the other).
-            assert head.last_stats["decode_rows_max"] == 2
+            await assert_greedy_and_batched(head, expected, other_expected)
         finally:
             for runner in runners:
                 await runner.stop()

@@ -8,14 +8,11 @@ a blocking receive between steps, so an idle follower costs no CPU.
 
 from __future__ import annotations
 
-import os
-import select
-
 import mlx.core as mx
 
 from agent.runtime.journal import Gather, KvOp, PrefixDrop, PrefixLoad, PrefixSave, Resize
 from agent.runtime.kv import KvSlots
-from agent.runtime.links import StageLink, StageLinkError
+from agent.runtime.links import StageLink, StageLinkError, next_step
 from agent.runtime.model import Decoder
 from agent.runtime.prefix import copy_rows
 from agent.runtime.step import make_decode_fn, prefill
@@ -78,15 +75,13 @@ def follow(follower: Follower, upstream: StageLink, downstream: StageLink | None
     `tp_peers`: a stage leader's tensor peers, who get each step before the leader computes.
     """
     while True:
-        readable, _, _ = select.select([upstream, control_fd], [], [], 5.0)
-        if control_fd in readable and not os.read(control_fd, 1 << 16):
-            return 0  # the agent closed our control pipe
-        if upstream not in readable:
-            continue
         try:
-            message, h = upstream.recv(timeout=None)
+            incoming = next_step(upstream, control_fd)
         except StageLinkError:
             return 1
+        if incoming is None:
+            return 0  # the agent closed our control pipe
+        message, h = incoming
         for peer in tp_peers or ():
             peer.send(message, h)
         if message.op == "shutdown":

@@ -9,6 +9,8 @@ deadline, so a stuck or dead peer becomes a clean `StageLinkError`, never a hung
 from __future__ import annotations
 
 import contextlib
+import os
+import select
 import socket
 import struct
 import time
@@ -145,3 +147,17 @@ def listen(address: str) -> socket.socket:
     sock.bind((host, port))
     sock.listen(4)
     return sock
+
+
+def next_step(upstream: StageLink, control_fd: int,
+              poll_s: float = 5.0) -> tuple[StepMessage, mx.array | None] | None:
+    """A follower's wait between steps: the next message from upstream, or None once its agent
+    closes the control pipe (the runner should exit 0). Blocks in `select`, so an idle rank
+    costs no CPU; raises StageLinkError when the link breaks."""
+    while True:
+        readable, _, _ = select.select([upstream, control_fd], [], [], poll_s)
+        if control_fd in readable and not os.read(control_fd, 1 << 16):
+            return None
+        if upstream in readable:
+            return upstream.recv(timeout=None)
+

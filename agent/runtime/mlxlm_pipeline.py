@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import select
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ from mlx_lm.models.cache import ArraysCache, CacheList, make_prompt_cache
 
 from agent.models.arch import MLX_LM_PIPELINE_MODULES
 from agent.runtime.journal import DecodeRows, KvOp, RowAcquire, RowRelease, StageCost
-from agent.runtime.links import StageLink, StageLinkError, StepMessage
+from agent.runtime.links import StageLink, StageLinkError, StepMessage, next_step
 from agent.runtime.mlxlm_cache import MlxLmSlots
 from agent.runtime.mlxlm_engine import MlxLmCompute, MlxLmModel
 from agent.runtime.model import UnsupportedModel
@@ -340,15 +338,13 @@ def follow_pipeline(follower: PipelineFollower, upstream: StageLink, downstream:
                     control_fd: int, watchdog: Watchdog | None = None) -> int:
     """Serve steps until the head shuts the chain down or the agent goes away."""
     while True:
-        readable, _, _ = select.select([upstream, control_fd], [], [], 5.0)
-        if control_fd in readable and not os.read(control_fd, 1 << 16):
-            return 0
-        if upstream not in readable:
-            continue
         try:
-            message, h = upstream.recv(timeout=None)
+            incoming = next_step(upstream, control_fd)
         except StageLinkError:
             return 1
+        if incoming is None:
+            return 0  # the agent closed our control pipe
+        message, h = incoming
         if message.op == "shutdown":
             with contextlib.suppress(ConnectionError):
                 downstream.send(message)

@@ -10,13 +10,11 @@ are used.
 from __future__ import annotations
 
 import contextlib
-import os
-import select
 
 import mlx.core as mx
 
 from agent.runtime.journal import DecodeRows, KvOp, RowAcquire, RowRelease
-from agent.runtime.links import StageLink, StageLinkError, StepMessage
+from agent.runtime.links import StageLink, StageLinkError, StepMessage, next_step
 from agent.runtime.mlxlm_cache import MlxLmSlots
 from agent.runtime.mlxlm_engine import MlxLmCompute, MlxLmModel
 from agent.runtime.watchdog import Watchdog
@@ -78,15 +76,13 @@ def follow_tensor(compute: MlxLmCompute, upstream: StageLink, control_fd: int,
                   watchdog: Watchdog | None = None) -> int:
     """A peer rank: replay rank 0's steps until it shuts down or the agent goes away."""
     while True:
-        readable, _, _ = select.select([upstream, control_fd], [], [], 5.0)
-        if control_fd in readable and not os.read(control_fd, 1 << 16):
-            return 0
-        if upstream not in readable:
-            continue
         try:
-            message, _ = upstream.recv(timeout=None)
+            incoming = next_step(upstream, control_fd)
         except StageLinkError:
             return 1
+        if incoming is None:
+            return 0  # the agent closed our control pipe
+        message, _ = incoming
         if message.op == "shutdown":
             return 0
         _apply(compute, message.kv_ops)
