@@ -1,36 +1,74 @@
-"""Serving quantized checkpoints as stored: memory and decode speed of SmolLM2 4-bit kept.
+"""The models people cluster (issue 12's numbers): every listed architecture through a real
+agent's API and as a 2-stage pipeline, the refusal of an unknown one, quantized checkpoints kept
+quantized, the mlx-lm engine's and a mixture-of-experts model's decode speed.
 
-Run from the repository root: `python -m bench.models [--rounds 3] [--tokens 128]`. Every figure
-comes from fresh processes with the environment flock's runners get (the flockblas shim preloaded,
-sgemv fast path on in every process, flock's and mlx-lm's alike).
+Run from the repository root: `python -m bench.models [--quick] [--skip-moe] [--only ...]`.
+Every process gets the environment flock's runners get (the flockblas shim preloaded, the sgemv
+fast path on, flock's and mlx-lm's processes alike).
 
-- `kept4bit_rss_vs_f32`: (peak RSS - RSS before loading weights) of a process that does what a
-  runner does (`agent.runtime.runner.load`, then 32 greedy tokens through the scheduler) with
-  SmolLM2 converted to 4-bit by `mlx_lm.convert -q` and `dtype = "keep"`, over the same with
-  `dtype = "float32"` (the same 4-bit directory dequantized at load). Goal <= 0.30.
-- `kept4bit_decode_vs_mlxlm`: greedy decode tok/s of that 4-bit directory kept quantized through
-  flock's scheduler (bench.decode's flock worker) over mlx-lm's `generate_step` in-process on the
-  same directory; medians over rounds. Goal >= 0.95.
+- `archs_total`, `archs_identical`, `archs_failing`: one `python -m agent run` (no model at
+  start) serves each of the 24 architectures' tiny random-weight models
+  (`tests.tiny_archs.make_arch_model`, the tests' cached directories), each requested by its
+  directory path on the raw completions endpoint (`/v1/completions`, the fixed 16-token prompt
+  as token ids, greedy, 32 tokens) and placed on demand by that first request; identical means
+  32 completion tokens whose text equals mlx-lm's detokenized greedy ids (the API returns text,
+  not ids). Each instance is removed (`DELETE /cluster/instances/...`) before the next.
+- `archs_pipeline_identical`: the same check on a 2-node loopback cluster (two agents, one
+  store holding every tiny model), each model placed by `POST /cluster/instances` with
+  strategy `pipeline` over both nodes, then removed.
+- `unknown_arch_error_ms`: a chat request for a directory whose config.json says
+  `model_type: "frobnicator"` until the API's 400, median of 5, through the same agent.
+- `kept4bit_rss_vs_f32`, `kept4bit_decode_vs_mlxlm`: SmolLM2 converted to 4-bit by
+  `mlx_lm.convert -q`, served with `dtype = "keep"` (see `rss_worker`); decode through flock's
+  scheduler over mlx-lm's `generate_step` in-process on the same directory.
+- `generic_decode_vs_mlxlm`: bench.generic_engine's measurement (its functions), gemma3_text at
+  SmolLM2's size on the mlx-lm engine.
+- `moe_decode_vs_mlxlm`, `moe_batch8_vs_1`: a random qwen3_moe (8 layers, hidden 1024, 32
+  experts of width 512, top 4, vocabulary 32,000, float32: about 1.8 GB) through a runner
+  process (greedy, client-timed from the first streamed token) over mlx-lm in-process, and 8
+  concurrent streams' aggregate decode over one stream's. `--skip-moe` leaves them out.
 
-Prints `name: value` lines only; asserts nothing.
+Prints `name: value` lines (and `#` comments); asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from bench.common import (
     CACHE,
+    TEST_CACHE,
+    bench_agent,
     call_in_subprocess,
     cpu_pressure,
     emit,
     median,
     runner_env,
     smollm2_f32_dir,
+    warn_if_busy,
 )
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss",
+         "deepseek_v3", "deepseek_v2", "glm4_moe", "minimax", "gemma2", "gemma3_text", "phi3",
+         "granite", "olmo2", "starcoder2", "cohere", "smollm3", "ministral3", "lfm2",
+         "qwen3_next", "nemotron_h")
+MOE_NAME = "qwen3-moe-random-8x1024-e32-v1"
+MOE_VOCAB = 32000
+MOE_PROMPT = [100 + (i * 7919) % (MOE_VOCAB - 200) for i in range(64)]
+MOE_WARMUP = 16
+SPECIAL_IDS = 17  # SmolLM2's special tokens are ids 0-16
 
 
 def smollm2_4bit_dir() -> Path:
@@ -38,6 +76,166 @@ def smollm2_4bit_dir() -> Path:
     from tests.quant_models import convert_quantized
 
     return convert_quantized(smollm2_f32_dir(), CACHE / "models" / "smollm2-135m-4bit-g64")
+
+
+# ---- the 24 architectures --------------------------------------------------------------------
+
+
+def arch_models(archs: tuple[str, ...]) -> dict[str, tuple[Path, list[int]]]:
+    """Each architecture's tiny model and mlx-lm's greedy ids, in the tests' cache (the key is
+    tests/test_mlxlm_engine.py's: built there or here, each is built once per machine)."""
+    import mlx_lm
+
+    from tests.tiny_archs import make_arch_model
+
+    key = hashlib.sha256((Path(__file__).parents[1] / "tests" / "tiny_archs.py").read_bytes()
+                         + mlx_lm.__version__.encode()).hexdigest()[:12]
+    tokenizer_dir = smollm2_f32_dir(TEST_CACHE)
+    return {arch: make_arch_model(TEST_CACHE / "models" / f"tiny-{arch}-{key}", arch,
+                                  tokenizer_dir) for arch in archs}
+
+
+def expected_texts(models: dict[str, tuple[Path, list[int]]]) -> dict[str, str]:
+    """mlx-lm's detokenized greedy ids, as mlx-lm's generate and server stream them: its
+    streaming detokenizer (which drops the first token's leading space, as flock does; a plain
+    `decode` keeps it)."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    texts = {}
+    for arch, (directory, ids) in models.items():
+        detokenizer = load_tokenizer(directory).detokenizer
+        detokenizer.reset()
+        for token in ids:
+            detokenizer.add_token(token)
+        detokenizer.finalize()
+        texts[arch] = detokenizer.text
+    return texts
+
+
+def complete(client: httpx.Client, model: str) -> tuple[str | None, str]:
+    """A greedy 32-token raw completion of the fixed prompt's ids: (its text, or None, and why)."""
+    from tests.tiny_archs import GREEDY_TOKENS, PROMPT
+
+    try:
+        response = client.post("/v1/completions", json={
+            "model": model, "prompt": PROMPT, "max_tokens": GREEDY_TOKENS, "temperature": 0})
+    except httpx.HTTPError as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    if response.status_code != 200:
+        return None, f"HTTP {response.status_code}: {response.text[:300]}"
+    body = response.json()
+    tokens = body["usage"]["completion_tokens"]
+    if tokens != GREEDY_TOKENS:
+        return None, f"{tokens} tokens ({body['choices'][0]['finish_reason']})"
+    return body["choices"][0]["text"], ""
+
+
+def instance_key(model: str) -> str:
+    """The id the controller gives an on-demand instance (`ClusterController.request_instance`)."""
+    key = "".join(c if c.isalnum() else "-" for c in model.lower()).strip("-") or "model"
+    return f"auto-{key}-0"
+
+
+def frobnicator_dir(root: Path, template: Path) -> Path:
+    """A model directory like `template` (its weights linked) whose architecture nobody runs."""
+    out = root / "frobnicator"
+    out.mkdir(parents=True, exist_ok=True)
+    for item in template.iterdir():
+        if item.is_file() and item.name != "config.json":
+            try:
+                os.link(item, out / item.name)
+            except OSError:
+                shutil.copy2(item, out / item.name)
+    config = json.loads((template / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "model_type": "frobnicator"}))
+    return out
+
+
+def single_node_figures(models: dict[str, tuple[Path, list[int]]], want: dict[str, str],
+                        unknown_rounds: int) -> tuple[dict[str, str], list[float], list[int]]:
+    """(arch -> "" when identical else why, unknown-architecture error times in ms, statuses)."""
+    failing: dict[str, str] = {}
+    times: list[float] = []
+    statuses: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="flock-bench-models-") as tmp:
+        agent = bench_agent(Path(tmp) / "agent", None, timeout=300)
+        try:
+            with httpx.Client(base_url=agent.url, timeout=600, trust_env=False) as client:
+                for arch, (directory, _) in models.items():
+                    started = time.monotonic()
+                    text, why = complete(client, str(directory))
+                    if text is not None and text != want[arch]:
+                        why = f"text differs: {text[:80]!r} vs mlx-lm {want[arch][:80]!r}"
+                    failing[arch] = why
+                    print(f"# single {arch}: {why or 'ok'} "
+                          f"({time.monotonic() - started:.1f}s)", flush=True)
+                    client.delete(f"/cluster/instances/{instance_key(str(directory))}")
+                template = next(iter(models.values()))[0]
+                frob = frobnicator_dir(Path(tmp), template)
+                for _ in range(unknown_rounds):
+                    began = time.perf_counter()
+                    response = client.post("/v1/chat/completions", json={
+                        "model": str(frob), "max_tokens": 8,
+                        "messages": [{"role": "user", "content": "Hello"}]})
+                    times.append((time.perf_counter() - began) * 1000)
+                    statuses.append(response.status_code)
+                print(f"# unknown architecture answer: {response.text[:200]}", flush=True)
+        finally:
+            agent.stop()
+    return failing, times, statuses
+
+
+def pipeline_figures(models: dict[str, tuple[Path, list[int]]],
+                     want: dict[str, str]) -> dict[str, str]:
+    """arch -> "" when a 2-stage pipeline instance of it gives mlx-lm's text, else why."""
+    from agent.models.store import ModelStore
+    from tests.cluster_tools import LoopbackCluster
+
+    failing: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="flock-bench-models-pipe-") as tmp:
+        root = Path(tmp)
+        store = ModelStore(root / "store")
+        for arch, (directory, _) in models.items():
+            def build(out: Path, source: Path = directory) -> None:
+                for item in source.iterdir():
+                    if item.is_file():
+                        try:
+                            os.link(item, out / item.name)
+                        except OSError:
+                            shutil.copy2(item, out / item.name)
+
+            store.add(f"tiny-{arch.replace('_', '-')}", build, source=f"path:{directory}",
+                      dtype="float32")
+        cluster = LoopbackCluster(root=root, models_dir=root / "store")
+        try:
+            agents = [cluster.start(f"n{i}") for i in range(2)]
+            cluster.wait_up(timeout=180)
+            with httpx.Client(base_url=agents[0].url, timeout=600, trust_env=False) as client:
+                for arch in models:
+                    name = f"tiny-{arch.replace('_', '-')}"
+                    started = time.monotonic()
+                    placed = client.post("/cluster/instances",
+                                         json={"model": name, "strategy": "pipeline"})
+                    if placed.status_code != 201:
+                        failing[arch] = f"placement HTTP {placed.status_code}: {placed.text}"
+                        continue
+                    try:
+                        cluster.wait_serving(agents[0], name, nodes=2, timeout=180)
+                        text, why = complete(client, name)
+                        if text is not None and text != want[arch]:
+                            why = f"text differs: {text[:80]!r} vs mlx-lm {want[arch][:80]!r}"
+                    except AssertionError as exc:
+                        why = str(exc).splitlines()[0]
+                    failing[arch] = why
+                    print(f"# pipeline {arch}: {why or 'ok'} "
+                          f"({time.monotonic() - started:.1f}s)", flush=True)
+                    client.delete(f"/cluster/instances/{placed.json()['instance_id']}")
+        finally:
+            cluster.close()
+    return failing
+
+
+# ---- quantized checkpoints kept ----------------------------------------------------------------
 
 
 def _rss_kb(field: str) -> int:
@@ -71,18 +269,8 @@ def rss_worker(model_dir: str, dtype: str, tokens: int) -> dict[str, Any]:
     return {"grown_kb": peak - before, "weight_bytes": ready.weight_bytes, "dtype": ready.dtype}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each decode figure")
-    parser.add_argument("--tokens", type=int, default=128, help="decoded tokens per run")
-    args = parser.parse_args()
-    began = time.monotonic()
+def kept4bit_figures(rounds: int, tokens: int, env: dict[str, str]) -> None:
     model_dir = str(smollm2_4bit_dir())
-    env, threads = runner_env(gemv=True)
-    emit("openblas_threads", threads)
-    pressure = cpu_pressure()
-    emit("cpu_pressure_avg60_start", pressure if pressure is not None else "n/a", 1)
-
     grown = {dtype: call_in_subprocess("bench.models:rss_worker",
                                        {"model_dir": model_dir, "dtype": dtype, "tokens": 32},
                                        env)
@@ -95,11 +283,11 @@ def main() -> None:
     rates: dict[str, list[float]] = {"flock": [], "mlxlm": []}
     ids: dict[str, list[int]] = {}
     workers = {
-        "flock": ("bench.decode:flock_worker", {"model_dir": model_dir, "tokens": args.tokens,
+        "flock": ("bench.decode:flock_worker", {"model_dir": model_dir, "tokens": tokens,
                                                 "streams": 1, "optimised": True}),
-        "mlxlm": ("bench.decode:mlxlm_worker", {"model_dir": model_dir, "tokens": args.tokens}),
+        "mlxlm": ("bench.decode:mlxlm_worker", {"model_dir": model_dir, "tokens": tokens}),
     }
-    for round_index in range(args.rounds):
+    for round_index in range(rounds):
         order = list(workers) if round_index % 2 == 0 else list(reversed(workers))
         for name in order:
             target, kwargs = workers[name]
@@ -112,6 +300,223 @@ def main() -> None:
     emit("kept4bit_decode_vs_mlxlm", flock / mlxlm)
     # flock's history excludes nothing mlx-lm yields: both start at the first generated token.
     emit("kept4bit_greedy_ids_equal", ids["flock"] == ids["mlxlm"][:len(ids["flock"])])
+
+
+# ---- the mlx-lm engine's decode (bench.generic_engine's measurement) ---------------------------
+
+
+def generic_figures(rounds: int, tokens: int, env: dict[str, str]) -> None:
+    from bench import generic_engine
+
+    directory = generic_engine.model_dir()
+    rates: dict[str, list[float]] = {"mlxlm": [], "flock": []}
+    for round_index in range(rounds):
+        for name in (["mlxlm", "flock"] if round_index % 2 == 0 else ["flock", "mlxlm"]):
+            if name == "mlxlm":
+                result = call_in_subprocess("bench.generic_engine:mlxlm_worker",
+                                            {"model_dir": str(directory), "tokens": tokens}, env)
+            else:
+                result = asyncio.run(generic_engine._flock_run(directory, tokens, env))
+            rates[name].append(result["tok_s"])
+    emit("generic_decode_tok_s_flock", median(rates["flock"]), 1)
+    emit("generic_decode_tok_s_mlxlm", median(rates["mlxlm"]), 1)
+    emit("generic_decode_vs_mlxlm", median(rates["flock"]) / median(rates["mlxlm"]))
+
+
+# ---- mixture of experts --------------------------------------------------------------------------
+
+
+def moe_dir() -> Path:
+    """The random qwen3_moe directory (built once, cached). Embeddings are tied and the special
+    tokens' rows are zero (their logit is 0, below the largest of 32,000 random ones), so greedy
+    decoding never ends early on an end-of-text token."""
+    out = CACHE / "models" / MOE_NAME
+    if (out / "config.json").exists():
+        return out
+    import dataclasses
+
+    import mlx.core as mx
+    from mlx_lm.models import qwen3_moe
+    from mlx_lm.utils import save_config, save_model
+
+    args = qwen3_moe.ModelArgs.from_dict({
+        "model_type": "qwen3_moe", "hidden_size": 1024, "num_hidden_layers": 8,
+        "intermediate_size": 2048, "num_attention_heads": 16, "num_key_value_heads": 4,
+        "head_dim": 64, "num_experts": 32, "num_experts_per_tok": 4,
+        "moe_intermediate_size": 512, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "vocab_size": MOE_VOCAB, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "max_position_embeddings": 4096, "tie_word_embeddings": True, "norm_topk_prob": True,
+    })
+    mx.random.seed(0)
+    model = qwen3_moe.Model(args)
+    embed = model.model.embed_tokens.weight
+    model.model.embed_tokens.weight = mx.concatenate(
+        [mx.zeros((SPECIAL_IDS, embed.shape[1]), embed.dtype), embed[SPECIAL_IDS:]])
+    mx.eval(model.parameters())
+    partial = out.with_suffix(".part")
+    if partial.exists():
+        shutil.rmtree(partial)
+    save_model(partial, model)
+    config = {k: v for k, v in dataclasses.asdict(args).items() if v is not None}
+    config["eos_token_id"] = 2
+    save_config(config, partial / "config.json")
+    tokenizer = smollm2_f32_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer / name).exists():
+            shutil.copy(tokenizer / name, partial / name)
+    partial.rename(out)
+    return out
+
+
+def moe_mlxlm_worker(model_dir: str, tokens: int) -> dict[str, Any]:
+    """mlx-lm's own greedy loop on the MoE model: decode tok/s and the ids."""
+    from mlx_lm.utils import load_model
+
+    from bench.common import mlxlm_timed_greedy
+
+    model, _ = load_model(Path(model_dir))
+    tok_s, ids = mlxlm_timed_greedy(model, MOE_PROMPT, tokens, MOE_WARMUP)
+    return {"tok_s": tok_s, "ids": ids}
+
+
+async def _one_stream(runner: Any, rid: str, max_tokens: int, firsts: list[float],
+                      after_all: list[int], index: int, streams: int) -> list[int]:
+    """One greedy stream of MOE_PROMPT: its ids; stamps its first token in `firsts` and counts
+    in `after_all[index]` the tokens it got once all `streams` had their first."""
+    from agent.generation import GenerationRequest, SamplingParams, TokenChunk
+
+    request = GenerationRequest(id=rid, model="moe", prompt_tokens=MOE_PROMPT,
+                                sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    ids: list[int] = []
+    async for event in runner.generate(request):
+        if isinstance(event, TokenChunk) and event.token_ids:
+            if not ids:
+                firsts.append(time.perf_counter())
+            elif len(firsts) == streams:
+                after_all[index] += len(event.token_ids)
+            ids += event.token_ids
+    return ids
+
+
+async def _runner_streams(directory: Path, tokens: int, counts: list[int],
+                          env: dict[str, str]) -> dict[int, tuple[float, list[int]]]:
+    """streams -> (aggregate decode tok/s, the first stream's ids) through one runner process:
+    for each count, that many concurrent greedy streams (after a warm-up of as many), timed by
+    the client from the moment every stream has its first token to the last one's end."""
+    from agent.runtime.client import RunnerProcess
+    from agent.runtime.protocol import RunnerConfig
+
+    runner = RunnerProcess(RunnerConfig(model_name="moe", model_dir=str(directory)), env)
+    await runner.start(timeout=600)
+    out: dict[int, tuple[float, list[int]]] = {}
+    try:
+        for streams in counts:
+            firsts: list[float] = []
+            after_all = [0] * streams
+            await asyncio.gather(*(_one_stream(runner, f"w{streams}-{i}", MOE_WARMUP, [],
+                                               [0] * streams, i, streams)
+                                   for i in range(streams)))
+            runs = await asyncio.gather(*(_one_stream(runner, f"r{streams}-{i}", tokens,
+                                                      firsts, after_all, i, streams)
+                                          for i in range(streams)))
+            ended = time.perf_counter()
+            out[streams] = (sum(after_all) / (ended - max(firsts)), runs[0])
+    finally:
+        await runner.stop()
+    return out
+
+
+def moe_figures(rounds: int, tokens: int, env: dict[str, str]) -> None:
+    began = time.monotonic()
+    directory = moe_dir()
+    emit("moe_build_or_cache_s", time.monotonic() - began, 1)
+    emit("moe_weight_mb", sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+         / 2**20, 0)
+    flock: dict[int, list[float]] = {1: [], 8: []}
+    mlxlm: list[float] = []
+    want: list[int] = []
+    flock_ids: list[int] = []
+    same = True
+    for round_index in range(rounds):
+        for name in (["mlxlm", "flock"] if round_index % 2 == 0 else ["flock", "mlxlm"]):
+            if name == "mlxlm":
+                result = call_in_subprocess("bench.models:moe_mlxlm_worker",
+                                            {"model_dir": str(directory), "tokens": tokens}, env)
+                mlxlm.append(result["tok_s"])
+                want = result["ids"]
+            else:
+                got = asyncio.run(_runner_streams(directory, tokens, [1, 8], env))
+                for streams, (rate, _) in got.items():
+                    flock[streams].append(rate)
+                flock_ids = got[1][1]
+        same = same and flock_ids == want
+    emit("moe_decode_tok_s_flock", median(flock[1]), 1)
+    emit("moe_decode_tok_s_mlxlm", median(mlxlm), 1)
+    emit("moe_batch8_decode_tok_s_flock", median(flock[8]), 1)
+    emit("moe_greedy_ids_identical", same)
+    emit("moe_decode_vs_mlxlm", median(flock[1]) / median(mlxlm))
+    emit("moe_batch8_vs_1", median(flock[8]) / median(flock[1]))
+
+
+# ---- main ------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each decode figure")
+    parser.add_argument("--tokens", type=int, default=128, help="decoded tokens per run")
+    parser.add_argument("--quick", action="store_true",
+                        help="one round of 48 tokens per decode figure: a few minutes in all")
+    parser.add_argument("--skip-moe", action="store_true",
+                        help="leave out the MoE figures (a 1.8 GB model built and loaded twice)")
+    parser.add_argument("--skip-pipeline", action="store_true",
+                        help="leave out the 2-node cluster (archs_pipeline_identical)")
+    parser.add_argument("--only", nargs="+", choices=("archs", "kept4bit", "generic", "moe"),
+                        default=("archs", "kept4bit", "generic", "moe"),
+                        help="which groups of figures to run")
+    parser.add_argument("--archs", nargs="+", choices=ARCHS, default=ARCHS,
+                        help="a subset of the architectures (archs_total stays 24)")
+    args = parser.parse_args()
+    rounds, tokens = (1, 48) if args.quick else (args.rounds, args.tokens)
+    began = time.monotonic()
+    warn_if_busy()
+    env, threads = runner_env(gemv=True)
+    emit("openblas_threads", threads)
+    pressure = cpu_pressure()
+    emit("cpu_pressure_avg60_start", pressure if pressure is not None else "n/a", 1)
+
+    if "archs" in args.only:
+        models = arch_models(tuple(args.archs))
+        want = expected_texts(models)
+        print("# compared: the API's completion text (32 tokens) against mlx-lm's greedy ids "
+              "through mlx-lm's streaming detokenizer; the OpenAI API returns text, not ids",
+              flush=True)
+        single, times, statuses = single_node_figures(models, want, unknown_rounds=5)
+        identical = [a for a in args.archs if not single[a]]
+        emit("archs_total", len(ARCHS))
+        emit("archs_identical", len(identical))
+        emit("archs_failing", ",".join(a for a in args.archs if single[a]) or "none")
+        emit("unknown_arch_status", ",".join(str(s) for s in sorted(set(statuses))))
+        emit("unknown_arch_error_ms", statistics.median(times), 0)
+        if args.skip_pipeline:
+            print("# archs_pipeline_identical: skipped (--skip-pipeline)", flush=True)
+        else:
+            print("# archs_pipeline_identical: 2 loopback agents, POST /cluster/instances "
+                  "strategy pipeline, of the single-node identical ones", flush=True)
+            piped = pipeline_figures({a: models[a] for a in identical}, want)
+            emit("archs_pipeline_identical", sum(1 for a in identical if not piped[a]))
+            emit("archs_pipeline_failing",
+                 ",".join(a for a in identical if piped[a]) or "none")
+    if "kept4bit" in args.only:
+        kept4bit_figures(rounds, tokens, env)
+    if "generic" in args.only:
+        generic_figures(rounds, tokens, env)
+    if "moe" in args.only:
+        if args.skip_moe:
+            print("# moe figures skipped (--skip-moe): building the 1.8 GB model and loading "
+                  "it in two processes does not fit this run", flush=True)
+        else:
+            moe_figures(rounds, tokens, env)
     pressure = cpu_pressure()
     emit("cpu_pressure_avg60_end", pressure if pressure is not None else "n/a", 1)
     emit("bench_seconds", time.monotonic() - began, 0)

@@ -178,6 +178,36 @@ BUILDERS: dict[str, Callable[[], Any]] = {f.__name__: f for f in (
     deepseek_v2, qwen2_moe)}
 
 
+# flock's own decoder runs these four (the tests above are for mlx-lm's engine); the bench
+# compares both engines' families through the API. mistral has no mlx-lm module of its own:
+# mlx-lm loads it with llama's.
+FLOCK_DECODER_MODULES = {"mistral": "llama"}
+
+
+def llama() -> Any:
+    return _args("llama", **DENSE | dict(head_dim=64, rope_theta=10000.0))
+
+
+def mistral() -> Any:
+    module = importlib.import_module("mlx_lm.models.llama")
+    return module.ModelArgs.from_dict({"model_type": "mistral", "vocab_size": VOCAB, **DENSE,
+                                       "head_dim": 64, "rope_theta": 10000.0,
+                                       "tie_word_embeddings": False})
+
+
+def qwen2() -> Any:
+    return _args("qwen2", **DENSE | dict(rope_theta=10000.0))
+
+
+def qwen3() -> Any:
+    return _args("qwen3", **DENSE | dict(head_dim=64, tie_word_embeddings=True,
+                                         rope_theta=10000.0))
+
+
+FLOCK_DECODER_BUILDERS: dict[str, Callable[[], Any]] = {
+    f.__name__: f for f in (llama, mistral, qwen2, qwen3)}
+
+
 def mlxlm_greedy(model: Any, prompt: list[int], tokens: int) -> tuple[list[int], float]:
     """mlx-lm's own greedy generation: the ids and the smallest top-2 logit gap on the way."""
     from mlx_lm.generate import generate_step
@@ -200,8 +230,9 @@ def make_arch_model(directory: Path, arch: str, tokenizer_dir: Path, *,
     done = directory / "flock-expected.json"
     if done.exists():
         return directory, json.loads(done.read_text())["ids"]
-    args = BUILDERS[arch]()
-    module = importlib.import_module(f"mlx_lm.models.{arch}")
+    args = (BUILDERS.get(arch) or FLOCK_DECODER_BUILDERS[arch])()
+    module = importlib.import_module(
+        f"mlx_lm.models.{FLOCK_DECODER_MODULES.get(arch, arch)}")
     for seed in seeds:
         mx.random.seed(seed)
         model = module.Model(args)
