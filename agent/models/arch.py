@@ -270,6 +270,15 @@ def check(config: dict[str, Any], strategy: str | None = None, ranks: int = 1) -
     return architecture(config)
 
 
+DEFAULT_CONTEXT = 4096  # a config that names no context length (mlx-lm's default for them)
+
+
+def context_length(config: dict[str, Any]) -> int:
+    """The model's context window, as its config names it (nested text_config too)."""
+    c = text_config(config)
+    return int(c.get("max_position_embeddings") or c.get("n_positions") or DEFAULT_CONTEXT)
+
+
 def read_config(model_dir: Path) -> dict[str, Any]:
     config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     if not isinstance(config, dict):
@@ -482,7 +491,7 @@ def shape(config: dict[str, Any]) -> Shape:
         intermediate=int(_first(c, "intermediate_size", "ffn_dim", "n_inner", default=0) or 0),
         vocab=int(_first(c, "vocab_size", "padded_vocab_size")),
         tied=bool(c.get("tie_word_embeddings", model_type not in ("qwen2",))),
-        context=int(c.get("max_position_embeddings") or c.get("n_positions") or 4096),
+        context=context_length(c),
         attention_bias=bool(c.get("attention_bias", model_type in ("qwen2", "qwen2_moe"))),
         mlp_bias=bool(c.get("mlp_bias", False)),
         qk_norm=model_type in ("qwen3", "qwen3_moe", "qwen3_next", "olmo2", "gemma3",

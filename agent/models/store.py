@@ -279,7 +279,7 @@ def info_from_dir(model_dir: Path, name: str) -> ModelInfo:
         parameters=0,
         quantization=f"Q{quant.bits}" if quant else "F32",
         size_bytes=sum(p.stat().st_size for p in model_dir.glob("*.safetensors")),
-        context_length=int(arch.text_config(config).get("max_position_embeddings") or 0),
+        context_length=arch.context_length(config),
         digest="",
         modified_at=model_dir.stat().st_mtime,
         chat_template=_chat_template(model_dir),
@@ -298,7 +298,6 @@ def describe(
 ) -> Manifest:
     """The manifest of an mlx-lm/HF model directory, read from its config and weight headers."""
     config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    text_config = config.get("text_config", {})
     files = sorted(p for p in directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors weights in {directory}")
@@ -315,8 +314,7 @@ def describe(
         quantization=_quantization_label(headers, quant),
         dtype=dtype,
         size_bytes=sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()),
-        context_length=int(config.get("max_position_embeddings")
-                           or text_config.get("max_position_embeddings") or 0),
+        context_length=arch.context_length(config),
         created_at=time.time(),
         weights_sha256={p.name: sha256_file(p) for p in files},
     )

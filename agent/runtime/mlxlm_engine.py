@@ -20,13 +20,12 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from agent.models.arch import context_length
 from agent.runtime.journal import DecodeRows
 from agent.runtime.links import StepMessage
 from agent.runtime.mlxlm_cache import CacheCost, MlxLmSlots, measure_cost
 from agent.runtime.model import UnsupportedModel
 from agent.runtime.protocol import Ready, RunnerConfig
-
-DEFAULT_CONTEXT = 4096  # when a config names no maximum position
 
 
 @dataclass(frozen=True)
@@ -43,9 +42,7 @@ class MlxLmModel:
     def __init__(self, model: Any, config: dict[str, Any], vocab_size: int) -> None:
         self.model = model
         self.raw_config = config
-        text = config.get("text_config") or {}
-        context = config.get("max_position_embeddings") or text.get("max_position_embeddings")
-        self.config = ModelFacts(vocab_size, int(context or DEFAULT_CONTEXT))
+        self.config = ModelFacts(vocab_size, context_length(config))
         self.stage: Any = None  # a pipeline stage's slice (mlxlm_pipeline.Stage), if any
 
     def weight_bytes(self) -> int:
