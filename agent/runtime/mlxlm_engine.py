@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,13 +128,15 @@ class MlxLmCompute:
         pass
 
 
-def load_for_runner(config: RunnerConfig, budget_for: Any, group: Any = None
+def load_for_runner(config: RunnerConfig, budget_for: Any, group: Any = None, *,
+                    load_stage: Callable[[Path, RunnerConfig], MlxLmModel] | None = None,
                     ) -> tuple[tuple[Any, ...], Ready]:
     """The mlx-lm engine's part of runner start-up: (model, tokenizer, slots, limits, prefix
     cache or None, compute) and the Ready message. `budget_for(weight_bytes, bytes_per_token,
     context)` is the runner's KV budget rule. With a tensor `group` the model is cut by its own
     `shard()` (every rank runs this same sequence of model calls: the probes' collectives pair
-    up)."""
+    up). A pipeline stage is loaded by `load_stage` (mlxlm_pipeline's, handed in by the runner:
+    the pipeline module builds on this one)."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     from agent.runtime.blas import describe_blas
@@ -151,8 +154,8 @@ def load_for_runner(config: RunnerConfig, budget_for: Any, group: Any = None
     started = time.perf_counter()
     model_dir = Path(config.model_dir)
     if pipeline:
-        from agent.runtime.mlxlm_pipeline import load_stage
-
+        if load_stage is None:
+            raise UnsupportedModel("a pipeline stage needs the pipeline stage loader")
         model = load_stage(model_dir, config)
     else:
         model = load_mlxlm_model(model_dir)

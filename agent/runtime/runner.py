@@ -179,8 +179,10 @@ def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
                 return kv_budget(config, weights, per_token, context)
 
             group = join_tensor_group(config, Path(tempfile.gettempdir())) if tensor else None
+            from agent.runtime.mlxlm_pipeline import load_stage
+
             (decoder, tokenizer, kv, limits, prefix, mlxlm_compute), ready = load_for_runner(
-                config, budget, group)
+                config, budget, group, load_stage=load_stage)
             if config.role in ("head", "follower"):
                 from agent.runtime.mlxlm_pipeline import (
                     PipelineFollower,
