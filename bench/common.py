@@ -289,3 +289,37 @@ def mlxlm_timed_greedy(model: Any, prompt: list[int], tokens: int,
             started = time.perf_counter()
     return (len(ids) - 1) / (time.perf_counter() - started), ids
 
+
+SPECIAL_IDS = 17  # SmolLM2's special tokens are ids 0-16
+
+
+def save_random_model(module: Any, args: Any, out: Path) -> Path:
+    """A random-weight mlx-lm `module.Model(args)` saved as a model directory with SmolLM2's
+    tokenizer (seed 0). The special tokens' embedding rows are zero (their logit is 0, below the
+    largest random one), so greedy decoding never ends early on an end-of-text token."""
+    import dataclasses
+    import shutil
+
+    import mlx.core as mx
+    from mlx_lm.utils import save_config, save_model
+
+    mx.random.seed(0)
+    model = module.Model(args)
+    embed = model.model.embed_tokens.weight
+    model.model.embed_tokens.weight = mx.concatenate(
+        [mx.zeros((SPECIAL_IDS, embed.shape[1]), embed.dtype), embed[SPECIAL_IDS:]])
+    mx.eval(model.parameters())
+    partial = out.with_suffix(".part")
+    if partial.exists():
+        shutil.rmtree(partial)
+    save_model(partial, model)
+    config = {k: v for k, v in dataclasses.asdict(args).items() if v is not None}
+    config["eos_token_id"] = 2
+    save_config(config, partial / "config.json")
+    tokenizer = smollm2_f32_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer / name).exists():
+            shutil.copy(tokenizer / name, partial / name)
+    partial.rename(out)
+    return out
+

@@ -32,13 +32,12 @@ from bench.common import (
     median,
     mlxlm_timed_greedy,
     runner_env,
-    smollm2_f32_dir,
+    save_random_model,
 )
 
 MODEL_NAME = "gemma3-text-random-135m-v1"
 PROMPT = [100 + (i * 7919) % 48000 for i in range(64)]
 WARMUP_TOKENS = 16
-SPECIAL_IDS = 17  # SmolLM2's special tokens are ids 0-16
 
 
 def model_dir() -> Path:
@@ -46,12 +45,7 @@ def model_dir() -> Path:
     out = CACHE / "models" / MODEL_NAME
     if (out / "config.json").exists():
         return out
-    import dataclasses
-    import shutil
-
-    import mlx.core as mx
     from mlx_lm.models import gemma3_text
-    from mlx_lm.utils import save_config, save_model
 
     args = gemma3_text.ModelArgs.from_dict({
         "model_type": "gemma3_text", "hidden_size": 576, "num_hidden_layers": 30,
@@ -59,25 +53,7 @@ def model_dir() -> Path:
         "num_key_value_heads": 3, "vocab_size": 49152, "query_pre_attn_scalar": 64,
         "sliding_window": 512, "sliding_window_pattern": 6, "max_position_embeddings": 8192,
     })
-    mx.random.seed(0)
-    model = gemma3_text.Model(args)
-    embed = model.model.embed_tokens.weight
-    model.model.embed_tokens.weight = mx.concatenate(
-        [mx.zeros((SPECIAL_IDS, embed.shape[1]), embed.dtype), embed[SPECIAL_IDS:]])
-    mx.eval(model.parameters())
-    partial = out.with_suffix(".part")
-    if partial.exists():
-        shutil.rmtree(partial)
-    save_model(partial, model)
-    config = {k: v for k, v in dataclasses.asdict(args).items() if v is not None}
-    config["eos_token_id"] = 2
-    save_config(config, partial / "config.json")
-    tokenizer = smollm2_f32_dir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tokenizer / name).exists():
-            shutil.copy(tokenizer / name, partial / name)
-    partial.rename(out)
-    return out
+    return save_random_model(gemma3_text, args, out)
 
 
 def _blas() -> str:

@@ -56,6 +56,7 @@ from bench.common import (
     emit,
     median,
     runner_env,
+    save_random_model,
     smollm2_f32_dir,
     warn_if_busy,
 )
@@ -68,7 +69,6 @@ MOE_NAME = "qwen3-moe-random-8x1024-e32-v1"
 MOE_VOCAB = 32000
 MOE_PROMPT = [100 + (i * 7919) % (MOE_VOCAB - 200) for i in range(64)]
 MOE_WARMUP = 16
-SPECIAL_IDS = 17  # SmolLM2's special tokens are ids 0-16
 
 
 def smollm2_4bit_dir() -> Path:
@@ -333,11 +333,7 @@ def moe_dir() -> Path:
     out = CACHE / "models" / MOE_NAME
     if (out / "config.json").exists():
         return out
-    import dataclasses
-
-    import mlx.core as mx
     from mlx_lm.models import qwen3_moe
-    from mlx_lm.utils import save_config, save_model
 
     args = qwen3_moe.ModelArgs.from_dict({
         "model_type": "qwen3_moe", "hidden_size": 1024, "num_hidden_layers": 8,
@@ -347,25 +343,7 @@ def moe_dir() -> Path:
         "vocab_size": MOE_VOCAB, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
         "max_position_embeddings": 4096, "tie_word_embeddings": True, "norm_topk_prob": True,
     })
-    mx.random.seed(0)
-    model = qwen3_moe.Model(args)
-    embed = model.model.embed_tokens.weight
-    model.model.embed_tokens.weight = mx.concatenate(
-        [mx.zeros((SPECIAL_IDS, embed.shape[1]), embed.dtype), embed[SPECIAL_IDS:]])
-    mx.eval(model.parameters())
-    partial = out.with_suffix(".part")
-    if partial.exists():
-        shutil.rmtree(partial)
-    save_model(partial, model)
-    config = {k: v for k, v in dataclasses.asdict(args).items() if v is not None}
-    config["eos_token_id"] = 2
-    save_config(config, partial / "config.json")
-    tokenizer = smollm2_f32_dir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tokenizer / name).exists():
-            shutil.copy(tokenizer / name, partial / name)
-    partial.rename(out)
-    return out
+    return save_random_model(qwen3_moe, args, out)
 
 
 def moe_mlxlm_worker(model_dir: str, tokens: int) -> dict[str, Any]:
