@@ -182,9 +182,6 @@ class NodeEngine:
 
     async def _routed(self, request: GenerationRequest, channel: _Channel
                       ) -> AsyncIterator[GenerationEvent] | Failed:
-        refused = self.refusal(request.model)
-        if refused is not None:
-            return Failed(id=request.id, code="bad_request", message=refused)
         try:
             destination = await self.router.route(request.model)
         except ModelNotFound as exc:
