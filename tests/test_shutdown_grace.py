@@ -174,6 +174,9 @@ def test_requests_past_the_grace_end_with_a_shutdown_error_and_the_agent_exits_0
 
     signalled = time.monotonic()
     agent.process.send_signal(signal.SIGTERM)
+    # A request that reaches the agent before its loop has run the signal handler is still
+    # served; once the agent says it is shutting down, no new one may be.
+    wait_until(lambda: "shutting down: waiting" in agent.log_text(), 10, "the drain to begin")
     wait_until(lambda: _refused_or_fail(agent.url, model), 10, "new requests to be refused")
 
     for thread in threads:
