@@ -82,6 +82,7 @@ async def run_agent(settings: NodeSettings, *, started: asyncio.Event | None = N
     from agent.api.app import create_app
     from agent.api.cluster import ClusterApi
     from agent.api.shards import ShardApi
+    from agent.api.ui import UiController
     from agent.cluster.controller import ClusterController
     from agent.models.store import ModelStore
     from agent.serving.engine import NodeEngine
@@ -108,6 +109,7 @@ async def run_agent(settings: NodeSettings, *, started: asyncio.Event | None = N
     app.state["engine"] = engine
     app.register(ClusterApi)
     app.register(ShardApi)
+    app.register(UiController)
     listeners = [
         _Listener(uvicorn.Config(app, host=settings.host, port=port, log_level="warning",
                                  timeout_graceful_shutdown=settings.shutdown_grace_s,

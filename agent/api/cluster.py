@@ -137,6 +137,12 @@ def _bearer(request: Request[Any, Any, Any]) -> str | None:
 
 
 async def _admin_error(request: Request[Any, Any, Any], body: bytes) -> str | None:
+    from agent.api.ui import foreign_origin
+
+    # Another site's page in the user's browser must not place or remove anything.
+    origin = foreign_origin(request)
+    if origin:
+        return origin
     cluster = _controller(request)
     keys = cluster.settings.api_keys
     if keys and _key_ok(_bearer(request), keys):

