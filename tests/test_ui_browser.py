@@ -122,6 +122,9 @@ def test_chat_streams_into_the_page(cluster: LoopbackCluster, browser: Any) -> N
     assert "tok/s" in stats and "TTFT" in stats
     # Streamed: the page showed partial answers before the whole one.
     assert len([n for n in lengths if 0 < n < len(text)]) >= 2, lengths
+    # The head's runner reports its figures: the live table shows the model with a rate.
+    wait_until(lambda: MODEL in js(browser, "return document.querySelector('#figures tbody')"
+                                            ".textContent"), 30, "live figures of the model")
     screenshot(browser, "dashboard-chat")
 
 
