@@ -314,6 +314,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from agent.doctor.run import main as doctor
+
+    return doctor(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
@@ -438,6 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("file", type=Path, nargs="?", default=Path("cluster.toml"))
     init.add_argument("--name", default="flock")
     init.add_argument("--force", action="store_true")
+
+    from agent.doctor.run import add_arguments as doctor_arguments
+
+    doctor_arguments(command("doctor", cmd_doctor, "check this machine, its node and its "
+                             "peers; say how to fix what is wrong (exit 1 on a failure)"))
 
     demo = command("demo", cmd_demo,
                    "pull the default model, start a node, stream a chat answer")

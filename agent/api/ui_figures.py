@@ -130,8 +130,22 @@ def load_figures(now: float | None = None) -> dict[str, Any]:
             "runner_busy": busy, "runners": len(cpu)}
 
 
+def versions() -> dict[str, str | None]:
+    """flock's and MLX's versions here (MLX's from its distribution: the agent never imports
+    it), so `flock doctor` can compare nodes."""
+    import importlib.metadata
+
+    from agent import __version__
+
+    try:
+        mlx: str | None = importlib.metadata.version("mlx")
+    except importlib.metadata.PackageNotFoundError:
+        mlx = None
+    return {"flock": __version__, "mlx": mlx}
+
+
 def node_figures(metrics: Any) -> dict[str, Any]:
     """Everything the dashboard shows live for this node."""
     families = metrics.registry.collect() if getattr(metrics, "enabled", False) else []
-    return {"models": model_figures(families), "load": load_figures(),
+    return {"models": model_figures(families), "load": load_figures(), "versions": versions(),
             "metrics": bool(getattr(metrics, "enabled", False)), "time": time.time()}
