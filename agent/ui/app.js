@@ -127,6 +127,9 @@ function render(data) {
   }
   renderGraph(status, rows);
   renderNodes(rows, data.live, status);
+  // For bench/dashboard.py: when N nodes were first drawn, as a performance mark.
+  const mark = "flock-nodes-" + rows.length;
+  if (!performance.getEntriesByName(mark).length) performance.mark(mark);
   renderPlacements(status, data.live);
   renderFigures(status, data.live);
   renderModels(data.models, status, rows);
