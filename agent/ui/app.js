@@ -228,7 +228,8 @@ function renderPlacements(status, live) {
     const removable = p.owner !== "spec";
     return el("div", { class: "placement", "data-instance": p.instance_id },
       el("h3", {}, `${p.model} · ${p.instance_id}`),
-      el("p", {}, `strategy ${p.strategy} · owner ${p.owner} · ${total} layers · ${p.dtype || ""}`),
+      el("p", {}, `strategy ${p.strategy} · owner ${p.owner} · ${total} layers · ${p.dtype || ""}` +
+        (p.replicas !== undefined ? ` · replicas ${p.replicas}` : "") + (p.slot !== undefined && p.slot !== null ? ` · slot ${p.slot}` : "")),
       el("p", { class: "note" }, p.reason || ""),
       bar,
       el("ul", { class: "ranks" }, ranks.map((r) => el("li", {},
