@@ -271,7 +271,26 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"runner {r['key']} ({r['role']}, layers {r['layers']}): {r['state']} {r['detail']}")
     for problem in status.get("problems", []):
         print(f"problem: {problem['instance_id']}: {problem['message']}")
+    _print_transfers(args.url, names)
     return 0
+
+
+def _print_transfers(url: str, names: dict[str, str]) -> None:
+    """Shard transfers in flight on every node (from the dashboard's overview; a node without
+    it, an older flock, shows none)."""
+    import httpx
+
+    from agent.api.ui_transfers import rate_line
+
+    try:
+        live = httpx.get(f"{url.rstrip('/')}/ui/api/overview", timeout=10,
+                         headers=_auth_headers()).json().get("live", {})
+    except (httpx.HTTPError, ValueError):
+        return
+    for node, figures in live.items():
+        for transfer in figures.get("transfers", []):
+            print(f"transfer on {names.get(node, node[:8])}: "
+                  f"{rate_line(transfer, figures.get('time'))}")
 
 
 def cmd_apply(args: argparse.Namespace) -> int:

@@ -132,6 +132,9 @@ async def run_agent(settings: NodeSettings, *, started: asyncio.Event | None = N
         loop.add_signal_handler(signal.SIGHUP, cluster.reload_spec_file, settings.cluster_file)
     else:
         watcher = None
+    from agent.api.ui_transfers import log_transfers
+
+    transfers = asyncio.create_task(log_transfers(settings.models_dir))  # shard fetch progress
     if started is not None:
         started.set()
     load_task = None
@@ -168,6 +171,7 @@ async def run_agent(settings: NodeSettings, *, started: asyncio.Event | None = N
         load_task.cancel()
     if watcher is not None:
         watcher.cancel()
+    transfers.cancel()
     await cluster.stop()
     await engine.close()
     stop_wait.cancel()

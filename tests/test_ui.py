@@ -158,3 +158,35 @@ def test_static_files_are_package_data() -> None:
     assert '"**/*.js"' in text and '"**/*.css"' in text
     for name in ("index.html", "app.js", "app.css"):
         assert resources.files("agent.ui").joinpath(name).is_file()
+
+
+def test_shard_transfers_in_flight_are_seen_from_their_staging_files(tmp_path: Path) -> None:
+    from agent.api.ui_transfers import in_flight, rate_line
+    from agent.models.arch import LayerRange
+    from agent.models.shards import shard_dir
+
+    target = shard_dir(tmp_path, "smollm2-135m", LayerRange(10, 20), embeds=False,
+                       projects=False)
+    staging = target.parent / f".{target.name}.part-1234"
+    staging.mkdir(parents=True)
+    (staging / "model.safetensors").write_bytes(b"\0" * 3_000_000)
+    target.mkdir()  # an installed shard beside it is not in flight
+    [transfer] = in_flight(tmp_path)
+    assert (transfer["model"], transfer["layers"], transfer["bytes"]) == \
+        ("smollm2-135m", "10-20", 3_000_000)
+    line = rate_line(transfer, now=transfer["started"] + 2)
+    assert "3.0 MB" in line and "1.5 MB/s" in line
+    assert in_flight(tmp_path / "nothing") == []
+
+
+def test_status_command_reads_the_node_and_its_transfers(agents: tuple[Agent, Agent],
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    from agent.cli import main
+
+    opened, _ = agents
+    assert main(["status", "--url", opened.url]) == 0
+    out = capsys.readouterr().out
+    assert "open0" in out and "transfer on" not in out
+    live = httpx.get(opened.url + "/ui/api/overview").json()["live"]
+    assert all(figures["transfers"] == [] for figures in live.values())

@@ -28,6 +28,7 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.response import Stream
 
 from agent.api.ui_figures import node_figures
+from agent.api.ui_transfers import in_flight
 from agent.cluster.auth import ReplayGuard
 from agent.cluster.peers import PeerError, base_url, response_headers
 
@@ -140,6 +141,7 @@ async def _peer_figures(cluster: Any, profile: Any) -> tuple[str, dict[str, Any]
 def _own_figures(request: Request[Any, Any, Any]) -> dict[str, Any]:
     """This node's live figures and its runners' states (each node knows only its own)."""
     figures = node_figures(request.app.state["metrics"])
+    figures["transfers"] = in_flight(_cluster(request).settings.models_dir)
     figures["runners"] = [{"key": r.key, "model": r.model, "role": r.role,
                            "layers": list(r.layers), "state": r.state, "detail": r.detail}
                           for r in _cluster(request).pool.states()]

@@ -133,6 +133,7 @@ function render(data) {
   renderPlacements(status, data.live);
   renderFigures(status, data.live);
   renderModels(data.models, status, rows);
+  renderTransfers(status, data.live);
   renderSpec(status, rows);
 }
 
@@ -323,6 +324,18 @@ function renderModels(models, status, rows) {
     boxes.replaceChildren(el("legend", {}, "Nodes (none ticked: placement chooses)"),
       ...ids.map((id) => el("label", {}, el("input", { type: "checkbox", value: id, name: "place-node" }), " ", nodeName(status, id))));
   }
+}
+
+function renderTransfers(status, live) {
+  const rows = [];
+  for (const [node, figures] of Object.entries(live)) {
+    for (const t of (figures.transfers || [])) {
+      const seconds = Math.max(figures.time - t.started, 0.001);
+      rows.push(el("tr", {}, el("th", { scope: "row" }, nodeName(status, node)), el("td", {}, t.model),
+        el("td", {}, t.layers), el("td", {}, mib(t.bytes)), el("td", {}, mib(t.bytes / seconds) + "/s")));
+    }
+  }
+  replace($("transfers").tBodies[0], rows.length ? rows : [el("tr", {}, el("td", { colspan: 5 }, "None."))]);
 }
 
 function renderSpec(status, rows) {
