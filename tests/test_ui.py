@@ -6,6 +6,7 @@ figures signed, and with API keys nothing readable without one.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,15 +61,21 @@ def test_load_figures_report_load_and_a_busy_fraction_after_two_calls() -> None:
 
 
 @pytest.fixture(scope="module")
-def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Agent, Agent]]:
+def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Agent, Agent, Agent]]:
+    """(open mode, keys-only mode, secret mode without keys) agents, no model."""
     root = tmp_path_factory.mktemp("ui-routes")
+    spec = root / "secret.toml"
+    spec.write_text('[cluster]\nname = "ui-secret"\nsecret = "a-cluster-secret"\n')
     with loopback_cluster(root, root / "models") as open_cluster, \
-            loopback_cluster(root / "k", root / "models") as keyed_cluster:
+            loopback_cluster(root / "k", root / "models") as keyed_cluster, \
+            loopback_cluster(root / "s", root / "models") as secret_cluster:
         opened = open_cluster.start("open0")
         keyed = keyed_cluster.start("keyed0", extra=["--api-key", KEY])
-        for cluster, agent in ((open_cluster, opened), (keyed_cluster, keyed)):
+        secret = secret_cluster.start("secret0", cluster_file=spec)
+        for cluster, agent in ((open_cluster, opened), (keyed_cluster, keyed),
+                               (secret_cluster, secret)):
             _wait_answering(cluster, agent)
-        yield opened, keyed
+        yield opened, keyed, secret
 
 
 def _wait_answering(cluster: LoopbackCluster, agent: Agent) -> None:
@@ -82,8 +89,8 @@ def _wait_answering(cluster: LoopbackCluster, agent: Agent) -> None:
 
 
 def test_root_serves_the_page_to_browsers_and_the_heartbeat_to_everyone_else(
-        agents: tuple[Agent, Agent]) -> None:
-    opened, _ = agents
+        agents: tuple[Agent, Agent, Agent]) -> None:
+    opened, _, _ = agents
     page = httpx.get(opened.url + "/", headers={"Accept": "text/html,application/xhtml+xml"})
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "/ui/static/app.js" in page.text
@@ -96,8 +103,8 @@ def test_root_serves_the_page_to_browsers_and_the_heartbeat_to_everyone_else(
     assert httpx.get(opened.url + "/ui/static/secret.txt").status_code == 404
 
 
-def test_admin_calls_with_a_foreign_origin_are_refused(agents: tuple[Agent, Agent]) -> None:
-    opened, keyed = agents
+def test_admin_calls_with_a_foreign_origin_are_refused(agents: tuple[Agent, Agent, Agent]) -> None:
+    opened, keyed, _ = agents
     evil = {"Origin": "http://evil.example"}
     for agent, auth in ((opened, {}), (keyed, {"Authorization": f"Bearer {KEY}"})):
         placed = httpx.post(agent.url + "/cluster/instances", json={"model": "nope"},
@@ -115,8 +122,8 @@ def test_admin_calls_with_a_foreign_origin_are_refused(agents: tuple[Agent, Agen
         assert httpx.delete(agent.url + "/cluster/instances/x", headers=same).status_code == 404
 
 
-def test_with_api_keys_nothing_is_readable_without_one(agents: tuple[Agent, Agent]) -> None:
-    _, keyed = agents
+def test_with_api_keys_nothing_is_readable_without_one(agents: tuple[Agent, Agent, Agent]) -> None:
+    _, keyed, _ = agents
     auth = httpx.get(keyed.url + "/ui/api/auth").json()
     assert auth["keys_required"] and not auth["key_ok"] and auth["admin"] == "key"
     assert "keyed0" not in httpx.get(keyed.url + "/ui/api/auth").text
@@ -133,8 +140,8 @@ def test_with_api_keys_nothing_is_readable_without_one(agents: tuple[Agent, Agen
     assert body["status"]["node_id"] in body["live"]
 
 
-def test_live_figures_are_agent_to_agent_and_signed(agents: tuple[Agent, Agent]) -> None:
-    opened, keyed = agents
+def test_live_figures_are_agent_to_agent_and_signed(agents: tuple[Agent, Agent, Agent]) -> None:
+    opened, keyed, _ = agents
     assert httpx.get(opened.url + "/ui/api/live").status_code == 200  # open mode: anyone
     # Keys-only mode: members sign with the secret derived from the first key.
     assert httpx.get(keyed.url + "/ui/api/live").status_code == 401
@@ -145,8 +152,8 @@ def test_live_figures_are_agent_to_agent_and_signed(agents: tuple[Agent, Agent])
     assert answer.status_code == 200 and "load" in answer.json()
 
 
-def test_open_mode_admin_rule_is_loopback(agents: tuple[Agent, Agent]) -> None:
-    opened, _ = agents
+def test_open_mode_admin_rule_is_loopback(agents: tuple[Agent, Agent, Agent]) -> None:
+    opened, _, _ = agents
     auth = httpx.get(opened.url + "/ui/api/auth").json()
     assert (auth["mode"], auth["admin"], auth["keys_required"]) == ("open", "loopback", False)
 
@@ -179,14 +186,35 @@ def test_shard_transfers_in_flight_are_seen_from_their_staging_files(tmp_path: P
     assert in_flight(tmp_path / "nothing") == []
 
 
-def test_status_command_reads_the_node_and_its_transfers(agents: tuple[Agent, Agent],
+def test_status_command_reads_the_node_and_its_transfers(agents: tuple[Agent, Agent, Agent],
                                                          capsys: pytest.CaptureFixture[str]
                                                          ) -> None:
     from agent.cli import main
 
-    opened, _ = agents
+    opened, _, _ = agents
     assert main(["status", "--url", opened.url]) == 0
     out = capsys.readouterr().out
     assert "open0" in out and "transfer on" not in out
     live = httpx.get(opened.url + "/ui/api/overview").json()["live"]
     assert all(figures["transfers"] == [] for figures in live.values())
+
+
+def test_secret_mode_without_keys_disables_admin_actions_with_a_note(
+        agents: tuple[Agent, Agent, Agent]) -> None:
+    _, _, secret = agents
+    auth = httpx.get(secret.url + "/ui/api/auth").json()
+    assert (auth["mode"], auth["admin"]) == ("secret", "disabled")
+    assert "--api-key" in auth["note"]
+    refused = httpx.post(secret.url + "/ui/api/pull", json={"name": "smollm2-135m"})
+    assert refused.status_code == 401
+
+
+def test_pull_and_remove_from_the_page_report_errors(agents: tuple[Agent, Agent, Agent]) -> None:
+    opened, _, _ = agents
+    with httpx.stream("POST", opened.url + "/ui/api/pull", json={"name": "no-such-model"},
+                      headers={"Origin": opened.url}) as response:
+        assert response.status_code == 200
+        lines = [json.loads(line) for line in response.iter_lines() if line]
+    assert "unknown model" in lines[-1]["error"]
+    assert httpx.delete(opened.url + "/ui/api/models/no-such-model").status_code == 404
+    assert httpx.post(opened.url + "/ui/api/pull", content=b"{").status_code == 400
