@@ -263,3 +263,8 @@ def test_a_missing_model_file_fails(tmp_path: Path) -> None:
     _stored(tmp_path).unlink()
     [check] = check_models(ModelStore(tmp_path))
     assert check.status == "fail" and "missing" in check.detail
+
+
+def test_memory_of_a_model_already_placed_here_counts_against_the_total_only() -> None:
+    assert local.check_memory(16 * GiB, 1 * GiB, ("m", 4 * GiB), placed=True).status == "ok"
+    assert local.check_memory(16 * GiB, 1 * GiB, ("m", 40 * GiB), placed=True).status == "fail"

@@ -288,13 +288,20 @@ async def _pull_events(store: Any, name: str, dtype: str) -> AsyncIterator[bytes
     await worker
 
 
+def _local_host(host: str) -> str:
+    """Where this node answers from this machine: loopback unless bound to one address."""
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
 async def run_doctor(settings: Any) -> dict[str, Any]:
     """`flock doctor --json` against this node, in a subprocess (its MLX checks import MLX; the
     agent process never does)."""
     from agent.runtime.client import PACKAGE_ROOT
 
     command = [sys.executable, "-m", "agent", "doctor", "--json",
-               "--url", f"http://127.0.0.1:{settings.port}",
+               "--url", f"http://{_local_host(settings.host)}:{settings.port}",
                "--state-dir", str(settings.state_dir), "--models-dir", str(settings.models_dir)]
     env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
     if settings.api_keys:

@@ -95,8 +95,10 @@ def check_blas(platform: str, probe: dict[str, Any]) -> Check:
                 "compiler, then restart flock; `make native` builds the shim ahead")
 
 
-def check_memory(total: int, available: int, largest_model: tuple[str, int] | None) -> Check:
-    """The largest model placed here (or stored, when nothing is placed) fits what is free."""
+def check_memory(total: int, available: int, largest_model: tuple[str, int] | None, *,
+                 placed: bool = False) -> Check:
+    """The largest model placed here (or stored, when nothing is placed) fits what is free;
+    `placed`: it is placed here, so it may be loaded already and only the total counts."""
     detail = f"{available / 2**30:.1f} GiB available of {total / 2**30:.1f} GiB"
     if largest_model is None:
         return ok("memory", detail)
@@ -105,7 +107,7 @@ def check_memory(total: int, available: int, largest_model: tuple[str, int] | No
         return fail("memory", f"{detail}; {name} needs {size / 2**30:.1f} GiB",
                     f"place {name} across several nodes (strategy pipeline) or use a smaller "
                     "or quantized model")
-    if size > available:
+    if size > available and not placed:
         return warn("memory", f"{detail}; {name} needs {size / 2**30:.1f} GiB",
                     "close other programs or place the model across several nodes")
     return ok("memory", f"{detail}; largest model {name} {size / 2**30:.2f} GiB")

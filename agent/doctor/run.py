@@ -117,8 +117,10 @@ def gather_and_check(args: argparse.Namespace) -> list[Check]:
                                        n["api_port"], secret) for n in others}
     checks = [local.check_python(sys.version_info)]
     store = ModelStore(settings.models_dir)
+    placed_here = bool(status and status.get("placements"))
     checks.append(local.check_memory(sysinfo.total_memory_bytes(),
-                                     sysinfo.available_memory_bytes(), largest_here(status, store)))
+                                     sysinfo.available_memory_bytes(), largest_here(status, store),
+                                     placed=placed_here))
     store_dir = settings.models_dir if settings.models_dir.exists() else Path.home()
     store_bytes = sum(m.manifest.size_bytes for m in store.list())
     checks.append(local.check_disk(shutil.disk_usage(store_dir).free, store_bytes,
