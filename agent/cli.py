@@ -354,9 +354,13 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from agent.doctor.local import start_probe
+
+    # MLX's import (a subprocess) overlaps the doctor's own imports and checks.
+    probe = start_probe(str(args.state_dir) if args.state_dir else None)
     from agent.doctor.run import main as doctor
 
-    return doctor(args)
+    return doctor(args, probe)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -486,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--name", default="flock")
     init.add_argument("--force", action="store_true")
 
-    from agent.doctor.run import add_arguments as doctor_arguments
+    from agent.doctor.args import add_arguments as doctor_arguments
 
     doctor_arguments(command("doctor", cmd_doctor, "check this machine, its node and its "
                              "peers; say how to fix what is wrong (exit 1 on a failure)"))

@@ -115,6 +115,7 @@ def _doctor(*args: str) -> tuple[int, dict[str, object]]:
     done = subprocess.run([sys.executable, "-m", "agent", "doctor", "--json", *args],
                           capture_output=True, text=True, timeout=120, cwd=ROOT,
                           env={**env, "PYTHONPATH": str(ROOT)}, check=False)
+    assert done.stdout.strip(), done.stderr[-3000:]
     return done.returncode, json.loads(done.stdout)
 
 

@@ -41,17 +41,29 @@ print(json.dumps(out))
 """
 
 
-def probe_mlx(state_dir: str | None = None, timeout: float = 60.0) -> dict[str, Any]:
-    """MLX's version and devices and the BLAS runners get, from a subprocess."""
+def start_probe(state_dir: str | None = None) -> subprocess.Popen[str]:
+    """Start the MLX probe (a subprocess importing MLX); `finish_probe` reads it. Started
+    before the doctor imports anything heavy, so the two overlap."""
     argv = [sys.executable, "-c", PROBE] + ([state_dir] if state_dir else [])
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_probe(process: subprocess.Popen[str], timeout: float = 60.0) -> dict[str, Any]:
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
         return {"error": f"importing MLX took over {timeout:.0f} s"}
     try:
-        return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+        return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
     except (ValueError, IndexError):
-        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+        return {"error": (err.strip().splitlines() or ["no output"])[-1]}
+
+
+def probe_mlx(state_dir: str | None = None, timeout: float = 60.0) -> dict[str, Any]:
+    """MLX's version and devices and the BLAS runners get, from a subprocess."""
+    return finish_probe(start_probe(state_dir), timeout)
 
 
 def check_python(version: Sequence[int]) -> Check:

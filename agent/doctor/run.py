@@ -100,13 +100,15 @@ def largest_here(status: dict[str, Any] | None, store: Any) -> tuple[str, int] |
     return best
 
 
-def gather_and_check(args: argparse.Namespace) -> list[Check]:
+def gather_and_check(args: argparse.Namespace, probe: Any = None) -> list[Check]:
+    """`probe`: the MLX probe process, when the caller started it already."""
     from agent.cluster.interfaces import list_local_addresses, select_addresses
     from agent.models.store import ModelStore
 
     settings = _settings(args)
     secret, mode = _secret(settings, args.cluster)
-    mlx_probe = ThreadPoolExecutor(1).submit(local.probe_mlx, str(settings.state_dir))
+    if probe is None:
+        probe = local.start_probe(str(settings.state_dir))
     url = args.url or f"http://127.0.0.1:{settings.port}"
     status, why = fetch_status(url, _key(settings))
     others = [n for n in (status or {}).get("nodes", []) if n.get("status") != "self"]
@@ -153,12 +155,12 @@ def gather_and_check(args: argparse.Namespace) -> list[Check]:
                                                    discovery_port=settings.discovery_port,
                                                    data_ports=data_range,
                                                    api_port=settings.port))
-    for probe in probes:
-        fact = probe.result()
+    for peer_probe in probes:
+        fact = peer_probe.result()
         checks += [peers.check_reachable(fact), peers.check_clock(fact, settings.auth_window_s),
                    peers.check_secret(fact, mode)]
     checks += check_models(store, deep=args.deep)
-    mlx = mlx_probe.result()
+    mlx = local.finish_probe(probe)
     cluster_mlx = {name: v for name, future in versions.items() if (v := future.result())}
     checks.insert(1, local.check_mlx(mlx, sys.platform, cluster_mlx))
     checks.insert(2, local.check_blas(sys.platform if sys.platform != "darwin" else "darwin",
@@ -167,8 +169,8 @@ def gather_and_check(args: argparse.Namespace) -> list[Check]:
     return checks
 
 
-def main(args: argparse.Namespace) -> int:
-    checks = gather_and_check(args)
+def main(args: argparse.Namespace, probe: Any = None) -> int:
+    checks = gather_and_check(args, probe)
     if args.json:
         print(json.dumps({"platform": f"{sys.platform}-{platform.machine()}",
                           "checks": [c.as_dict() for c in checks],
@@ -176,18 +178,3 @@ def main(args: argparse.Namespace) -> int:
     else:
         print("\n".join(format_lines(checks)))
     return exit_code(checks)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", help="the node to ask about the cluster (default: this machine's)")
-    p.add_argument("--json", action="store_true", help="one JSON object instead of lines")
-    p.add_argument("--deep", action="store_true",
-                   help="hash every model file (default: size and mtime)")
-    p.add_argument("--state-dir", type=Path, help="node state directory (default ~/.flock)")
-    p.add_argument("--models-dir", type=Path, help="model store")
-    p.add_argument("--port", type=int, help="the node's API port (default 52415)")
-    p.add_argument("--data-port", type=int, help="first port of the data links (default 52500)")
-    p.add_argument("--cluster", type=Path, metavar="FILE", help="cluster.toml (for its secret)")
-    p.add_argument("--api-key", help="API key for the node (default: FLOCK_DOCTOR_KEY, settings)")
-    p.add_argument("--discovery-interface", action="append", metavar="NAME_OR_CIDR",
-                   help="interfaces discovery uses (as for flock run)")
