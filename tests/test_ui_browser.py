@@ -100,6 +100,17 @@ def test_page_shows_nodes_places_a_pipeline_and_draws_its_layers(
     wait_until(drawn, 30, "the page to draw the pipeline's layer ranges with ready ranks")
     screenshot(browser, "dashboard-pipeline")
     assert not console_errors(browser)
+    # Every control is labelled (for screen readers and keyboard users).
+    unlabelled = js(browser, """return [...document.querySelectorAll('input, select, textarea')]
+        .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label'))
+        .map(e => e.id || e.outerHTML.slice(0, 60));""")
+    assert unlabelled == []
+    # Dark and light both: the toggle flips the theme the page is drawn in.
+    before = js(browser, "return getComputedStyle(document.body).backgroundColor")
+    browser.find_element("id", "theme").click()
+    after = js(browser, "return getComputedStyle(document.body).backgroundColor")
+    assert before != after
+    screenshot(browser, "dashboard-theme-toggled")
 
 
 def test_chat_streams_into_the_page(cluster: LoopbackCluster, browser: Any) -> None:
