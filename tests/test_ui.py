@@ -218,3 +218,25 @@ def test_pull_and_remove_from_the_page_report_errors(agents: tuple[Agent, Agent,
     assert "unknown model" in lines[-1]["error"]
     assert httpx.delete(opened.url + "/ui/api/models/no-such-model").status_code == 404
     assert httpx.post(opened.url + "/ui/api/pull", content=b"{").status_code == 400
+
+
+def test_flock_run_logs_transfers_in_flight(tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import logging
+
+    from agent.api.ui_transfers import log_transfers
+
+    staging = tmp_path / ".shards" / "m-12345678" / ".0-10-e.part-99"
+    staging.mkdir(parents=True)
+    (staging / "model.safetensors").write_bytes(b"\0" * 2_000_000)
+
+    async def briefly() -> None:
+        task = asyncio.create_task(log_transfers(tmp_path, interval=0.01))
+        await asyncio.sleep(0.2)
+        task.cancel()
+
+    with caplog.at_level(logging.INFO, logger="flock.shards"):
+        asyncio.run(briefly())
+    assert any("fetching m layers 0-10-e from a peer: 2.0 MB" in r.getMessage()
+               for r in caplog.records)
