@@ -293,6 +293,21 @@ class FlockMetrics:
             ["model", "instance_id", "node", "rank", "layer_start", "layer_end"], registry=r,
         )  # fmt: skip
         self.build = Info("flock_build", "Version and compute backend of this node.", registry=r)
+        # Replicas: where this node routed requests and why, retries, scaling, measured loads.
+        self.replica_requests = Counter(
+            "flock_replica_requests_total", "Requests this node routed, by replica and reason "
+            "(only | soonest | prefix).", ["model", "instance_id", "reason"], registry=r)
+        self.replica_retries = Counter(
+            "flock_replica_retries_total", "Requests moved off a replica that failed them "
+            "before their first token.", ["model", "instance_id"], registry=r)
+        self.replica_scale_events = Counter(
+            "flock_replica_scale_events_total", "Scale-on-load changes (change: add | drain | "
+            "remove | undrain) with the first word of their reason.",
+            ["model", "change", "reason"], registry=r)
+        self.replica_load = Gauge(
+            "flock_replica_load", "Measured load of each replica headed on this node (kind: "
+            "running | queued | in_flight | outstanding_tokens | queue_wait_seconds | "
+            "idle_seconds | requests).", ["model", "instance_id", "kind"], registry=r)
 
         for reason in REJECTION_REASONS:  # zero series exist from the start, so rate() works
             self.rejections.labels(reason)
@@ -429,6 +444,22 @@ class FlockMetrics:
                 str(row.rank), str(row.layer_start), str(row.layer_end),
             ).set(1)  # fmt: skip
 
+    def replica_routed(self, model: str, instance_id: str, reason: str) -> None:
+        self.replica_requests.labels(self._model_label(model), instance_id, reason).inc()
+
+    def replica_retried(self, model: str, instance_id: str) -> None:
+        self.replica_retries.labels(self._model_label(model), instance_id).inc()
+
+    def replica_scaled(self, model: str, change: str, reason: str) -> None:
+        self.replica_scale_events.labels(self._model_label(model), change, reason[:24]).inc()
+
+    def set_replica_loads(self, rows: Iterable[tuple[str, str, Mapping[str, float]]]) -> None:
+        """Replace the replica-load series: (model, instance id, kind -> value) per local head."""
+        self.replica_load.clear()
+        for model, instance_id, kinds in rows:
+            for kind, value in kinds.items():
+                self.replica_load.labels(self._model_label(model), instance_id, kind).set(value)
+
     # -- exposition -----------------------------------------------------------------------------
 
     def render(self) -> bytes:
@@ -511,6 +542,18 @@ class NullMetrics(FlockMetrics):
         pass
 
     def set_placements(self, rows: Iterable[PlacementRow]) -> None:
+        pass
+
+    def replica_routed(self, model: str, instance_id: str, reason: str) -> None:
+        pass
+
+    def replica_retried(self, model: str, instance_id: str) -> None:
+        pass
+
+    def replica_scaled(self, model: str, change: str, reason: str) -> None:
+        pass
+
+    def set_replica_loads(self, rows: Iterable[tuple[str, str, Mapping[str, float]]]) -> None:
         pass
 
     def render(self) -> bytes:
