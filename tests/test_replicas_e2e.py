@@ -150,7 +150,7 @@ def test_two_replicas_on_two_nodes_share_requests_and_survive_one_node(
         cluster.wait_for("b not heard from", lambda: any(
             n["name"] == "b" and n["status"] != "alive"
             for n in cluster.status(a).get("nodes", [])) or b_id not in {
-            n["node_id"] for n in cluster.status(a).get("nodes", [])}, timeout=60)
+            n["node_id"] for n in cluster.status(a).get("nodes", [])}, timeout=60, agents=[a])
         before = routed(cluster.metrics(a))
         for f in load(cluster, a, [f"Fact {i}: the sun is" for i in range(4)], 16):
             assert f.result(timeout=300)[0]
