@@ -301,9 +301,11 @@ class FlockMetrics:
             "flock_replica_retries_total", "Requests moved off a replica that failed them "
             "before their first token.", ["model", "instance_id"], registry=r)
         self.replica_scale_events = Counter(
-            "flock_replica_scale_events_total", "Scale-on-load changes (change: add | drain | "
-            "remove | undrain) with the first word of their reason.",
+            "flock_replica_scale_events_total", "Scale-on-load changes by their cause (add: "
+            "queue_wait, drain: idle, remove: drained, undrain: load_back | floor).",
             ["model", "change", "reason"], registry=r)
+        self.replicas = Gauge("flock_replicas", "Replicas placed per model (the cluster's).",
+                              ["model"], registry=r)
         self.replica_load = Gauge(
             "flock_replica_load", "Measured load of each replica headed on this node (kind: "
             "running | queued | in_flight | outstanding_tokens | queue_wait_seconds | "
@@ -445,13 +447,24 @@ class FlockMetrics:
             ).set(1)  # fmt: skip
 
     def replica_routed(self, model: str, instance_id: str, reason: str) -> None:
-        self.replica_requests.labels(self._model_label(model), instance_id, reason).inc()
+        model = self._model_label(model)
+        self.replica_requests.labels(model, instance_id, reason).inc()
+        self.replica_retries.labels(model, instance_id)  # a zero series before the first retry
 
     def replica_retried(self, model: str, instance_id: str) -> None:
         self.replica_retries.labels(self._model_label(model), instance_id).inc()
 
     def replica_scaled(self, model: str, change: str, reason: str) -> None:
         self.replica_scale_events.labels(self._model_label(model), change, reason[:24]).inc()
+
+    def set_replica_counts(self, counts: Mapping[str, int]) -> None:
+        """Replicas placed per model; each model's scale-event series start at zero."""
+        self.replicas.clear()
+        for model, count in counts.items():
+            label = self._model_label(model)
+            self.replicas.labels(label).set(count)
+            for change, cause in SCALE_CAUSES:
+                self.replica_scale_events.labels(label, change, cause)
 
     def set_replica_loads(self, rows: Iterable[tuple[str, str, Mapping[str, float]]]) -> None:
         """Replace the replica-load series: (model, instance id, kind -> value) per local head."""
@@ -553,11 +566,19 @@ class NullMetrics(FlockMetrics):
     def replica_scaled(self, model: str, change: str, reason: str) -> None:
         pass
 
+    def set_replica_counts(self, counts: Mapping[str, int]) -> None:
+        pass
+
     def set_replica_loads(self, rows: Iterable[tuple[str, str, Mapping[str, float]]]) -> None:
         pass
 
     def render(self) -> bytes:
         return b""
+
+
+# (change, cause) of every scale-on-load event (agent/cluster/autoscale.py).
+SCALE_CAUSES = (("add", "queue_wait"), ("drain", "idle"), ("remove", "drained"),
+                ("undrain", "load_back"), ("undrain", "floor"))
 
 
 def create_metrics(enabled: bool, clock: Callable[[], float] = time.perf_counter) -> FlockMetrics:

@@ -44,6 +44,7 @@ class ScaleEvent(BaseModel):
     instance_id: str
     change: Change
     reason: str
+    cause: str = ""  # one word for metrics: queue_wait | idle | drained | load_back | floor
     replicas: int  # the entry's replicas after the change
 
 
@@ -102,16 +103,17 @@ def scale_step(rules: list[ScalePolicy], state: ScaleState,
         count = min(max(replicas.get(rule.key, rule.replicas), rule.replicas), rule.max_replicas)
         ids = [f"{rule.key}-{r}" for r in range(count)]
 
-        def event(instance_id: str, change: Change, reason: str, n: int,
+        def event(instance_id: str, change: Change, reason: str, n: int, cause: str,
                   rule: ScalePolicy = rule) -> None:
             events.append(ScaleEvent(at=wall, key=rule.key, model=rule.model,
                                      instance_id=instance_id, change=change, reason=reason,
-                                     replicas=n))
+                                     replicas=n, cause=cause))
 
         for instance_id in [i for i in draining if i.startswith(rule.key + "-")
                             and i not in ids[rule.replicas:]]:
             draining.discard(instance_id)  # now within the floor again: serves on
-            event(instance_id, "undrain", f"{rule.key} needs at least {rule.replicas}", count)
+            event(instance_id, "undrain", f"{rule.key} needs at least {rule.replicas}", count,
+                  "floor")
         serving = [loads[i] for i in ids if i in loads and loads[i].ready and i not in draining]
         starting = [i for i in ids if i not in loads or not loads[i].ready]
         waits = [load.queue_wait_s for load in serving]
@@ -120,7 +122,7 @@ def scale_step(rules: list[ScalePolicy], state: ScaleState,
         if overloaded and top_draining:
             for instance_id in top_draining:  # load came back before it drained: serve on
                 draining.discard(instance_id)
-                event(instance_id, "undrain", "requests are waiting again", count)
+                event(instance_id, "undrain", "requests are waiting again", count, "load_back")
         elif overloaded and not starting:
             since = memory.overloaded_since.setdefault(rule.key, now)
             if now - since >= rule.scale_up_after_s and count < rule.max_replicas:
@@ -129,7 +131,7 @@ def scale_step(rules: list[ScalePolicy], state: ScaleState,
                 event(f"{rule.key}-{count - 1}", "add",
                       f"requests waited {min(waits):.1f}s for a slot (over "
                       f"{rule.scale_up_wait_s:g}s) for {now - since:.0f}s on all "
-                      f"{len(serving)} replicas", count)
+                      f"{len(serving)} replicas", count, "queue_wait")
         elif not overloaded:
             memory.overloaded_since.pop(rule.key, None)
         if count > rule.replicas and not overloaded:
@@ -139,11 +141,11 @@ def scale_step(rules: list[ScalePolicy], state: ScaleState,
                 if load is None or (load.in_flight == 0 and load.running == 0):
                     draining.discard(top)
                     count -= 1
-                    event(top, "remove", "drained: no request in flight", count)
+                    event(top, "remove", "drained: no request in flight", count, "drained")
             elif top is not None and load is not None and load.idle_s >= rule.keep_alive_s:
                 draining.add(top)
                 event(top, "drain", f"no request for {load.idle_s:.0f}s (keep_alive "
-                                    f"{rule.keep_alive_s:g}s)", count)
+                                    f"{rule.keep_alive_s:g}s)", count, "idle")
         if count != rule.replicas or rule.key in replicas:
             replicas[rule.key] = count
     return ScaleState(replicas=replicas, draining=frozenset(draining)), events
@@ -170,7 +172,7 @@ def scale_assignment(assignment: Assignment, loads: Mapping[str, ReplicaLoad],
         log.info("scale %s: %s %s (%s); %d replicas", e.key, e.change, e.instance_id, e.reason,
                  e.replicas)
         if metrics is not None:
-            metrics.replica_scaled(e.model, e.change, e.reason.split(" ", 1)[0])
+            metrics.replica_scaled(e.model, e.change, e.cause)
     return assignment.model_copy(update={
         "scaled": dict(after.replicas), "draining": sorted(after.draining),
         "scale_events": [*assignment.scale_events, *events][-EVENTS_KEPT:]})

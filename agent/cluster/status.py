@@ -116,6 +116,10 @@ class ClusterMetrics:
                                                  rank, stage.layer_start, stage.layer_stop))
                     rank += 1
         m.set_placements(rows)
+        counts: dict[str, int] = {}
+        for placement in assignment.placements:
+            counts[placement.model] = counts.get(placement.model, 0) + 1
+        m.set_replica_counts(counts)
         if router is not None:
             models = {p.instance_id: p.model for p in assignment.placements}
             m.set_replica_loads(
