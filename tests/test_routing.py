@@ -102,10 +102,11 @@ def test_the_prefix_index_finds_the_longest_known_prefix() -> None:
     index.record(conversation[:12], "a")
     index.record(conversation[:4] + [99] * 8, "b")
     assert index.holder([*conversation, 7, 7, 7, 7], ["a", "b"]) == "a"
-    assert index.holder(conversation, ["b"]) == "b"  # only a shorter prefix is on b
+    assert index.holder(conversation, ["b"], min_share=0.0) == "b"  # a shorter prefix is on b
+    assert index.holder(conversation, ["b"]) is None  # 4 of 20 tokens: not this conversation
     assert index.holder([5, 5, 5, 5], ["a", "b"]) is None
     index.forget("a")
-    assert index.holder(conversation, ["a", "b"]) == "b"
+    assert index.holder(conversation, ["a", "b"], min_share=0.0) == "b"
 
 
 def test_a_book_measures_work_waits_and_idleness() -> None:

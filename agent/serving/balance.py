@@ -36,6 +36,9 @@ UNMEASURED_RATE = 50.0
 # KV room below this fraction of capacity: a new request may wait for room.
 KV_LOW_FRACTION = 0.05
 PREFIX_BLOCK = 32  # prompt tokens per prefix-index block
+# A known prefix counts when it is at least this share of the prompt: a conversation going on
+# (its earlier turns), not a system prompt every request starts with (every replica holds it).
+PREFIX_MIN_SHARE = 0.5
 PREFIX_ENTRIES = 4096  # prefix-index blocks remembered (oldest forgotten first)
 
 
@@ -138,11 +141,16 @@ class PrefixIndex:
             keys.append(digest.copy().digest())
         return keys
 
-    def holder(self, tokens: Sequence[int], among: Iterable[str]) -> str | None:
-        """The replica (of `among`) that got the longest known prefix of `tokens`."""
+    def holder(self, tokens: Sequence[int], among: Iterable[str],
+               min_share: float = PREFIX_MIN_SHARE) -> str | None:
+        """The replica (of `among`) that got the longest known prefix of `tokens`, when that
+        prefix is at least `min_share` of them."""
         allowed = set(among)
-        for key in reversed(self._keys(tokens)):
-            where = self._where.get(key)
+        keys = self._keys(tokens)
+        for n in range(len(keys), 0, -1):
+            if n * self.block < min_share * len(tokens):
+                return None
+            where = self._where.get(keys[n - 1])
             if where is not None and where in allowed:
                 return where
         return None
