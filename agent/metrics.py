@@ -304,8 +304,7 @@ class FlockMetrics:
             "flock_replica_scale_events_total", "Scale-on-load changes by their cause (add: "
             "queue_wait, drain: idle, remove: drained, undrain: load_back | floor).",
             ["model", "change", "reason"], registry=r)
-        self.replicas = Gauge("flock_replicas", "Replicas placed per model (the cluster's).",
-                              ["model"], registry=r)
+        self.replicas = Gauge("flock_replicas", "Replicas placed per model.", ["model"], registry=r)
         self.replica_load = Gauge(
             "flock_replica_load", "Measured load of each replica headed on this node (kind: "
             "running | queued | in_flight | outstanding_tokens | queue_wait_seconds | "
