@@ -157,10 +157,20 @@ def autoscale_figure(models: Path, tokens: int) -> float:
             cluster.wait_up(timeout=180)
             cluster.wait_for("one replica ready", lambda: len(_ready_heads(cluster)) == 1,
                              timeout=600)
-            for core, agent in enumerate(agents):
-                for pid in runner_pids(agent.pid):
-                    pin(pid, core)
+            pinned: set[int] = set()
+
+            def pin_new() -> None:
+                # A runner started by scaling is pinned as soon as it is seen.
+                for core, agent in enumerate(agents):
+                    for pid in set(runner_pids(agent.pid)) - pinned:
+                        pin(pid, core)
+                        pinned.add(pid)
+
+            pin_new()
             entry = agents[0]
+            # Warm: the entry node has loaded the tokenizer and the runner compiled its shapes
+            # (a cold tokenizer is not part of scaling).
+            asyncio.run(aggregate_tok_s(entry.url, MODEL, 2, 4))
             started = time.monotonic()
             stop = False
 
@@ -179,6 +189,7 @@ def autoscale_figure(models: Path, tokens: int) -> float:
                     await asyncio.gather(*(stream(client, i) for i in range(12)))
 
             def answered() -> bool:
+                pin_new()
                 return _routed(cluster.metrics(entry), second) > 0 and any(
                     r["load"] and r["load"]["requests_total"] > 0
                     for r in cluster.status(entry).get("replicas", {}).get(MODEL, [])
