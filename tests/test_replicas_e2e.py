@@ -21,9 +21,14 @@ import pytest
 from tests.cluster_tools import (
     MODEL,
     ClusterBase,
+    StreamRecord,
     complete,
+    kill9,
     loopback_cluster,
+    metric_total,
+    runner_pids,
     shared_models_dir,
+    stream_api,
 )
 
 pytestmark = pytest.mark.slow
@@ -36,6 +41,13 @@ max_replicas = 2
 scale_up_wait_s = 0.3
 scale_up_after_s = 1
 keep_alive = 8
+"""
+
+ONE_NODE_SPEC = """\
+[[models]]
+model = "smollm2-135m"
+replicas = 2
+nodes = ["a"]
 """
 
 TWO_NODES_SPEC = """\
@@ -160,3 +172,32 @@ def test_two_replicas_on_two_nodes_share_requests_and_survive_one_node(
         assert sum(moved.values()) == 4, moved
         with httpx.Client(base_url=a.url, timeout=30, trust_env=False) as client:
             assert client.get("/cluster").status_code == 200
+
+
+def test_a_request_not_yet_streaming_moves_to_another_replica_when_its_runner_dies(
+        models_dir: Path, tmp_path: Path) -> None:
+    spec = tmp_path / "cluster.toml"
+    spec.write_text(ONE_NODE_SPEC)
+    with loopback_cluster(tmp_path, models_dir) as cluster:
+        a = cluster.start("a", cluster_file=spec, extra=["--max-batch", "1"])
+        cluster.wait_for("two replicas ready on a", lambda: len(ready_replicas(cluster)) == 2,
+                         timeout=240)
+        records = [StreamRecord() for _ in range(4)]
+        futures = [cluster.submit(a, lambda c, r=r: stream_api(c, "openai", r, max_tokens=60))
+                   for r in records]
+
+        def each_has_one_queued() -> bool:
+            loads = [r["load"] for r in cluster.status(a).get("replicas", {}).get(MODEL, [])]
+            return len(loads) == 2 and all(x and x["queued"] >= 1 and x["running"] == 1
+                                           for x in loads)
+
+        cluster.wait_for("a request streaming and one queued on each replica",
+                         each_has_one_queued, timeout=120)
+        kill9(runner_pids(a.pid)[0])  # either replica: its queued request has not streamed
+        for f in futures:
+            f.result(timeout=300)
+        streamed_then_failed = [r for r in records if r.error is not None]
+        assert all(r.first_token for r in streamed_then_failed), [r.error for r in records]
+        assert len(streamed_then_failed) <= 1
+        assert sum(1 for r in records if r.error is None and r.text) >= 3
+        assert metric_total(cluster.metrics(a), "flock_replica_retries_total") >= 1

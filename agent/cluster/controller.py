@@ -385,7 +385,8 @@ class ClusterController:
         response = await self.client.request(
             "POST", url + "/cluster/instances",
             json_body={"model": model, "strategy": strategy, "nodes": nodes, "owner": owner,
-                       "replicas": replicas})
+                       # Only when asked for: a leader before replicas refuses the field.
+                       **({"replicas": replicas} if replicas != 1 else {})})
         if response.status_code >= 400:
             raise PeerError(response.text)
         return str(response.json()["instance_id"])

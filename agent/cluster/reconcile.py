@@ -40,8 +40,10 @@ class DesiredInstance(_Frozen):
     model: str
     replicas: int = Field(default=1, ge=1)
     # replicas = "auto": as many as nodes the model fits on alone (with its KV headroom), at
-    # least one; `plan` resolves the count (see `resolve_auto`).
-    auto_replicas: bool = False
+    # least one; `plan` resolves the count (see `resolve_auto`). Only spec entries have it, and
+    # they are built from the spec on the leader: never sent (nodes of the same minor version
+    # before this field refuse unknown fields in assignments).
+    auto_replicas: bool = Field(default=False, exclude=True)
     strategy: Strategy = "auto"
     nodes: list[str] | None = None  # pinned node ids or names, in stage order
     labels: dict[str, str] | None = None  # only nodes carrying all these labels
