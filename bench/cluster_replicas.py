@@ -141,8 +141,10 @@ def _slug(model: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
 
 
-def autoscale_figure(models: Path, tokens: int) -> float:
-    """Seconds from the start of a sustained overload to the second replica answering."""
+def autoscale_figure(models: Path, tokens: int) -> dict[str, float]:
+    """Seconds from the start of a sustained overload to the second replica answering
+    (`autoscale_second_replica_s`), and to the leader's decision to add it
+    (`autoscale_decision_s`; the rest is placing it, loading its runner, and its first answer)."""
     spec_text = (f'[[models]]\nmodel = "{MODEL}"\nmax_replicas = 2\nscale_up_wait_s = 0.5\n'
                  'scale_up_after_s = 2\nkeep_alive = 120\n')
     second = f"{_slug(MODEL)}-1"
@@ -171,7 +173,7 @@ def autoscale_figure(models: Path, tokens: int) -> float:
             # Warm: the entry node has loaded the tokenizer and the runner compiled its shapes
             # (a cold tokenizer is not part of scaling).
             asyncio.run(aggregate_tok_s(entry.url, MODEL, 2, 4))
-            started = time.monotonic()
+            started, wall = time.monotonic(), time.time()
             stop = False
 
             async def overload() -> None:
@@ -206,7 +208,10 @@ def autoscale_figure(models: Path, tokens: int) -> float:
                     stop = True
                     await task
 
-            return asyncio.run(main())
+            served = asyncio.run(main())
+            events = cluster.status(entry).get("scaling", {}).get("events", [])
+            added = next((e["at"] for e in events if e["change"] == "add"), float("nan"))
+            return {"autoscale_second_replica_s": served, "autoscale_decision_s": added - wall}
         finally:
             cluster.close()
 
@@ -217,7 +222,7 @@ def replica_figures(models: Path, rounds: int = 3, tokens: int = 64) -> dict[str
 
     model_dir = ModelStore(models).resolve(MODEL)
     figures = throughput_figures(models, model_dir, rounds, tokens)
-    figures["autoscale_second_replica_s"] = autoscale_figure(models, tokens)
+    figures.update(autoscale_figure(models, tokens))
     return figures
 
 
@@ -233,15 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     models, model_dir = bench_models()
     figures = throughput_figures(models, model_dir, rounds, tokens)
     if not args.skip_autoscale:
-        figures["autoscale_second_replica_s"] = autoscale_figure(models, tokens)
+        figures.update(autoscale_figure(models, tokens))
     for name in ("ceiling_16_over_8", "replicas2_multi_vs_ceiling", "replicas2_multi_vs_single",
                  "replicas2_share_of_replica_1"):
         emit(name, figures[name], 3)
     for name in ("single_8_streams_tok_s", "single_16_streams_tok_s",
                  "replicas2_16_streams_tok_s"):
         emit(name, figures[name], 1)
-    if "autoscale_second_replica_s" in figures:
-        emit("autoscale_second_replica_s", figures["autoscale_second_replica_s"], 1)
+    for name in ("autoscale_second_replica_s", "autoscale_decision_s"):
+        if name in figures:
+            emit(name, figures[name], 1)
     return 0
 
 
