@@ -293,6 +293,22 @@ class FlockMetrics:
             ["model", "instance_id", "node", "rank", "layer_start", "layer_end"], registry=r,
         )  # fmt: skip
         self.build = Info("flock_build", "Version and compute backend of this node.", registry=r)
+        # Replicas: where this node routed requests and why, retries, scaling, measured loads.
+        self.replica_requests = Counter(
+            "flock_replica_requests_total", "Requests this node routed, by replica and reason "
+            "(only | soonest | prefix).", ["model", "instance_id", "reason"], registry=r)
+        self.replica_retries = Counter(
+            "flock_replica_retries_total", "Requests moved off a replica that failed them "
+            "before their first token.", ["model", "instance_id"], registry=r)
+        self.replica_scale_events = Counter(
+            "flock_replica_scale_events_total", "Scale-on-load changes by their cause (add: "
+            "queue_wait, drain: idle, remove: drained, undrain: load_back | floor).",
+            ["model", "change", "reason"], registry=r)
+        self.replicas = Gauge("flock_replicas", "Replicas placed per model.", ["model"], registry=r)
+        self.replica_load = Gauge(
+            "flock_replica_load", "Measured load of each replica headed on this node (kind: "
+            "running | queued | in_flight | outstanding_tokens | queue_wait_seconds | "
+            "idle_seconds | requests).", ["model", "instance_id", "kind"], registry=r)
 
         for reason in REJECTION_REASONS:  # zero series exist from the start, so rate() works
             self.rejections.labels(reason)
@@ -429,6 +445,33 @@ class FlockMetrics:
                 str(row.rank), str(row.layer_start), str(row.layer_end),
             ).set(1)  # fmt: skip
 
+    def replica_routed(self, model: str, instance_id: str, reason: str) -> None:
+        model = self._model_label(model)
+        self.replica_requests.labels(model, instance_id, reason).inc()
+        self.replica_retries.labels(model, instance_id)  # a zero series before the first retry
+
+    def replica_retried(self, model: str, instance_id: str) -> None:
+        self.replica_retries.labels(self._model_label(model), instance_id).inc()
+
+    def replica_scaled(self, model: str, change: str, reason: str) -> None:
+        self.replica_scale_events.labels(self._model_label(model), change, reason[:24]).inc()
+
+    def set_replica_counts(self, counts: Mapping[str, int]) -> None:
+        """Replicas placed per model; each model's scale-event series start at zero."""
+        self.replicas.clear()
+        for model, count in counts.items():
+            label = self._model_label(model)
+            self.replicas.labels(label).set(count)
+            for change, cause in SCALE_CAUSES:
+                self.replica_scale_events.labels(label, change, cause)
+
+    def set_replica_loads(self, rows: Iterable[tuple[str, str, Mapping[str, float]]]) -> None:
+        """Replace the replica-load series: (model, instance id, kind -> value) per local head."""
+        self.replica_load.clear()
+        for model, instance_id, kinds in rows:
+            for kind, value in kinds.items():
+                self.replica_load.labels(self._model_label(model), instance_id, kind).set(value)
+
     # -- exposition -----------------------------------------------------------------------------
 
     def render(self) -> bytes:
@@ -513,8 +556,28 @@ class NullMetrics(FlockMetrics):
     def set_placements(self, rows: Iterable[PlacementRow]) -> None:
         pass
 
+    def replica_routed(self, model: str, instance_id: str, reason: str) -> None:
+        pass
+
+    def replica_retried(self, model: str, instance_id: str) -> None:
+        pass
+
+    def replica_scaled(self, model: str, change: str, reason: str) -> None:
+        pass
+
+    def set_replica_counts(self, counts: Mapping[str, int]) -> None:
+        pass
+
+    def set_replica_loads(self, rows: Iterable[tuple[str, str, Mapping[str, float]]]) -> None:
+        pass
+
     def render(self) -> bytes:
         return b""
+
+
+# (change, cause) of every scale-on-load event (agent/cluster/autoscale.py).
+SCALE_CAUSES = (("add", "queue_wait"), ("drain", "idle"), ("remove", "drained"),
+                ("undrain", "load_back"), ("undrain", "floor"))
 
 
 def create_metrics(enabled: bool, clock: Callable[[], float] = time.perf_counter) -> FlockMetrics:

@@ -13,13 +13,15 @@ import re
 import tomllib
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import tomli_w
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
+    PositiveFloat,
     PositiveInt,
     ValidationError,
     field_validator,
@@ -109,11 +111,34 @@ class NodeEntry(_Section):
         return parse_bytes(value)
 
 
+def _replicas(value: Any) -> int | str:
+    """A replica count: a positive integer, or "auto" (one per node the model fits on)."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError('must be a positive integer or "auto"')
+    return value
+
+
+# One error for a bad value (a plain union would report one per member).
+Replicas = Annotated[int | Literal["auto"], PlainValidator(_replicas)]
+
+
 class ModelEntry(_Section):
     """`[[models]]`: one desired model, `replicas` instances of it, and how to place them."""
 
     model: str = Field(min_length=1)  # store name, local path or hub id
-    replicas: PositiveInt = 1
+    # How many instances serve the model, sharing its requests; "auto": one on each node where
+    # the model fits with headroom. Several may share a (pinned) node where memory allows.
+    replicas: Replicas = 1
+    # Scale on load: up to `max_replicas` instances while requests keep waiting for a batch
+    # slot or KV room (queue wait above `scale_up_wait_s` for `scale_up_after_s`); an added
+    # replica with no request for `keep_alive` seconds is drained and removed. Never fewer
+    # than `replicas`. Unset: no scaling.
+    max_replicas: PositiveInt | None = None
+    scale_up_wait_s: PositiveFloat = 2.0
+    scale_up_after_s: PositiveFloat = 10.0
+    keep_alive: PositiveFloat = 300.0
     strategy: Strategy = "auto"
     nodes: list[str] | None = None  # pinned node names (or ids), in stage order
     labels: dict[str, str] | None = None  # pin to nodes carrying all these labels
@@ -205,11 +230,19 @@ def _model_entry_errors(entry: dict[str, Any], at: str) -> list[SpecError]:
         if duplicates:
             errors.append(SpecError(path=f"{at}.nodes",
                                     message=f"names a node twice: {', '.join(duplicates)}"))
-        if isinstance(replicas, int) and replicas > 1:
-            # Every replica would land on the very same nodes; labels select a pool instead.
+        if duplicates and (replicas == "auto" or (isinstance(replicas, int) and replicas > 1)):
+            # Replicas sharing pinned nodes are fine (memory is checked at placement); a pin
+            # list that names a node twice cannot be placed even once.
             errors.append(SpecError(path=f"{at}.replicas",
-                                    message="replicas > 1 cannot share pinned nodes; "
-                                            "pin by labels to give replicas a pool of nodes"))
+                                    message="replicas > 1 need pinned nodes that name each node "
+                                            "once"))
+    max_replicas = entry.get("max_replicas")
+    if isinstance(max_replicas, int) and isinstance(replicas, int) and max_replicas < replicas:
+        errors.append(SpecError(path=f"{at}.max_replicas",
+                                message=f"is {max_replicas}, below replicas = {replicas}"))
+    if max_replicas is not None and replicas == "auto":
+        errors.append(SpecError(path=f"{at}.max_replicas",
+                                message='scale on load needs a number of replicas, not "auto"'))
     if layers is not None:
         if nodes is None:
             errors.append(SpecError(path=f"{at}.layers",

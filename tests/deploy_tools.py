@@ -273,4 +273,11 @@ def exercise_every_metric(metrics: Any) -> Any:
     metrics.set_node_memory(16e9, 9e9)
     metrics.set_peer_rtt("node-b", 0.0012)
     metrics.set_placements([PlacementRow("smollm2-135m", "i0", "node-a", 0, 0, 30)])
+    metrics.replica_routed("smollm2-135m", "i0", "soonest")
+    metrics.replica_retried("smollm2-135m", "i0")
+    metrics.set_replica_counts({"smollm2-135m": 2})
+    metrics.replica_scaled("smollm2-135m", "add", "queue_wait")
+    metrics.set_replica_loads([("smollm2-135m", "i0", {
+        "running": 1.0, "queued": 0.0, "in_flight": 1.0, "outstanding_tokens": 40.0,
+        "queue_wait_seconds": 0.0, "idle_seconds": 0.0, "requests": 3.0})])
     return metrics

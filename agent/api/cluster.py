@@ -169,6 +169,7 @@ class InstanceRequest(msgspec.Struct, forbid_unknown_fields=True):
     strategy: str = "auto"
     nodes: list[str] | None = None
     owner: str = "api"
+    replicas: int = 1
 
 
 class ClusterApi(Controller):
@@ -239,7 +240,7 @@ class ClusterApi(Controller):
         except msgspec.DecodeError as exc:
             return _error(400, f"bad request: {exc}")
         # Tracked like the node's own requests: a shutdown ends it with an error event.
-        stream = _engine(request).generate_here(generation)
+        stream = _engine(request).generate_on(generation, request.query_params.get("instance"))
 
         async def events() -> AsyncIterator[bytes]:
             try:
@@ -249,6 +250,17 @@ class ClusterApi(Controller):
                 await stream.aclose()  # type: ignore[attr-defined]
 
         return Stream(events(), media_type="application/x-flock-events")
+
+    @get("/load", summary="Measured loads of this node's head runners (agent-to-agent)")
+    async def load(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        problem = await _peer_error(request, b"")
+        if problem:
+            return _error(401, problem)
+        cluster = _controller(request)
+        body = msgspec.json.encode(cluster.router.local_loads())
+        return Response(body, media_type="application/json",
+                        headers=response_headers(cluster.secret, cluster.node_id, body,
+                                                 dict(request.headers)))
 
     @post("/spec", summary="Deploy a cluster.toml (TOML body)", status_code=200)
     async def spec(self, request: Request[Any, Any, Any]) -> Response[Any]:
@@ -278,6 +290,8 @@ class ClusterApi(Controller):
             wanted = msgspec.json.decode(body, type=InstanceRequest)
         except msgspec.DecodeError as exc:
             return _admin_refusal(request, 400, f"bad request: {exc}")
+        if not 1 <= wanted.replicas <= 64:
+            return _admin_refusal(request, 400, "replicas must be 1 to 64")
         if wanted.strategy not in ("auto", "pipeline", "tensor", "hybrid"):
             return _admin_refusal(request, 400, f"unknown strategy {wanted.strategy!r}")
         cluster = _controller(request)
@@ -286,7 +300,8 @@ class ClusterApi(Controller):
         try:
             instance_id = await cluster.request_instance(
                 wanted.model, strategy=wanted.strategy, nodes=wanted.nodes,
-                owner=wanted.owner if wanted.owner in ("api", "auto") else "api")
+                owner=wanted.owner if wanted.owner in ("api", "auto") else "api",
+                replicas=wanted.replicas)
         except PeerError as exc:
             return _admin_refusal(request, 503, str(exc))
         return _answer(request, {"instance_id": instance_id}, 201)

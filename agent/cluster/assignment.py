@@ -11,6 +11,7 @@ import logging
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent import __version__
+from agent.cluster.autoscale import ScaleEvent
 from agent.cluster.leader import compatible
 from agent.cluster.reconcile import (
     DesiredInstance,
@@ -42,6 +43,11 @@ class Assignment(BaseModel):
     requested: list[DesiredInstance] = Field(default_factory=list)
     spec: VersionedSpec | None = None
     problems: list[Problem] = Field(default_factory=list)
+    # Scale on load (agent/cluster/autoscale.py): entry key -> its replicas now, the replicas
+    # being drained (no new requests), and the last changes with their reasons.
+    scaled: dict[str, int] = Field(default_factory=dict)
+    draining: list[str] = Field(default_factory=list)
+    scale_events: list[ScaleEvent] = Field(default_factory=list)
 
     def desired_models(self) -> set[str]:
         spec = self.spec.spec if self.spec else ClusterSpec.model_validate({})
@@ -84,7 +90,7 @@ def next_assignment(current: Assignment, shapes: dict[str, ModelShape],
     """The leader's next assignment (placements planned, each new instance given a port slot),
     or None when nothing changed."""
     spec = current.spec.spec if current.spec else ClusterSpec.model_validate({})
-    desired = desired_from_spec(spec, shapes, current.requested)
+    desired = desired_from_spec(spec, shapes, current.requested, current.scaled)
     nodes = [n for n in nodes if compatible(n.version, __version__)]
     observed = ObservedState(nodes=nodes, placements=current.placements, version=__version__)
     actions, problems = plan_with_problems(desired, observed)

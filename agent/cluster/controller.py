@@ -25,12 +25,14 @@ import httpx
 from agent import __version__, sysinfo
 from agent.cluster.assignment import ASSIGNMENT_PATH, Assignment, continue_from, next_assignment
 from agent.cluster.auth import auth_mode, effective_secret
+from agent.cluster.autoscale import ScaleMemory, scale_assignment
 from agent.cluster.catalogue import ModelCatalogue
 from agent.cluster.compute_probe import measure_compute
 from agent.cluster.convergence import MemberConvergence
 from agent.cluster.discovery import Discovery, DiscoveryConfig, StaticPeers
 from agent.cluster.identity import load_or_create
 from agent.cluster.leader import elect
+from agent.cluster.load_reports import LoadReports
 from agent.cluster.membership import Membership, PeerTable
 from agent.cluster.peers import PeerClient, PeerError, base_url
 from agent.cluster.reconcile import DesiredInstance
@@ -87,6 +89,9 @@ class ClusterController:
         self.spec_watch = SpecFileWatch(spec, self._deploy_spec_text)
         self.pool = pool
         self._metrics = ClusterMetrics(metrics) if metrics is not None else None
+        self.router.metrics = metrics
+        self.loads = LoadReports(self.client, router, self.peers)
+        self._scale_memory = ScaleMemory()
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -181,6 +186,7 @@ class ClusterController:
         self._started = time.monotonic()
         self.membership.add_callback(self._on_membership)
         self._tasks.append(asyncio.create_task(self.membership.run(self._stop)))
+        self._tasks.append(asyncio.create_task(self.loads.run(self._stop)))
         static = self._static_targets()
         if static:
             peers = StaticPeers(static, self.client, self.cluster_name,
@@ -252,7 +258,8 @@ class ClusterController:
                 self.publish_routes()
                 if self._metrics is not None:
                     self._metrics.publish(self.node_id, self.profile().name,
-                                          self.membership.views(), self.assignment)
+                                          self.membership.views(), self.assignment,
+                                          self.router)
             except Exception:
                 log.exception("cluster loop step failed")
             self._wake.clear()
@@ -310,6 +317,10 @@ class ClusterController:
         return (entry.dtype if entry and entry.dtype else None) or self.settings.dtype
 
     async def _lead(self) -> None:
+        scaled = scale_assignment(self.assignment, self.router.all_loads(), self._scale_memory,
+                                  metrics=self.router.metrics)
+        if scaled is not None:
+            self.assignment, self._last_push = scaled, 0.0  # pushed at once
         current = self.assignment
         nodes = list(self.nodes().values())
         shapes = {m: s for m in current.desired_models()
@@ -351,16 +362,21 @@ class ClusterController:
 
     # ---- requests for placements ------------------------------------------------------------
     async def request_instance(self, model: str, *, strategy: str = "auto",
-                               nodes: list[str] | None = None, owner: str = "api") -> str:
-        """Ask for an instance of `model` (leader records it; others forward to the leader)."""
+                               nodes: list[str] | None = None, owner: str = "api",
+                               replicas: int = 1) -> str:
+        """Ask for `replicas` instances of `model` (leader records them; others forward to the
+        leader); the first one's id."""
         model = canonical_name(model)
         key = "".join(c if c.isalnum() else "-" for c in model.lower()).strip("-") or "model"
         entry = DesiredInstance(key=f"{owner}-{key}", model=model, strategy=strategy,  # type: ignore[arg-type]
-                                nodes=nodes, owner=owner)  # type: ignore[arg-type]
+                                nodes=nodes, owner=owner, replicas=replicas)  # type: ignore[arg-type]
         if self.is_leader:
-            if not any(r.key == entry.key for r in self.assignment.requested):
+            others = [r for r in self.assignment.requested if r.key != entry.key]
+            same = [r for r in self.assignment.requested if r.key == entry.key]
+            if not same or (same[0].replicas != replicas and owner == "api"):
+                # Asking again with another count changes how many replicas run.
                 self.assignment = self.assignment.model_copy(
-                    update={"requested": [*self.assignment.requested, entry]})
+                    update={"requested": [*others, entry]})
             self._wake.set()
             return f"{entry.key}-0"
         url = self._leader_url()
@@ -368,7 +384,9 @@ class ClusterController:
             raise PeerError("no leader is reachable")
         response = await self.client.request(
             "POST", url + "/cluster/instances",
-            json_body={"model": model, "strategy": strategy, "nodes": nodes, "owner": owner})
+            json_body={"model": model, "strategy": strategy, "nodes": nodes, "owner": owner,
+                       # Only when asked for: a leader before replicas refuses the field.
+                       **({"replicas": replicas} if replicas != 1 else {})})
         if response.status_code >= 400:
             raise PeerError(response.text)
         return str(response.json()["instance_id"])
@@ -450,4 +468,4 @@ class ClusterController:
             assignment=self.assignment, local_spec=self.spec_watch.local_spec,
             spec_errors=self.spec_watch.errors, nodes=self.nodes(),
             views=self.membership.views(), incompatible=self.membership.incompatible(),
-            runners=self.pool.states())
+            runners=self.pool.states(), router=self.router)

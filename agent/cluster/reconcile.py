@@ -39,6 +39,11 @@ class DesiredInstance(_Frozen):
     key: str  # stable base of the instance ids
     model: str
     replicas: int = Field(default=1, ge=1)
+    # replicas = "auto": as many as nodes the model fits on alone (with its KV headroom), at
+    # least one; `plan` resolves the count (see `resolve_auto`). Only spec entries have it, and
+    # they are built from the spec on the leader: never sent (nodes of the same minor version
+    # before this field refuse unknown fields in assignments).
+    auto_replicas: bool = Field(default=False, exclude=True)
     strategy: Strategy = "auto"
     nodes: list[str] | None = None  # pinned node ids or names, in stage order
     labels: dict[str, str] | None = None  # only nodes carrying all these labels
@@ -113,20 +118,37 @@ class Problem(_Frozen):
 # --- desired state from the spec ----------------------------------------------------------------
 
 
+def spec_keys(spec: ClusterSpec) -> list[str]:
+    """The instance-id base of each `[[models]]` entry, in order (`desired_from_spec`'s keys)."""
+    used: set[str] = set()
+    return [_unique_key(_slug(entry.model), used) for entry in spec.models]
+
+
 def desired_from_spec(spec: ClusterSpec, shapes: dict[str, ModelShape],
-                      requested: Iterable[DesiredInstance] = ()) -> DesiredState:
-    """The spec's models (owner "spec") plus instances requested by API or on demand."""
+                      requested: Iterable[DesiredInstance] = (),
+                      scaled: dict[str, int] | None = None) -> DesiredState:
+    """The spec's models (owner "spec") plus instances requested by API or on demand.
+
+    `scaled` (entry key -> replicas) is what scale on load added: an entry runs the larger of
+    its own `replicas` and that.
+    """
     instances: list[DesiredInstance] = []
     used: set[str] = set()
+    scaled = scaled or {}
     for entry in spec.models:
         key = _unique_key(_slug(entry.model), used)
+        auto = entry.replicas == "auto"
+        count = 1 if auto else int(entry.replicas)
         instances.append(DesiredInstance(
-            key=key, model=entry.model, replicas=entry.replicas, strategy=entry.strategy,
+            key=key, model=entry.model, replicas=max(count, scaled.get(key, 0)),
+            auto_replicas=auto, strategy=entry.strategy,
             nodes=entry.nodes, labels=entry.labels, layers=entry.layers,
             context_length=entry.context_length, kv_bits=entry.kv_bits, owner="spec",
         ))
     for request in requested:
-        instances.append(request.model_copy(update={"key": _unique_key(request.key, used)}))
+        key = _unique_key(request.key, used)
+        replicas = max(request.replicas, scaled.get(key, 0))
+        instances.append(request.model_copy(update={"key": key, "replicas": replicas}))
     return DesiredState(instances=instances, shapes=dict(shapes))
 
 
@@ -159,6 +181,7 @@ def plan_with_problems(desired: DesiredState,
     eligible = [n for n in observed.nodes
                 if observed.version is None or compatible(n.version, observed.version)]
     current = {p.instance_id: p for p in observed.placements}
+    desired = resolve_auto(desired, eligible, current)
     wanted = _wanted(desired, problems)
 
     final = _keep_valid(wanted, desired, eligible, current, problems)
@@ -190,6 +213,36 @@ def plan_with_problems(desired: DesiredState,
         kept_runners = {} if relaid else {k: v for k, v in running.items() if k in expected}
         starts += _runner_actions(instance_id, placement, kept_runners)
     return stops + removes + places + starts, problems
+
+
+def resolve_auto(desired: DesiredState, eligible: list[NodeProfile],
+                 current: dict[str, Placement]) -> DesiredState:
+    """`replicas = "auto"` entries with their count: one per candidate node the model fits on
+    alone (with its KV headroom), counting nodes that already run one of them (their memory
+    is in use by it), and at least one."""
+    if not any(e.auto_replicas for e in desired.instances):
+        return desired
+    instances = []
+    for entry in desired.instances:
+        shape = desired.shapes.get(entry.model)
+        if not entry.auto_replicas or shape is None:
+            instances.append(entry)
+            continue
+        hosting = {n for i, p in current.items() if i.startswith(entry.key + "-")
+                   and i.removeprefix(entry.key + "-").isdigit() for n in p.nodes()}
+        fits = set(hosting)
+        for node in _candidates(entry, eligible):
+            if node.node_id in fits:
+                continue
+            try:
+                place(shape, [node], strategy=entry.strategy, pinned_nodes=[node.node_id],
+                      kv_headroom_tokens=_headroom(entry), kv_bits=entry.kv_bits)
+            except PlacementError:
+                continue
+            fits.add(node.node_id)
+        count = max(1, len(fits & {n.node_id for n in eligible}), entry.replicas)
+        instances.append(entry.model_copy(update={"replicas": count}))
+    return desired.model_copy(update={"instances": instances})
 
 
 def _wanted(desired: DesiredState,

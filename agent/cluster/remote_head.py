@@ -9,6 +9,7 @@ last event) becomes a `Failed` event naming the node, never an exception or a ha
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from urllib.parse import quote
 
 import httpx
 import msgspec
@@ -32,12 +33,14 @@ class RemoteHeads:
         self.secret = secret
         self.node_id = node_id  # read at each request: the node may rekey
 
-    def stream_to(self, profile: NodeProfile) -> RemoteStream:
-        url = base_url(profile.addresses[0], profile.api_port) + GENERATE_PATH
+    def stream_to(self, profile: NodeProfile, instance_id: str | None = None) -> RemoteStream:
+        # Which replica headed on the peer runs it (several may share a node); signed with it.
+        target = GENERATE_PATH + (f"?instance={quote(instance_id)}" if instance_id else "")
+        url = base_url(profile.addresses[0], profile.api_port) + target
 
         async def stream(request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
             body = msgspec.msgpack.encode(request)
-            headers = signed_headers(self.secret, self.node_id(), "POST", GENERATE_PATH, body)
+            headers = signed_headers(self.secret, self.node_id(), "POST", target, body)
             try:
                 async with self.client.stream("POST", url, content=body,
                                               headers=headers) as response:

@@ -8,19 +8,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
+
 from agent import sysinfo
 from agent.cluster.assignment import Assignment
 from agent.cluster.membership import PeerView
 from agent.cluster.state import NodeProfile
 from agent.serving.pool import RunnerState
+from agent.serving.router import Router
 from agent.spec import ClusterSpec, spec_hash
 
 
 def status_report(*, node_id: str, cluster: str, leader: str | None, assignment: Assignment,
                   local_spec: ClusterSpec | None, spec_errors: list[str],
                   nodes: dict[str, NodeProfile], views: Sequence[PeerView],
-                  incompatible: Sequence[Any], runners: Sequence[RunnerState]
-                  ) -> dict[str, Any]:
+                  incompatible: Sequence[Any], runners: Sequence[RunnerState],
+                  router: Router | None = None) -> dict[str, Any]:
     spec = assignment.spec
     local_hash = spec_hash(local_spec) if local_spec else None
     by_id = {v.profile.node_id: v for v in views}
@@ -55,6 +58,27 @@ def status_report(*, node_id: str, cluster: str, leader: str | None, assignment:
         "runners": [{"key": r.key, "model": r.model, "role": r.role, "layers": list(r.layers),
                      "state": r.state, "detail": r.detail} for r in runners],
         "problems": [p.model_dump(mode="json") for p in assignment.problems],
+        **replica_report(assignment, router),
+    }
+
+
+def replica_report(assignment: Assignment, router: Router | None) -> dict[str, Any]:
+    """Per-replica load (measured here or reported by the head's node), this node's last
+    routing decisions, and the scale-on-load changes with their reasons."""
+    loads = router.all_loads() if router is not None else {}
+    draining = set(assignment.draining)
+    replicas: dict[str, list[dict[str, Any]]] = {}
+    for p in sorted(assignment.placements, key=lambda p: p.instance_id):
+        load = loads.get(p.instance_id)
+        replicas.setdefault(p.model, []).append({
+            "instance_id": p.instance_id, "head": p.head_node,
+            "draining": p.instance_id in draining,
+            "load": msgspec.to_builtins(load) if load is not None else None})
+    return {
+        "replicas": replicas,
+        "routing": [d.__dict__ for d in router.decisions] if router is not None else [],
+        "scaling": {"replicas": dict(assignment.scaled), "draining": sorted(draining),
+                    "events": [e.model_dump(mode="json") for e in assignment.scale_events]},
     }
 
 
@@ -66,7 +90,7 @@ class ClusterMetrics:
         self._rtt_peers: set[str] = set()  # peers flock_peer_rtt_seconds has a series for
 
     def publish(self, node_id: str, me: str, views: Sequence[PeerView],
-                assignment: Assignment) -> None:
+                assignment: Assignment, router: Router | None = None) -> None:
         from agent.metrics import PlacementRow
 
         m = self.metrics
@@ -92,3 +116,16 @@ class ClusterMetrics:
                                                  rank, stage.layer_start, stage.layer_stop))
                     rank += 1
         m.set_placements(rows)
+        counts: dict[str, int] = {}
+        for placement in assignment.placements:
+            counts[placement.model] = counts.get(placement.model, 0) + 1
+        m.set_replica_counts(counts)
+        if router is not None:
+            models = {p.instance_id: p.model for p in assignment.placements}
+            m.set_replica_loads(
+                (models.get(load.instance_id, ""), load.instance_id, {
+                    "running": load.running, "queued": load.queued,
+                    "in_flight": load.in_flight, "outstanding_tokens": load.outstanding_tokens,
+                    "queue_wait_seconds": load.queue_wait_s, "idle_seconds": load.idle_s,
+                    "requests": load.requests_total})
+                for load in router.local_loads())

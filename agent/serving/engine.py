@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent.engine import ChatMessage, LoadedModel, ModelInfo, ModelNotFound, canonical_name
-from agent.generation import Failed, Finished, GenerationEvent, GenerationRequest
+from agent.generation import Failed, Finished, GenerationEvent, GenerationRequest, TokenChunk
 from agent.models.store import ModelStore, info_from_dir
 from agent.models.tokenizer import load_tokenizer
 from agent.serving.pool import RunnerPool
@@ -29,6 +29,9 @@ from agent.tools.formats import detect_tool_format
 from agent.tools.types import ToolFormat
 
 WATCH_S = 0.5  # a remote stream idle this long checks that its instance's nodes are alive
+# Failures that say the replica, not the request, is at fault: tried again on another replica
+# when nothing streamed yet.
+RETRY_CODES = ("internal", "unavailable", "overloaded")
 
 
 class PeerModels(Protocol):
@@ -183,15 +186,78 @@ class NodeEngine:
     async def _routed(self, request: GenerationRequest, channel: _Channel
                       ) -> AsyncIterator[GenerationEvent] | Failed:
         try:
-            destination = await self.router.route(request.model)
+            destination = await self.router.route(request.model, request)
         except ModelNotFound as exc:
             return Failed(id=request.id, code="not_found", message=str(exc))
         except TimeoutError as exc:
             return Failed(id=request.id, code="internal",
                           message=f"the model failed to load: {exc}")
-        if destination.runner is None:
-            self._watch(destination, channel)
-        return destination.open(request)
+        return self._with_retry(request, channel, destination)
+
+    async def _with_retry(self, request: GenerationRequest, channel: _Channel,
+                          destination: Destination) -> AsyncIterator[GenerationEvent]:
+        """The request's events from `destination`; a replica that fails it (or whose node is
+        lost) before its first token is left for another replica of the model, while one is
+        left. Once a token streamed, a failure is the request's: its text cannot be redone."""
+        tried: set[str] = set()
+        while True:
+            instance_id = destination.route.instance_id
+            book = self.router.serving if destination.runner is not None else \
+                self.router.outgoing
+            ticket = book.open(instance_id, len(request.prompt_tokens),
+                               request.sampling.max_tokens)
+            events = destination.open(request)
+            try:
+                first = await self._first_event(destination, events, request.id)
+                retry = (not isinstance(first, TokenChunk)
+                         and isinstance(first, Failed) and first.code in RETRY_CODES)
+                if retry and self.router.alternatives(request.model,
+                                                      frozenset(tried | {instance_id})):
+                    tried.add(instance_id)
+                    if self.router.metrics is not None:
+                        self.router.metrics.replica_retried(canonical_name(request.model),
+                                                            instance_id)
+                else:
+                    if destination.runner is None:
+                        self._watch(destination, channel)
+                    async for event in _chain(first, events):
+                        if isinstance(event, TokenChunk):
+                            ticket.tokens(max(1, len(event.token_ids)))
+                        yield event
+                    return
+            finally:
+                book.close(ticket)
+                await _close(events)
+            try:
+                destination = await self.router.route(request.model, request,
+                                                      exclude=frozenset(tried))
+            except (ModelNotFound, TimeoutError):
+                yield first
+                return
+
+    async def _first_event(self, destination: Destination, events: AsyncIterator[GenerationEvent],
+                           request_id: str) -> GenerationEvent:
+        """The first event of a stream; a remote stream whose instance loses a node before it
+        says anything ends with a Failed (a cut link sends no FIN)."""
+        nxt = asyncio.ensure_future(anext(events))
+        try:
+            while True:
+                done, _ = await asyncio.wait({nxt}, timeout=WATCH_S)
+                if done:
+                    try:
+                        return nxt.result()
+                    except StopAsyncIteration:
+                        return Failed(id=request_id, code="internal",
+                                      message="the stream ended early")
+                lost = self.router.lost(destination.route)
+                if lost is not None:
+                    return Failed(id=request_id, code="internal",
+                                  message=f"lost node {lost} serving the model (not heard from)")
+        finally:
+            if not nxt.done():
+                nxt.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await nxt
 
     def refusal(self, model: str) -> str | None:
         """Why `model` can never be served (its architecture), known before any placement."""
@@ -200,13 +266,32 @@ class NodeEngine:
         except (ModelNotFound, OSError, ValueError):
             return None  # the router says whether anyone has it
 
-    async def _here(self, request: GenerationRequest, channel: _Channel
-                    ) -> AsyncIterator[GenerationEvent] | Failed:
-        runner = await self.router.local_head(request.model)
-        if runner is None or not runner.alive:
-            return Failed(id=request.id, code="internal",
+    def generate_on(self, request: GenerationRequest,
+                    instance_id: str | None) -> AsyncIterator[GenerationEvent]:
+        """A peer's request for the replica `instance_id` (None: any) headed on this node."""
+        return self._tracked_stream(request, lambda r, c: self._here(r, c, instance_id))
+
+    async def _here(self, request: GenerationRequest, channel: _Channel,
+                    instance_id: str | None = None) -> AsyncIterator[GenerationEvent] | Failed:
+        found = await self.router.local_head(request.model, instance_id)
+        if found is None or not found[1].alive:
+            return Failed(id=request.id, code="unavailable" if instance_id else "internal",
                           message=f"{request.model} is not served on this node")
-        return runner.generate(request)
+        return self._counted(found[0], found[1].generate(request), request)
+
+    async def _counted(self, instance_id: str, events: AsyncIterator[GenerationEvent],
+                       request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """A peer's request on this node's head, counted in the head's measured load."""
+        ticket = self.router.serving.open(instance_id, len(request.prompt_tokens),
+                                          request.sampling.max_tokens)
+        try:
+            async for event in events:
+                if isinstance(event, TokenChunk):
+                    ticket.tokens(max(1, len(event.token_ids)))
+                yield event
+        finally:
+            self.router.serving.close(ticket)
+            await _close(events)
 
     def _watch(self, destination: Destination, channel: _Channel) -> None:
         """A remote stream's watch: while it is quiet, check that every node of its instance is
@@ -287,6 +372,15 @@ class NodeEngine:
 
     async def close(self) -> None:
         await self.pool.close()
+
+
+async def _chain(first: GenerationEvent, rest: AsyncIterator[GenerationEvent]
+                 ) -> AsyncIterator[GenerationEvent]:
+    yield first
+    if isinstance(first, Finished | Failed):
+        return
+    async for event in rest:
+        yield event
 
 
 async def _close(events: AsyncIterator[GenerationEvent]) -> None:
