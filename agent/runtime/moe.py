@@ -17,10 +17,12 @@ import mlx.core as mx
 
 from agent.runtime.model import Dense, FusedGateUp, Linear, Mlp, SparseMoe
 
-# mlx-lm sorts the (token, expert) pairs by expert once there are this many, so each expert's
-# weights are read once for all its tokens (SwitchGLU's `indices.size >= 64`); below it the
-# sort and unsort cost more than they save.
-SORT_AT = 64
+# The (token, expert) pairs are sorted by expert whenever more than one token is routed, so
+# the pairs of one expert are computed one after the other and its weights are read from memory
+# once, then from cache (CPU: 32 pairs over 8 experts, adjacent, took 4.6 ms against 15.7 ms
+# interleaved; one expert is 4 MB here and L3 holds it). mlx-lm sorts only from 64 pairs (for
+# Metal); the products are the same either way, only their order changes.
+SORT_AT = 2
 
 
 def route(moe: SparseMoe, logits: mx.array) -> tuple[mx.array, mx.array]:
@@ -58,7 +60,7 @@ def _gather(x: mx.array, proj: Linear, inds: mx.array, sort: bool) -> mx.array:
 def experts(moe: SparseMoe, x: mx.array, inds: mx.array) -> mx.array:
     """Each token's top-k experts' SwiGLU outputs: x (..., hidden) -> (..., top_k, hidden)."""
     x = mx.expand_dims(x, (-2, -3))
-    sort = inds.size >= SORT_AT
+    sort = inds.size // inds.shape[-1] >= SORT_AT
     idx, inv_order = inds, None
     if sort:
         # The pairs in expert order (mlx-lm's _gather_sort), put back after.
