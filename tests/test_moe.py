@@ -1,7 +1,7 @@
 """Mixture-of-experts families on flock's own decoder: logits equal mlx-lm's on the same tiny
 random weights (float32, and 4-bit experts kept quantized), either checkpoint layout of the
-experts loads, and a runner serves mlx-lm's greedy ids alone, batched, as a 2-stage pipeline
-and tensor parallel over 2 ranks."""
+experts loads, and a runner serves mlx-lm's greedy ids alone, batched, from the prefix cache, as
+a 2-stage pipeline and tensor parallel over 2 ranks."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from agent.generation import Finished
 from agent.models import arch
 from agent.runtime.client import RunnerProcess
 from agent.runtime.environment import runner_environment
@@ -28,8 +29,10 @@ from tests.test_mlxlm_engine import (
     OTHER_PROMPT,
     arch_dir,
     assert_greedy_and_batched,
+    greedy,
     mlxlm_ids,
 )
+from tests.test_runner_process import collect
 from tests.tiny_archs import MOE_BUILDERS, PROMPT
 
 ATOL = 2e-4
@@ -116,11 +119,20 @@ def test_runner_serves_moe_with_mlxlm_greedy_ids_and_batches(
     runner = RunnerProcess(RunnerConfig(model_name=family, model_dir=str(model_dir),
                                         stats_interval_s=0.05), env)
 
+    # A second turn extends the first: the prefix cache hands its KV back, and the answer is
+    # still mlx-lm's greedy one for the whole conversation.
+    turn2 = [*PROMPT, *expected, 500, 600, 700]
+    turn2_expected = mlxlm_ids(model_dir, turn2)
+
     async def main() -> None:
         ready = await runner.start(timeout=180)
         assert ready.engine == "flock"
         try:
             await assert_greedy_and_batched(runner, expected, other_expected)
+            ids, end = await collect(runner, greedy("turn2", turn2))
+            assert ids == turn2_expected
+            assert isinstance(end, Finished)
+            assert end.usage.cached_tokens >= len(PROMPT) + len(expected) - 1
         finally:
             await runner.stop()
 
