@@ -164,3 +164,16 @@ def test_moe_as_pipeline_stages_and_tensor_parallel(strategy: str, smollm2_dir: 
                 await runner.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_registry_sizes_moe_layers_as_stored(family: str, smollm2_dir: Path) -> None:
+    """Pipeline placement splits by the registry's bytes per layer: for these families they
+    count every expert, the router and the shared expert, as the checkpoint holds them."""
+    model_dir, _ = arch_dir(family, smollm2_dir)
+    shape = arch.shape(arch.read_config(model_dir))
+    tensors = mx.load(str(model_dir / "model.safetensors"))
+    for index in range(shape.layers):
+        stored = sum(a.size for k, a in tensors.items()
+                     if k.startswith(f"model.layers.{index}."))
+        assert sum(shape.layer_params(index)) == stored, (family, index)

@@ -414,6 +414,9 @@ class Shape:
         if self.experts and index not in self.dense_layers:
             matrices += self.experts * 3 * h * self.moe_intermediate + h * self.experts
             matrices += self.shared_experts * 3 * h * self.shared_intermediate
+            # qwen2_moe and qwen3_next weigh their shared expert by a learned sigmoid gate.
+            matrices += h if self.model_type in ("qwen2_moe", "qwen3_next") and \
+                self.shared_experts else 0
         elif self.intermediate:
             matrices += 3 * h * self.intermediate
             vectors += (2 * self.intermediate + h) if self.mlp_bias else 0
