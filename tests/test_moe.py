@@ -139,22 +139,29 @@ def test_runner_serves_moe_with_mlxlm_greedy_ids_and_batches(
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("strategy", ["pipeline", "tensor"])
+@pytest.mark.parametrize("strategy", ["pipeline", "tensor", "tensor-4bit"])
 def test_moe_as_pipeline_stages_and_tensor_parallel(strategy: str, smollm2_dir: Path,
                                                     tmp_path: Path) -> None:
     """qwen2_moe (routed and shared experts): 2 pipeline stages, or 2 ranks each holding half
-    of every expert's width, give mlx-lm's greedy ids and batch two requests."""
+    of every expert's width (float32, or 4-bit kept quantized), give mlx-lm's greedy ids and
+    batch two requests."""
     import msgspec
 
     from tests.test_pipeline import pipeline_configs, start_all, tensor_configs
 
     model_dir, expected = arch_dir("qwen2_moe", smollm2_dir)
+    dtype = "float32"
+    if strategy == "tensor-4bit":
+        model_dir = convert_quantized(model_dir,
+                                      TEST_CACHE / "models" / f"tiny-qwen2_moe-4bit-{_KEY}")
+        expected, dtype = mlxlm_ids(model_dir, PROMPT), "keep"
     other_expected = mlxlm_ids(model_dir, OTHER_PROMPT)
     configs = pipeline_configs(model_dir, [(0, 1), (1, 2)]) if strategy == "pipeline" else \
         tensor_configs(model_dir, 2)
 
     async def main() -> None:
-        runners = await start_all([msgspec.structs.replace(c, stats_interval_s=0.05)
+        runners = await start_all([msgspec.structs.replace(c, stats_interval_s=0.05,
+                                                           dtype=dtype)
                                    for c in configs], tmp_path)
         try:
             assert all(r.ready and r.ready.engine == "flock" for r in runners)
