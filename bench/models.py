@@ -27,6 +27,10 @@ fast path on, flock's and mlx-lm's processes alike).
   experts of width 512, top 4, vocabulary 32,000, float32: about 1.8 GB) through a runner
   process (greedy, client-timed from the first streamed token) over mlx-lm in-process, and 8
   concurrent streams' aggregate decode over one stream's. `--skip-moe` leaves them out.
+  `moe_step_vs_mlxlm_interleaved`, `moe_batch8_step_vs_1_interleaved`: the same model's
+  decode steps timed in one process, flock's compiled step (1 row, 8 rows) and mlx-lm's model
+  call taking turns step by step (median of each), so load that comes and goes on a shared
+  machine falls on both alike (see `moe_interleaved_worker`).
 
 Prints `name: value` lines (and `#` comments); asserts nothing.
 """
@@ -357,6 +361,44 @@ def moe_mlxlm_worker(model_dir: str, tokens: int) -> dict[str, Any]:
     return {"tok_s": tok_s, "ids": ids}
 
 
+def moe_interleaved_worker(model_dir: str, steps: int) -> dict[str, float]:
+    """Median seconds of one decode step: flock's compiled step with 1 and 8 rows, and
+    mlx-lm's model on one row with its KV cache, run in turns in this one process."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load_model
+
+    from agent.runtime.kv import KvGeometry, KvSlots
+    from agent.runtime.model import load_decoder
+    from agent.runtime.step import make_decode_fn
+
+    model, _ = load_model(Path(model_dir))
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([MOE_PROMPT]), cache=cache))
+    dec = load_decoder(Path(model_dir), dtype=mx.float32)
+    runs: dict[str, Any] = {}
+    for rows in (1, 8):
+        kv = KvSlots(KvGeometry(len(dec.layers), dec.local_kv_heads, dec.config.head_dim))
+        for row in range(rows):
+            kv.acquire(str(row), len(MOE_PROMPT) + steps + 1)
+        runs[f"flock{rows}"] = (make_decode_fn(dec, compiled=True), kv,
+                                mx.array([100 + 7 * r for r in range(rows)]))
+    times: dict[str, list[float]] = {name: [] for name in (*runs, "mlxlm")}
+    for index in range(steps + 2):  # the first two compile and warm up
+        position = len(MOE_PROMPT) + index
+        for name, (step, kv, tokens) in runs.items():
+            began = time.perf_counter()
+            out = step(tokens, mx.full(tokens.shape, position), *kv.keys, *kv.values)
+            mx.eval(out)
+            n = len(kv.keys)
+            kv.keys, kv.values = list(out[1:1 + n]), list(out[1 + n:])
+            times[name].append(time.perf_counter() - began)
+        began = time.perf_counter()
+        mx.eval(model(mx.array([[100]]), cache=cache))
+        times["mlxlm"].append(time.perf_counter() - began)
+    return {name: median(values[2:]) for name, values in times.items()}
+
+
 async def _one_stream(runner: Any, rid: str, max_tokens: int, firsts: list[float],
                       after_all: list[int], index: int, streams: int) -> list[int]:
     """One greedy stream of MOE_PROMPT: its ids; stamps its first token in `firsts` and counts
@@ -434,6 +476,13 @@ def moe_figures(rounds: int, tokens: int, env: dict[str, str]) -> None:
     emit("moe_greedy_ids_identical", same)
     emit("moe_decode_vs_mlxlm", median(flock[1]) / median(mlxlm))
     emit("moe_batch8_vs_1", median(flock[8]) / median(flock[1]))
+    step = call_in_subprocess("bench.models:moe_interleaved_worker",
+                              {"model_dir": str(directory), "steps": tokens // 2}, env)
+    emit("moe_step_ms_flock", 1000 * step["flock1"], 1)
+    emit("moe_step_ms_mlxlm", 1000 * step["mlxlm"], 1)
+    emit("moe_batch8_step_ms_flock", 1000 * step["flock8"], 1)
+    emit("moe_step_vs_mlxlm_interleaved", step["mlxlm"] / step["flock1"])
+    emit("moe_batch8_step_vs_1_interleaved", 8 * step["flock1"] / step["flock8"])
 
 
 # ---- main ------------------------------------------------------------------------------------

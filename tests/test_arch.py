@@ -69,7 +69,7 @@ CONFIGS["kimi_k2"] = {**CONFIGS["deepseek_v3"], "model_type": "kimi_k2"}
 
 
 def test_flock_decoder_families_run_here_with_every_strategy() -> None:
-    for name in ("llama", "mistral", "qwen2", "qwen3"):
+    for name in ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"):
         found = arch.architecture(CONFIGS[name])
         assert found.engine == "flock" and found.runnable
         assert found.strategies == ("single", "pipeline", "tensor")
@@ -78,8 +78,7 @@ def test_flock_decoder_families_run_here_with_every_strategy() -> None:
 
 def test_mlx_lm_families_run_on_the_mlx_lm_engine_on_one_node() -> None:
     assert arch.MLX_LM_ENGINE_AVAILABLE
-    for name in ("qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3", "gemma3", "nemotron_h",
-                 "qwen3_next"):
+    for name in ("gpt_oss", "deepseek_v3", "gemma3", "nemotron_h", "qwen3_next"):
         found = arch.architecture(CONFIGS[name])
         assert found.engine == "mlx-lm" and found.runnable, name
         assert arch.refusal(CONFIGS[name]) is None, name

@@ -136,18 +136,20 @@ def deepseek_v2() -> Any:
 
 def qwen3_moe() -> Any:
     return _args("qwen3_moe", **DENSE | dict(
-        num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+        num_experts=8, num_experts_per_tok=4, decoder_sparse_step=1, mlp_only_layers=[],
         moe_intermediate_size=128, head_dim=64, rope_theta=10000.0,
         tie_word_embeddings=False, norm_topk_prob=True))
 
 
 def qwen2_moe() -> Any:
-    return _args("qwen2_moe", **DENSE | dict(num_experts=4, num_experts_per_tok=2,
-                 moe_intermediate_size=128, shared_expert_intermediate_size=128))
+    # Two KV heads: the tensor-parallel test splits them over two ranks.
+    return _args("qwen2_moe", **DENSE | dict(
+        num_key_value_heads=2, num_experts=8, num_experts_per_tok=4, moe_intermediate_size=128,
+        shared_expert_intermediate_size=128))
 
 
 def mixtral() -> Any:
-    return _args("mixtral", **DENSE | dict(num_local_experts=4, num_experts_per_tok=2))
+    return _args("mixtral", **DENSE | dict(num_local_experts=8, num_experts_per_tok=4))
 
 
 def gpt_oss() -> Any:
@@ -172,13 +174,18 @@ def minimax() -> Any:
         shared_intermediate_size=0, rope_theta=10000.0, rotary_dim=32, head_dim=64))
 
 
+# The architectures mlx-lm's engine runs in flock (tests/test_mlxlm_engine.py and the pipeline
+# tests go over these).
 BUILDERS: dict[str, Callable[[], Any]] = {f.__name__: f for f in (
     gemma3_text, phi3, granite, olmo2, starcoder2, cohere, lfm2, qwen3_next, nemotron_h,
-    deepseek_v3, qwen3_moe, mixtral, gpt_oss, glm4_moe, minimax, gemma2, smollm3, ministral3,
-    deepseek_v2, qwen2_moe)}
+    deepseek_v3, gpt_oss, glm4_moe, minimax, gemma2, smollm3, ministral3, deepseek_v2)}
+# The mixture-of-experts families flock's own decoder runs (tests/test_moe.py): 8 experts, top
+# 4, so the 16-token prompt's 64 (token, expert) pairs take the sorted path as in mlx-lm.
+MOE_BUILDERS: dict[str, Callable[[], Any]] = {f.__name__: f for f in (
+    qwen3_moe, qwen2_moe, mixtral)}
 
 
-# flock's own decoder runs these four (the tests above are for mlx-lm's engine); the bench
+# flock's own decoder runs these (the tests above are for mlx-lm's engine); the bench
 # compares both engines' families through the API. mistral has no mlx-lm module of its own:
 # mlx-lm loads it with llama's.
 FLOCK_DECODER_MODULES = {"mistral": "llama"}
@@ -205,7 +212,7 @@ def qwen3() -> Any:
 
 
 FLOCK_DECODER_BUILDERS: dict[str, Callable[[], Any]] = {
-    f.__name__: f for f in (llama, mistral, qwen2, qwen3)}
+    **{f.__name__: f for f in (llama, mistral, qwen2, qwen3)}, **MOE_BUILDERS}
 
 
 def mlxlm_greedy(model: Any, prompt: list[int], tokens: int) -> tuple[list[int], float]:

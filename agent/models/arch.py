@@ -34,8 +34,10 @@ Engine = Literal["flock", "mlx-lm"]
 Strategy = Literal["single", "pipeline", "tensor"]
 LayerKind = Literal["full", "sliding", "latent", "recurrent", "none"]
 
-# What flock's own decoder (runtime/model.py) runs, by config.json model_type.
-FLOCK_DECODER_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# What flock's own decoder (runtime/model.py, MoE layers in runtime/moe.py) runs, by
+# config.json model_type; mlx-lm's modules run every other architecture mlx-lm ships.
+FLOCK_DECODER_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe",
+                               "mixtral")
 # The engine that runs architectures through mlx-lm's own modules is not built yet: until it
 # lands nothing may be routed to it, so its architectures are refused with a message saying so.
 MLX_LM_ENGINE_AVAILABLE = True
@@ -412,6 +414,9 @@ class Shape:
         if self.experts and index not in self.dense_layers:
             matrices += self.experts * 3 * h * self.moe_intermediate + h * self.experts
             matrices += self.shared_experts * 3 * h * self.shared_intermediate
+            # qwen2_moe and qwen3_next weigh their shared expert by a learned sigmoid gate.
+            matrices += h if self.model_type in ("qwen2_moe", "qwen3_next") and \
+                self.shared_experts else 0
         elif self.intermediate:
             matrices += 3 * h * self.intermediate
             vectors += (2 * self.intermediate + h) if self.mlp_bias else 0
@@ -476,8 +481,9 @@ def shape(config: dict[str, Any]) -> Shape:
     freq = int(c.get("moe_layer_freq", 1) or 1)
     dense = frozenset(i for i in range(layers) if i < first_dense or i % freq)
     dense |= frozenset(int(i) for i in c.get("mlp_only_layers") or ())
-    step = int(c.get("decoder_sparse_step", 1) or 1)  # qwen2_moe/qwen3_moe: every step-th
-    dense |= frozenset(i for i in range(layers) if (i + 1) % step)
+    if model_type == "qwen3_moe":  # every step-th layer is sparse (qwen2_moe's: all)
+        step = int(c.get("decoder_sparse_step", 1) or 1)
+        dense |= frozenset(i for i in range(layers) if (i + 1) % step)
     if model_type == "nemotron_h":
         extra["blocks"] = "".join(_nemotron_pattern(c))
         dense = frozenset(i for i, ch in enumerate(extra["blocks"]) if ch != "E")

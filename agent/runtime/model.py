@@ -1,6 +1,8 @@
 """The decoder flock runs: llama-family weights as plain arrays, projections fused at load time.
 
-One implementation covers llama, mistral, qwen2 (q/k/v bias) and qwen3 (q/k norms). Keeping the
+One implementation covers llama, mistral, qwen2 (q/k/v bias), qwen3 (q/k norms) and the
+mixture-of-experts families qwen3_moe, qwen2_moe (shared expert) and mixtral, whose experts are
+stacked tensors computed by `runtime/moe.py`. Keeping the
 math here, rather than calling mlx-lm's modules, lets the runner batch rows with different
 positions, write a preallocated KV cache, compile the whole decode step, hold only a layer range
 (pipeline stages) and shard heads (tensor parallel). Checkpoints stay as they are on disk; a
@@ -20,7 +22,12 @@ from mlx_lm.models.rope_utils import initialize_rope
 from agent.models.arch import read_config
 from agent.models.tensors import LayerRange, safetensor_files, stage_wants
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+DENSE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+MOE_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral")
+SUPPORTED_ARCHITECTURES = (*DENSE_ARCHITECTURES, *MOE_ARCHITECTURES)
+# mlx-lm's defaults where a family's config is silent (its ModelArgs).
+_ROPE_THETA = {"qwen2_moe": 1e6, "mixtral": 1e6}
+_EPS = {"mixtral": 1e-5}
 
 
 class UnsupportedModel(ValueError):
@@ -45,6 +52,21 @@ class DecoderConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     qk_norm: bool
+    # Mixture of experts (0 experts: every layer is dense).
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    shared_expert_size: int = 0  # qwen2_moe's always-on expert, gated by a sigmoid
+    dense_layers: frozenset[int] = frozenset()  # MoE models' layers that keep a dense MLP
+
+    @property
+    def moe_module(self) -> str:
+        """The layer's submodule holding router and experts, as mlx-lm names it."""
+        return "block_sparse_moe" if self.architecture == "mixtral" else "mlp"
+
+    def is_sparse(self, index: int) -> bool:
+        return self.num_experts > 0 and index not in self.dense_layers
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> DecoderConfig:
@@ -56,23 +78,46 @@ class DecoderConfig:
             )
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
+        layers = int(cfg["num_hidden_layers"])
+        experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0) \
+            if arch in MOE_ARCHITECTURES else 0
+        dense: frozenset[int] = frozenset()
+        if arch == "qwen3_moe":  # as Qwen3MoeDecoderLayer picks (qwen2_moe: every layer)
+            step = int(cfg.get("decoder_sparse_step") or 1)
+            dense = frozenset(i for i in range(layers) if (i + 1) % step or
+                              i in set(cfg.get("mlp_only_layers") or ()))
+        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        if arch == "mixtral":
+            head_dim = hidden // heads  # mlx-lm's mixtral ignores head_dim
         return cls(
             architecture=arch,
             hidden_size=hidden,
-            num_layers=int(cfg["num_hidden_layers"]),
-            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=layers,
+            intermediate_size=int(cfg.get("intermediate_size") or 0),
             num_heads=heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            head_dim=head_dim,
             vocab_size=int(cfg["vocab_size"]),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", _EPS.get(arch, 1e-6))),
+            rope_theta=float(cfg.get("rope_theta", _ROPE_THETA.get(arch, 10000.0))),
             rope_traditional=bool(cfg.get("rope_traditional", False)),
             rope_scaling=cfg.get("rope_scaling"),
             max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", arch != "qwen2")),
-            attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
-            qk_norm=arch == "qwen3",
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings",
+                                             arch not in ("qwen2", "qwen2_moe", "mixtral"))),
+            # mlx-lm's qwen2_moe always has q/k/v biases, its mixtral and qwen3_moe never.
+            attention_bias=arch == "qwen2_moe" or (arch not in MOE_ARCHITECTURES and bool(
+                cfg.get("attention_bias", arch == "qwen2"))),
+            qk_norm=arch in ("qwen3", "qwen3_moe"),
+            num_experts=experts,
+            experts_per_token=int(cfg.get("num_experts_per_tok") or 0) if experts else 0,
+            # mixtral's experts are intermediate_size wide; the qwen families name their own.
+            moe_intermediate_size=int(cfg.get("moe_intermediate_size") or
+                                      cfg.get("intermediate_size") or 0) if experts else 0,
+            norm_topk_prob=arch == "qwen3_moe" and bool(cfg.get("norm_topk_prob", False)),
+            shared_expert_size=int(cfg.get("shared_expert_intermediate_size") or 0)
+            if arch == "qwen2_moe" else 0,
+            dense_layers=dense,
         )
 
 
@@ -149,11 +194,34 @@ class Mlp:
 
 
 @dataclass
+class SparseMoe:
+    """A mixture-of-experts MLP (runtime/moe.py computes it). The experts' projections are
+    stacked Linears with a leading expert axis: gate_up (experts, 2 x width, hidden) fused like
+    FusedGateUp, down (experts, hidden, width); quantized ones stay quantized for
+    `mx.gather_qmm`. `routing` is how the family picks and weighs its experts:
+    "softmax_topk" (qwen3_moe, qwen2_moe: softmax over all experts, then the top k,
+    renormalised when `norm_topk`) or "topk_softmax" (mixtral: top k logits, then softmax)."""
+
+    router: Linear
+    gate_up: FusedGateUp | SplitGateUp
+    down: Linear
+    top_k: int
+    routing: str
+    norm_topk: bool = False
+    # mlx-lm's families differ in how they take the top k: qwen3_moe partitions the
+    # probabilities (`argpartition(p, -k)[-k:]`), the others their negation; the order of the
+    # k experts changes the order of the weighted sum, so each is taken as its family does.
+    top_from_negated: bool = True
+    shared: Mlp | None = None  # qwen2_moe's shared expert, weighted by sigmoid(shared_gate)
+    shared_gate: Linear | None = None
+
+
+@dataclass
 class Layer:
     attn_norm: mx.array
     ffn_norm: mx.array
     attn: Attention
-    mlp: Mlp
+    mlp: Mlp | SparseMoe
 
 
 def arrays_of(value: object) -> list[mx.array]:
@@ -204,25 +272,47 @@ def _concat_rows(parts: list[Linear]) -> Linear | None:
     """One projection computing `parts`' outputs side by side, or None when that would not be
     exact. Quantization groups run along each row's inputs, so stacking the rows of projections
     quantized alike (same group size, bits and mode) gives the same codes and the same products.
+    Stacked experts (a leading expert axis) are joined along their rows, axis -2.
     """
+    axis = parts[0].weight.ndim - 2
     biases = [p.bias for p in parts]
     if any(b is not None for b in biases) and not all(b is not None for b in biases):
         return None
     bias = None
     if biases[0] is not None:
-        bias = mx.concatenate(biases, axis=0)  # type: ignore[arg-type]
+        bias = mx.concatenate(biases, axis=-1)  # type: ignore[arg-type]
     if all(isinstance(p, Dense) for p in parts):
-        return Dense(mx.concatenate([p.weight for p in parts], axis=0), bias)
+        return Dense(mx.concatenate([p.weight for p in parts], axis=axis), bias)
     quantized = [p for p in parts if isinstance(p, Quantized)]
     if len(quantized) < len(parts) or len({p.params for p in quantized}) > 1:
         return None
     first = quantized[0]
-    weight = mx.concatenate([p.weight for p in quantized], axis=0)
-    scales = mx.concatenate([p.scales for p in quantized], axis=0)
+    weight = mx.concatenate([p.weight for p in quantized], axis=axis)
+    scales = mx.concatenate([p.scales for p in quantized], axis=axis)
     offsets = None
     if first.biases is not None:
-        offsets = mx.concatenate([p.biases for p in quantized], axis=0)  # type: ignore[misc]
+        offsets = mx.concatenate([p.biases for p in quantized], axis=axis)  # type: ignore[misc]
     return Quantized(weight, scales, offsets, first.group_size, first.bits, first.mode, bias)
+
+
+# HF mixtral checkpoints name each expert's projections w1 (gate), w2 (down), w3 (up).
+_MIXTRAL_EXPERT_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+def _stack(experts: list[Linear]) -> Linear:
+    """Per-expert projections as one stacked Linear (a leading expert axis), as mlx-lm's
+    sanitize stacks them into switch_mlp."""
+    first = experts[0]
+    bias = None if first.bias is None else mx.stack([e.bias for e in experts])  # type: ignore
+    if isinstance(first, Dense):
+        return Dense(mx.stack([e.weight for e in experts]), bias)
+    quantized = [e for e in experts if isinstance(e, Quantized)]
+    if len(quantized) < len(experts) or len({e.params for e in quantized}) > 1:
+        raise UnsupportedModel("a MoE layer's experts are not all quantized alike")
+    offsets = None if first.biases is None else mx.stack([e.biases for e in quantized])  # type: ignore
+    return Quantized(mx.stack([e.weight for e in quantized]),
+                     mx.stack([e.scales for e in quantized]), offsets, first.group_size,
+                     first.bits, first.mode, bias)
 
 
 def quantization_of(raw: dict[str, Any]) -> dict[str, Any] | None:
@@ -338,22 +428,33 @@ def load_decoder(
 
     tp = group.size() if group is not None else 1
     rank = group.rank() if group is not None else 0
-    if config.num_heads % tp or config.num_kv_heads % tp or config.intermediate_size % tp:
+    widths = {"heads": config.num_heads, "KV heads": config.num_kv_heads}
+    if any(not config.is_sparse(i) for i in range(config.num_layers)):
+        widths["the MLP width"] = config.intermediate_size
+    if config.num_experts:  # each rank holds a slice of every expert's width
+        widths["the experts' width"] = config.moe_intermediate_size
+    if config.shared_expert_size:
+        widths["the shared expert's width"] = config.shared_expert_size
+    bad = [f"{name} ({value})" for name, value in widths.items() if value % tp]
+    if bad:
         raise UnsupportedModel(
-            f"tensor parallel over {tp} ranks needs {tp} to divide heads ({config.num_heads}), "
-            f"KV heads ({config.num_kv_heads}) and the MLP width ({config.intermediate_size})"
-        )
+            f"tensor parallel over {tp} ranks needs {tp} to divide {', '.join(bad)}")
     hd = config.head_dim
 
+    def part(w: mx.array, axis: int) -> mx.array:
+        size = w.shape[axis] // tp
+        index = [slice(None)] * w.ndim
+        index[axis] = slice(rank * size, (rank + 1) * size)
+        return w[tuple(index)]
+
+    # Axes from the end, so stacked experts (a leading expert axis) split like matrices.
     def rows(w: mx.array) -> mx.array:
         # The slice of output rows this rank owns ("all-to-sharded").
-        size = w.shape[0] // tp
-        return w[rank * size:(rank + 1) * size] if tp > 1 else w
+        return part(w, w.ndim - 2) if tp > 1 else w
 
     def cols(w: mx.array) -> mx.array:
         # The slice of input columns this rank owns ("sharded-to-all").
-        size = w.shape[1] // tp
-        return w[:, rank * size:(rank + 1) * size] if tp > 1 else w
+        return part(w, w.ndim - 1) if tp > 1 else w
 
     def cast(a: mx.array) -> mx.array:
         return a.astype(compute) if mx.issubdtype(a.dtype, mx.floating) else a
@@ -368,8 +469,8 @@ def load_decoder(
         scales = weights.pop(name + ".scales", None)
         offsets = weights.pop(name + ".biases", None)
         bias = maybe(name + ".bias")
-        if bias is not None and split is rows:
-            bias = rows(bias)
+        if bias is not None and split is rows and tp > 1:
+            bias = part(bias, bias.ndim - 1)
         elif bias is not None and split is cols and rank > 0:
             bias = None  # a column-split output is summed over the ranks: add its bias once
         if scales is None:
@@ -381,7 +482,7 @@ def load_decoder(
             w = _dequantized(q, compute)
             return Dense(w if split is None else split(w), bias)
         if split is cols and tp > 1:
-            inputs = weight.shape[1] * 32 // bits
+            inputs = weight.shape[-1] * 32 // bits
             if (inputs // tp) % group_size:
                 raise UnsupportedModel(
                     f"tensor parallel over {tp} ranks splits {name}'s {inputs} inputs into "
@@ -391,26 +492,50 @@ def load_decoder(
                           split(offsets), group_size, bits, mode, bias)
         return q
 
+    def gate_up_of(gate: Linear, up: Linear) -> FusedGateUp | SplitGateUp:
+        fused = _concat_rows([gate, up]) if fuse else None
+        return FusedGateUp(fused) if fused is not None else SplitGateUp(gate, up)
+
+    def dense_mlp(prefix: str) -> Mlp:
+        gate, up = linear(prefix + "gate_proj", rows), linear(prefix + "up_proj", rows)
+        return Mlp(gate_up=gate_up_of(gate, up), down=linear(prefix + "down_proj", cols))
+
+    def experts(prefix: str, name: str, split: Callable[[mx.array], mx.array]) -> Linear:
+        # mlx-lm's layout (switch_mlp, experts stacked), else the checkpoint's per-expert one.
+        if f"{prefix}switch_mlp.{name}.weight" in weights:
+            return linear(f"{prefix}switch_mlp.{name}", split)
+        own = _MIXTRAL_EXPERT_NAMES[name] if config.architecture == "mixtral" else name
+        return _stack([linear(f"{prefix}experts.{e}.{own}", split)
+                       for e in range(config.num_experts)])
+
+    def sparse_moe(prefix: str) -> SparseMoe:
+        gate, up = experts(prefix, "gate_proj", rows), experts(prefix, "up_proj", rows)
+        shared = dense_mlp(prefix + "shared_expert.") if config.shared_expert_size else None
+        return SparseMoe(
+            router=linear(prefix + "gate"), gate_up=gate_up_of(gate, up),
+            down=experts(prefix, "down_proj", cols), top_k=config.experts_per_token,
+            routing="topk_softmax" if config.architecture == "mixtral" else "softmax_topk",
+            norm_topk=config.norm_topk_prob,
+            top_from_negated=config.architecture != "qwen3_moe", shared=shared,
+            shared_gate=linear(prefix + "shared_expert_gate") if shared else None)
+
     built: list[Layer] = []
     for index in range(layers.start, layers.stop):
         p = f"model.layers.{index}."
         q, k, v = (linear(p + f"self_attn.{n}_proj", rows) for n in "qkv")
-        gate, up = linear(p + "mlp.gate_proj", rows), linear(p + "mlp.up_proj", rows)
         qkv: FusedQKV | SplitQKV = SplitQKV(q, k, v)
-        gate_up: FusedGateUp | SplitGateUp = SplitGateUp(gate, up)
         fused_qkv = _concat_rows([q, k, v]) if fuse else None
-        fused_gate_up = _concat_rows([gate, up]) if fuse else None
         if fused_qkv is not None:
             qkv = FusedQKV(fused_qkv)
-        if fused_gate_up is not None:
-            gate_up = FusedGateUp(fused_gate_up)
+        mlp = sparse_moe(p + config.moe_module + ".") if config.is_sparse(index) else \
+            dense_mlp(p + "mlp.")
         layer = Layer(
             attn_norm=cast(weights.pop(p + "input_layernorm.weight")),
             ffn_norm=cast(weights.pop(p + "post_attention_layernorm.weight")),
             attn=Attention(qkv=qkv, o=linear(p + "self_attn.o_proj", cols),
                            q_norm=maybe(p + "self_attn.q_norm.weight"),
                            k_norm=maybe(p + "self_attn.k_norm.weight")),
-            mlp=Mlp(gate_up=gate_up, down=linear(p + "mlp.down_proj", cols)),
+            mlp=mlp,
         )
         mx.eval(arrays_of(layer))
         built.append(layer)

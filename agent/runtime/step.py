@@ -15,8 +15,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from agent.runtime import moe
 from agent.runtime.kv import KvQuant
-from agent.runtime.model import Decoder, Dense, FusedGateUp, FusedQKV, Layer, Linear
+from agent.runtime.model import Decoder, Dense, FusedGateUp, FusedQKV, Layer, Linear, Mlp, SparseMoe
 
 NEG_INF = -1e30  # large finite number: a fully masked row stays finite
 
@@ -57,13 +58,18 @@ def _qkv(dec: Decoder, layer: Layer, x: mx.array) -> tuple[mx.array, mx.array, m
     return q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
-def _mlp(dec: Decoder, layer: Layer, x: mx.array) -> mx.array:
-    mlp = layer.mlp
+def _dense_mlp(mlp: Mlp, x: mx.array) -> mx.array:
     if isinstance(mlp.gate_up, FusedGateUp):
         gate, up = mx.split(linear(x, mlp.gate_up.gate_up), 2, axis=-1)
     else:
         gate, up = linear(x, mlp.gate_up.gate), linear(x, mlp.gate_up.up)
-    return _all_sum(linear(gate * mx.sigmoid(gate) * up, mlp.down), dec.group)
+    return linear(gate * mx.sigmoid(gate) * up, mlp.down)
+
+
+def _mlp(dec: Decoder, layer: Layer, x: mx.array) -> mx.array:
+    if isinstance(layer.mlp, SparseMoe):  # mixture of experts (runtime/moe.py)
+        return _all_sum(moe.sparse_mlp(layer.mlp, x, linear, _dense_mlp), dec.group)
+    return _all_sum(_dense_mlp(layer.mlp, x), dec.group)
 
 
 def embed_tokens(dec: Decoder, tokens: mx.array) -> mx.array:
