@@ -17,53 +17,16 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Callable
-from typing import Any
 
 import mlx.core as mx
 
 from agent.runtime.journal import Journal
-from agent.runtime.kv import KvQuant, KvSlots
+from agent.runtime.kv import KvSlots
 from agent.runtime.links import StageLink, StepMessage
 from agent.runtime.model import Decoder
+from agent.runtime.rowstep import RowsDecode
 from agent.runtime.seam import DecodeWork, PrefillWork, Work
 from agent.runtime.step import make_decode_fn, make_project_fn, prefill
-
-
-class RowsDecode:
-    """The decode step over a contiguous range of KV rows [first, first + n): a micro-batch.
-
-    The range's rows of every KV array are a contiguous block (rows are the leading axis), so
-    the step reads them as a slice and writes the updated block back into the whole cache; one
-    compiled function per (first row, shape). A step over every row uses the plain decode
-    function instead, so a batch that is not split computes exactly what it does today."""
-
-    def __init__(self, dec: Decoder, *, compiled: bool, embed: bool | None = None,
-                 project: bool | None = None, quant: KvQuant | None = None) -> None:
-        self.inner = make_decode_fn(dec, compiled=False, embed=embed, project=project,
-                                    quant=quant)
-        self.compiled = compiled
-        self.fns: dict[int, Callable[..., Any]] = {}
-
-    def __call__(self, first: int) -> Callable[..., Any]:
-        fn = self.fns.get(first)
-        if fn is None:
-            fn = self.fns[first] = self._build(first)
-        return fn
-
-    def _build(self, first: int) -> Callable[..., Any]:
-        inner = self.inner
-
-        def step(inputs: mx.array, positions: mx.array, *kv: mx.array) -> tuple[mx.array, ...]:
-            stop = first + positions.shape[0]
-            result = inner(inputs, positions, *(a[first:stop] for a in kv))
-            merged = []
-            for whole, block in zip(kv, result[1:], strict=True):
-                whole[first:stop] = block
-                merged.append(whole)
-            return (result[0], *merged)
-
-        return mx.compile(step) if self.compiled else step
 
 
 class LocalCompute:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import mlx.core as mx
 import msgspec
 
-from agent.runtime.compute import RowsDecode
 from agent.runtime.journal import Gather, KvOp, PrefixDrop, PrefixLoad, PrefixSave, Resize
 from agent.runtime.kv import KvSlots
 from agent.runtime.links import StageLink, StageLinkError, next_step
 from agent.runtime.model import Decoder
 from agent.runtime.prefix import copy_rows
+from agent.runtime.rowstep import RowsDecode
 from agent.runtime.step import make_decode_fn, prefill
 from agent.runtime.watchdog import Watchdog
 

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 # A lone long prompt is cut into about this many slices per stage (so the ring fills and
 # drains in a small part of its prefill), none shorter than PIPELINE_MIN_SLICE tokens.
-SLICES_PER_STAGE = 4
+SLICES_PER_STAGE = 6
 PIPELINE_MIN_SLICE = 128
 
 
