@@ -106,7 +106,7 @@ async def stream(runner: Any, rid: str, prompt: list[int], n: int) -> Stream:
             out.times.append(time.perf_counter())
             out.counts.append(len(event.token_ids))
         elif not isinstance(event, TokenChunk) and (
-                not isinstance(event, Finished) or len(out.ids) < 2):
+                not isinstance(event, Finished) or not out.ids):
             raise RuntimeError(f"stream {rid} ended badly: {event}")
     return out
 
@@ -134,12 +134,28 @@ async def concurrent(runner: Any, prompts: list[list[int]], n: int, tag: str) ->
 # ---- pipeline: micro-batches in flight around a 2-stage ring ------------------------------------
 
 
-def pipeline_configs(model_dir: Path, *, microbatch: bool, layers: int) -> list[Any]:
+def head_layers(config: dict[str, Any]) -> int:
+    """Layers for the head of a 2-stage pipeline: the head also projects every decode row to
+    logits (vocab x hidden, as much work as several layers on SmolLM2), so an even split leaves
+    it the slow stage of decode, while prefill (one row projected) is even at half. Halfway
+    between the split that evens decode time and the even one (what speed-aware placement,
+    helper "speedplace", is to find by measurement)."""
+    layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim", hidden // heads)
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv * head_dim \
+        + 3 * hidden * config["intermediate_size"]
+    projection = config["vocab_size"] * hidden
+    even_decode = (layers * per_layer - projection) / (2 * per_layer)
+    return max(1, min(layers - 1, round((even_decode + layers / 2) / 2)))
+
+
+def pipeline_configs(model_dir: Path, *, microbatch: bool, layers: int, half: int) -> list[Any]:
     from agent.runtime.protocol import RunnerConfig
     from tests.live_agent import free_port
 
     ports = [free_port(), free_port()]
-    half = layers // 2
     common = {"model_name": "bench", "model_dir": str(model_dir), "max_batch": 16,
               "context_length": 4096, "pipeline_microbatch": microbatch}
     return [RunnerConfig(role="head", layer_start=0, layer_stop=half,
@@ -150,19 +166,25 @@ def pipeline_configs(model_dir: Path, *, microbatch: bool, layers: int) -> list[
                          **common)]
 
 
-async def pipeline_rounds(model_dir: Path, rounds: int, n: int, state: Path) -> dict[str, Any]:
+async def pipeline_rounds(model_dir: Path, rounds: int, n: int, state: Path,
+                          half: int | None) -> dict[str, Any]:
     import json
 
     from agent.runtime.protocol import RunnerConfig
 
-    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    config = json.loads((model_dir / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    half = head_layers(config) if half is None else half
+    print(f"# 2-stage split: {half} + {layers - half} layers", file=sys.stderr, flush=True)
     single_config = RunnerConfig(model_name="bench", model_dir=str(model_dir), max_batch=16,
                                  context_length=4096)
     sets = {
         "single": await start_pinned([single_config], [0], state),
-        "on": await start_pinned(pipeline_configs(model_dir, microbatch=True, layers=layers),
+        "on": await start_pinned(pipeline_configs(model_dir, microbatch=True, layers=layers,
+                                                  half=half),
                                  [0, 1], state),
-        "off": await start_pinned(pipeline_configs(model_dir, microbatch=False, layers=layers),
+        "off": await start_pinned(pipeline_configs(model_dir, microbatch=False, layers=layers,
+                                                   half=half),
                                   [0, 1], state),
     }
     heads = {name: runners[0] for name, runners in sets.items()}
@@ -212,7 +234,8 @@ def pipeline_figures(args: argparse.Namespace) -> None:
 
     _, model_dir = bench_models()
     with tempfile.TemporaryDirectory(prefix="flock-bench-throughput-") as tmp:
-        m = asyncio.run(pipeline_rounds(model_dir, args.rounds, args.tokens, Path(tmp)))
+        m = asyncio.run(pipeline_rounds(model_dir, args.rounds, args.tokens, Path(tmp),
+                                        args.head_layers))
     ceiling = 2 * m["single8"] / m["single16"]
     multi = m["on16"] / m["single16"]
     emit("single_8_streams_tok_s", m["single8"])
@@ -247,6 +270,8 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"comma-separated sections ({', '.join(SECTIONS)})")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=96, help="tokens per stream")
+    parser.add_argument("--head-layers", type=int, default=None,
+                        help="layers on the pipeline head (default: see head_layers)")
     parser.add_argument("--quick", action="store_true", help="one round of 48 tokens")
     args = parser.parse_args(argv)
     if args.quick:
