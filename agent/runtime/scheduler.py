@@ -31,9 +31,9 @@ from agent.runtime.journal import PrefixLoad, PrefixSave
 from agent.runtime.pacing import (  # noqa: F401  (MIN_/FIRST_: their names live on here)
     FIRST_PREFILL_SLICE,
     MIN_PREFILL_SLICE,
-    moving_average,
     prefill_slice,
 )
+from agent.runtime.pacing import moving_average as _moving_average
 from agent.runtime.prefix import PrefixCache, copy_rows
 from agent.runtime.protocol import RunnerConfig
 from agent.runtime.ring import Ring
@@ -365,7 +365,7 @@ class Scheduler:
         if seq.in_prefill:
             mx.eval(self.kv.keys, self.kv.values)
             per_token = (time.perf_counter() - began) / len(tokens)
-            self.prefill_s_per_token = moving_average(self.prefill_s_per_token, per_token)
+            self.prefill_s_per_token = _moving_average(self.prefill_s_per_token, per_token)
             return
         self._sample_and_emit([seq], logits)
 
@@ -397,7 +397,7 @@ class Scheduler:
         self.stats.decode_steps_total += 1
         elapsed = time.perf_counter() - started
         self.stats.decode_seconds_total += elapsed
-        self.decode_step_s = moving_average(self.decode_step_s, elapsed)
+        self.decode_step_s = _moving_average(self.decode_step_s, elapsed)
 
     # ---- lookahead: the next decode step runs while this one's tokens are handled ----------
     def _may_look_ahead(self, decoding: list[Sequence]) -> bool:
