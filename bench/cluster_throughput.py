@@ -196,7 +196,8 @@ async def pipeline_rounds(model_dir: Path, rounds: int, n: int, state: Path,
         # Warm-up: compile every shape the rounds meet (batch sizes, micro-batch ranges).
         warm = fresh_prompts(rng, 16, 12)
         for name, head in heads.items():
-            await concurrent(head, warm, 8, f"warm-{name}")
+            # Long enough that all 16 decode at once (the timed window's micro-batch shapes).
+            await concurrent(head, warm, 32, f"warm-{name}")
             await stream(head, f"warm1-{name}", warm[0], 4)
         for r in range(rounds):
             eight, sixteen = fresh_prompts(rng, 8, 12), fresh_prompts(rng, 16, 12)
