@@ -28,7 +28,6 @@ from agent.runtime.step import (
     _rope_angles,
     embed_tokens,
     linear,
-    make_decode_fn,
     project_logits,
 )
 
@@ -101,8 +100,6 @@ class RowsDecode:
         self.quant = quant
         self.compiled = compiled
         self.fns: dict[int, Callable[..., Any]] = {}
-        self.whole = make_decode_fn(dec, compiled=compiled, embed=embed, project=project,
-                                    quant=quant)
 
     def __call__(self, first: int) -> Callable[..., Any]:
         fn = self.fns.get(first)
