@@ -76,6 +76,9 @@ class NodeSettings(BaseSettings):
     blas_threads: int | None = Field(default=None, ge=1)
     compile_step: bool = True
     fuse_projections: bool = True
+    # A pipeline keeps one micro-batch per stage in flight so every stage computes at once
+    # (off: stop-and-wait, one step in the ring at a time).
+    pipeline_microbatch: bool = True
 
     # Cluster. With no cluster file and discovery on, nodes of the same cluster name and secret
     # find each other on the LAN. With API keys and no secret, the secret is derived from the

@@ -5,11 +5,18 @@ The scheduler asks for logits and never knows which. `LocalCompute` runs the who
 journal to its tensor-parallel peers (so their caches mirror this one), and with a pipeline runs
 the first stage, ships the hidden states down the chain and projects the hidden states that
 come back from the last stage into logits. The other ranks run `follower.Follower`.
+
+A pipeline head also offers `submit` / `collect` (`seam.PipelinedCompute`): a step is sent down
+the ring and the head is free to start the next one (another micro-batch, or the next slice of a
+long prompt) while later stages work on the first, so every stage computes at once. Links are
+FIFO and every stage handles messages in order, so each step meets the KV journal ops drained
+with it at every stage exactly where the head applied them.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 
 import mlx.core as mx
 
@@ -17,6 +24,8 @@ from agent.runtime.journal import Journal
 from agent.runtime.kv import KvSlots
 from agent.runtime.links import StageLink, StepMessage
 from agent.runtime.model import Decoder
+from agent.runtime.rowstep import RowsDecode
+from agent.runtime.seam import DecodeWork, PrefillWork, Work
 from agent.runtime.step import make_decode_fn, make_project_fn, prefill
 
 
@@ -24,15 +33,22 @@ class LocalCompute:
     # Whether a decode step may be queued before the previous one's tokens are read back (the
     # scheduler's lookahead): true when nothing but lazy MLX work happens in `decode`.
     lazy_decode = True
+    # Steps in flight that keep every stage busy: one process has one stage.
+    stages = 1
 
     def __init__(self, decoder: Decoder, kv: KvSlots, *, compiled: bool) -> None:
         self.decoder = decoder
         self.kv = kv
         self.quant = kv.geometry.quant
         self.decode_fn = make_decode_fn(decoder, compiled=compiled, quant=self.quant)
+        self.rows_fn = RowsDecode(decoder, compiled=compiled, quant=self.quant)
+        self._done: deque[tuple[Work, mx.array | None]] = deque()
 
     def prefill(self, row: int, start: int, tokens: list[int]) -> mx.array:
         """Logits (1, vocab) of the last token; writes the row's KV."""
+        return self._local_prefill(row, start, tokens)
+
+    def _local_prefill(self, row: int, start: int, tokens: list[int]) -> mx.array:
         return prefill(self.decoder, mx.array(tokens), start, row, self.kv.keys, self.kv.values,
                        quant=self.quant)
 
@@ -45,8 +61,27 @@ class LocalCompute:
         ids = tokens if isinstance(tokens, mx.array) else mx.array(tokens)
         return self._step(ids, mx.array(positions))
 
-    def _step(self, *inputs: mx.array) -> mx.array:
-        return self.kv.step_in_place(self.decode_fn, *inputs)
+    def _step(self, *inputs: mx.array, first_row: int = 0) -> mx.array:
+        if first_row == 0 and inputs[1].shape[0] == self.kv.rows:
+            return self.kv.step_in_place(self.decode_fn, *inputs)
+        return self.kv.step_in_place(self.rows_fn(first_row), *inputs)
+
+    # ---- submit / collect, done synchronously (one stage) -----------------------------------
+    def submit(self, work: Work) -> None:
+        if isinstance(work, PrefillWork):
+            logits = self._local_prefill(work.row, work.start, work.tokens)
+            self._done.append((work, logits if work.logits else None))
+            return
+        out = self._step(mx.array(work.flat_tokens()), mx.array(work.positions),
+                         first_row=work.first_row)
+        self._done.append((work, out))
+
+    def collect(self) -> tuple[Work, mx.array | None]:
+        return self._done.popleft()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._done)
 
     def close(self) -> None:
         pass
@@ -60,22 +95,39 @@ class HeadCompute(LocalCompute):
     journal) so they compute their shards in lockstep (the collectives inside the step keep them
     there); with a pipeline it then computes its layers, ships the hidden states down the chain
     and projects what comes back from the last stage into logits.
+
+    `microbatch`: whether the scheduler may keep several steps in flight around the ring
+    (`stages` is then the ring's stage count, learnt with one ping round trip at start).
     """
 
     lazy_decode = False  # every step talks to peers over blocking links
 
     def __init__(self, decoder: Decoder, kv: KvSlots, journal: Journal, *, compiled: bool,
                  tp_peers: list[StageLink] | None = None, downstream: StageLink | None = None,
-                 upstream: StageLink | None = None) -> None:
+                 upstream: StageLink | None = None, microbatch: bool = True) -> None:
         super().__init__(decoder, kv, compiled=compiled)
         self.journal = journal
         self.tp_peers = tp_peers or []
         self.downstream = downstream
         self.upstream = upstream  # the last stage's link back to the head
+        self._pending: deque[Work] = deque()  # sent down the ring, not yet back
+        self.ring_stages = 1
         if downstream is not None:
             self.decode_fn = make_decode_fn(decoder, compiled=compiled, embed=True,
                                             project=False, quant=self.quant)
+            self.rows_fn = RowsDecode(decoder, compiled=compiled, embed=True, project=False,
+                                      quant=self.quant)
             self.project_fn = make_project_fn(decoder, compiled=compiled)
+            self.ring_stages = self._count_stages()
+        self.stages = self.ring_stages if microbatch else 1
+
+    def _count_stages(self) -> int:
+        """Every follower passes a ping on with its hop count raised by one."""
+        assert self.downstream is not None and self.upstream is not None
+        self.downstream.send(StepMessage(op="ping"))
+        back, _ = self.upstream.recv()
+        assert back.op == "ping", f"expected the ping back, got {back.op!r}"
+        return back.hops + 1
 
     def _drain(self) -> Journal:
         ops = list(self.journal)
@@ -86,36 +138,63 @@ class HeadCompute(LocalCompute):
         for peer in self.tp_peers:
             peer.send(message)
 
-    def _round_trip(self, message: StepMessage, h: mx.array) -> mx.array:
-        assert self.downstream is not None and self.upstream is not None
-        self.downstream.send(message, h)
-        _, back = self.upstream.recv()
-        assert back is not None
-        return back
-
     def prefill(self, row: int, start: int, tokens: list[int]) -> mx.array:
-        ops = self._drain()
-        self._tell_peers(StepMessage(op="prefill", kv_ops=ops, row=row, start=start,
-                                     tokens=tokens))
-        if self.downstream is None:
-            return super().prefill(row, start, tokens)
-        h = prefill(self.decoder, mx.array(tokens), start, row, self.kv.keys, self.kv.values,
-                    embed=True, project=False, quant=self.quant)
-        mx.eval(h, self.kv.keys, self.kv.values)
-        back = self._round_trip(StepMessage(op="prefill", kv_ops=ops, row=row, start=start), h)
-        return self.project_fn(back[0, -1:])
+        self.submit(PrefillWork(row, start, tokens))
+        _, logits = self.collect()
+        assert logits is not None
+        return logits
 
     def decode(self, tokens: list[int] | mx.array, positions: list[int]) -> mx.array:
         assert not isinstance(tokens, mx.array), "a pipeline head decodes known tokens"
+        self.submit(DecodeWork(0, [[t] for t in tokens], positions))
+        _, logits = self.collect()
+        assert logits is not None
+        return logits
+
+    def submit(self, work: Work) -> None:
         ops = self._drain()
+        if isinstance(work, PrefillWork):
+            row, start, tokens = work.row, work.start, work.tokens
+            self._tell_peers(StepMessage(op="prefill", kv_ops=ops, row=row, start=start,
+                                         tokens=tokens))
+            if self.downstream is None:
+                super().submit(work)
+                return
+            h = prefill(self.decoder, mx.array(tokens), start, row, self.kv.keys,
+                        self.kv.values, embed=True, project=False, quant=self.quant)
+            mx.eval(h, self.kv.keys, self.kv.values)
+            # The last stage hands back only the last position: all the head projects.
+            self.downstream.send(StepMessage(op="prefill", kv_ops=ops, row=row, start=start,
+                                             stages=self.ring_stages), h)
+            self._pending.append(work)
+            return
+        tokens = work.flat_tokens()
         self._tell_peers(StepMessage(op="decode", kv_ops=ops, tokens=tokens,
-                                     positions=positions))
-        out = self._step(mx.array(tokens), mx.array(positions))
+                                     positions=work.positions, first_row=work.first_row))
+        out = self._step(mx.array(tokens), mx.array(work.positions), first_row=work.first_row)
         if self.downstream is None:
-            return out
+            self._done.append((work, out))
+            return
         mx.eval(out, self.kv.keys, self.kv.values)
-        back = self._round_trip(StepMessage(op="decode", kv_ops=ops, positions=positions), out)
-        return self.project_fn(back[:, 0, :])
+        self.downstream.send(StepMessage(op="decode", kv_ops=ops, positions=work.positions,
+                                         first_row=work.first_row, stages=self.ring_stages),
+                             out)
+        self._pending.append(work)
+
+    def collect(self) -> tuple[Work, mx.array | None]:
+        if self._done:
+            return self._done.popleft()
+        assert self.upstream is not None and self._pending
+        work = self._pending.popleft()
+        _, back = self.upstream.recv()
+        assert back is not None
+        if isinstance(work, PrefillWork):
+            return work, self.project_fn(back[0, -1:]) if work.logits else None
+        return work, self.project_fn(back[:, 0, :])
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._done) + len(self._pending)
 
     def close(self) -> None:
         links = [*self.tp_peers, *([self.downstream] if self.downstream else [])]

@@ -4,17 +4,23 @@ The follower keeps no scheduler: it mirrors the head's KV layout by replaying th
 arrives with each step (row growth, compaction, prefix-cache saves and loads), computes its layer
 range, and passes the hidden states on (the last stage hands them back to the head). It waits in
 a blocking receive between steps, so an idle follower costs no CPU.
+
+Messages are handled strictly in arrival order: with micro-batches several steps are in flight
+around the ring, and each must meet the journal ops sent with it at the same point of the
+sequence as at the head. A decode step may cover only a range of rows (`first_row`).
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
+import msgspec
 
 from agent.runtime.journal import Gather, KvOp, PrefixDrop, PrefixLoad, PrefixSave, Resize
 from agent.runtime.kv import KvSlots
 from agent.runtime.links import StageLink, StageLinkError, next_step
 from agent.runtime.model import Decoder
 from agent.runtime.prefix import copy_rows
+from agent.runtime.rowstep import RowsDecode
 from agent.runtime.step import make_decode_fn, prefill
 from agent.runtime.watchdog import Watchdog
 
@@ -34,6 +40,8 @@ class Follower:
         self.quant = kv.geometry.quant
         self.decode_fn = make_decode_fn(decoder, compiled=compiled, embed=embeds, project=False,
                                         quant=self.quant)
+        self.rows_fn = RowsDecode(decoder, compiled=compiled, embed=embeds, project=False,
+                                  quant=self.quant)
         self.saved: dict[int, tuple[list[mx.array], list[mx.array]]] = {}
 
     def apply(self, ops: list[KvOp]) -> None:
@@ -55,13 +63,16 @@ class Follower:
                 case _:
                     raise ValueError(f"unknown KV journal op {op!r}")
 
-    def step(self, op: str, row: int, start: int, positions: list[int], h: mx.array) -> mx.array:
+    def step(self, op: str, row: int, start: int, positions: list[int], h: mx.array, *,
+             first_row: int = 0) -> mx.array:
         if op == "prefill":
             out = prefill(self.decoder, h, start, row, self.kv.keys, self.kv.values,
                           embed=self.embeds, project=False, quant=self.quant)
             mx.eval(out, self.kv.keys, self.kv.values)
             return out
-        out = self.kv.step_in_place(self.decode_fn, h, mx.array(positions))
+        every_row = first_row == 0 and len(positions) == self.kv.rows
+        fn = self.decode_fn if every_row else self.rows_fn(first_row)
+        out = self.kv.step_in_place(fn, h, mx.array(positions))
         mx.eval(out, self.kv.keys, self.kv.values)
         return out
 
@@ -82,6 +93,10 @@ def follow(follower: Follower, upstream: StageLink, downstream: StageLink | None
         if incoming is None:
             return 0  # the agent closed our control pipe
         message, h = incoming
+        if message.op == "ping":  # the head counting its stages (tensor peers take no part)
+            if downstream is not None:
+                downstream.send(msgspec.structs.replace(message, hops=message.hops + 1))
+            continue
         for peer in tp_peers or ():
             peer.send(message, h)
         if message.op == "shutdown":
@@ -94,8 +109,14 @@ def follow(follower: Follower, upstream: StageLink, downstream: StageLink | None
         assert h is not None
         if watchdog:
             watchdog.arm()
-        out = follower.step(message.op, message.row, message.start, message.positions, h)
+        out = follower.step(message.op, message.row, message.start, message.positions, h,
+                            first_row=message.first_row)
         if watchdog:
             watchdog.disarm()
         if downstream is not None:
-            downstream.send(message, out)
+            forward = msgspec.structs.replace(message, hops=message.hops + 1)
+            if forward.hops == message.stages - 1:  # the last stage: back to the head
+                forward = msgspec.structs.replace(forward, kv_ops=[])
+                if message.op == "prefill":
+                    out = out[:, -1:]  # the head projects only the last position
+            downstream.send(forward, out)

@@ -33,12 +33,19 @@ class StageLinkError(ConnectionError):
 class StepMessage(msgspec.Struct, frozen=True, kw_only=True):
     """What travels along the pipeline with each step's activations."""
 
-    op: str  # "prefill" | "decode" | "shutdown"
+    op: str  # "prefill" | "decode" | "shutdown" | "ping" (counts the stages at start)
     # The head's KV layout journal since the last message (tagged by each op's kind).
     kv_ops: list[KvOp] = []
     row: int = -1
     start: int = 0
     positions: list[int] = []
+    # A decode step computes KV rows [first_row, first_row + len(positions)) (a micro-batch);
+    # a step over every row is first_row 0 with a position for each.
+    first_row: int = 0
+    # Followers this message has passed (each raises it as it forwards), and the ring's stage
+    # count when the head knows it: the last stage hands back only what the head needs.
+    hops: int = 0
+    stages: int = 0
     tokens: list[int] = []  # token ids, for tensor-parallel peers that embed for themselves
     shape: list[int] = []
     dtype: str = "float32"

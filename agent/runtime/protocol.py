@@ -61,6 +61,9 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     listen: str | None = None
     downstream: str | None = None
     link_timeout_s: float = 30.0
+    # A pipeline head keeps up to one micro-batch per stage in flight around the ring (False:
+    # stop-and-wait, one step in the ring at a time).
+    pipeline_microbatch: bool = True
     # Tensor parallel: this runner is rank `tp_rank` of `tp_hosts` (one "ip:port" per rank, the
     # mx.distributed ring's hostfile). Rank 0 leads: it sends each step's inputs to the other
     # ranks over plain links (`tp_peers`, their `listen` addresses), so they wait for work in a

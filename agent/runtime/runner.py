@@ -241,7 +241,8 @@ def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
             if config.role == RunnerRole.HEAD:
                 downstream, upstream = _connect_pipeline(config, listener)
             compute = HeadCompute(decoder, kv, journal, compiled=config.compile_step,
-                                  tp_peers=tp_peers, downstream=downstream, upstream=upstream)
+                                  tp_peers=tp_peers, downstream=downstream, upstream=upstream,
+                                  microbatch=config.pipeline_microbatch)
         scheduler = Scheduler(decoder, tokenizer, kv, limits, outbox.send,
                               compiled=config.compile_step, prefix_cache=prefix,
                               compute=compute,

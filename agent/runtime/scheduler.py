@@ -28,8 +28,15 @@ from agent.generation import (
 )
 from agent.runtime.compute import LocalCompute
 from agent.runtime.journal import PrefixLoad, PrefixSave
+from agent.runtime.pacing import (  # noqa: F401  (MIN_/FIRST_: their names live on here)
+    FIRST_PREFILL_SLICE,
+    MIN_PREFILL_SLICE,
+    prefill_slice,
+)
+from agent.runtime.pacing import moving_average as _moving_average
 from agent.runtime.prefix import PrefixCache, copy_rows
 from agent.runtime.protocol import RunnerConfig
+from agent.runtime.ring import Ring
 from agent.runtime.sampling import RowSampler, top_logprobs
 from agent.runtime.seam import Compute, Slots
 from agent.runtime.stops import StopMatcher
@@ -108,23 +115,6 @@ class SchedulerStats:
     decode_rows_max: int = 0  # the most sequences one decode step computed together
 
 
-MIN_PREFILL_SLICE = 16  # tokens: below this a slice is mostly weight traffic
-FIRST_PREFILL_SLICE = 32  # tokens, before the prefill speed has been measured
-
-
-def prefill_slice(max_tokens: int, gap_steps: float, decode_step_s: float | None,
-                  prefill_s_per_token: float | None) -> int:
-    """Tokens for the next prefill slice while other streams decode: as many as take at most
-    `gap_steps` decode steps' time at the measured prefill speed, within [MIN_PREFILL_SLICE,
-    max_tokens]; `max_tokens` when adaptation is off."""
-    if gap_steps <= 0:
-        return max_tokens
-    if decode_step_s is None or prefill_s_per_token is None:
-        return min(max_tokens, FIRST_PREFILL_SLICE)
-    tokens = int(gap_steps * decode_step_s / max(prefill_s_per_token, 1e-9))
-    return max(min(MIN_PREFILL_SLICE, max_tokens), min(max_tokens, tokens))
-
-
 @dataclass(frozen=True)
 class Lookahead:
     """A decode step queued before the previous step's tokens were read back: its logits, and
@@ -180,6 +170,9 @@ class Scheduler:
         # per prompt token of the latest prefill slices.
         self.decode_step_s: float | None = None
         self.prefill_s_per_token: float | None = None
+        # A pipeline head keeps micro-batches in flight around its ring (ring.py runs the round).
+        stages = getattr(self.compute, "stages", 1)
+        self.ring = Ring(self, self.compute) if stages > 1 else None  # type: ignore[arg-type]
 
     # ---- admission --------------------------------------------------------------------------
     @property
@@ -334,6 +327,9 @@ class Scheduler:
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> None:
         """One scheduling round: admit, one prefill chunk, one decode step."""
+        if self.ring is not None:
+            self.ring.step()
+            return
         self._drop_cancelled()
         self._admit()
         if not self.running:
@@ -560,8 +556,5 @@ class Scheduler:
             "prefix_misses": float(self.prefix.stats.misses if self.prefix else 0),
             "evictions": float(self.prefix.stats.evictions if self.prefix else 0),
             "prefix_cache_bytes": float(self.prefix.bytes if self.prefix else 0),
+            **(self.ring.snapshot() if self.ring is not None else {}),
         }
-
-
-def _moving_average(previous: float | None, sample: float, weight: float = 0.25) -> float:
-    return sample if previous is None else previous + weight * (sample - previous)

@@ -8,6 +8,7 @@ the prefix cache's bookkeeping; it only ever talks to an engine through these tw
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import mlx.core as mx
@@ -33,6 +34,65 @@ class Compute(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class PrefillWork:
+    """One prefill slice of one sequence: prompt tokens [start, start + len(tokens)) into `row`.
+    `logits`: the slice ends the prompt, so its last position's logits are wanted."""
+
+    row: int
+    start: int
+    tokens: list[int]
+    logits: bool = True
+
+
+@dataclass(frozen=True)
+class DecodeWork:
+    """One decode step of a micro-batch: the KV rows [first_row, first_row + len(positions)).
+
+    Indexed by row within the range: `tokens[i]` are the tokens row `first_row + i` feeds this
+    step (one token a row today; a step that verifies drafted tokens would feed several, so the
+    shape already allows it) and `positions[i]` the cache position of its first token. Rows of
+    the range that are not decoding (free, in prefill, or in another micro-batch in flight) feed
+    token 0 at their next free position: a harmless write that their own next step overwrites.
+    """
+
+    first_row: int
+    tokens: list[list[int]]
+    positions: list[int]
+
+    @property
+    def rows(self) -> int:
+        return len(self.positions)
+
+    def flat_tokens(self) -> list[int]:
+        assert all(len(t) == 1 for t in self.tokens), "one token a row (multi-token: not yet)"
+        return [t[0] for t in self.tokens]
+
+
+Work = PrefillWork | DecodeWork
+
+
+class PipelinedCompute(Compute, Protocol):
+    """A compute that can keep several steps in flight (a pipeline head): `submit` starts a
+    step and returns once this process's share is queued, `collect` returns the oldest
+    submitted step's logits (submission order). `stages`: how many steps in flight keep every
+    stage busy (1: nothing gains from overlap; the scheduler then takes its synchronous path).
+    Steps run at every stage in submission order, each with the KV journal drained at its
+    submit, so followers' caches stay exact however many steps are in flight."""
+
+    stages: int
+
+    def submit(self, work: Work) -> None: ...
+
+    def collect(self) -> tuple[Work, mx.array | None]:
+        """(the work, its logits): (1, vocab) for a prefill slice that ends its prompt (None
+        for one that does not), (rows, vocab) for a decode step."""
+        ...
+
+    @property
+    def in_flight(self) -> int: ...
 
 
 class CacheGeometry(Protocol):

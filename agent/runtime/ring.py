@@ -1,0 +1,212 @@
+"""Micro-batches in flight around a pipeline ring: the scheduler's round when its compute is a
+pipeline head (`seam.PipelinedCompute` with more than one stage).
+
+Stop-and-wait keeps one step in the ring, so with S stages each is busy 1/S of the time. Here
+the running sequences are split into up to S micro-batches (contiguous ranges of KV rows) and
+each is sent round as soon as its previous step's logits are back and sampled: while stage 2
+computes micro-batch A, the head computes B. A long prompt's slices flow the same way (slice
+k+1 enters stage 1 while slice k is in stage 2), so its time to first token falls with stages.
+
+What stays exact: sampling, stop strings, admission and the prefix cache stay in the head's
+scheduler; a sequence is in at most one step in flight; bookkeeping (`length`, `prefilled`)
+advances when a step is submitted, so every later step (and any harmless write a range makes
+to rows that are not its members) targets the positions after it; and every stage runs steps
+in submission order with the journal ops drained at each submit, so followers' caches mirror
+the head's whatever compaction or growth happens while steps are in flight. Results are
+matched to sequences by identity, not row, because rows may be regrouped meanwhile.
+
+One decoding sequence (or micro-batching off) is one step of every row in flight at a time:
+the same step, in the same order, as the synchronous path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from agent.runtime.pacing import moving_average, prefill_slice
+from agent.runtime.seam import DecodeWork, PipelinedCompute, PrefillWork, Work
+
+if TYPE_CHECKING:
+    from agent.runtime.scheduler import Scheduler, Sequence
+
+# A lone long prompt is cut into about this many slices per stage (so the ring fills and
+# drains in a small part of its prefill), none shorter than PIPELINE_MIN_SLICE tokens.
+SLICES_PER_STAGE = 6
+PIPELINE_MIN_SLICE = 128
+
+
+def pipelined_slice(prompt_tokens: int, stages: int, most: int) -> int:
+    """Slice size for a prompt prefilled while nothing decodes: small enough that every stage
+    has work after the first slice, large enough to stay matrix-shaped work."""
+    share = -(-prompt_tokens // (SLICES_PER_STAGE * stages))
+    return max(1, min(most, max(PIPELINE_MIN_SLICE, share)))
+
+
+def split_rows(ready_rows: list[int], total_decoding: int, stages: int) -> list[int]:
+    """The rows of the next micro-batch: the lowest-row ready sequences, as many as an even
+    split of every decoding sequence (in flight or not) over the stages gives each."""
+    parts = max(1, min(stages, total_decoding))
+    size = -(-total_decoding // parts)
+    return sorted(ready_rows)[:size]
+
+
+@dataclass
+class Flight:
+    """A step in the ring: its work and the sequences it computes for (with each one's row
+    offset within the step's rows)."""
+
+    work: Work
+    members: list[tuple[Sequence, int]]
+    started: float
+
+
+class Ring:
+    def __init__(self, scheduler: Scheduler, compute: PipelinedCompute) -> None:
+        self.sched = scheduler
+        self.compute = compute
+        self.flights: deque[Flight] = deque()
+        self.busy: dict[str, int] = {}  # request id -> its steps in flight
+        self.last_collect: float | None = None
+        self.overlapped_steps_total = 0  # steps submitted while another was in flight
+        self.in_flight_max = 0
+
+    @property
+    def stages(self) -> int:
+        return self.compute.stages
+
+    def step(self) -> None:
+        sched = self.sched
+        sched._drop_cancelled()
+        sched._admit()
+        if not sched.running:
+            while self.flights:  # only steps of sequences that are gone: read and drop them
+                self._collect()
+            return
+        self._fill()
+        if self.flights:
+            self._collect()
+        sched._compact()
+
+    # ---- what goes in next ------------------------------------------------------------------
+    def _fill(self) -> None:
+        while len(self.flights) < self.stages:
+            already = len(self.flights)
+            if (self._next_prefill() or self._next_decode()) is None:
+                return
+            if already:
+                self.overlapped_steps_total += 1
+            self.in_flight_max = max(self.in_flight_max, len(self.flights))
+
+    def _decoding(self) -> list[Sequence]:
+        return [s for s in self.sched.running.values()
+                if not s.in_prefill and (s.next_token is not None or s.request.id in self.busy)]
+
+    def _next_prefill(self) -> Flight | None:
+        sched = self.sched
+        prefilling = [s for s in sched.running.values() if s.in_prefill]
+        if not prefilling:
+            return None
+        seq = prefilling[0]
+        limits = sched.limits
+        if self._decoding():
+            # Others decode: one bounded slice in the ring at a time, as the synchronous path.
+            if any(isinstance(f.work, PrefillWork) for f in self.flights):
+                return None
+            chunk = prefill_slice(limits.prefill_chunk, limits.prefill_gap_steps,
+                                  sched.decode_step_s, sched.prefill_s_per_token)
+        else:
+            chunk = pipelined_slice(len(seq.prompt), self.stages, limits.solo_prefill_chunk)
+        start = seq.prefilled
+        tokens = seq.prompt[start:start + chunk]
+        sched.kv.ensure_capacity(start + len(tokens) + 1)
+        seq.prefilled = seq.length = start + len(tokens)
+        work = PrefillWork(seq.row, start, tokens, logits=not seq.in_prefill)
+        began = time.perf_counter()
+        self.compute.submit(work)
+        # The head's own share of the slice: the unit decode steps are measured in too, so
+        # their ratio sizes slices as it does on one node.
+        per_token = (time.perf_counter() - began) / len(tokens)
+        sched.prefill_s_per_token = moving_average(sched.prefill_s_per_token, per_token)
+        return self._fly(work, [(seq, 0)])
+
+    def _next_decode(self) -> Flight | None:
+        sched = self.sched
+        decoding = self._decoding()
+        ready = {s.row: s for s in decoding if s.request.id not in self.busy}
+        if not ready:
+            return None
+        kv = sched.kv
+        kv.ensure_capacity(max(s.length for s in sched.running.values()) + 1)
+        if min(self.stages, len(decoding)) <= 1:
+            first, stop = 0, kv.rows  # one micro-batch: the synchronous path's step
+            members = list(ready.values())
+        else:
+            rows = split_rows(list(ready), len(decoding), self.stages)
+            first, stop = rows[0], rows[-1] + 1
+            members = [ready[row] for row in rows]
+        positions = [0] * (stop - first)
+        tokens = [[0] for _ in positions]
+        for seq in sched.running.values():
+            if first <= seq.row < stop:
+                positions[seq.row - first] = seq.length
+        for seq in members:
+            tokens[seq.row - first] = [seq.next_token]  # type: ignore[list-item]
+        work = DecodeWork(first, tokens, positions)
+        sched.compute.will_decode([s.row for s in members])
+        began = time.perf_counter()
+        self.compute.submit(work)
+        if len(members) == len(decoding):
+            sched.decode_step_s = moving_average(sched.decode_step_s,
+                                                  time.perf_counter() - began)
+        else:  # the head's share of a micro-batch, scaled to the whole batch
+            share = (time.perf_counter() - began) * len(decoding) / len(members)
+            sched.decode_step_s = moving_average(sched.decode_step_s, share)
+        offsets = [(s, s.row - first) for s in members]
+        for seq in members:
+            seq.length += 1
+        sched.stats.decode_rows_max = max(sched.stats.decode_rows_max, len(members))
+        return self._fly(work, offsets)
+
+    def _fly(self, work: Work, members: list[tuple[Sequence, int]]) -> Flight:
+        flight = Flight(work, members, time.perf_counter())
+        self.flights.append(flight)
+        for seq, _ in members:
+            self.busy[seq.request.id] = self.busy.get(seq.request.id, 0) + 1
+        return flight
+
+    # ---- what comes back --------------------------------------------------------------------
+    def _collect(self) -> None:
+        sched = self.sched
+        work, logits = self.compute.collect()
+        flight = self.flights.popleft()
+        assert flight.work is work, "steps come back in the order they went"
+        now = time.perf_counter()
+        for seq, _ in flight.members:
+            left = self.busy[seq.request.id] - 1
+            if left:
+                self.busy[seq.request.id] = left
+            else:
+                del self.busy[seq.request.id]
+        live = [(s, offset) for s, offset in flight.members
+                if sched.running.get(s.request.id) is s]
+        if isinstance(work, PrefillWork):
+            if logits is not None and live:
+                sched._sample_and_emit([live[0][0]], logits)
+        else:
+            since = flight.started if self.last_collect is None else max(
+                self.last_collect, flight.started)
+            sched.stats.decode_steps_total += 1
+            sched.stats.decode_seconds_total += now - since
+            if live:
+                sched._sample_and_emit([s for s, _ in live], logits,  # type: ignore[arg-type]
+                                       rows_of=[offset for _, offset in live])
+        self.last_collect = now if self.flights else None
+
+    def snapshot(self) -> dict[str, float]:
+        return {"pipeline_stages": float(self.stages),
+                "microbatches_in_flight": float(len(self.flights)),
+                "microbatches_in_flight_max": float(self.in_flight_max),
+                "overlapped_steps_total": float(self.overlapped_steps_total)}
