@@ -256,12 +256,33 @@ def pipeline_figures(args: argparse.Namespace) -> None:
     emit("greedy_ids_identical", bool(m["identical"]))
 
 
-# ---- replicas: load-aware routing and scale on load (helper "replicas" adds it) ----------------
+# ---- replicas: load-aware routing and scale on load (bench/cluster_replicas.py) ----------------
+
+def replicas_section(args: argparse.Namespace) -> None:
+    """Two replicas behind real agents (their ratio is held against a ceiling the agents measure
+    themselves, printed as ceiling_16_over_8_agents when the pipeline section ran too), then
+    scale on load."""
+    from bench.cluster_replicas import autoscale_figure, throughput_figures
+
+    models, model_dir = bench_models()
+    figures = throughput_figures(models, model_dir, args.rounds, min(args.tokens, 64))
+    ceiling_name = ("ceiling_16_over_8_agents" if "pipeline" in args.only
+                    else "ceiling_16_over_8")
+    emit(ceiling_name, figures["ceiling_16_over_8"], 3)
+    for name in ("replicas2_multi_vs_ceiling", "replicas2_multi_vs_single",
+                 "replicas2_share_of_replica_1"):
+        emit(name, figures[name], 3)
+    scaled = autoscale_figure(models, min(args.tokens, 64))
+    for name in ("autoscale_second_replica_s", "autoscale_decision_s"):
+        if name in scaled:
+            emit(name, scaled[name], 1)
+
 
 # ---- hetero: speed-aware placement (helper "speedplace" adds it) --------------------------------
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {
     "pipeline": pipeline_figures,
+    "replicas": replicas_section,
 }
 
 
