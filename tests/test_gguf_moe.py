@@ -2,7 +2,7 @@
 models of tests/tiny_archs.py, written as GGUF files in llama.cpp's layout (stacked `*_exps`
 experts, `ffn_gate_inp` routers, qwen2moe's shared expert, mixtral as arch `llama`), import to
 directories whose greedy ids and logits equal the source model's on mlx-lm and on flock's own
-decoder; Q4_1 experts stay quantized with `--dtype keep`."""
+decoder; Q4_1 (and Q8_0) experts stay quantized with `--dtype keep`."""
 
 from __future__ import annotations
 
@@ -82,10 +82,11 @@ def gguf_metadata(config: dict, family: str, tok: Tokenizer) -> dict[str, Any]:
 
 
 def write_gguf(path: Path, tensors: dict[str, mx.array], metadata: dict[str, Any], *,
-               quantize: bool) -> None:
+               quantize: bool, q8_0: str = "") -> None:
     """A GGUF v3 file, F32 tensors or (quantize) weights in llama.cpp's Q4_1 blocks.
 
-    Matrices and expert stacks go to Q4_1, routers stay F32 as llama.cpp's converter keeps them.
+    Matrices and expert stacks go to Q4_1 (Q8_0 where the name contains `q8_0`, if given),
+    routers stay F32 as llama.cpp's converter keeps them.
     mx.save_gguf writes no quantized types, so the container is written here.
     """
     def string(s: str) -> bytes:
@@ -106,7 +107,14 @@ def write_gguf(path: Path, tensors: dict[str, mx.array], metadata: dict[str, Any
 
     blobs, infos, offset = [], [], 0
     for name, w in tensors.items():
-        if quantize and w.ndim >= 2 and "gate_inp" not in name:
+        if quantize and q8_0 and q8_0 in name:
+            # Q8_0: a float16 scale and 32 int8 values a block, symmetric.
+            x = np.array(w.astype(mx.float32)).reshape(-1, 32)
+            d = (np.abs(x).max(axis=1, keepdims=True) / 127).astype(np.float16)
+            q = np.round(x / np.where(d == 0, 1, d)).clip(-127, 127).astype(np.int8)
+            blob = np.concatenate([d.view(np.uint8), q.view(np.uint8)], axis=1).tobytes()
+            kind = 8
+        elif quantize and w.ndim >= 2 and "gate_inp" not in name:
             # Q4_1 is MLX's affine 4-bit over blocks of 32: value = q * scale + min.
             wq, scales, biases = mx.quantize(w.astype(mx.float16), group_size=32, bits=4)
             q = np.array((wq[..., None] >> (mx.arange(8, dtype=mx.uint32) * 4)) & 0xF,
@@ -136,7 +144,8 @@ def smollm2_tok(smollm2_dir: Path) -> Tokenizer:
 
 
 def family_gguf(tmp_path: Path, family: str, smollm2_dir: Path, tok: Tokenizer, *,
-                quantize: bool = False, legacy: bool = False) -> tuple[Path, Path, list[int]]:
+                quantize: bool = False, q8_0: str = "", legacy: bool = False
+                ) -> tuple[Path, Path, list[int]]:
     """(GGUF path, source mlx-lm directory, mlx-lm's greedy ids for PROMPT)."""
     source, ids = arch_dir(family, smollm2_dir)
     config = json.loads((source / "config.json").read_text())
@@ -147,7 +156,8 @@ def family_gguf(tmp_path: Path, family: str, smollm2_dir: Path, tok: Tokenizer, 
             for e in range(stacked.shape[0]):
                 tensors[name.replace("_exps.", f".{e}.")] = stacked[e]
     path = tmp_path / f"{family}.gguf"
-    write_gguf(path, tensors, gguf_metadata(config, family, tok), quantize=quantize)
+    write_gguf(path, tensors, gguf_metadata(config, family, tok), quantize=quantize,
+               q8_0=q8_0)
     return path, source, ids
 
 
@@ -173,14 +183,20 @@ def test_moe_gguf_imports_with_the_source_models_greedy_ids_and_logits(
     assert [int(mx.argmax(x)) for x in got] == ids[:9]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_q4_1_experts_stay_quantized_with_keep(
-    tmp_path: Path, family: str, smollm2_dir: Path, smollm2_tok: Tokenizer
+@pytest.mark.parametrize(("family", "q8_0"), [(f, "") for f in FAMILIES]
+                         + [("qwen3_moe", "ffn_down_exps")])
+def test_quantized_experts_stay_quantized_with_keep(
+    tmp_path: Path, family: str, q8_0: str, smollm2_dir: Path, smollm2_tok: Tokenizer
 ) -> None:
-    path, _, _ = family_gguf(tmp_path, family, smollm2_dir, smollm2_tok, quantize=True)
+    path, _, _ = family_gguf(tmp_path, family, smollm2_dir, smollm2_tok, quantize=True,
+                             q8_0=q8_0)
     kept = import_gguf(path, tmp_path / "keep", dtype="keep")
     config = json.loads((kept / "config.json").read_text())
-    assert config["quantization"] == {"group_size": 32, "bits": 4}
+    layers = range(config["num_hidden_layers"])
+    # Q8_0 down projections are the modules that differ from the common 4 bits.
+    assert config["quantization"] == {"group_size": 32, "bits": 4} | (
+        {f"model.layers.{i}.mlp.switch_mlp.down_proj": {"group_size": 32, "bits": 8}
+         for i in layers} if q8_0 else {})
     stored = mx.load(str(kept / "model.safetensors"))
     block = "block_sparse_moe" if family == "mixtral" else "mlp"
     experts = stored[f"model.layers.0.{block}.switch_mlp.up_proj.weight"]
