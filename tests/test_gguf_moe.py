@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 
 from agent.models.gguf import GGUFImportError, import_gguf
 from agent.runtime.model import Quantized, SparseMoe, load_decoder
+from agent.runtime.runner import choose_engine
 from tests.test_decoder import flock_logits, reference_logits
 from tests.test_gguf_import import bpe_metadata, llama_cpp_permute, model_metadata
 from tests.test_mlxlm_engine import arch_dir
@@ -170,6 +171,7 @@ def test_moe_gguf_imports_with_the_source_models_greedy_ids_and_logits(
     out = import_gguf(path, tmp_path / "model")
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == family and "quantization" not in config
+    assert choose_engine(config) == "flock"
     imported, _ = load_model(out)
     assert mlxlm_greedy(imported, PROMPT, GREEDY_TOKENS)[0] == ids
     want = reference_logits(source, PROMPT, ids[:8])

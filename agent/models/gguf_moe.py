@@ -100,6 +100,9 @@ def moe_config(get: Callable[[str], Any], arch_name: str, arch: MoeArch, config:
     if arch.model_type == "mixtral":
         if norm is not None and not norm:
             raise GGUFImportError("mixtral without top-k weight normalisation is not supported")
+        width = get(f"{arch_name}.expert_feed_forward_length")  # else feed_forward_length
+        if width is not None:
+            out["intermediate_size"] = int(width)
         return out | {"num_local_experts": experts, "num_experts_per_tok": used}
     out |= {"num_experts": experts, "num_experts_per_tok": used,
             "moe_intermediate_size": need("expert_feed_forward_length")}
