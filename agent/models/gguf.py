@@ -24,7 +24,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from tokenizers import pre_tokenizers as pre
 
 from agent.models import arch as registry
-from agent.models import gguf_moe
+from agent.models import gguf_moe  # mixture-of-experts layouts
 from agent.models.files import replace_dir
 from agent.models.gguf_header import GGUFImportError, refuse_unkept
 from agent.models.gguf_moe import MOE_ARCHS, MoeArch
@@ -242,8 +242,8 @@ def _hf_module(gguf_module: str, moe_roles: dict[str, str]) -> str:
     role = _PER_LAYER.get(parts[-1]) or moe_roles.get(parts[-1])
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and role is not None:
         return f"model.layers.{parts[1]}.{role}"
-    raise GGUFImportError(f"unsupported GGUF tensor {gguf_module!r} (mixture-of-experts or "
-                          "another architecture variant?)")
+    raise GGUFImportError(f"unsupported GGUF tensor {gguf_module!r} (another architecture "
+                          "variant?)")
 
 
 def _unpermute_rows(n_rows: int, n_heads: int) -> mx.array:
