@@ -24,8 +24,10 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from tokenizers import pre_tokenizers as pre
 
 from agent.models import arch as registry
+from agent.models import gguf_moe  # mixture-of-experts layouts
 from agent.models.files import replace_dir
 from agent.models.gguf_header import GGUFImportError, refuse_unkept
+from agent.models.gguf_moe import MOE_ARCHS, MoeArch
 from agent.models.rope_scaling import llama3_scaling_from_divisors, round_float32
 
 DTYPES = ("float32", "float16", "bfloat16", "keep")
@@ -91,13 +93,19 @@ def import_gguf(gguf_path: Path, out_dir: Path, *, dtype: str = "float32") -> Pa
     meta = _Metadata(raw_meta)
 
     arch_name = meta.text("general.architecture")
-    arch = _ARCHS.get(arch_name)
+    arch: _Arch | MoeArch | None = gguf_moe.moe_arch(meta.get, arch_name, weights)
+    arch = arch or _ARCHS.get(arch_name)
     if arch is None:
         raise GGUFImportError(
             f"unsupported GGUF architecture {arch_name!r} in {gguf_path.name}: flock imports "
-            f"GGUF files of {', '.join(sorted(_ARCHS))}; {registry.supported_summary()}"
+            f"GGUF files of {', '.join(sorted(_ARCHS))} and the mixture-of-experts "
+            f"{', '.join(sorted(MOE_ARCHS))} and mixtral (as llama); "
+            f"{registry.supported_summary()}"
         )
     config = _model_config(meta, arch_name, arch, weights)
+    if isinstance(arch, MoeArch):
+        weights = gguf_moe.stack_legacy_experts(weights)
+        config.update(gguf_moe.moe_config(meta.get, arch_name, arch, config))
     tensors, quant_bits = _convert_tensors(weights, config, arch, dtype)
     if quant_bits:
         config["quantization"] = _quantization_entry(quant_bits)
@@ -155,7 +163,9 @@ def _uniform(value: Any, key: str) -> Any:
     return value
 
 
-def _model_config(meta: _Metadata, name: str, arch: _Arch, weights: dict[str, mx.array]) -> dict:
+def _model_config(
+    meta: _Metadata, name: str, arch: _Arch | MoeArch, weights: dict[str, mx.array]
+) -> dict:
     if "token_embd.weight" not in weights:
         raise GGUFImportError("GGUF has no token_embd.weight tensor")
     hidden = int(meta.require(f"{name}.embedding_length"))
@@ -171,7 +181,7 @@ def _model_config(meta: _Metadata, name: str, arch: _Arch, weights: dict[str, mx
     rope_theta = float(meta.get(f"{name}.rope.freq_base", 10000.0))
     context = int(meta.get(f"{name}.context_length", 2048))
     config: dict[str, Any] = {
-        "architectures": [_HF_CLASS[arch.model_type]],
+        "architectures": [_HF_CLASS.get(arch.model_type)],
         "model_type": arch.model_type,
         "hidden_size": hidden,
         "num_hidden_layers": int(meta.require(f"{name}.block_count")),
@@ -225,14 +235,15 @@ def _rope_scaling(
 # --- tensors --------------------------------------------------------------------------------
 
 
-def _hf_module(gguf_module: str) -> str:
+def _hf_module(gguf_module: str, moe_roles: dict[str, str]) -> str:
     if gguf_module in _TOP_LEVEL:
         return _TOP_LEVEL[gguf_module]
     parts = gguf_module.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _PER_LAYER:
-        return f"model.layers.{parts[1]}.{_PER_LAYER[parts[2]]}"
-    raise GGUFImportError(f"unsupported GGUF tensor {gguf_module!r} (mixture-of-experts or "
-                          "another architecture variant?)")
+    role = _PER_LAYER.get(parts[-1]) or moe_roles.get(parts[-1])
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and role is not None:
+        return f"model.layers.{parts[1]}.{role}"
+    raise GGUFImportError(f"unsupported GGUF tensor {gguf_module!r} (another architecture "
+                          "variant?)")
 
 
 def _unpermute_rows(n_rows: int, n_heads: int) -> mx.array:
@@ -249,7 +260,7 @@ def _unpermute_rows(n_rows: int, n_heads: int) -> mx.array:
 
 
 def _convert_tensors(
-    weights: dict[str, mx.array], config: dict, arch: _Arch, dtype: str
+    weights: dict[str, mx.array], config: dict, arch: _Arch | MoeArch, dtype: str
 ) -> tuple[dict[str, mx.array], dict[str, int]]:
     """HF-named tensors in the target dtype, and the bits of each module left quantized."""
     target = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16,
@@ -263,7 +274,7 @@ def _convert_tensors(
         module, _, kind = name.rpartition(".")
         if kind not in ("weight", "bias"):
             raise GGUFImportError(f"unsupported GGUF tensor {name!r}")
-        hf = _hf_module(module)
+        hf = _hf_module(module, arch.roles if isinstance(arch, MoeArch) else {})
         role = module.rpartition(".")[2]
         perm = None
         if arch.permute_qk and role in heads:
@@ -287,13 +298,16 @@ def _convert_tensors(
             raise GGUFImportError(f"tensor {name!r} has unsupported type {tensor.dtype}")
         out[f"{hf}.{kind}"] = tensor.astype(target)
     _check_complete(out, config, arch)
+    if isinstance(arch, MoeArch):
+        out = gguf_moe.finish_moe(out, config, arch)
     return out, quant_bits
 
 
-def _check_complete(tensors: dict[str, mx.array], config: dict, arch: _Arch) -> None:
+def _check_complete(tensors: dict[str, mx.array], config: dict, arch: _Arch | MoeArch) -> None:
     required = ["input_layernorm", "post_attention_layernorm", "self_attn.q_proj",
-                "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                "mlp.up_proj", "mlp.down_proj"]
+                "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    if not isinstance(arch, MoeArch):  # an MoE layer's MLP is checked by finish_moe
+        required += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     if arch.qk_norm:
         required += ["self_attn.q_norm", "self_attn.k_norm"]
     missing = [f"model.layers.{i}.{m}.weight" for i in range(config["num_hidden_layers"])
