@@ -33,7 +33,7 @@ from agent.cluster.memory_model import (
     memory_needed,
     tensor_sizes,
 )
-from agent.cluster.placement_speed import LEAVE_OUT_GAIN, plan_pipeline, speed_known
+from agent.cluster.placement_speed import FASTER_BY, plan_pipeline, speed_known
 from agent.cluster.placement_speed import apportion_at_least_one as _apportion_at_least_one
 from agent.cluster.placement_stability import (
     node_costs,
@@ -267,13 +267,13 @@ def _place_by_speed(model: ModelShape, costs: MemoryModel, ordered: list[NodePro
 def _fastest_that_holds(costs: MemoryModel, model: ModelShape,
                         by_memory: list[NodeProfile]) -> NodeProfile:
     """For one node: the largest, unless a node that also holds the model whole decodes
-    LEAVE_OUT_GAIN times faster (probe noise between alike nodes never moves a model)."""
+    FASTER_BY times faster (probe noise between alike nodes never moves a model)."""
     largest = by_memory[0]
     holds = [n for n in by_memory
              if costs.for_node(n.node_id).need(model.num_layers, first=True, last=True)
              <= n.usable_memory_bytes]
     fastest = max(holds, key=lambda n: (n.decode_gflops, n.usable_memory_bytes), default=largest)
-    return fastest if fastest.decode_gflops >= LEAVE_OUT_GAIN * largest.decode_gflops else largest
+    return fastest if fastest.decode_gflops >= FASTER_BY * largest.decode_gflops else largest
 
 
 def _stage_dtype(model: ModelShape, group: list[NodeProfile],

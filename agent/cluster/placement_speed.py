@@ -11,10 +11,11 @@ The estimate is of decode, one token of one stream, since that is what a user wa
 Rules:
 - Layers are split so stages take about equal time (layers in proportion to speed), within
   each node's memory: with micro-batches in flight the slowest stage sets the pace.
-- A node whose memory is not needed is left out when the pipeline without it runs one stream at
-  least `LEAVE_OUT_GAIN` times faster (an equal node never is: it costs a hop, adds speed),
-  and only when it is well slower than the others (`SLOW_FRACTION`), so probe noise between
-  alike nodes never drops one. Each left-out node gets its reason.
+- A node well slower than the fastest (under `SLOW_FRACTION` of its decode speed) is left out
+  when the others hold the model: one stream's token passes every stage in turn, so a node
+  below the pipeline's mean speed makes every token slower (and costs a hop besides), while
+  alike nodes, probe noise included, are all kept. The slowest go first, as many as memory
+  allows and as long as one stream then runs `LEAVE_OUT_GAIN` faster; each gets its reason.
 - Stage order follows the links: the order whose slowest hop is fastest (the ring is a cycle),
   then the least total hop time; hop times are compared in coarse steps (under 1 ms all count
   as equal), and ties keep the memory order (largest nodes at the ends, which hold embeddings).
@@ -31,11 +32,15 @@ from math import floor, log2
 from agent.cluster.memory_model import MemoryModel
 from agent.cluster.state import ModelShape, NodeProfile
 
-# Leave a node out only if one stream decodes this much faster without it: a node kept also
-# adds throughput when many streams are in flight, so a small latency gain is not worth it.
-LEAVE_OUT_GAIN = 1.25
-# ... and only if its decode speed is below this fraction of the fastest candidate's.
+# A node is slow (left out when memory allows) under this fraction of the fastest's decode
+# speed: beside one node, it would make one stream's tokens 1.25x slower or more.
 SLOW_FRACTION = 0.6
+# ... and only when one stream then runs this much faster (memory pushed onto other slow nodes
+# may make it slower instead).
+LEAVE_OUT_GAIN = 1.1
+# For one node: a node that holds the model whole is preferred to the largest when this much
+# faster (probe noise between alike nodes must not move a model).
+FASTER_BY = 1.25
 # Stage orders are searched exhaustively up to this many stages (6! = 720 orders).
 MAX_SEARCHED_STAGES = 6
 # Hop times below this are all alike (loopback, a switch); above, they compare in sqrt(2) steps.
@@ -87,33 +92,22 @@ def plan_pipeline(model: ModelShape, nodes: list[NodeProfile], costs_of: CostsOf
     plan = _best_order(model, members, costs_of, memory_order)
     if plan is None:
         return None
-    left_out: dict[str, str] = {}
+    # The slow ones, slowest first: leave out as many as the others' memory allows.
     fastest = max(n.decode_gflops for n in members)
-    while len(members) > 1:
-        found = _worth_leaving_out(model, members, costs_of, memory_order, plan[2], fastest)
-        if found is None:
-            break
-        node, without = found
-        left_out[node.node_id] = (
-            f"left out: {node.name} decodes at {node.decode_gflops:g} GFLOP/s (fastest "
-            f"{fastest:g}); without it one token takes {without[2] * 1e3:.1f} ms instead of "
-            f"{plan[2] * 1e3:.1f} ms, and the others hold the model")
-        members, plan = [n for n in members if n is not node], without
-    return SpeedPlan(*plan, left_out=left_out)
-
-
-def _worth_leaving_out(model: ModelShape, members: list[NodeProfile], costs_of: CostsOf,
-                       memory_order: list[NodeProfile], step_s: float, fastest: float
-                       ) -> tuple[NodeProfile, tuple[list[NodeProfile], list[int], float]] | None:
-    """The slowest node whose absence speeds one stream up by LEAVE_OUT_GAIN, with that plan."""
-    for node in sorted(members, key=lambda n: (n.decode_gflops, n.node_id)):
-        if node.decode_gflops >= SLOW_FRACTION * fastest:
-            return None  # the rest are faster still
-        without = _best_order(model, [n for n in members if n is not node], costs_of,
-                              memory_order)
-        if without is not None and without[2] * LEAVE_OUT_GAIN <= step_s:
-            return node, without
-    return None
+    slow = sorted((n for n in members if n.decode_gflops < SLOW_FRACTION * fastest),
+                  key=lambda n: (n.decode_gflops, n.node_id))
+    for k in range(len(slow), 0, -1):
+        rest = [n for n in members if n not in slow[:k]]
+        without = _best_order(model, rest, costs_of, memory_order)
+        if without is None or without[2] * LEAVE_OUT_GAIN > plan[2]:
+            continue  # the others cannot hold it, or would run slower on their own
+        left_out = {n.node_id: (
+            f"left out: {n.name} decodes at {n.decode_gflops:g} GFLOP/s, under "
+            f"{SLOW_FRACTION:g} of the fastest ({fastest:g}), and the others hold the model: "
+            f"one token takes about {without[2] * 1e3:.1f} ms without it, "
+            f"{plan[2] * 1e3:.1f} ms with all") for n in slow[:k]}
+        return SpeedPlan(*without, left_out=left_out)
+    return SpeedPlan(*plan, left_out={})
 
 
 def _best_order(model: ModelShape, members: list[NodeProfile], costs_of: CostsOf,
