@@ -31,9 +31,10 @@ Via = Literal["self", "beacon", "static"]
 
 RTT_SMOOTHING = 0.25  # EWMA weight of a new RTT sample (TCP's SRTT uses 1/8; links here are few)
 # Fields a beacon may leave out when the profile is too big for one datagram.
-DETAIL_FIELDS = ("models", "labels")
+DETAIL_FIELDS = ("models", "labels", "links")
 # Changes that are not worth an event: the snapshot always carries the latest value anyway.
-_QUIET_FIELDS = frozenset({"memory_available_bytes"})
+# Links change with every round-trip sample (placement reads them when it next runs).
+_QUIET_FIELDS = frozenset({"memory_available_bytes", "links"})
 
 
 def lenient_profile(data: dict[str, Any]) -> NodeProfile:

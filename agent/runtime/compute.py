@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from agent.runtime.journal import Journal
 from agent.runtime.kv import KvSlots
-from agent.runtime.links import StageLink, StepMessage
+from agent.runtime.links import StageLink, StepMessage, as_stage_dtype
 from agent.runtime.model import Decoder
 from agent.runtime.step import make_decode_fn, make_project_fn, prefill
 
@@ -91,7 +91,7 @@ class HeadCompute(LocalCompute):
         self.downstream.send(message, h)
         _, back = self.upstream.recv()
         assert back is not None
-        return back
+        return as_stage_dtype(back, self.decoder.dtype)  # the last stage may compute in another
 
     def prefill(self, row: int, start: int, tokens: list[int]) -> mx.array:
         ops = self._drain()

@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from agent.runtime.journal import Gather, KvOp, PrefixDrop, PrefixLoad, PrefixSave, Resize
 from agent.runtime.kv import KvSlots
-from agent.runtime.links import StageLink, StageLinkError, next_step
+from agent.runtime.links import StageLink, StageLinkError, as_stage_dtype, next_step
 from agent.runtime.model import Decoder
 from agent.runtime.prefix import copy_rows
 from agent.runtime.step import make_decode_fn, prefill
@@ -56,6 +56,7 @@ class Follower:
                     raise ValueError(f"unknown KV journal op {op!r}")
 
     def step(self, op: str, row: int, start: int, positions: list[int], h: mx.array) -> mx.array:
+        h = as_stage_dtype(h, self.decoder.dtype)  # a mixed pipeline: the sender's dtype differs
         if op == "prefill":
             out = prefill(self.decoder, h, start, row, self.kv.keys, self.kv.values,
                           embed=self.embeds, project=False, quant=self.quant)
