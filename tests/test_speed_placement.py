@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.cluster.compute_probe import CACHE_FILE, measure_speed
+from agent.cluster.link_probe import links_from, rounded, transfer_mbps
 from agent.cluster.placement import PlacementError, memory_model, place, still_valid
 from agent.cluster.placement_speed import hop_seconds
 from agent.cluster.state import Link, ModelShape, NodeProfile, Placement
@@ -194,3 +195,21 @@ def test_probe_measures_both_shapes_and_caches_them(tmp_path: Path) -> None:
     cached = json.loads((tmp_path / CACHE_FILE).read_text())
     assert first.key in cached and cached[first.key]["conditions"]["affinity"]
     assert asyncio.run(measure_speed(settings_)) == first  # same conditions: from the cache
+
+
+def test_links_are_rounded_and_bandwidth_discounts_one_round_trip() -> None:
+    assert rounded(0.1234) == 0.12 and rounded(1411.7) == 1400.0 and rounded(0.0) == 0.0
+    links = links_from({"b": 0.2345, "a": 12.6}, {"a": 987.6})
+    assert links == {"a": Link(rtt_ms=13.0, mbps=990.0), "b": Link(rtt_ms=0.23, mbps=0.0)}
+    assert list(links) == ["a", "b"]
+    # 1 MB in 11 ms over a 1 ms round trip: 8 Mbit in 10 ms.
+    assert transfer_mbps(1_000_000, 0.011, 0.001) == pytest.approx(800.0)
+
+
+def test_a_profile_with_speeds_and_links_survives_beacons_and_status() -> None:
+    from agent.cluster.membership import detail_digest, lenient_profile
+
+    plain = fast_node(0, GiB, 5.0)
+    linked = fast_node(0, GiB, 5.0, links={"n1": Link(rtt_ms=0.3, mbps=900.0)})
+    assert detail_digest(linked) != detail_digest(plain)  # links travel with the detail
+    assert lenient_profile(linked.model_dump(mode="json")) == linked

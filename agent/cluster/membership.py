@@ -45,7 +45,7 @@ def lenient_profile(data: dict[str, Any]) -> NodeProfile:
 
 def detail_digest(profile: NodeProfile) -> str:
     """A short hash of the fields a partial beacon omits, to tell whether ours are still current."""
-    detail = {name: getattr(profile, name) for name in DETAIL_FIELDS}
+    detail = profile.model_dump(mode="json", include=set(DETAIL_FIELDS))
     return hashlib.sha256(json.dumps(detail, sort_keys=True).encode()).hexdigest()[:12]
 
 
