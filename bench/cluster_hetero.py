@@ -143,6 +143,8 @@ def hetero_figures(models: Path, model_dir: Path, *, rounds: int = 3, n: int = 6
                         speed.append(stream_decode(client, MODEL, n))
                         memory.append(stream_decode(client, str(model_dir), n))
                 del slow
+                # Links are measured in the background once peers meet: read them now.
+                profiles = {p.name: p for p in _profiles(cluster.status(fast))}
             finally:
                 cluster.close()
     finally:
