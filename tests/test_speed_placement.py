@@ -86,8 +86,13 @@ def test_more_speed_never_gets_fewer_layers(case: tuple[ModelShape, list[NodePro
               if n is target else n for n in nodes]
     after = place(model, faster, strategy="pipeline")
     check_invariants(model, faster, after)
-    if target.node_id in before.nodes():  # never fewer layers, never newly left out
-        assert shares(after).get(target.node_id, 0) >= shares(before)[target.node_id]
+    if target.node_id not in before.nodes():
+        return
+    assert target.node_id in after.nodes()  # a faster node is never newly left out
+    if set(after.nodes()) == set(before.nodes()):
+        assert shares(after)[target.node_id] >= shares(before)[target.node_id]
+    # Else, faster, it left another node behind (now slow beside it): it may have moved to an
+    # end of the ring, where the embedding or the head takes some of its memory (see notes).
 
 
 def test_layers_follow_decode_speed_within_memory() -> None:

@@ -173,9 +173,9 @@ def _place_auto(model: ModelShape, costs: MemoryModel, nodes: list[NodeProfile],
         raise PlacementError(f"no nodes available for {model.name}")
     largest = _by_memory(nodes)
     biggest = largest[0]
-    whole = costs.need(model.num_layers, first=True, last=True)
     if weigh_by_compute is not False and speed_known(nodes):
         biggest = _fastest_that_holds(costs, model, largest)
+    whole = costs.for_node(biggest.node_id).need(model.num_layers, first=True, last=True)
     if whole <= biggest.usable_memory_bytes:
         return _place_single(model, costs, biggest,
                              f"auto: fits one node ({biggest.name}: needs {human_bytes(whole)} "
@@ -197,7 +197,7 @@ def _place_auto(model: ModelShape, costs: MemoryModel, nodes: list[NodeProfile],
 
 def _place_single(model: ModelShape, costs: MemoryModel, node: NodeProfile,
                   reason: str) -> tuple[Groups, list[int], str]:
-    need = costs.need(model.num_layers, first=True, last=True)
+    need = costs.for_node(node.node_id).need(model.num_layers, first=True, last=True)
     if need > node.usable_memory_bytes:
         raise _shortfall(model, costs, [[node]], f"on node {node.name}")
     return [[node]], [model.num_layers], reason
@@ -244,18 +244,18 @@ def _place_by_speed(model: ModelShape, costs: MemoryModel, ordered: list[NodePro
         raise PlacementError(f"{len(ordered)} pinned nodes for {model.num_layers} layers: "
                              "every pipeline stage needs at least one layer")
     candidates = ordered
+    useless: dict[str, str] = {}
     if not pinned:
         candidates = [g[0] for g in _drop_useless(costs, [[n] for n in ordered],
                                                   model.num_layers)[0]]
-        for node in ordered:
-            if node not in candidates:
-                left_out[node.node_id] = f"left out: {node.name} has memory for no layer"
+        useless = {n.node_id: f"left out: {n.name} has memory for no layer"
+                   for n in ordered if n not in candidates}
     plan = plan_pipeline(model, candidates, costs.for_node, memory_order=candidates,
                          fixed_order=pinned)
     if plan is None:
         where = "on the pinned nodes" if pinned else "as a pipeline"
         raise _shortfall(model, costs, [[n] for n in ordered], where)
-    left_out.update(plan.left_out)
+    left_out.update({**useless, **plan.left_out})
     speeds = ", ".join(f"{n.name} {n.decode_gflops:g}" for n in plan.order)
     dropped = f"; {len(plan.left_out)} slow node(s) left out" if plan.left_out else ""
     return [[n] for n in plan.order], plan.counts, (
