@@ -14,11 +14,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.cluster.assignment import Assignment
 from agent.cluster.compute_probe import CACHE_FILE, measure_speed
 from agent.cluster.link_probe import links_from, rounded, transfer_mbps
 from agent.cluster.placement import PlacementError, memory_model, place, still_valid
 from agent.cluster.placement_speed import hop_seconds
 from agent.cluster.state import Link, ModelShape, NodeProfile, Placement
+from agent.cluster.status import status_report
 from agent.settings import NodeSettings
 from tests.test_placement import SMOLLM2, GiB, check_invariants, layer_counts, model_shapes
 
@@ -126,8 +128,13 @@ def test_a_slow_node_is_left_out_with_the_reason_when_the_others_hold_the_model(
     assert placement.nodes() == ["n0"]
     reason = placement.left_out["n1"]
     assert "node1" in reason and "3.5 GFLOP/s" in reason and "ms" in reason
-    dumped = placement.model_dump(mode="json")  # what status shows
-    assert dumped["left_out"] == {"n1": reason}
+    report = status_report(node_id="n0", cluster="c", leader="n0",
+                           assignment=Assignment(placements=[placement]), local_spec=None,
+                           spec_errors=[], nodes={n.node_id: n for n in nodes}, views=[],
+                           incompatible=[], runners=[])
+    assert report["placements"][0]["left_out"] == {"n1": reason}
+    assert {n["node_id"]: n["decode_gflops"] for n in report["nodes"]} == {"n0": 10.0,
+                                                                          "n1": 3.5}
 
 
 def test_a_slow_node_whose_memory_is_needed_gets_fewer_layers() -> None:
