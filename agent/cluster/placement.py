@@ -4,7 +4,9 @@ What a share costs a node is the memory model's (`agent/cluster/memory_model.py`
 
 Strategies (without pinned nodes, over the candidate nodes the caller passes):
 - `pipeline`: contiguous layer ranges, one node per stage, over every candidate that can hold
-  a layer, in proportion to what each can hold (or to measured compute, capped by memory).
+  a layer, in proportion to what each can hold; when every candidate measured its decode
+  speed, in proportion to that within memory, slow nodes left out and stages ordered by their
+  links (`placement_speed`).
 - `tensor`: the largest group that fits and whose size divides the attention heads, the KV
   heads and the MLP's intermediate size; each node holds 1/n of every layer plus the embedding.
 - `hybrid`: tensor groups as pipeline stages, for node counts that fit neither (6 nodes and 9
@@ -13,7 +15,7 @@ Strategies (without pinned nodes, over the candidate nodes the caller passes):
 - `auto`: one node if it fits, else a pipeline over the fewest largest nodes (`choose_auto`).
 Pinned nodes are used exactly, in order; per-node layer counts fix a pipeline's split.
 A previous placement that is still valid is kept, so unrelated changes never reshuffle it
-(`placement_stability`). With measured speeds, pipelines split by speed (`placement_speed`).
+(`placement_stability`).
 """
 
 from __future__ import annotations
