@@ -42,8 +42,9 @@ LEAVE_OUT_GAIN = 1.1
 # For one node: a node that holds the model whole is preferred to the largest when this much
 # faster (probe noise between alike nodes must not move a model).
 FASTER_BY = 1.25
-# Stage orders are searched exhaustively up to this many stages (6! = 720 orders).
-MAX_SEARCHED_STAGES = 6
+# Stage orders are searched exhaustively up to this many stages (5! = 120 orders; a search
+# runs in the reconcile loop, so it must stay in milliseconds).
+MAX_SEARCHED_STAGES = 5
 # Hop times below this are all alike (loopback, a switch); above, they compare in sqrt(2) steps.
 HOP_FLOOR_S = 1e-3
 # A hop whose link nobody measured: a LAN round trip, so unknown links neither win nor lose.
@@ -118,10 +119,11 @@ def _best_order(model: ModelShape, members: list[NodeProfile], costs_of: CostsOf
     if not members or len(members) > model.num_layers:
         return None
     rank = {n.node_id: i for i, n in enumerate(memory_order)}
-    if fixed or len(members) > MAX_SEARCHED_STAGES:
-        orders: list[tuple[NodeProfile, ...]] = [tuple(members)]
+    ranked = sorted(members, key=lambda n: rank.get(n.node_id, 0))
+    if fixed or len(members) > MAX_SEARCHED_STAGES or _links_alike(model, members):
+        orders: list[tuple[NodeProfile, ...]] = [tuple(members if fixed else ranked)]
     else:
-        orders = list(permutations(sorted(members, key=lambda n: rank.get(n.node_id, 0))))
+        orders = list(permutations(ranked))
     best: tuple[tuple[object, ...], list[NodeProfile], list[int], float] | None = None
     for order in orders:
         counts = split_by_speed(model, list(order), costs_of)
@@ -133,6 +135,13 @@ def _best_order(model: ModelShape, members: list[NodeProfile], costs_of: CostsOf
         if best is None or key < best[0]:
             best = (key, list(order), counts, step_seconds(model, list(order), counts))
     return None if best is None else (best[1], best[2], best[3])
+
+
+def _links_alike(model: ModelShape, members: list[NodeProfile]) -> bool:
+    """Whether every order ties on hops (all links fast, or none measured): then the memory
+    order stands, and the search over orders is skipped."""
+    hops = [hop_seconds(model, a, b) for a in members for b in members if a is not b]
+    return not hops or max(hops) == min(hops) or max(hops) * len(members) <= HOP_FLOOR_S
 
 
 def split_by_speed(model: ModelShape, order: list[NodeProfile],
