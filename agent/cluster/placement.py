@@ -261,7 +261,8 @@ def _place_by_speed(model: ModelShape, costs: MemoryModel, ordered: list[NodePro
     speeds = ", ".join(f"{n.name} {n.decode_gflops:g}" for n in plan.order)
     dropped = f"; {len(plan.left_out)} slow node(s) left out" if plan.left_out else ""
     return [[n] for n in plan.order], plan.counts, (
-        f"pipeline over {len(plan.order)} nodes, layers in proportion to measured decode speed "
+        f"pipeline over {len(plan.order)} node{'s' if len(plan.order) > 1 else ''}, layers in "
+        f"proportion to measured decode speed "
         f"(GFLOP/s: {speeds}) within memory, about {plan.step_s * 1e3:.1f} ms per token"
         f"{dropped}")
 
