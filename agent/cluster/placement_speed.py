@@ -17,8 +17,9 @@ Rules:
   alike nodes, probe noise included, are all kept. The slowest go first, as many as memory
   allows and as long as one stream then runs `LEAVE_OUT_GAIN` faster; each gets its reason.
 - Stage order follows the links: the order whose slowest hop is fastest (the ring is a cycle),
-  then the least total hop time; hop times are compared in coarse steps (under 1 ms all count
-  as equal), and ties keep the memory order (largest nodes at the ends, which hold embeddings).
+  then the least total hop time, then the fastest node as the head (it also projects every
+  token to logits, as much work as several layers); hop times and speeds compare in coarse
+  steps (hops under 1 ms all count as equal), and ties keep the memory order.
 """
 
 from __future__ import annotations
@@ -120,8 +121,14 @@ def _best_order(model: ModelShape, members: list[NodeProfile], costs_of: CostsOf
         return None
     rank = {n.node_id: i for i, n in enumerate(memory_order)}
     ranked = sorted(members, key=lambda n: rank.get(n.node_id, 0))
-    if fixed or len(members) > MAX_SEARCHED_STAGES or _links_alike(model, members):
-        orders: list[tuple[NodeProfile, ...]] = [tuple(members if fixed else ranked)]
+    if fixed:
+        orders: list[tuple[NodeProfile, ...]] = [tuple(members)]
+    elif len(members) > MAX_SEARCHED_STAGES or _links_alike(model, members):
+        # Links tie: the memory order led by the fastest node (by coarse speed class) if its
+        # memory holds the embedding, else the memory order.
+        head = max(ranked, key=lambda n: (_speed_class(n), -rank.get(n.node_id, 0)))
+        led = (head, *(n for n in ranked if n is not head))
+        orders = [led] if led == tuple(ranked) else [led, tuple(ranked)]
     else:
         orders = list(permutations(ranked))
     best: tuple[tuple[object, ...], list[NodeProfile], list[int], float] | None = None
@@ -130,7 +137,7 @@ def _best_order(model: ModelShape, members: list[NodeProfile], costs_of: CostsOf
         if counts is None:
             continue
         hops = ring_hops(model, list(order))
-        key = (_hop_class(max(hops, default=0.0)), _hop_class(sum(hops)),
+        key = (_hop_class(max(hops, default=0.0)), _hop_class(sum(hops)), -_speed_class(order[0]),
                tuple(rank.get(n.node_id, 0) for n in order))
         if best is None or key < best[0]:
             best = (key, list(order), counts, step_seconds(model, list(order), counts))
@@ -169,6 +176,11 @@ def step_seconds(model: ModelShape, order: list[NodeProfile], counts: list[int])
     """One stream's decode token: every stage in turn, and every hop of the ring."""
     compute = sum(c * layer_seconds(model, n) for n, c in zip(order, counts, strict=True))
     return compute + sum(ring_hops(model, order))
+
+
+def _speed_class(node: NodeProfile) -> int:
+    """Coarse steps of decode speed (sqrt(2) apart), so probe noise does not pick the head."""
+    return floor(2 * log2(node.decode_gflops)) if node.decode_gflops > 0 else -1000
 
 
 def _hop_class(seconds: float) -> int:
