@@ -60,3 +60,50 @@ def backend_name() -> str:
     if has_gpu and (installed("mlx-cuda-12") or installed("mlx-cuda-13")):
         return "cuda"
     return "cpu"
+
+
+def cpu_affinity() -> list[int]:
+    """The cores this process may run on (taskset, cpusets), sorted; all cores where unknown."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS has no affinity masks
+        return list(range(cpu_count()))
+
+
+def cpu_quota() -> float | None:
+    """The CPU share this process's cgroup allows, in cores (0.35 = 35% of one), or None.
+
+    cgroup v2 reads `cpu.max` ("quota period" or "max period"); v1 reads `cpu.cfs_quota_us`
+    (-1 = none) over `cpu.cfs_period_us`, in the group /proc/self/cgroup names for `cpu`.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, group = line.split(":", 2)
+        group = group.lstrip("/")
+        if controllers == "":  # v2 unified hierarchy
+            found = _read(Path("/sys/fs/cgroup") / group / "cpu.max")
+            if found:
+                quota, _, period = found.partition(" ")
+                if quota != "max" and period:
+                    return int(quota) / int(period)
+        elif "cpu" in controllers.split(","):
+            for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+                base = Path("/sys/fs/cgroup") / mount / group
+                quota_text = _read(base / "cpu.cfs_quota_us")
+                period_text = _read(base / "cpu.cfs_period_us")
+                if quota_text and period_text:
+                    quota = int(quota_text)
+                    return quota / int(period_text) if quota > 0 else None
+    return None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""

@@ -27,11 +27,12 @@ from agent.cluster.assignment import ASSIGNMENT_PATH, Assignment, continue_from,
 from agent.cluster.auth import auth_mode, effective_secret
 from agent.cluster.autoscale import ScaleMemory, scale_assignment
 from agent.cluster.catalogue import ModelCatalogue
-from agent.cluster.compute_probe import measure_compute
+from agent.cluster.compute_probe import ComputeSpeed, measure_speed
 from agent.cluster.convergence import MemberConvergence
 from agent.cluster.discovery import Discovery, DiscoveryConfig, StaticPeers
 from agent.cluster.identity import load_or_create
 from agent.cluster.leader import elect
+from agent.cluster.link_probe import LinkMeter
 from agent.cluster.load_reports import LoadReports
 from agent.cluster.membership import Membership, PeerTable
 from agent.cluster.peers import PeerClient, PeerError, base_url
@@ -69,10 +70,11 @@ class ClusterController:
         self.cluster_name = spec.cluster.name if spec else settings.cluster_name
         # The secret never travels: assignments carry the spec without it.
         self.assignment = Assignment(spec=VersionedSpec.first(spec)) if spec else Assignment()
-        self.blas, self.compute_gflops = "", 0.0
+        self.speed = ComputeSpeed("", 0.0, 0.0, "")  # measured in start()
         self._addresses: list[str] = []
         self.client = PeerClient(node_id=self.node_id, secret=self.secret,
                                  timeout_s=settings.peer_timeout_s)
+        self.link_meter = LinkMeter(self.client)
         self.stream_client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None),
                                                trust_env=False)
         self.table = PeerTable(self.profile(), interval_s=settings.discovery_interval_s,
@@ -118,8 +120,11 @@ class ClusterController:
             memory_total_bytes=sysinfo.total_memory_bytes(),
             memory_available_bytes=sysinfo.available_memory_bytes(),
             memory_cap_bytes=s.memory_cap_bytes,
-            compute_gflops=self.compute_gflops,
-            blas=self.blas,
+            compute_gflops=self.speed.matmul_gflops,
+            decode_gflops=self.speed.matvec_gflops,
+            probe_key=self.speed.key,
+            links=self.link_meter.links(self.table.rtts_ms()) if hasattr(self, "table") else {},
+            blas=self.speed.blas,
             spec_generation=spec.generation if spec else 0,
             spec_hash=spec.hash if spec else "",
             models=sorted(m.name for m in self.store.list()),
@@ -168,7 +173,7 @@ class ClusterController:
         if self.auth_mode == "keys":
             log.info("keys-only mode: members sign with a cluster secret derived from the first "
                      "API key; every node of this cluster must list the same first key")
-        self.blas, self.compute_gflops = await measure_compute(s)
+        self.speed = await measure_speed(s)
         if s.discovery_enabled:
             config = DiscoveryConfig(
                 cluster=self.cluster_name, secret=self.secret,
@@ -202,6 +207,7 @@ class ClusterController:
 
     def _on_membership(self, event: Any) -> None:
         if event.kind in ("join", "restart"):
+            self.link_meter.peer_seen(event.profile, int(event.at * 1000))
             # A node (re)appeared: after a partition heals it may hold another leader's
             # assignment, so the leader reconciles the assignments before it leads again.
             self._take_over = True

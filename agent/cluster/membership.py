@@ -31,9 +31,10 @@ Via = Literal["self", "beacon", "static"]
 
 RTT_SMOOTHING = 0.25  # EWMA weight of a new RTT sample (TCP's SRTT uses 1/8; links here are few)
 # Fields a beacon may leave out when the profile is too big for one datagram.
-DETAIL_FIELDS = ("models", "labels")
+DETAIL_FIELDS = ("models", "labels", "links")
 # Changes that are not worth an event: the snapshot always carries the latest value anyway.
-_QUIET_FIELDS = frozenset({"memory_available_bytes"})
+# Links change with every round-trip sample (placement reads them when it next runs).
+_QUIET_FIELDS = frozenset({"memory_available_bytes", "links"})
 
 
 def lenient_profile(data: dict[str, Any]) -> NodeProfile:
@@ -44,7 +45,7 @@ def lenient_profile(data: dict[str, Any]) -> NodeProfile:
 
 def detail_digest(profile: NodeProfile) -> str:
     """A short hash of the fields a partial beacon omits, to tell whether ours are still current."""
-    detail = {name: getattr(profile, name) for name in DETAIL_FIELDS}
+    detail = profile.model_dump(mode="json", include=set(DETAIL_FIELDS))
     return hashlib.sha256(json.dumps(detail, sort_keys=True).encode()).hexdigest()[:12]
 
 

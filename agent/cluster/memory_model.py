@@ -7,7 +7,7 @@ head on the last (a tied embedding serves as the head, so both ends hold it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from math import ceil
 
@@ -63,6 +63,27 @@ class MemoryModel:
             return self.whole_end_bytes
         return self.first_end_bytes * first + self.last_end_bytes * last
 
+    def for_node(self, node_id: str) -> MemoryModel:
+        """What a share costs this node (one model for all, unless nodes run their own dtype)."""
+        return self
+
+
+@dataclass(frozen=True)
+class PerNode(MemoryModel):
+    """Costs when some nodes run the model at their own dtype (a mixed pipeline): those nodes'
+    shares are counted at their dtype, everyone else's at the placement's (this model's)."""
+
+    own: dict[str, MemoryModel] = field(default_factory=dict)
+
+    def __init__(self, default: MemoryModel, own: dict[str, MemoryModel]) -> None:
+        super().__init__(default.layer_bytes, default.first_end_bytes, default.last_end_bytes,
+                         default.whole_end_bytes)
+        object.__setattr__(self, "own", dict(own))
+
+    def for_node(self, node_id: str) -> MemoryModel:
+        return self.own.get(node_id, MemoryModel(self.layer_bytes, self.first_end_bytes,
+                                                 self.last_end_bytes, self.whole_end_bytes))
+
 
 def memory_model(model: ModelShape, *, kv_headroom_tokens: int = DEFAULT_KV_HEADROOM_TOKENS,
                  kv_bits: int | None = None) -> MemoryModel:
@@ -86,13 +107,20 @@ def kv_bytes_per_token_per_layer(model: ModelShape, kv_bits: int | None = None) 
 
 def memory_needed(model: ModelShape, placement: Placement, *,
                   kv_headroom_tokens: int = DEFAULT_KV_HEADROOM_TOKENS,
-                  kv_bits: int | None = None) -> dict[str, int]:
-    """Bytes each node of `placement` needs (summed if a node appears in several stages)."""
+                  kv_bits: int | None = None,
+                  shapes: dict[str, ModelShape] | None = None) -> dict[str, int]:
+    """Bytes each node of `placement` needs (summed if a node appears in several stages).
+
+    A stage with its own dtype is counted at `shapes[its dtype]` when given (a mixed pipeline).
+    """
     costs = memory_model(model, kv_headroom_tokens=kv_headroom_tokens, kv_bits=kv_bits)
     needed: dict[str, int] = {}
     last_index = len(placement.stages) - 1
     for i, stage in enumerate(placement.stages):
-        share = costs.need(stage.layer_stop - stage.layer_start, len(stage.nodes),
+        own = (shapes or {}).get(stage.dtype or "")
+        stage_costs = costs if own is None else memory_model(
+            own, kv_headroom_tokens=kv_headroom_tokens, kv_bits=kv_bits)
+        share = stage_costs.need(stage.layer_stop - stage.layer_start, len(stage.nodes),
                            first=i == 0, last=i == last_index)
         for node_id in stage.nodes:
             needed[node_id] = needed.get(node_id, 0) + share

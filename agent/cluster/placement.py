@@ -4,7 +4,9 @@ What a share costs a node is the memory model's (`agent/cluster/memory_model.py`
 
 Strategies (without pinned nodes, over the candidate nodes the caller passes):
 - `pipeline`: contiguous layer ranges, one node per stage, over every candidate that can hold
-  a layer, in proportion to what each can hold (or to measured compute, capped by memory).
+  a layer, in proportion to what each can hold; when every candidate measured its decode
+  speed, in proportion to that within memory, slow nodes left out and stages ordered by their
+  links (`placement_speed`).
 - `tensor`: the largest group that fits and whose size divides the attention heads, the KV
   heads and the MLP's intermediate size; each node holds 1/n of every layer plus the embedding.
 - `hybrid`: tensor groups as pipeline stages, for node counts that fit neither (6 nodes and 9
@@ -12,13 +14,13 @@ Strategies (without pinned nodes, over the candidate nodes the caller passes):
   stages first, over as many candidates as can take part.
 - `auto`: one node if it fits, else a pipeline over the fewest largest nodes (`choose_auto`).
 Pinned nodes are used exactly, in order; per-node layer counts fix a pipeline's split.
-A previous placement that is still valid is kept, so unrelated changes never reshuffle it.
+A previous placement that is still valid is kept, so unrelated changes never reshuffle it
+(`placement_stability`).
 """
 
 from __future__ import annotations
 
 from fractions import Fraction
-from itertools import pairwise
 from math import ceil
 from typing import Literal
 
@@ -32,6 +34,14 @@ from agent.cluster.memory_model import (
     memory_model,
     memory_needed,
     tensor_sizes,
+)
+from agent.cluster.placement_speed import FASTER_BY, plan_pipeline, speed_known
+from agent.cluster.placement_speed import apportion_at_least_one as _apportion_at_least_one
+from agent.cluster.placement_stability import (
+    node_costs,
+    resolve_pins,
+    still_valid,
+    still_valid_costs,
 )
 from agent.cluster.state import ModelShape, NodeProfile, Placement, Stage, Strategy
 
@@ -57,43 +67,55 @@ def place(
     layer_counts: list[int] | None = None,
     kv_headroom_tokens: int = DEFAULT_KV_HEADROOM_TOKENS,
     kv_bits: int | None = None,
-    weigh_by_compute: bool = False,
+    weigh_by_compute: bool | None = None,
     instance_id: str | None = None,
     owner: Owner = "auto",
     previous: Placement | None = None,
+    node_dtypes: dict[str, ModelShape] | None = None,
 ) -> Placement:
     """Place one instance of `model` on `nodes` (the candidates: alive, compatible, selected).
 
     `pinned_nodes` (ids or names) fixes exactly which nodes serve, in stage order;
     `layer_counts` fixes a pipeline's layers per pinned node. `previous` is kept when still valid.
+    `weigh_by_compute`: None (the default) splits pipelines by measured speed when every
+    candidate reports a decode speed (`placement_speed`), else by memory; True also weighs by
+    matmul speed alone; False is memory alone.
+    `node_dtypes`: node id -> the model's shape at the dtype that node runs best (a mixed
+    pipeline); such a node's stage loads, and is counted at, that dtype.
     Raises PlacementError saying why nothing fits, with needed and available memory per node.
     """
-    costs = memory_model(model, kv_headroom_tokens=kv_headroom_tokens, kv_bits=kv_bits)
+    costs = node_costs(model, kv_headroom_tokens, kv_bits, node_dtypes)
     instance_id = instance_id or model.name
     by_id = sorted(nodes, key=lambda n: n.node_id)  # input order never changes the answer
-    pinned = _resolve_pins(pinned_nodes, by_id) if pinned_nodes else None
+    pinned = resolve_pins(pinned_nodes, by_id) if pinned_nodes else None
     if layer_counts is not None and (pinned is None or strategy in ("tensor", "hybrid")):
         raise PlacementError("per-node layer counts need pinned nodes and a pipeline split")
-    if previous is not None and _still_valid(previous, model, by_id, costs, strategy=strategy,
-                                             pinned=pinned, layer_counts=layer_counts,
-                                             instance_id=instance_id):
+    if previous is not None and still_valid_costs(previous, model, by_id, costs,
+                                                  strategy=strategy, pinned=pinned,
+                                                  layer_counts=layer_counts,
+                                                  instance_id=instance_id,
+                                                  node_dtypes=node_dtypes):
         return previous if previous.owner == owner else previous.model_copy(update={"owner": owner})
 
+    left_out: dict[str, str] = {}
     if strategy == "auto":
         groups, counts, reason = _place_auto(model, costs, by_id, pinned, layer_counts,
-                                             weigh_by_compute)
+                                             weigh_by_compute, left_out)
     elif strategy == "pipeline":
         groups, counts, reason = _place_pipeline(model, costs, pinned or by_id,
                                                  pinned=pinned is not None,
                                                  layer_counts=layer_counts,
-                                                 weigh_by_compute=weigh_by_compute)
+                                                 weigh_by_compute=weigh_by_compute,
+                                                 left_out=left_out)
     elif strategy == "tensor":
         groups, counts, reason = _place_tensor(model, costs, by_id, pinned)
     else:
         groups, counts, reason = _place_hybrid(model, costs, pinned or by_id,
                                                pinned=pinned is not None)
     _check_engine_allows(model, groups)
-    return _placement(model, groups, counts, reason=reason, instance_id=instance_id, owner=owner)
+    placement = _placement(model, groups, counts, reason=reason, instance_id=instance_id,
+                           owner=owner, node_dtypes=node_dtypes)
+    return placement.model_copy(update={"left_out": left_out}) if left_out else placement
 
 
 def _check_engine_allows(model: ModelShape, groups: Groups) -> None:
@@ -136,7 +158,8 @@ Groups = list[list[NodeProfile]]
 
 def _place_auto(model: ModelShape, costs: MemoryModel, nodes: list[NodeProfile],
                 pinned: list[NodeProfile] | None, layer_counts: list[int] | None,
-                weigh_by_compute: bool) -> tuple[Groups, list[int], str]:
+                weigh_by_compute: bool | None,
+                left_out: dict[str, str]) -> tuple[Groups, list[int], str]:
     if pinned is not None:
         if len(pinned) == 1:
             if layer_counts is not None and list(layer_counts) != [model.num_layers]:
@@ -145,13 +168,16 @@ def _place_auto(model: ModelShape, costs: MemoryModel, nodes: list[NodeProfile],
             return _place_single(model, costs, pinned[0], "auto: one pinned node")
         groups, counts, how = _place_pipeline(model, costs, pinned, pinned=True,
                                               layer_counts=layer_counts,
-                                              weigh_by_compute=weigh_by_compute)
+                                              weigh_by_compute=weigh_by_compute,
+                                              left_out=left_out)
         return groups, counts, f"auto with pinned nodes: {how}"
     if not nodes:
         raise PlacementError(f"no nodes available for {model.name}")
     largest = _by_memory(nodes)
     biggest = largest[0]
-    whole = costs.need(model.num_layers, first=True, last=True)
+    if weigh_by_compute is not False and speed_known(nodes):
+        biggest = _fastest_that_holds(costs, model, largest)
+    whole = costs.for_node(biggest.node_id).need(model.num_layers, first=True, last=True)
     if whole <= biggest.usable_memory_bytes:
         return _place_single(model, costs, biggest,
                              f"auto: fits one node ({biggest.name}: needs {human_bytes(whole)} "
@@ -160,7 +186,8 @@ def _place_auto(model: ModelShape, costs: MemoryModel, nodes: list[NodeProfile],
         try:
             groups, counts, how = _place_pipeline(model, costs, largest[:k], pinned=False,
                                                   layer_counts=None,
-                                                  weigh_by_compute=weigh_by_compute)
+                                                  weigh_by_compute=weigh_by_compute,
+                                                  left_out=left_out)
         except PlacementError:
             continue
         return groups, counts, (f"auto: needs {human_bytes(whole)}, more than the largest node "
@@ -172,7 +199,7 @@ def _place_auto(model: ModelShape, costs: MemoryModel, nodes: list[NodeProfile],
 
 def _place_single(model: ModelShape, costs: MemoryModel, node: NodeProfile,
                   reason: str) -> tuple[Groups, list[int], str]:
-    need = costs.need(model.num_layers, first=True, last=True)
+    need = costs.for_node(node.node_id).need(model.num_layers, first=True, last=True)
     if need > node.usable_memory_bytes:
         raise _shortfall(model, costs, [[node]], f"on node {node.name}")
     return [[node]], [model.num_layers], reason
@@ -180,7 +207,8 @@ def _place_single(model: ModelShape, costs: MemoryModel, node: NodeProfile,
 
 def _place_pipeline(model: ModelShape, costs: MemoryModel, ordered: list[NodeProfile], *,
                     pinned: bool, layer_counts: list[int] | None,
-                    weigh_by_compute: bool) -> tuple[Groups, list[int], str]:
+                    weigh_by_compute: bool | None,
+                    left_out: dict[str, str] | None = None) -> tuple[Groups, list[int], str]:
     if not pinned:
         ordered = _ends_on_largest(_by_memory(ordered))
     groups = [[n] for n in ordered]
@@ -188,6 +216,9 @@ def _place_pipeline(model: ModelShape, costs: MemoryModel, ordered: list[NodePro
     if layer_counts is not None:
         return groups, _check_layer_counts(model, costs, ordered, layer_counts), \
             f"pipeline over {len(groups)} nodes, layers as the spec sets"
+    if weigh_by_compute is not False and speed_known(ordered):
+        return _place_by_speed(model, costs, ordered, pinned=pinned,
+                               left_out={} if left_out is None else left_out)
     if pinned:
         if len(groups) > layers:
             raise PlacementError(f"{len(groups)} pinned nodes for {layers} layers: "
@@ -199,12 +230,60 @@ def _place_pipeline(model: ModelShape, costs: MemoryModel, ordered: list[NodePro
         groups, caps = _drop_useless(costs, groups, layers)
         if not groups or sum(caps) < layers:
             raise _shortfall(model, costs, [[n] for n in ordered], "as a pipeline")
-    by_compute = weigh_by_compute and all(g[0].compute_gflops > 0 for g in groups)
+    by_compute = bool(weigh_by_compute) and all(g[0].compute_gflops > 0 for g in groups)
     weights = [Fraction(g[0].compute_gflops) if by_compute else Fraction(c)
                for g, c in zip(groups, caps, strict=True)]
     counts = _apportion_at_least_one(layers, weights, caps)
     basis = "measured compute (within memory)" if by_compute else "usable memory"
     return groups, counts, f"pipeline over {len(groups)} nodes, layers in proportion to {basis}"
+
+
+def _place_by_speed(model: ModelShape, costs: MemoryModel, ordered: list[NodeProfile], *,
+                    pinned: bool, left_out: dict[str, str]) -> tuple[Groups, list[int], str]:
+    """Layers by measured decode speed; unpinned, slow nodes left out and stages ordered by
+    their links (`placement_speed.plan_pipeline`)."""
+    if pinned and len(ordered) > model.num_layers:
+        raise PlacementError(f"{len(ordered)} pinned nodes for {model.num_layers} layers: "
+                             "every pipeline stage needs at least one layer")
+    candidates = ordered
+    useless: dict[str, str] = {}
+    if not pinned:
+        candidates = [g[0] for g in _drop_useless(costs, [[n] for n in ordered],
+                                                  model.num_layers)[0]]
+        useless = {n.node_id: f"left out: {n.name} has memory for no layer"
+                   for n in ordered if n not in candidates}
+    plan = plan_pipeline(model, candidates, costs.for_node, memory_order=candidates,
+                         fixed_order=pinned)
+    if plan is None:
+        where = "on the pinned nodes" if pinned else "as a pipeline"
+        raise _shortfall(model, costs, [[n] for n in ordered], where)
+    left_out.update({**useless, **plan.left_out})
+    speeds = ", ".join(f"{n.name} {n.decode_gflops:g}" for n in plan.order)
+    dropped = f"; {len(plan.left_out)} slow node(s) left out" if plan.left_out else ""
+    return [[n] for n in plan.order], plan.counts, (
+        f"pipeline over {len(plan.order)} node{'s' if len(plan.order) > 1 else ''}, layers in "
+        f"proportion to measured decode speed "
+        f"(GFLOP/s: {speeds}) within memory, about {plan.step_s * 1e3:.1f} ms per token"
+        f"{dropped}")
+
+
+def _fastest_that_holds(costs: MemoryModel, model: ModelShape,
+                        by_memory: list[NodeProfile]) -> NodeProfile:
+    """For one node: the largest, unless a node that also holds the model whole decodes
+    FASTER_BY times faster (probe noise between alike nodes never moves a model)."""
+    largest = by_memory[0]
+    holds = [n for n in by_memory
+             if costs.for_node(n.node_id).need(model.num_layers, first=True, last=True)
+             <= n.usable_memory_bytes]
+    fastest = max(holds, key=lambda n: (n.decode_gflops, n.usable_memory_bytes), default=largest)
+    return fastest if fastest.decode_gflops >= FASTER_BY * largest.decode_gflops else largest
+
+
+def _stage_dtype(model: ModelShape, group: list[NodeProfile],
+                 node_dtypes: dict[str, ModelShape] | None) -> str | None:
+    """A stage's own dtype when its node runs another than the placement's (a mixed pipeline)."""
+    own = (node_dtypes or {}).get(group[0].node_id)
+    return own.dtype if own is not None and own.dtype != model.dtype else None
 
 
 def _place_tensor(model: ModelShape, costs: MemoryModel, nodes: list[NodeProfile],
@@ -289,23 +368,6 @@ def _hybrid_split(model: ModelShape, costs: MemoryModel,
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _resolve_pins(pins: list[str], nodes: list[NodeProfile]) -> list[NodeProfile]:
-    """Pinned nodes by id, else by (unambiguous) name, in the order given."""
-    resolved: list[NodeProfile] = []
-    for pin in pins:
-        match = [n for n in nodes if n.node_id == pin] or [n for n in nodes if n.name == pin]
-        if not match:
-            available = ", ".join(n.name for n in nodes) or "none"
-            raise PlacementError(f"pinned node '{pin}' is not available (available: {available})")
-        if len(match) > 1:
-            ids = ", ".join(n.node_id for n in match)
-            raise PlacementError(f"node name '{pin}' is ambiguous (ids {ids}); pin by node id")
-        if match[0] in resolved:
-            raise PlacementError(f"node '{pin}' is pinned twice")
-        resolved.append(match[0])
-    return resolved
-
-
 def _by_memory(nodes: list[NodeProfile]) -> list[NodeProfile]:
     return sorted(nodes, key=lambda n: (-n.usable_memory_bytes, n.node_id))
 
@@ -329,7 +391,8 @@ def _capacities(costs: MemoryModel, groups: Groups, layers: int) -> list[int]:
     last = len(groups) - 1
     caps = []
     for i, group in enumerate(groups):
-        cap = min(costs.capacity(n.usable_memory_bytes, len(group), first=i == 0, last=i == last)
+        cap = min(costs.for_node(n.node_id).capacity(n.usable_memory_bytes, len(group),
+                                                      first=i == 0, last=i == last)
                   for n in group)
         caps.append(min(cap, layers))
     return caps
@@ -351,44 +414,6 @@ def _drop_useless(costs: MemoryModel, groups: Groups, layers: int) -> tuple[Grou
         groups = [groups[i] for i in useful]
 
 
-def _apportion_at_least_one(total: int, weights: list[Fraction], caps: list[int]) -> list[int]:
-    """One layer per stage, the rest in proportion to `weights`, never above `caps`."""
-    rest = _apportion(total - len(caps), weights, [c - 1 for c in caps])
-    return [1 + r for r in rest]
-
-
-def _apportion(total: int, weights: list[Fraction], caps: list[int]) -> list[int]:
-    """Split `total` in proportion to `weights` with upper bounds `caps` (sum(caps) >= total).
-
-    Water-filling: stages whose share exceeds their cap get the cap and the rest is shared
-    among the others; then largest remainders round, ties to the earlier stage. Exact
-    fractions keep it deterministic.
-    """
-    counts = [0] * len(caps)
-    active = [i for i, c in enumerate(caps) if c > 0]
-    remaining = total
-    while remaining > 0 and active:
-        weight_sum = sum(weights[i] for i in active)
-        shares = {i: (remaining * weights[i] / weight_sum if weight_sum else
-                      Fraction(remaining, len(active))) for i in active}
-        over = [i for i in active if shares[i] > caps[i]]
-        if over:
-            for i in over:
-                counts[i] = caps[i]
-                remaining -= caps[i]
-            active = [i for i in active if i not in over]
-            continue
-        floors = {i: int(shares[i]) for i in active}
-        left = remaining - sum(floors.values())
-        by_remainder = sorted(active, key=lambda i: (-(shares[i] - floors[i]), i))
-        for i in active:
-            counts[i] = floors[i]
-        for i in by_remainder[:left]:
-            counts[i] += 1
-        remaining = 0
-    return counts
-
-
 def _check_layer_counts(model: ModelShape, costs: MemoryModel, nodes: list[NodeProfile],
                         counts: list[int]) -> list[int]:
     if len(counts) != len(nodes):
@@ -399,7 +424,7 @@ def _check_layer_counts(model: ModelShape, costs: MemoryModel, nodes: list[NodeP
     last = len(nodes) - 1
     per_node = {}
     for i, (node, count) in enumerate(zip(nodes, counts, strict=True)):
-        need = costs.need(count, first=i == 0, last=i == last)
+        need = costs.for_node(node.node_id).need(count, first=i == 0, last=i == last)
         if need > node.usable_memory_bytes:
             per_node[node.node_id] = (need, node.usable_memory_bytes)
     if per_node:
@@ -418,7 +443,8 @@ def _shortfall(model: ModelShape, costs: MemoryModel, groups: Groups, where: str
     share = layers if tp_share else ceil(layers / max(1, len(groups)))
     for i, group in enumerate(groups):
         for node in group:
-            need = costs.need(share, len(group), first=i == 0, last=i == last)
+            need = costs.for_node(node.node_id).need(share, len(group), first=i == 0,
+                                                     last=i == last)
             per_node[node.node_id] = (need, node.usable_memory_bytes)
     whole = costs.need(layers, first=True, last=True)
     nodes = [n for g in groups for n in g]
@@ -457,12 +483,14 @@ def _partitions(total: int, sizes: list[int]) -> list[tuple[int, ...]]:
 
 
 def _placement(model: ModelShape, groups: Groups, counts: list[int], *, reason: str,
-               instance_id: str, owner: Owner) -> Placement:
+               instance_id: str, owner: Owner,
+               node_dtypes: dict[str, ModelShape] | None = None) -> Placement:
     stages = []
     start = 0
     for group, count in zip(groups, counts, strict=True):
         stages.append(Stage(layer_start=start, layer_stop=start + count,
-                            nodes=[n.node_id for n in group]))
+                            nodes=[n.node_id for n in group],
+                            dtype=_stage_dtype(model, group, node_dtypes)))
         start += count
     if len(stages) == 1:
         label = "single" if len(stages[0].nodes) == 1 else "tensor"
@@ -470,80 +498,3 @@ def _placement(model: ModelShape, groups: Groups, counts: list[int], *, reason: 
         label = "pipeline" if all(len(s.nodes) == 1 for s in stages) else "hybrid"
     return Placement(instance_id=instance_id, model=model.name, strategy=label, stages=stages,
                      owner=owner, reason=reason, dtype=model.dtype)
-
-
-# --- stability --------------------------------------------------------------------------------
-
-# What an explicit strategy may have produced (a one-node pipeline is labelled "single").
-_PRODUCES: dict[str, set[str]] = {
-    "auto": {"single", "pipeline"},
-    "pipeline": {"single", "pipeline"},
-    "tensor": {"tensor"},
-    "hybrid": {"single", "pipeline", "tensor", "hybrid"},
-}
-
-
-def still_valid(
-    previous: Placement,
-    model: ModelShape,
-    nodes: list[NodeProfile],
-    *,
-    strategy: Strategy = "auto",
-    pinned_nodes: list[str] | None = None,
-    layer_counts: list[int] | None = None,
-    kv_headroom_tokens: int = DEFAULT_KV_HEADROOM_TOKENS,
-    kv_bits: int | None = None,
-    instance_id: str | None = None,
-) -> bool:
-    """Whether `place` would keep `previous` for this request (see `_still_valid`)."""
-    costs = memory_model(model, kv_headroom_tokens=kv_headroom_tokens, kv_bits=kv_bits)
-    try:
-        pinned = _resolve_pins(pinned_nodes, nodes) if pinned_nodes else None
-    except PlacementError:
-        return False
-    return _still_valid(previous, model, nodes, costs, strategy=strategy, pinned=pinned,
-                        layer_counts=layer_counts, instance_id=instance_id or model.name)
-
-
-def _still_valid(previous: Placement, model: ModelShape, nodes: list[NodeProfile],
-                 costs: MemoryModel, *, strategy: Strategy, pinned: list[NodeProfile] | None,
-                 layer_counts: list[int] | None, instance_id: str) -> bool:
-    """Whether `previous` still serves this request: same model and ask, nodes alive, fits.
-
-    Fit is checked against each node's ceiling (cap, else total memory), not what is free now:
-    a loaded instance's own runners are what use that memory.
-    """
-    if previous.instance_id != instance_id or previous.model != model.name:
-        return False
-    if previous.dtype != model.dtype:  # another serving format: other bytes, other runners
-        return False
-    if previous.strategy not in _PRODUCES[strategy]:
-        return False
-    alive = {n.node_id: n for n in nodes}
-    ids = previous.nodes()
-    if len(set(ids)) != len(ids) or any(i not in alive for i in ids):
-        return False
-    if pinned is not None and ids != [n.node_id for n in pinned]:
-        return False
-    stages = previous.stages
-    sizes = [s.layer_stop - s.layer_start for s in stages]
-    if layer_counts is not None and sizes != list(layer_counts):
-        return False
-    if not stages or stages[0].layer_start != 0 or stages[-1].layer_stop != model.num_layers:
-        return False
-    if any(a.layer_stop != b.layer_start for a, b in pairwise(stages)) or min(sizes) < 1:
-        return False
-    if any(len(s.nodes) not in tensor_sizes(model, len(s.nodes)) for s in stages):
-        return False
-    ceiling = {i: _ceiling(alive[i]) for i in ids}
-    last = len(stages) - 1
-    return all(
-        costs.need(size, len(stage.nodes), first=i == 0, last=i == last) <= ceiling[node_id]
-        for i, (stage, size) in enumerate(zip(stages, sizes, strict=True))
-        for node_id in stage.nodes
-    )
-
-
-def _ceiling(node: NodeProfile) -> int:
-    total = node.memory_total_bytes
-    return min(total, node.memory_cap_bytes) if node.memory_cap_bytes is not None else total

@@ -19,6 +19,13 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class Link(Frozen):
+    """A link from the node whose profile carries it to a peer, as that node measured it."""
+
+    rtt_ms: float  # smoothed round trip (beacon or static probe)
+    mbps: float = 0.0  # measured transfer rate in megabits/s; 0 = not measured
+
+
 class NodeProfile(Frozen):
     """What a node says about itself in its beacons and heartbeats."""
 
@@ -31,7 +38,10 @@ class NodeProfile(Frozen):
     memory_total_bytes: int
     memory_available_bytes: int
     memory_cap_bytes: int | None = None  # from settings or cluster.toml [[nodes]] memory_cap
-    compute_gflops: float = 0.0  # measured matmul throughput, for speed-aware splits
+    compute_gflops: float = 0.0  # measured matmul (prefill-shaped) GFLOP/s at float32
+    decode_gflops: float = 0.0  # measured matrix-vector (decode-shaped, memory-bound) GFLOP/s
+    probe_key: str = ""  # what the speeds were measured under (hardware, backend, cores, quota)
+    links: dict[str, Link] = Field(default_factory=dict)  # peer node id -> link as measured here
     blas: str = ""  # the BLAS its runners use (Linux: OpenBLAS through flock's shim)
     labels: dict[str, str] = Field(default_factory=dict)
     spec_generation: int = 0
@@ -76,6 +86,7 @@ class Stage(Frozen):
     layer_start: int
     layer_stop: int
     nodes: list[str]  # node ids; len > 1 means tensor parallel inside this stage
+    dtype: str | None = None  # what this stage's runners load, when not the placement's dtype
 
 
 class Placement(Frozen):
@@ -85,6 +96,7 @@ class Placement(Frozen):
     stages: list[Stage]
     owner: Literal["spec", "api", "auto"] = "auto"
     reason: str = ""  # why placement chose this shape (shown in status), e.g. what `auto` decided
+    left_out: dict[str, str] = Field(default_factory=dict)  # node id -> why it serves no stage
     dtype: str = "float32"  # what every rank loads (the leader resolved it; bytes counted at it)
 
     @property
@@ -94,6 +106,10 @@ class Placement(Frozen):
 
     def nodes(self) -> list[str]:
         return [n for stage in self.stages for n in stage.nodes]
+
+    def stage_dtype(self, index: int) -> str:
+        """What stage `index` loads: its own dtype (a mixed pipeline) or the placement's."""
+        return self.stages[index].dtype or self.dtype
 
 
 class RunnerStatus(Frozen):

@@ -44,7 +44,9 @@ def runner_configs(placement: Placement, slot: int, profiles: dict[str, NodeProf
     A single node runs SOLO; a pipeline runs a HEAD and FOLLOWERs in a ring back to the head;
     one tensor group runs rank 0 SOLO (it drives the group) and TP_FOLLOWERs.
     """
-    base = _with(base, dtype=placement.dtype)  # one dtype for every rank, as placement counted
+    # Every rank loads what placement counted: the placement's dtype, or its stage's own (a
+    # mixed pipeline; activations are cast where a stage receives them).
+    base = _with(base, dtype=placement.stage_dtype(0))
     try:
         nodes = [profiles[n] for n in placement.nodes()]
     except KeyError as exc:
@@ -63,6 +65,7 @@ def runner_configs(placement: Placement, slot: int, profiles: dict[str, NodeProf
             nxt = profiles[stages[(rank + 1) % len(stages)].nodes[0]]
             out[(me.node_id, rank)] = _with(
                 base, role=RunnerRole.HEAD if rank == 0 else RunnerRole.FOLLOWER,
+                dtype=placement.stage_dtype(rank),
                 layer_start=stage.layer_start, layer_stop=stage.layer_stop,
                 listen=link_address(me, slot), downstream=link_address(nxt, slot), **common)
         return out
@@ -92,7 +95,8 @@ def _hybrid_configs(placement: Placement, slot: int, profiles: dict[str, NodePro
         leader, following = members[0], profiles[stages[(index + 1) % len(stages)].nodes[0]]
         ring = [link_address(p, slot, 1) for p in members]
         peers = [link_address(p, slot) for p in members[1:]]
-        layers = {"layer_start": stage.layer_start, "layer_stop": stage.layer_stop}
+        layers = {"layer_start": stage.layer_start, "layer_stop": stage.layer_stop,
+                  "dtype": placement.stage_dtype(index)}
         for tp_rank, member in enumerate(members):
             if tp_rank == 0:
                 config = _with(base, role=RunnerRole.HEAD if index == 0 else RunnerRole.FOLLOWER,

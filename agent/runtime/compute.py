@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from agent.runtime.journal import Journal
 from agent.runtime.kv import KvSlots
-from agent.runtime.links import StageLink, StepMessage
+from agent.runtime.links import StageLink, StepMessage, as_stage_dtype
 from agent.runtime.model import Decoder
 from agent.runtime.rowstep import RowsDecode
 from agent.runtime.seam import DecodeWork, PrefillWork, Work
@@ -188,6 +188,7 @@ class HeadCompute(LocalCompute):
         work = self._pending.popleft()
         _, back = self.upstream.recv()
         assert back is not None
+        back = as_stage_dtype(back, self.decoder.dtype)  # the last stage may compute in another
         if isinstance(work, PrefillWork):
             return work, self.project_fn(back[0, -1:]) if work.logits else None
         return work, self.project_fn(back[:, 0, :])

@@ -17,7 +17,7 @@ import msgspec
 
 from agent.runtime.journal import Gather, KvOp, PrefixDrop, PrefixLoad, PrefixSave, Resize
 from agent.runtime.kv import KvSlots
-from agent.runtime.links import StageLink, StageLinkError, next_step
+from agent.runtime.links import StageLink, StageLinkError, as_stage_dtype, next_step
 from agent.runtime.model import Decoder
 from agent.runtime.prefix import copy_rows
 from agent.runtime.rowstep import RowsDecode
@@ -65,6 +65,7 @@ class Follower:
 
     def step(self, op: str, row: int, start: int, positions: list[int], h: mx.array, *,
              first_row: int = 0) -> mx.array:
+        h = as_stage_dtype(h, self.decoder.dtype)  # a mixed pipeline: the sender's dtype differs
         if op == "prefill":
             out = prefill(self.decoder, h, start, row, self.kv.keys, self.kv.values,
                           embed=self.embeds, project=False, quant=self.quant)

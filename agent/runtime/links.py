@@ -60,6 +60,12 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def as_stage_dtype(h: mx.array, dtype: mx.Dtype) -> mx.array:
+    """Hidden states in the receiving stage's dtype: each stage of a mixed pipeline (float32
+    beside bfloat16 or kept 4-bit) computes in its own; token ids pass as they are."""
+    return h.astype(dtype) if h.dtype != dtype and mx.issubdtype(h.dtype, mx.floating) else h
+
+
 def _to_bytes(array: mx.array) -> tuple[bytes, str]:
     if array.dtype == mx.bfloat16:
         # numpy has no bfloat16: ship the raw 16-bit words.
