@@ -278,11 +278,22 @@ def replicas_section(args: argparse.Namespace) -> None:
             emit(name, scaled[name], 1)
 
 
-# ---- hetero: speed-aware placement (helper "speedplace" adds it) --------------------------------
+# ---- hetero: speed-aware placement (bench/cluster_hetero.py) -----------------------------------
+
+def hetero_section(args: argparse.Namespace) -> None:
+    """A fast node and one held to 35% of a core: speed-aware vs memory-proportional placement."""
+    from bench.cluster_hetero import hetero_figures
+
+    models, model_dir = bench_models()
+    for name, value in hetero_figures(models, model_dir, rounds=args.rounds,
+                                      n=min(args.tokens, 64)).items():
+        emit(name, value)
+
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {
     "pipeline": pipeline_figures,
     "replicas": replicas_section,
+    "hetero": hetero_section,
 }
 
 
