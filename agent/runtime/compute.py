@@ -18,6 +18,7 @@ from agent.runtime.kv import KvSlots
 from agent.runtime.links import StageLink, StepMessage
 from agent.runtime.model import Decoder
 from agent.runtime.step import make_decode_fn, make_project_fn, prefill
+from agent.runtime.verify import make_verify_fn
 
 
 class LocalCompute:
@@ -30,6 +31,7 @@ class LocalCompute:
         self.kv = kv
         self.quant = kv.geometry.quant
         self.decode_fn = make_decode_fn(decoder, compiled=compiled, quant=self.quant)
+        self.verify_fn = make_verify_fn(decoder, compiled=compiled, quant=self.quant)
 
     def prefill(self, row: int, start: int, tokens: list[int]) -> mx.array:
         """Logits (1, vocab) of the last token; writes the row's KV."""
@@ -47,6 +49,11 @@ class LocalCompute:
 
     def _step(self, *inputs: mx.array) -> mx.array:
         return self.kv.step_in_place(self.decode_fn, *inputs)
+
+    def verify(self, tokens: list[list[int]], starts: list[int]) -> mx.array:
+        """Logits (rows, width, vocab) for `width` tokens a row at positions starts[r] + i
+        (speculative verification, `verify.py`); writes their KV."""
+        return self.kv.step_in_place(self.verify_fn, mx.array(tokens), mx.array(starts))
 
     def close(self) -> None:
         pass
@@ -76,6 +83,8 @@ class HeadCompute(LocalCompute):
             self.decode_fn = make_decode_fn(decoder, compiled=compiled, embed=True,
                                             project=False, quant=self.quant)
             self.project_fn = make_project_fn(decoder, compiled=compiled)
+            self.verify_fn = make_verify_fn(decoder, compiled=compiled, embed=True,
+                                            project=False, quant=self.quant)
 
     def _drain(self) -> Journal:
         ops = list(self.journal)
@@ -116,6 +125,20 @@ class HeadCompute(LocalCompute):
         mx.eval(out, self.kv.keys, self.kv.values)
         back = self._round_trip(StepMessage(op="decode", kv_ops=ops, positions=positions), out)
         return self.project_fn(back[:, 0, :])
+
+    def verify(self, tokens: list[list[int]], starts: list[int]) -> mx.array:
+        ops = self._drain()
+        flat = [t for row in tokens for t in row]
+        width = len(tokens[0])
+        self._tell_peers(StepMessage(op="verify", kv_ops=ops, tokens=flat, positions=starts,
+                                     start=width))
+        out = super().verify(tokens, starts)
+        if self.downstream is None:
+            return out
+        mx.eval(out, self.kv.keys, self.kv.values)
+        back = self._round_trip(StepMessage(op="verify", kv_ops=ops, positions=starts,
+                                            start=width), out)
+        return self.project_fn(back)
 
     def close(self) -> None:
         links = [*self.tp_peers, *([self.downstream] if self.downstream else [])]

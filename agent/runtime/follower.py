@@ -16,6 +16,7 @@ from agent.runtime.links import StageLink, StageLinkError, next_step
 from agent.runtime.model import Decoder
 from agent.runtime.prefix import copy_rows
 from agent.runtime.step import make_decode_fn, prefill
+from agent.runtime.verify import make_verify_fn
 from agent.runtime.watchdog import Watchdog
 
 
@@ -33,6 +34,8 @@ class Follower:
         self.embeds = embeds
         self.quant = kv.geometry.quant
         self.decode_fn = make_decode_fn(decoder, compiled=compiled, embed=embeds, project=False,
+                                        quant=self.quant)
+        self.verify_fn = make_verify_fn(decoder, compiled=compiled, embed=embeds, project=False,
                                         quant=self.quant)
         self.saved: dict[int, tuple[list[mx.array], list[mx.array]]] = {}
 
@@ -59,6 +62,12 @@ class Follower:
         if op == "prefill":
             out = prefill(self.decoder, h, start, row, self.kv.keys, self.kv.values,
                           embed=self.embeds, project=False, quant=self.quant)
+            mx.eval(out, self.kv.keys, self.kv.values)
+            return out
+        if op == "verify":  # `start` carries the width: tokens a row (speculative decoding)
+            if self.embeds:
+                h = h.reshape(len(positions), start)
+            out = self.kv.step_in_place(self.verify_fn, h, mx.array(positions))
             mx.eval(out, self.kv.keys, self.kv.values)
             return out
         out = self.kv.step_in_place(self.decode_fn, h, mx.array(positions))
