@@ -76,6 +76,10 @@ class NodeSettings(BaseSettings):
     blas_threads: int | None = Field(default=None, ge=1)
     compile_step: bool = True
     fuse_projections: bool = True
+    # Speculative decoding by prompt lookup: drafts from the prompt and the text so far, verified
+    # several tokens a pass; it turns itself off per sequence where it does not pay. A
+    # request's `prediction` (Predicted Outputs) still drafts when this is off.
+    prompt_lookup: bool = True
 
     # Cluster. With no cluster file and discovery on, nodes of the same cluster name and secret
     # find each other on the LAN. With API keys and no secret, the secret is derived from the

@@ -156,7 +156,8 @@ def worker(model_dir: str, rounds: int, tokens: int, quick: bool) -> dict[str, A
     for lookup in (True, False):
         run(lookup, [encode(edit_messages(1, "warm"))], tokens)
         run(lookup, [encode(edit_messages(i, f"warm{i}")) for i in range(8)], 48)
-    results: dict[str, Any] = {name: {"on": [], "off": [], "passes": 0, "kept": 0} for name in tasks}
+    results: dict[str, Any] = {name: {"on": [], "off": [], "passes": 0, "kept": 0}
+                               for name in tasks}
     for r in range(rounds):
         for name, prompts_for in tasks.items():
             order = (True, False) if r % 2 == 0 else (False, True)

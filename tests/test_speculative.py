@@ -14,6 +14,7 @@ import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from agent.generation import GenerationEvent, GenerationRequest, SamplingParams
+from agent.models.draft_check import check_draft_model, tokenizer_facts, tokenizer_mismatch
 from agent.runtime.acceptance import (
     accept_drafted,
     greedy_kept,
@@ -181,7 +182,7 @@ def test_sampled_output_keeps_plain_sampling_distribution(small_vocab_dir: Path)
     for seed in range(runs):
         sampler = RowSampler(msgspec.structs.replace(params, seed=seed))
         out: list[int] = []
-        for token, kept, _ in verified_tokens(sampler, verify_logits, [d1, d2], prompt):
+        for token, _kept, _ in verified_tokens(sampler, verify_logits, [d1, d2], prompt):
             out.append(token)
             sampler.history.append(token)
             if len(out) == 3:
@@ -201,6 +202,29 @@ def test_sampled_output_keeps_plain_sampling_distribution(small_vocab_dir: Path)
     first = [t for t, _, _ in verified_tokens(again, verify_logits, [d1, d2], prompt)]
     again = RowSampler(msgspec.structs.replace(params, seed=11))
     assert [t for t, _, _ in verified_tokens(again, verify_logits, [d1, d2], prompt)] == first
+
+
+# ---- draft models: the same tokenizer ---------------------------------------------------------
+
+
+def test_a_draft_model_needs_the_targets_vocabulary_and_special_tokens(tmp_path: Path) -> None:
+    target = make_tiny_model(tmp_path / "target")
+    draft = make_tiny_model(tmp_path / "draft", seed=9, layers=1)
+    check_draft_model(draft, target)  # another model, the same tokenizer: fine
+    assert tokenizer_mismatch(tokenizer_facts(draft), tokenizer_facts(target)) is None
+    swapped = make_tiny_model(tmp_path / "swapped", layers=1)
+    data = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.__getitem__)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # same size, different meaning
+    (swapped / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="same size"):
+        check_draft_model(swapped, target)
+    other_eos = make_tiny_model(tmp_path / "eos", layers=1)
+    config = json.loads((other_eos / "config.json").read_text())
+    (other_eos / "config.json").write_text(json.dumps(config | {"eos_token_id": 0}))
+    with pytest.raises(ValueError, match="special tokens"):
+        check_draft_model(other_eos, target)
 
 
 # ---- the scheduler -----------------------------------------------------------------------------
@@ -259,7 +283,7 @@ def test_a_prediction_drafts_even_with_prompt_lookup_off(tiny_dir: Path) -> None
     plain.submit(request("p", [10, 20, 30], 20))
     run_all(plain)
     reply = tokens_of(events, "p")
-    wrong = reply[:6] + [99, 98, 97] + reply[9:]
+    wrong = [*reply[:6], 99, 98, 97, *reply[9:]]
     sched, events = make_scheduler(tiny_dir, lookup=False)
     sched.submit(GenerationRequest(id="p", model="tiny", prompt_tokens=[10, 20, 30],
                                    sampling=SamplingParams(max_tokens=20, temperature=0.0),
@@ -281,3 +305,74 @@ def test_seeded_drafted_sampling_is_reproducible(tiny_dir: Path) -> None:
         run_all(sched)
         outputs.append(tokens_of(events, "s"))
     assert outputs[0] == outputs[1] and len(outputs[0]) == 30
+
+
+# ---- SmolLM2: the real model, one batch of 8 ----------------------------------------------------
+
+PASSAGE = ("Every morning the miller opened the great wooden doors and listened to the water "
+           "turning the wheel. He had worked there for forty years, and his father before him, "
+           "and the sound of the river was the first thing he heard each day.")
+RECORD = '{"name": "Ada Lovelace", "born": 1815, "field": "mathematics", "country": "England"}'
+RECORD_SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string"}, "born": {"type": "integer"}, "field": {"type": "string"},
+    "country": {"type": "string"}}, "required": ["name", "born", "field", "country"],
+    "additionalProperties": False}
+
+
+@pytest.mark.slow
+def test_smollm2_batch_of_8_with_drafts_generates_what_plain_decoding_does(
+        smollm2_dir: Path) -> None:
+    """Greedy ids, texts, finish reasons and usage are the same with prompt lookup on and off,
+    in one batch of 8: copy tasks that draft (one ending on a stop string inside the copied
+    span, one whose max tokens lands inside a draft, one under a JSON schema) beside free
+    chat rows that do not."""
+    from agent.runtime.constraints import constraint_factory
+
+    tokenizer = load_tokenizer(smollm2_dir)
+    dec = load_decoder(smollm2_dir)
+
+    def chat(text: str) -> list[int]:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                  add_generation_prompt=True))
+
+    copy = chat(f"Repeat this text exactly:\n\n{PASSAGE}")
+    requests = [
+        request("copy", copy, 40),
+        request("stop", copy, 40, stop=["forty years"]),
+        request("short", copy, 21),
+        GenerationRequest(id="json", model="m", prompt_tokens=chat(f"Repeat this JSON: {RECORD}"),
+                          sampling=SamplingParams(max_tokens=40, temperature=0.0),
+                          json_schema=RECORD_SCHEMA),
+        *[request(f"chat{i}", chat(q), 16) for i, q in enumerate(
+            ["Name a colour.", "What is 2 + 2?", "Say hello.", "Name a fruit."])],
+    ]
+    runs = {}
+    for lookup in (False, True):
+        events: list[GenerationEvent] = []
+        kv = KvSlots(KvGeometry(len(dec.layers), dec.local_kv_heads, dec.config.head_dim))
+        sched = Scheduler(dec, tokenizer, kv, SchedulerLimits(context_length=1024),
+                          events.append, prompt_lookup=lookup,
+                          constraint_factory=constraint_factory(tokenizer))
+        for r in requests:
+            sched.submit(r)
+        seqs = {}
+        while not sched.idle:
+            sched.step()
+            seqs.update(sched.running)
+        runs[lookup] = events, seqs, sched.speculator.stats
+    plain, drafted = runs[False][0], runs[True][0]
+    for r in requests:
+        assert tokens_of(drafted, r.id) == tokens_of(plain, r.id), r.id
+        texts = ["".join(e.text for e in ev if getattr(e, "id", "") == r.id
+                         and hasattr(e, "text")) for ev in (plain, drafted)]
+        assert texts[0] == texts[1]
+        assert finished(drafted, r.id) == finished(plain, r.id)
+    assert finished(plain, "stop").stop_sequence == "forty years"
+    assert finished(plain, "short").reason == "length"
+    json.loads("".join(e.text for e in plain if getattr(e, "id", "") == "json"
+                       and hasattr(e, "text")))
+    seqs, stats = runs[True][1], runs[True][2]
+    for rid in ("copy", "stop", "short", "json"):
+        assert seqs[rid].drafter.stats.accepted > 0, rid
+    assert all(seqs[f"chat{i}"].drafter.stats.accepted <= 4 for i in range(4))
+    assert stats.accepted_tokens > 40

@@ -50,7 +50,7 @@ def base_config(settings: NodeSettings, *, context_length: int | None = None,
                         memory_cap_bytes=s.memory_cap_bytes, compile_step=s.compile_step,
                         kv_budget_bytes=s.kv_budget_bytes,
                         prefix_cache_bytes=s.prefix_cache_bytes,
-                        fuse_projections=s.fuse_projections,
+                        fuse_projections=s.fuse_projections, prompt_lookup=s.prompt_lookup,
                         link_timeout_s=max(5.0, s.peer_timeout_s * 2))
 
 
