@@ -4,7 +4,9 @@ distribution (sampled)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import msgspec
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from agent.generation import GenerationEvent, GenerationRequest, SamplingParams
+from agent.generation import GenerationEvent, GenerationRequest, SamplingParams, TokenChunk
 from agent.models.draft_check import check_draft_model, tokenizer_facts, tokenizer_mismatch
 from agent.runtime.acceptance import (
     accept_drafted,
@@ -21,12 +23,16 @@ from agent.runtime.acceptance import (
     residual_logits,
     verified_tokens,
 )
+from agent.runtime.client import RunnerProcess
 from agent.runtime.compute import LocalCompute
 from agent.runtime.drafting import MISSES_TO_PAUSE, PromptLookup, continuation, next_draft_len
+from agent.runtime.environment import runner_environment
 from agent.runtime.kv import KvGeometry, KvSlots
 from agent.runtime.model import load_decoder
+from agent.runtime.protocol import RunnerConfig
 from agent.runtime.sampling import RowSampler
 from agent.runtime.scheduler import Scheduler, SchedulerLimits
+from agent.settings import NodeSettings
 from tests.scheduler_tools import finished, run_all, tokens_of
 from tests.tiny_models import make_tiny_model
 
@@ -321,15 +327,12 @@ RECORD_SCHEMA = {"type": "object", "properties": {
 
 @pytest.mark.slow
 def test_smollm2_batch_of_8_with_drafts_generates_what_plain_decoding_does(
-        smollm2_dir: Path) -> None:
+        smollm2_dir: Path, tmp_path: Path) -> None:
     """Greedy ids, texts, finish reasons and usage are the same with prompt lookup on and off,
-    in one batch of 8: copy tasks that draft (one ending on a stop string inside the copied
-    span, one whose max tokens lands inside a draft, one under a JSON schema) beside free
-    chat rows that do not."""
-    from agent.runtime.constraints import constraint_factory
-
+    in one batch of 8 on a real runner: copy tasks that draft (one ending on a stop string
+    inside the copied span, one whose max tokens lands inside a draft, one under a JSON
+    schema) beside free chat rows that do not."""
     tokenizer = load_tokenizer(smollm2_dir)
-    dec = load_decoder(smollm2_dir)
 
     def chat(text: str) -> list[int]:
         return list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
@@ -346,33 +349,38 @@ def test_smollm2_batch_of_8_with_drafts_generates_what_plain_decoding_does(
         *[request(f"chat{i}", chat(q), 16) for i, q in enumerate(
             ["Name a colour.", "What is 2 + 2?", "Say hello.", "Name a fruit."])],
     ]
-    runs = {}
-    for lookup in (False, True):
-        events: list[GenerationEvent] = []
-        kv = KvSlots(KvGeometry(len(dec.layers), dec.local_kv_heads, dec.config.head_dim))
-        sched = Scheduler(dec, tokenizer, kv, SchedulerLimits(context_length=1024),
-                          events.append, prompt_lookup=lookup,
-                          constraint_factory=constraint_factory(tokenizer))
-        for r in requests:
-            sched.submit(r)
-        seqs = {}
-        while not sched.idle:
-            sched.step()
-            seqs.update(sched.running)
-        runs[lookup] = events, seqs, sched.speculator.stats
-    plain, drafted = runs[False][0], runs[True][0]
-    for r in requests:
-        assert tokens_of(drafted, r.id) == tokens_of(plain, r.id), r.id
-        texts = ["".join(e.text for e in ev if getattr(e, "id", "") == r.id
-                         and hasattr(e, "text")) for ev in (plain, drafted)]
-        assert texts[0] == texts[1]
-        assert finished(drafted, r.id) == finished(plain, r.id)
-    assert finished(plain, "stop").stop_sequence == "forty years"
-    assert finished(plain, "short").reason == "length"
-    json.loads("".join(e.text for e in plain if getattr(e, "id", "") == "json"
-                       and hasattr(e, "text")))
-    seqs, stats = runs[True][1], runs[True][2]
-    for rid in ("copy", "stop", "short", "json"):
-        assert seqs[rid].drafter.stats.accepted > 0, rid
-    assert all(seqs[f"chat{i}"].drafter.stats.accepted <= 4 for i in range(4))
-    assert stats.accepted_tokens > 40
+
+    async def run(lookup: bool) -> tuple[dict[str, tuple[list[int], str, object]],
+                                         dict[str, float]]:
+        env, _ = runner_environment(NodeSettings(state_dir=tmp_path / "state", blas_threads=1))
+        runner = RunnerProcess(RunnerConfig(model_name="m", model_dir=str(smollm2_dir),
+                                            prompt_lookup=lookup, stats_interval_s=0.2), env)
+        await runner.start(timeout=180)
+        try:
+            async def one(r: GenerationRequest) -> tuple[list[int], str, object]:
+                ids: list[int] = []
+                text = ""
+                async for event in runner.generate(r):
+                    if isinstance(event, TokenChunk):
+                        ids += event.token_ids
+                        text += event.text
+                    else:
+                        return ids, text, event
+                raise AssertionError("no final event")
+
+            results = await asyncio.gather(*(one(r) for r in requests))
+            deadline = time.monotonic() + 10
+            while runner.last_stats.get("generated_tokens_total", 0) < sum(
+                    len(ids) for ids, _, _ in results) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            return dict(zip([r.id for r in requests], results, strict=True)), runner.last_stats
+        finally:
+            await runner.stop()
+
+    plain, _ = asyncio.run(run(False))
+    drafted, stats = asyncio.run(run(True))
+    assert drafted == plain
+    assert plain["stop"][2].stop_sequence == "forty years"  # type: ignore[attr-defined]
+    assert plain["short"][2].reason == "length"  # type: ignore[attr-defined]
+    assert json.loads(plain["json"][1]).keys() == RECORD_SCHEMA["properties"].keys()
+    assert stats["accepted_draft_tokens_total"] > 40, stats
