@@ -28,6 +28,12 @@ from agent.generation import (
 )
 from agent.runtime.compute import LocalCompute
 from agent.runtime.journal import PrefixLoad, PrefixSave
+from agent.runtime.pacing import (  # noqa: F401  (prefill_slice's figures live there now)
+    FIRST_PREFILL_SLICE,
+    MIN_PREFILL_SLICE,
+    moving_average,
+    prefill_slice,
+)
 from agent.runtime.prefix import PrefixCache, copy_rows
 from agent.runtime.protocol import RunnerConfig
 from agent.runtime.sampling import RowSampler, top_logprobs
@@ -108,23 +114,6 @@ class SchedulerStats:
     decode_seconds_total: float = 0.0
     lookahead_steps_total: int = 0  # decode steps queued before the previous one was read
     decode_rows_max: int = 0  # the most sequences one decode step computed together
-
-
-MIN_PREFILL_SLICE = 16  # tokens: below this a slice is mostly weight traffic
-FIRST_PREFILL_SLICE = 32  # tokens, before the prefill speed has been measured
-
-
-def prefill_slice(max_tokens: int, gap_steps: float, decode_step_s: float | None,
-                  prefill_s_per_token: float | None) -> int:
-    """Tokens for the next prefill slice while other streams decode: as many as take at most
-    `gap_steps` decode steps' time at the measured prefill speed, within [MIN_PREFILL_SLICE,
-    max_tokens]; `max_tokens` when adaptation is off."""
-    if gap_steps <= 0:
-        return max_tokens
-    if decode_step_s is None or prefill_s_per_token is None:
-        return min(max_tokens, FIRST_PREFILL_SLICE)
-    tokens = int(gap_steps * decode_step_s / max(prefill_s_per_token, 1e-9))
-    return max(min(MIN_PREFILL_SLICE, max_tokens), min(max_tokens, tokens))
 
 
 @dataclass(frozen=True)
@@ -376,7 +365,7 @@ class Scheduler:
         if seq.in_prefill:
             mx.eval(self.kv.keys, self.kv.values)
             per_token = (time.perf_counter() - began) / len(tokens)
-            self.prefill_s_per_token = _moving_average(self.prefill_s_per_token, per_token)
+            self.prefill_s_per_token = moving_average(self.prefill_s_per_token, per_token)
             return
         self._sample_and_emit([seq], logits)
 
@@ -414,7 +403,7 @@ class Scheduler:
         self.stats.decode_steps_total += 1
         elapsed = time.perf_counter() - started
         self.stats.decode_seconds_total += elapsed
-        self.decode_step_s = _moving_average(self.decode_step_s, elapsed)
+        self.decode_step_s = moving_average(self.decode_step_s, elapsed)
 
     # ---- lookahead: the next decode step runs while this one's tokens are handled ----------
     def _may_look_ahead(self, decoding: list[Sequence]) -> bool:
@@ -576,7 +565,3 @@ class Scheduler:
             "prefix_cache_bytes": float(self.prefix.bytes if self.prefix else 0),
             **self.speculator.snapshot(),
         }
-
-
-def _moving_average(previous: float | None, sample: float, weight: float = 0.25) -> float:
-    return sample if previous is None else previous + weight * (sample - previous)
