@@ -5,7 +5,7 @@
 Prints `name: value` lines:
   lookup_edit_vs_plain         decode tok/s on the edit task (SmolLM2 asked to repeat a ~300-token
                                passage with one word changed), prompt lookup / plain, greedy
-  lookup_greedy_ids_identical  every drafted run produced the plain run's ids (every task)
+  lookup_greedy_ids_identical  every drafted run produced the plain run's ids (every task, round)
   lookup_chat_vs_plain         the same ratio over 8 fixed free chat prompts (run one by one)
   lookup_batch8_edit_vs_plain  8 concurrent edit streams (8 passages), aggregate decode tok/s
   lookup_acceptance_edit       mean drafted tokens kept per verification pass that carried a
@@ -15,11 +15,15 @@ Prints `name: value` lines:
 Both configurations run flock's scheduler in one worker process with the environment a real
 runner gets (the BLAS shim preloaded, `runner_environment`), over the same loaded decoder, and
 alternate which goes first each round. There is no prefix cache, and every timed prompt starts
-with a tag made for its round and configuration, so nothing is served from a cache: the figures
-are decode. Each configuration warms up (compiles its step shapes) on other prompts first.
-Decode tok/s counts the tokens after each stream's first one over the time from the first
-token to the last. The 3-stage pipeline figure (`pipeline3_lookup_edit_vs_plain`) is not
-measured here yet.
+with a tag made for its round, so nothing is served from a cache: the figures are decode. Both
+configurations decode the same prompts, so their greedy ids are compared too. Each
+configuration warms up (compiles its step shapes) on other prompts first. Decode tok/s counts
+the tokens after each stream's first one over the time from the first token to the last.
+
+  pipeline3_lookup_edit_vs_plain  the edit task on a 3-stage pipeline of local runner processes
+                               (10/10/10 layers, TCP links), prompt lookup / plain: the pipeline
+                               is started once with each setting (runners read it at start), the
+                               rounds alternate between the two. Skipped with --no-pipeline.
 """
 
 from __future__ import annotations
@@ -156,14 +160,17 @@ def worker(model_dir: str, rounds: int, tokens: int, quick: bool) -> dict[str, A
     for lookup in (True, False):
         run(lookup, [encode(edit_messages(1, "warm"))], tokens)
         run(lookup, [encode(edit_messages(i, f"warm{i}")) for i in range(8)], 48)
-    results: dict[str, Any] = {name: {"on": [], "off": [], "passes": 0, "kept": 0}
+    results: dict[str, Any] = {name: {"on": [], "off": [], "passes": 0, "kept": 0,
+                                      "identical": True}
                                for name in tasks}
     for r in range(rounds):
         for name, prompts_for in tasks.items():
             order = (True, False) if r % 2 == 0 else (False, True)
             got = {}
+            # A tag of the round's own: no prompt is seen twice (there is no prefix cache
+            # either); both configurations decode the very same prompts, so their ids compare.
+            prompts = prompts_for(f"{name}-{r}-{secrets.token_hex(3)}")
             for lookup in order:
-                prompts = prompts_for(f"{name}-{r}-{int(lookup)}-{secrets.token_hex(3)}")
                 if name == "chat":
                     # One stream at a time: a person chatting.
                     outs = [run(lookup, [p], tokens) for p in prompts]
@@ -178,39 +185,77 @@ def worker(model_dir: str, rounds: int, tokens: int, quick: bool) -> dict[str, A
             res["off"].append(got[False]["tok_s"])
             res["passes"] += got[True]["passes"]
             res["kept"] += got[True]["kept"]
+            res["identical"] &= got[True]["ids"] == got[False]["ids"]
     return results
 
 
-def identity_worker(model_dir: str, tokens: int) -> dict[str, Any]:
-    """Greedy ids of each task's prompts with and without prompt lookup: the same prompts."""
+async def _pipeline_rates(model_dir: str, rounds: int, tokens: int) -> dict[str, Any]:
+    """Edit-task decode tok/s through the head of a 3-stage pipeline, lookup on and off."""
+    import asyncio
+    import tempfile
+
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-    from agent.generation import GenerationRequest, SamplingParams
-    from agent.runtime.kv import KvGeometry, KvSlots
-    from agent.runtime.model import load_decoder
-    from agent.runtime.scheduler import Scheduler, SchedulerLimits
+    from agent.generation import GenerationRequest, SamplingParams, TokenChunk
+    from agent.runtime.client import RunnerProcess
+    from agent.runtime.environment import runner_environment
+    from agent.settings import NodeSettings
+    from tests.test_pipeline import pipeline_configs
 
-    path = Path(model_dir)
-    tokenizer = load_tokenizer(path)
-    dec = load_decoder(path)
-    prompts = [list(tokenizer.apply_chat_template(m, add_generation_prompt=True))
-               for m in [edit_messages(0, "id"), edit_messages(1, "id"),
-                         chat_messages(0, "id"), chat_messages(5, "id")]]
-    out = {}
-    for lookup in (True, False):
-        kv = KvSlots(KvGeometry(len(dec.layers), dec.local_kv_heads, dec.config.head_dim))
-        sched = Scheduler(dec, tokenizer, kv, SchedulerLimits(), lambda e: None,
-                          prompt_lookup=lookup)
-        seqs = {}
-        for i, prompt in enumerate(prompts):
-            sched.submit(GenerationRequest(id=f"p{i}", model="smollm2", prompt_tokens=prompt,
-                                           sampling=SamplingParams(max_tokens=tokens,
-                                                                   temperature=0.0)))
-        while not sched.idle:
-            sched.step()
-            seqs.update(sched.running)
-        out[lookup] = [seqs[f"p{i}"].sampler.history for i in range(len(prompts))]
-    return {"identical": out[True] == out[False]}
+    tokenizer = load_tokenizer(Path(model_dir))
+    state = Path(tempfile.mkdtemp(prefix="flock-bench-spec-"))
+    env, _ = runner_environment(NodeSettings(state_dir=state), ranks_on_this_machine=3)
+    heads: dict[bool, RunnerProcess] = {}
+    runners: list[RunnerProcess] = []
+    try:
+        for lookup in (True, False):
+            configs = pipeline_configs(Path(model_dir), [(0, 10), (10, 20), (20, 30)],
+                                       prompt_lookup=lookup)
+            started = [RunnerProcess(c, env) for c in configs]
+            runners += started
+            await asyncio.gather(*(r.start(timeout=300) for r in started))
+            heads[lookup] = started[0]
+
+        async def rate(lookup: bool, tag: str, max_tokens: int) -> tuple[float, list[int]]:
+            prompt = list(tokenizer.apply_chat_template(edit_messages(0, tag),
+                                                        add_generation_prompt=True))
+            request = GenerationRequest(id=f"p{secrets.token_hex(4)}", model="smollm2",
+                                        prompt_tokens=prompt,
+                                        sampling=SamplingParams(max_tokens=max_tokens,
+                                                                temperature=0.0))
+            ids: list[int] = []
+            first = last = 0.0
+            first_count = 0
+            async for event in heads[lookup].generate(request):
+                if isinstance(event, TokenChunk) and event.token_ids:
+                    now = time.perf_counter()
+                    if not ids:
+                        first, first_count = now, len(event.token_ids)
+                    ids += event.token_ids
+                    last = now
+            return (len(ids) - first_count) / max(last - first, 1e-9), ids
+
+        for lookup in (True, False):
+            await rate(lookup, "warm-pipeline", tokens)
+        on, off, identical = [], [], True
+        for r in range(rounds):
+            tag = f"pipeline-{r}-{secrets.token_hex(3)}"
+            got = {}
+            for lookup in ((True, False) if r % 2 == 0 else (False, True)):
+                got[lookup] = await rate(lookup, tag, tokens)
+            on.append(got[True][0])
+            off.append(got[False][0])
+            identical &= got[True][1] == got[False][1]
+        return {"on": on, "off": off, "identical": identical}
+    finally:
+        for runner in runners:
+            await runner.stop()
+
+
+def pipeline_worker(model_dir: str, rounds: int, tokens: int) -> dict[str, Any]:
+    import asyncio
+
+    return asyncio.run(_pipeline_rates(model_dir, rounds, tokens))
 
 
 def main() -> None:
@@ -218,17 +263,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--quick", action="store_true",
-                        help="1 round, 120 tokens, 3 chat prompts (about a minute)")
+                        help="1 round, 64 tokens, 3 chat prompts (a few minutes)")
     parser.add_argument("--models-dir", type=Path, default=None)
+    parser.add_argument("--no-pipeline", action="store_true",
+                        help="skip pipeline3_lookup_edit_vs_plain")
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.tokens = 1, 120
+        args.rounds, args.tokens = 1, 64
     warn_if_busy()
     emit("cpu_pressure_avg60_start", cpu_pressure() or 0.0)
     _, model_dir = bench_models(args.models_dir)
     env, _ = runner_env(gemv=True)
-    identity = call_in_subprocess("bench.speculative:identity_worker",
-                                  {"model_dir": str(model_dir), "tokens": args.tokens}, env)
     results = call_in_subprocess("bench.speculative:worker",
                                  {"model_dir": str(model_dir), "rounds": args.rounds,
                                   "tokens": args.tokens, "quick": args.quick}, env,
@@ -243,7 +288,19 @@ def main() -> None:
         emit(f"{name}_plain_tok_s", median(res["off"]), 1)
     edit = results["edit"]
     emit("lookup_acceptance_edit", edit["kept"] / max(edit["passes"], 1))
-    emit("lookup_greedy_ids_identical", identity["identical"])
+    identical = all(results[name]["identical"] for name in results)
+    if not args.no_pipeline:
+        pipe = call_in_subprocess("bench.speculative:pipeline_worker",
+                                  {"model_dir": str(model_dir), "rounds": args.rounds,
+                                   "tokens": args.tokens}, {**env, "FLOCK_BLAS_GEMV": "1"},
+                                  timeout=1800)
+        ratios = [a / b for a, b in zip(pipe["on"], pipe["off"], strict=True)]
+        emit("pipeline3_lookup_edit_vs_plain", median(ratios))
+        emit("pipeline3_lookup_edit_vs_plain_runs", ", ".join(f"{x:.2f}" for x in ratios))
+        emit("pipeline3_edit_lookup_tok_s", median(pipe["on"]), 1)
+        emit("pipeline3_edit_plain_tok_s", median(pipe["off"]), 1)
+        identical &= pipe["identical"]
+    emit("lookup_greedy_ids_identical", identical)
     emit("cpu_pressure_avg60_end", cpu_pressure() or 0.0)
 
 
