@@ -265,6 +265,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="1 round, 64 tokens, 3 chat prompts (a few minutes)")
     parser.add_argument("--models-dir", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OpenBLAS threads of the in-process worker (default: a runner's)")
     parser.add_argument("--no-pipeline", action="store_true",
                         help="skip pipeline3_lookup_edit_vs_plain")
     args = parser.parse_args()
@@ -273,7 +275,9 @@ def main() -> None:
     warn_if_busy()
     emit("cpu_pressure_avg60_start", cpu_pressure() or 0.0)
     _, model_dir = bench_models(args.models_dir)
-    env, _ = runner_env(gemv=True)
+    # On a busy machine use --threads 1: multi-threaded sgemm (the verification pass's wide
+    # matmuls) collapses when its threads wait for cores, while one-row decode does not.
+    env, _ = runner_env(gemv=True, threads=args.threads)
     results = call_in_subprocess("bench.speculative:worker",
                                  {"model_dir": str(model_dir), "rounds": args.rounds,
                                   "tokens": args.tokens, "quick": args.quick}, env,
