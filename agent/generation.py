@@ -49,6 +49,9 @@ class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     # A grammar the output must follow, in llguidance's Lark dialect (`%json {...}` inlines a
     # JSON schema); used for forced tool calls. Takes precedence over `json_schema`.
     grammar: str | None = None
+    # Predicted Outputs (OpenAI's `prediction`): tokens the reply is expected to largely
+    # repeat; they become drafts for speculative decoding, never output by themselves.
+    prediction_tokens: list[int] | None = None
 
 
 class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
@@ -77,6 +80,9 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    # Predicted Outputs: prediction tokens kept in the reply, and the rest of the prediction.
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
 
 class Finished(msgspec.Struct, frozen=True, tag="finished", kw_only=True):

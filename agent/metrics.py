@@ -79,7 +79,8 @@ REQUEST_BUCKETS = (
 
 # Keys of the runner's periodic stats snapshot (see observe_runner_stats).
 RUNNER_GAUGE_KEYS = ("kv_used_bytes", "kv_capacity_bytes", "active", "queued")
-RUNNER_COUNTER_KEYS = ("prefix_hits", "prefix_misses", "evictions")
+RUNNER_COUNTER_KEYS = ("prefix_hits", "prefix_misses", "evictions", "drafted_tokens_total",
+                       "accepted_draft_tokens_total", "draft_passes_total")
 RUNNER_RATE_KEY = "decode_tokens_per_second"
 KNOWN_ERROR_KINDS = ("runner_failed", "engine_exception", "api_exception")
 
@@ -261,6 +262,25 @@ class FlockMetrics:
             "flock_kv_evictions_total", "KV cache entries evicted to make room.", ["model"],
             registry=r,
         )  # fmt: skip
+        # Speculative decoding (prompt lookup, predictions): drafted tokens, those verification
+        # kept, and the passes that carried a draft.
+        self.drafted_tokens = Counter(
+            "flock_draft_tokens_total", "Tokens drafted for speculative decoding.", ["model"],
+            registry=r,
+        )  # fmt: skip
+        self.accepted_draft_tokens = Counter(
+            "flock_draft_accepted_tokens_total", "Drafted tokens that verification kept.",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.draft_passes = Counter(
+            "flock_draft_passes_total", "Verification passes of a sequence that carried a draft.",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.draft_acceptance = Gauge(
+            "flock_draft_acceptance_ratio",
+            "Drafted tokens kept / drafted, since the model's runners started (0 without drafts).",
+            ["model"], registry=r,
+        )  # fmt: skip
 
         # Outcomes.
         self.requests = Counter(
@@ -354,7 +374,8 @@ class FlockMetrics:
         """Take a runner's periodic snapshot.
 
         Keys (any may be missing): kv_used_bytes, kv_capacity_bytes, active, queued (current
-        values); prefix_hits, prefix_misses, evictions (cumulative totals since the runner
+        values); prefix_hits, prefix_misses, evictions, drafted_tokens_total,
+        accepted_draft_tokens_total, draft_passes_total (cumulative totals since the runner
         started); decode_tokens_per_second. Totals become counter increments; a total lower than
         the last one means the runner restarted and counted again from zero.
         """
@@ -370,6 +391,9 @@ class FlockMetrics:
             ("prefix_hits", self.prefix_hits),
             ("prefix_misses", self.prefix_misses),
             ("evictions", self.kv_evictions),
+            ("drafted_tokens_total", self.drafted_tokens),
+            ("accepted_draft_tokens_total", self.accepted_draft_tokens),
+            ("draft_passes_total", self.draft_passes),
         ):
             child = counter.labels(model)  # the series exists from the first report on
             value = _finite(stats.get(name))
@@ -404,7 +428,7 @@ class FlockMetrics:
             return
         for gauge in (
             self.kv_used, self.kv_capacity, self.kv_pressure,
-            self.sequences_active, self.sequences_queued,
+            self.sequences_active, self.sequences_queued, self.draft_acceptance,
         ):  # fmt: skip
             _remove(gauge, model)
 
@@ -417,6 +441,10 @@ class FlockMetrics:
         self.kv_pressure.labels(model).set(used / capacity if capacity > 0 else 0.0)
         self.sequences_active.labels(model).set(sum(g.get("active", 0.0) for g in snapshots))
         self.sequences_queued.labels(model).set(sum(g.get("queued", 0.0) for g in snapshots))
+        totals = [t for (m, _), t in self._runner_totals.items() if m == model]
+        drafted = sum(t.get("drafted_tokens_total", 0.0) for t in totals)
+        kept = sum(t.get("accepted_draft_tokens_total", 0.0) for t in totals)
+        self.draft_acceptance.labels(model).set(kept / drafted if drafted > 0 else 0.0)
 
     # -- node and cluster -----------------------------------------------------------------------
 

@@ -79,6 +79,10 @@ class NodeSettings(BaseSettings):
     # A pipeline keeps one micro-batch per stage in flight so every stage computes at once
     # (off: stop-and-wait, one step in the ring at a time).
     pipeline_microbatch: bool = True
+    # Speculative decoding by prompt lookup: drafts from the prompt and the text so far, verified
+    # several tokens a pass; it turns itself off per sequence where it does not pay. A
+    # request's `prediction` (Predicted Outputs) still drafts when this is off.
+    prompt_lookup: bool = True
 
     # Cluster. With no cluster file and discovery on, nodes of the same cluster name and secret
     # find each other on the LAN. With API keys and no secret, the secret is derived from the

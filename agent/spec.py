@@ -151,6 +151,8 @@ class ModelEntry(_Section):
     # name dequantizes/casts to it, "auto" picks (see cluster/shape.serving_dtype); unset: the
     # node's `dtype` setting.
     dtype: Literal["auto", "keep", "float32", "float16", "bfloat16"] | None = None
+    # Speculative decoding by prompt lookup for this model; unset: the node's `prompt_lookup`.
+    prompt_lookup: bool | None = None
 
 
 class SpecError(BaseModel):

@@ -303,6 +303,11 @@ class MirroredCompute(LocalCompute):
         self._follow("decode", 0, 0, positions, tokens)
         return super().decode(tokens, positions)
 
+    def verify(self, tokens: list[list[int]], starts: list[int]) -> mx.array:
+        # A speculative verification step: a peer gets the width in `start`, tokens flat.
+        self._follow("verify", 0, len(tokens[0]), starts, [t for row in tokens for t in row])
+        return super().verify(tokens, starts)
+
 
 def test_a_follower_replaying_the_journal_mirrors_the_quantized_cache(tiny_dir: Path) -> None:
     sched, events = make_scheduler(tiny_dir, 8, prefix=PrefixCache(1 << 26, min_tokens=4),

@@ -30,13 +30,14 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_scheduler(model_dir: Path, *, prefix: PrefixCache | None = None,
-                   **limits: int) -> tuple[Scheduler, list[GenerationEvent]]:
+                   prompt_lookup: bool = True, **limits: int
+                   ) -> tuple[Scheduler, list[GenerationEvent]]:
     events: list[GenerationEvent] = []
     dec = load_decoder(model_dir)
     kv = KvSlots(KvGeometry(len(dec.layers), dec.local_kv_heads, dec.config.head_dim), chunk=32)
     defaults = {"context_length": 512, "kv_budget_bytes": 1 << 30}
     sched = Scheduler(dec, load_tokenizer(model_dir), kv, SchedulerLimits(**(defaults | limits)),
-                      events.append, prefix_cache=prefix)
+                      events.append, prefix_cache=prefix, prompt_lookup=prompt_lookup)
     return sched, events
 
 
@@ -209,8 +210,9 @@ def test_token_ids_outside_the_vocabulary_are_a_bad_request(tiny_dir: Path) -> N
 
 def _lookahead_trace(model_dir: Path, *, lookahead: bool) -> tuple[list[GenerationEvent], int]:
     """A busy schedule: staggered arrivals, a cancel, a stop token, different lengths, rows
-    freed and compacted, capacity grown past a chunk. Returns its events and lookahead steps."""
-    sched, events = make_scheduler(model_dir)
+    freed and compacted, capacity grown past a chunk. Returns its events and lookahead steps.
+    Prompt lookup is off: this random model repeats itself, so drafts would replace lookahead."""
+    sched, events = make_scheduler(model_dir, prompt_lookup=False)
     if not lookahead:
         sched.compute.lazy_decode = False  # type: ignore[misc]
     sched.submit(request("a", [10, 20, 30], 70))

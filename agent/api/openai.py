@@ -46,11 +46,13 @@ from agent.api.openai_schema import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    CompletionTokensDetails,
     Delta,
     FunctionCallDelta,
     FunctionCallOut,
     ModelCard,
     ModelList,
+    Prediction,
     PromptTokensDetails,
     TextCompletion,
     TokenLogprobOut,
@@ -71,7 +73,7 @@ from agent.api.tools import (
     prepare_prompt,
     tool_spec,
 )
-from agent.engine import ChatMessage, ModelInfo
+from agent.engine import ChatMessage, Engine, ModelInfo
 from agent.generation import (
     Finished,
     FinishReason,
@@ -309,7 +311,26 @@ def usage_out(usage: Usage) -> UsageOut:
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.prompt_tokens + usage.completion_tokens,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
+        completion_tokens_details=CompletionTokensDetails(
+            accepted_prediction_tokens=usage.accepted_prediction_tokens,
+            rejected_prediction_tokens=usage.rejected_prediction_tokens),
     )
+
+
+async def prediction_tokens(engine: Engine, model: str, prediction: Prediction | None
+                            ) -> list[int] | None:
+    """Predicted Outputs' text as the model's tokens (drafts for speculative decoding), without
+    the BOS a plain encode may put first; None without a prediction."""
+    if prediction is None:
+        return None
+    parts = prediction.content
+    text = parts if isinstance(parts, str) else "".join(p.text or "" for p in parts
+                                                         if p.type == "text")
+    if not text:
+        return None
+    tokens = await tokenize(engine, model, text)
+    lead = await tokenize(engine, model, "")
+    return tokens[len(lead):] if lead and tokens[:len(lead)] == lead else tokens
 
 
 def _utf8(text: str) -> list[int]:
@@ -515,7 +536,9 @@ class OpenAIController(Controller):
         rid = request_id()
         generation = GenerationRequest(id=rid, model=info.name, prompt_tokens=prompt.tokens,
                                        sampling=chat_sampling(data, max_tokens),
-                                       json_schema=prompt.json_schema, grammar=prompt.grammar)
+                                       json_schema=prompt.json_schema, grammar=prompt.grammar,
+                                       prediction_tokens=await prediction_tokens(
+                                           engine, info.name, data.prediction))
         meta = ResponseMeta(
             id=f"chatcmpl-{rid}", created=int(time.time()), model=info.name,
             include_usage=bool(data.stream_options and data.stream_options.include_usage),

@@ -43,6 +43,13 @@ class ChatMessageIn(Struct, kw_only=True, forbid_unknown_fields=True):
     reasoning: str | None = None
 
 
+class Prediction(Struct, kw_only=True, forbid_unknown_fields=True):
+    """Predicted Outputs: text the reply is expected to largely repeat (speculative drafts)."""
+
+    type: Literal["content"]
+    content: str | list[ContentPart]
+
+
 class StreamOptions(Struct, kw_only=True, forbid_unknown_fields=True):
     include_usage: bool = False
     # Padding against length side channels; flock adds none, which changes nothing else.
@@ -90,6 +97,7 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True, forbid_unknown_fields
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    prediction: Prediction | None = None
     modalities: list[str] | None = None
     # Metadata for the caller's own bookkeeping: accepted, changes nothing about the output.
     metadata: dict[str, str] | None = None
@@ -134,11 +142,17 @@ class PromptTokensDetails(Struct, kw_only=True):
     cached_tokens: int
 
 
+class CompletionTokensDetails(Struct, kw_only=True):
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+
+
 class UsageOut(Struct, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class FunctionCallOut(Struct, kw_only=True):

@@ -12,6 +12,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
+
 from agent.cluster.assignment import Assignment
 from agent.cluster.shard_source import ShardSource
 from agent.cluster.state import NodeProfile, Placement
@@ -40,8 +42,11 @@ class MemberConvergence:
         spec = assignment.spec
         entry = next((m for m in spec.spec.models if canonical_name(m.model) == model),
                      None) if spec else None
-        return self.pool.base_config(context_length=entry.context_length if entry else None,
-                                     kv_bits=entry.kv_bits if entry else None)
+        config = self.pool.base_config(context_length=entry.context_length if entry else None,
+                                       kv_bits=entry.kv_bits if entry else None)
+        if entry is not None and entry.prompt_lookup is not None:
+            config = msgspec.structs.replace(config, prompt_lookup=entry.prompt_lookup)
+        return config
 
     def wanted(self, assignment: Assignment, profiles: dict[str, NodeProfile],
                node_id: str) -> dict[str, RunnerPlan]:

@@ -27,6 +27,7 @@ from agent.runtime.model import Decoder
 from agent.runtime.rowstep import RowsDecode
 from agent.runtime.seam import DecodeWork, PrefillWork, Work
 from agent.runtime.step import make_decode_fn, make_project_fn, prefill
+from agent.runtime.verify import make_verify_fn
 
 
 class LocalCompute:
@@ -43,6 +44,7 @@ class LocalCompute:
         self.decode_fn = make_decode_fn(decoder, compiled=compiled, quant=self.quant)
         self.rows_fn = RowsDecode(decoder, compiled=compiled, quant=self.quant)
         self._done: deque[tuple[Work, mx.array | None]] = deque()
+        self.verify_fn = make_verify_fn(decoder, compiled=compiled, quant=self.quant)
 
     def prefill(self, row: int, start: int, tokens: list[int]) -> mx.array:
         """Logits (1, vocab) of the last token; writes the row's KV."""
@@ -83,6 +85,11 @@ class LocalCompute:
     def in_flight(self) -> int:
         return len(self._done)
 
+    def verify(self, tokens: list[list[int]], starts: list[int]) -> mx.array:
+        """Logits (rows, width, vocab) for `width` tokens a row at positions starts[r] + i
+        (speculative verification, `verify.py`); writes their KV."""
+        return self.kv.step_in_place(self.verify_fn, mx.array(tokens), mx.array(starts))
+
     def close(self) -> None:
         pass
 
@@ -118,6 +125,8 @@ class HeadCompute(LocalCompute):
             self.rows_fn = RowsDecode(decoder, compiled=compiled, embed=True, project=False,
                                       quant=self.quant)
             self.project_fn = make_project_fn(decoder, compiled=compiled)
+            self.verify_fn = make_verify_fn(decoder, compiled=compiled, embed=True,
+                                            project=False, quant=self.quant)
             self.ring_stages = self._count_stages()
         self.stages = self.ring_stages if microbatch else 1
 
@@ -196,6 +205,24 @@ class HeadCompute(LocalCompute):
     @property
     def in_flight(self) -> int:
         return len(self._done) + len(self._pending)
+
+    def verify(self, tokens: list[list[int]], starts: list[int]) -> mx.array:
+        ops = self._drain()
+        flat = [t for row in tokens for t in row]
+        width = len(tokens[0])
+        self._tell_peers(StepMessage(op="verify", kv_ops=ops, tokens=flat, positions=starts,
+                                     start=width))
+        out = super().verify(tokens, starts)
+        if self.downstream is None:
+            return out
+        mx.eval(out, self.kv.keys, self.kv.values)
+        # A verify step goes round alone (the synchronous round drafts; nothing is in flight).
+        assert self.upstream is not None and not self._pending, "verify with steps in flight"
+        self.downstream.send(StepMessage(op="verify", kv_ops=ops, positions=starts,
+                                         start=width, stages=self.ring_stages), out)
+        _, back = self.upstream.recv()
+        assert back is not None
+        return self.project_fn(as_stage_dtype(back, self.decoder.dtype))
 
     def close(self) -> None:
         links = [*self.tp_peers, *([self.downstream] if self.downstream else [])]

@@ -52,6 +52,13 @@ class GrammarConstraint:
         if not self._matcher.consume_token(token):
             log.warning("constraint rejected token %d: %s", token, self._matcher.get_error())
 
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens`, in order, the grammar allows from here (nothing consumed):
+        drafts are cut there, so a constrained row only drafts tokens it may emit."""
+        if self._matcher.is_error():
+            return 0
+        return int(self._matcher.validate_tokens(tokens))
+
     def finished(self) -> bool:
         """True once nothing but the end of the output can follow (or the matcher broke)."""
         return self._matcher.is_stopped()

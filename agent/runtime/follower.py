@@ -22,6 +22,7 @@ from agent.runtime.model import Decoder
 from agent.runtime.prefix import copy_rows
 from agent.runtime.rowstep import RowsDecode
 from agent.runtime.step import make_decode_fn, prefill
+from agent.runtime.verify import make_verify_fn
 from agent.runtime.watchdog import Watchdog
 
 
@@ -42,6 +43,8 @@ class Follower:
                                         quant=self.quant)
         self.rows_fn = RowsDecode(decoder, compiled=compiled, embed=embeds, project=False,
                                   quant=self.quant)
+        self.verify_fn = make_verify_fn(decoder, compiled=compiled, embed=embeds, project=False,
+                                        quant=self.quant)
         self.saved: dict[int, tuple[list[mx.array], list[mx.array]]] = {}
 
     def apply(self, ops: list[KvOp]) -> None:
@@ -69,6 +72,12 @@ class Follower:
         if op == "prefill":
             out = prefill(self.decoder, h, start, row, self.kv.keys, self.kv.values,
                           embed=self.embeds, project=False, quant=self.quant)
+            mx.eval(out, self.kv.keys, self.kv.values)
+            return out
+        if op == "verify":  # `start` carries the width: tokens a row (speculative decoding)
+            if self.embeds:
+                h = h.reshape(len(positions), start)
+            out = self.kv.step_in_place(self.verify_fn, h, mx.array(positions))
             mx.eval(out, self.kv.keys, self.kv.values)
             return out
         every_row = first_row == 0 and len(positions) == self.kv.rows

@@ -48,6 +48,7 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     kv_bits: int | None = None  # quantized KV cache (4 or 8); None keeps the weights' dtype
     compile_step: bool = True
     fuse_projections: bool = True
+    prompt_lookup: bool = True  # speculative decoding from prompt-lookup drafts
     stats_interval_s: float = 1.0
     # Role in the instance. SOLO: the whole model here (or the whole stage, leading a tensor
     # group). HEAD: layers [layer_start, layer_stop) plus the embedding, the final norm and the

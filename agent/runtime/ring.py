@@ -16,7 +16,8 @@ the head's whatever compaction or growth happens while steps are in flight. Resu
 matched to sequences by identity, not row, because rows may be regrouped meanwhile.
 
 One decoding sequence (or micro-batching off) is one step of every row in flight at a time:
-the same step, in the same order, as the synchronous path.
+the same step, in the same order, as the synchronous path. With fewer streams than stages a
+step whose rows carry prompt-lookup drafts goes round alone as one verify step (`_speculate`).
 """
 
 from __future__ import annotations
@@ -85,10 +86,29 @@ class Ring:
             while self.flights:  # only steps of sequences that are gone: read and drop them
                 self._collect()
             return
+        if not self.flights and self._speculate():
+            sched._compact()
+            return
         self._fill()
         if self.flights:
             self._collect()
         sched._compact()
+
+    def _speculate(self) -> bool:
+        """Fewer streams than stages (one alone, most often): micro-batches have nothing to
+        overlap, so drafted tokens pay instead. The verify step of every decoding row goes
+        round alone (the ring is empty); False when no row has a draft."""
+        sched = self.sched
+        if any(s.in_prefill for s in sched.running.values()):
+            return False
+        decoding = [s for s in sched.running.values() if s.next_token is not None]
+        if not decoding or len(decoding) >= self.stages:
+            return False
+        started = time.perf_counter()
+        if not sched.speculator.try_verify(decoding):
+            return False
+        sched._count_step(decoding, started)
+        return True
 
     # ---- what goes in next ------------------------------------------------------------------
     def _fill(self) -> None:

@@ -246,7 +246,8 @@ def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
         scheduler = Scheduler(decoder, tokenizer, kv, limits, outbox.send,
                               compiled=config.compile_step, prefix_cache=prefix,
                               compute=compute,
-                              constraint_factory=constraint_factory(tokenizer))
+                              constraint_factory=constraint_factory(tokenizer),
+                              prompt_lookup=config.prompt_lookup)
     except Exception as exc:  # the agent reports it; the runner must not hang
         outbox.send(RunnerError(message=f"{type(exc).__name__}: {exc}"))
         return 1

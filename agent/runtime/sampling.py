@@ -90,9 +90,21 @@ class RowSampler:
 
     def choose(self, logits: mx.array) -> mx.array:
         """The next token id (a 0-d array) from adjusted logits of shape (vocab,)."""
-        p = self.params
-        if p.greedy:
+        if self.params.greedy:
             return mx.argmax(logits)
+        return mx.random.categorical(self.filtered(logits), key=self.next_key())
+
+    def next_key(self) -> mx.array | None:
+        """A fresh subkey of this row's random key (None: unseeded, MLX's global state)."""
+        if self.key is None:
+            return None
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+    def filtered(self, logits: mx.array) -> mx.array:
+        """Adjusted logits as this row samples them: tempered, tokens outside top-k / min-p /
+        top-p at -inf (softmax of it is the distribution `choose` draws from)."""
+        p = self.params
         logits = logits / p.temperature
         if p.top_k > 0 and p.top_k < logits.shape[-1]:
             kth = mx.sort(logits)[-p.top_k]
@@ -109,10 +121,7 @@ class RowSampler:
             drop = mx.zeros_like(drop_sorted)
             drop[order] = drop_sorted
             logits = mx.where(drop, -mx.inf, logits)
-        if self.key is not None:
-            self.key, sub = mx.random.split(self.key)
-            return mx.random.categorical(logits, key=sub)
-        return mx.random.categorical(logits)
+        return logits
 
 
 def top_logprobs(logits: mx.array, chosen: mx.array, k: int) -> tuple[mx.array, mx.array, mx.array]:

@@ -28,17 +28,18 @@ from agent.generation import (
 )
 from agent.runtime.compute import LocalCompute
 from agent.runtime.journal import PrefixLoad, PrefixSave
-from agent.runtime.pacing import (  # noqa: F401  (MIN_/FIRST_: their names live on here)
+from agent.runtime.pacing import (  # noqa: F401  (prefill_slice's figures live there now)
     FIRST_PREFILL_SLICE,
     MIN_PREFILL_SLICE,
+    moving_average,
     prefill_slice,
 )
-from agent.runtime.pacing import moving_average as _moving_average
 from agent.runtime.prefix import PrefixCache, copy_rows
 from agent.runtime.protocol import RunnerConfig
 from agent.runtime.ring import Ring
 from agent.runtime.sampling import RowSampler, top_logprobs
 from agent.runtime.seam import Compute, Slots
+from agent.runtime.speculation import Speculator, prediction_usage
 from agent.runtime.stops import StopMatcher
 
 Emit = Callable[[GenerationEvent], None]
@@ -82,6 +83,7 @@ class Sequence:
     unsent_ids: list[int] = field(default_factory=list)
     generated: int = 0
     cached_tokens: int = 0
+    drafter: Any = None  # drafting.PromptLookup when this sequence drafts (speculation.py)
     arrived: float = field(default_factory=time.monotonic)
 
     @property
@@ -144,6 +146,7 @@ class Scheduler:
         prefix_cache: PrefixCache | None = None,
         compute: Compute | None = None,
         constraint_factory: Callable[[GenerationRequest], Any] | None = None,
+        prompt_lookup: bool = True,
     ) -> None:
         self.decoder = decoder
         self.tokenizer = tokenizer
@@ -173,6 +176,8 @@ class Scheduler:
         # A pipeline head keeps micro-batches in flight around its ring (ring.py runs the round).
         stages = getattr(self.compute, "stages", 1)
         self.ring = Ring(self, self.compute) if stages > 1 else None  # type: ignore[arg-type]
+        # Speculative decoding: drafts per sequence, verified in multi-token decode steps.
+        self.speculator = Speculator(self, enabled=prompt_lookup)
 
     # ---- admission --------------------------------------------------------------------------
     @property
@@ -292,6 +297,8 @@ class Scheduler:
                 detokenizer=self.tokenizer.detokenizer,
                 stops=StopMatcher(request.sampling.stop),
                 max_tokens=max_tokens,
+                drafter=self.speculator.drafter_for(request.prompt_tokens,
+                                                    request.prediction_tokens),
             )
             self._reuse_prefix(self.running[request.id])
             self.stats.requests_total += 1
@@ -365,13 +372,16 @@ class Scheduler:
         if seq.in_prefill:
             mx.eval(self.kv.keys, self.kv.values)
             per_token = (time.perf_counter() - began) / len(tokens)
-            self.prefill_s_per_token = _moving_average(self.prefill_s_per_token, per_token)
+            self.prefill_s_per_token = moving_average(self.prefill_s_per_token, per_token)
             return
         self._sample_and_emit([seq], logits)
 
     def _decode(self, decoding: list[Sequence]) -> None:
         started = time.perf_counter()
         logits = self._take_lookahead(decoding)
+        if logits is None and self.speculator.try_verify(decoding):
+            self._count_step(decoding, started)
+            return
         if logits is None:
             self.kv.ensure_capacity(max(s.length for s in self.running.values()) + 1)
             rows = self.kv.rows
@@ -389,15 +399,18 @@ class Scheduler:
             self.stats.lookahead_steps_total += 1
         for seq in decoding:
             seq.length += 1
-        self.stats.decode_rows_max = max(self.stats.decode_rows_max, len(decoding))
         if self._may_look_ahead(decoding):
             self._greedy_with_lookahead(decoding, logits)
         else:
             self._sample_and_emit(decoding, logits, rows_of=[s.row for s in decoding])
+        self._count_step(decoding, started)
+
+    def _count_step(self, decoding: list[Sequence], started: float) -> None:
+        self.stats.decode_rows_max = max(self.stats.decode_rows_max, len(decoding))
         self.stats.decode_steps_total += 1
         elapsed = time.perf_counter() - started
         self.stats.decode_seconds_total += elapsed
-        self.decode_step_s = _moving_average(self.decode_step_s, elapsed)
+        self.decode_step_s = moving_average(self.decode_step_s, elapsed)
 
     # ---- lookahead: the next decode step runs while this one's tokens are handled ----------
     def _may_look_ahead(self, decoding: list[Sequence]) -> bool:
@@ -409,6 +422,7 @@ class Scheduler:
                 and not self.waiting and not self.cancelled
                 and len(decoding) == len(self.running)
                 and not any(s.sampler.needs_logits for s in decoding)
+                and not self.speculator.wants_step(decoding)
                 and any(s.generated + 1 < s.max_tokens for s in decoding))
 
     def _greedy_with_lookahead(self, decoding: list[Sequence], logits: mx.array) -> None:
@@ -514,7 +528,7 @@ class Scheduler:
                 self.emit(TokenChunk(id=seq.request.id, text=tail, token_ids=seq.unsent_ids))
                 seq.unsent_ids = []
         usage = Usage(prompt_tokens=len(seq.prompt), completion_tokens=seq.generated,
-                      cached_tokens=seq.cached_tokens)
+                      cached_tokens=seq.cached_tokens, **prediction_usage(seq))
         self.emit(Finished(id=seq.request.id, reason=reason, usage=usage,  # type: ignore[arg-type]
                            stop_sequence=stop_sequence))
         if not seq.in_prefill:
@@ -557,4 +571,5 @@ class Scheduler:
             "evictions": float(self.prefix.stats.evictions if self.prefix else 0),
             "prefix_cache_bytes": float(self.prefix.bytes if self.prefix else 0),
             **(self.ring.snapshot() if self.ring is not None else {}),
+            **self.speculator.snapshot(),
         }

@@ -51,7 +51,7 @@ def base_config(settings: NodeSettings, *, context_length: int | None = None,
                         kv_budget_bytes=s.kv_budget_bytes,
                         prefix_cache_bytes=s.prefix_cache_bytes,
                         fuse_projections=s.fuse_projections,
-                        pipeline_microbatch=s.pipeline_microbatch,
+                        pipeline_microbatch=s.pipeline_microbatch, prompt_lookup=s.prompt_lookup,
                         link_timeout_s=max(5.0, s.peer_timeout_s * 2))
 
 

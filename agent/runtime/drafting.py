@@ -1,0 +1,167 @@
+"""Prompt-lookup drafting: guess a sequence's next tokens from where its recent tokens occurred
+before, so one verification pass can yield several tokens.
+
+Edits of code or documents, retrieval answers and structured output repeat long spans of the
+prompt (or of a predicted output, OpenAI's `prediction`). A `PromptLookup` indexes every n-gram
+of a sequence's tokens as they arrive and proposes the continuation of the longest n-gram that
+ends the text so far. How far it guesses adapts to how much of its recent guesses the model
+accepted, and it stops guessing for a while (longer each time) where guesses keep failing, so
+free-form text pays almost nothing. Pure Python: no MLX, testable on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MIN_NGRAM = 2  # a single repeated token predicts little; two already find copied spans
+MAX_NGRAM = 4
+FIRST_DRAFT = 4  # tokens proposed before any acceptance has been seen
+MAX_DRAFT = 12
+MISSES_TO_PAUSE = 3  # consecutive drafts with nothing accepted before drafting pauses
+FIRST_PAUSE = 16  # steps drafting stays off the first time; doubles each time after
+MAX_PAUSE = 512
+
+
+@dataclass
+class DraftStats:
+    """What a sequence's drafts did: passes that carried a draft, tokens drafted, accepted."""
+
+    passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    predicted_accepted: int = 0  # of them, tokens that came from the request's prediction
+    predicted_rejected: int = 0
+
+
+@dataclass
+class PromptLookup:
+    """One sequence's drafter over `prompt + output` (and an optional predicted output).
+
+    `extend(tokens)` feeds it the sequence's tokens as they become known (prompt first);
+    `propose(limit, output_start)` returns up to `limit` guessed next tokens (maybe none);
+    `feedback(drafted, accepted)` reports what verification kept, which sizes and pauses later
+    drafts. `lookup_prompt` False: only the prediction drafts.
+    """
+
+    prediction: list[int] = field(default_factory=list)
+    lookup_prompt: bool = True
+    min_ngram: int = MIN_NGRAM
+    max_ngram: int = MAX_NGRAM
+    draft_len: int = FIRST_DRAFT
+    max_draft: int = MAX_DRAFT
+    tokens: list[int] = field(default_factory=list)
+    stats: DraftStats = field(default_factory=DraftStats)
+    # n-gram -> where its latest earlier occurrence ends (the index its continuation starts at)
+    _index: dict[tuple[int, ...], int] = field(default_factory=dict, repr=False)
+    _predicted: dict[tuple[int, ...], int] = field(default_factory=dict, repr=False)
+    _misses: int = 0
+    # Drafting pauses until the sequence reaches this many tokens (counted in tokens, not
+    # steps, so a pause runs out however the steps that produce them are built).
+    _resume_at: int = 0
+    _pause_len: int = FIRST_PAUSE
+    _from_prediction: int = 0  # leading tokens of the last proposal that came from `prediction`
+
+    def __post_init__(self) -> None:
+        for end in range(1, len(self.prediction)):
+            for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
+                self._predicted[tuple(self.prediction[end - n:end])] = end
+
+    def extend(self, tokens: list[int]) -> None:
+        if not self.lookup_prompt:
+            self.tokens.extend(tokens)
+            return
+        for token in tokens:
+            end = len(self.tokens)
+            # Every n-gram that ends just before this token now has a continuation: `token`.
+            for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
+                self._index[tuple(self.tokens[end - n:end])] = end
+            self.tokens.append(token)
+
+    @property
+    def paused(self) -> bool:
+        return len(self.tokens) < self._resume_at
+
+    def could_draft(self, output_start: int) -> bool:
+        """Whether `propose` would find something now (no bookkeeping)."""
+        return not self.paused and bool(self._lookup(1, output_start)[0])
+
+    def propose(self, limit: int, output_start: int) -> list[int]:
+        """Up to `limit` tokens that may follow the text so far. `output_start`: where the
+        output begins in `tokens` (a prediction is the expected output from there on)."""
+        self._from_prediction = 0
+        if limit <= 0 or self.paused:
+            return []
+        draft, predicted = self._lookup(min(limit, self.draft_len), output_start)
+        if predicted:
+            self._from_prediction = len(draft)
+        return draft
+
+    def _lookup(self, want: int, output_start: int) -> tuple[list[int], bool]:
+        if self.prediction:
+            draft = self._from_predicted(want, output_start)
+            if draft:
+                return draft, True
+        if not self.lookup_prompt:
+            return [], False
+        end = len(self.tokens)
+        for n in range(min(self.max_ngram, end - 1), self.min_ngram - 1, -1):
+            at = self._index.get(tuple(self.tokens[end - n:end]))
+            if at is not None:
+                return continuation(self.tokens, at, want), False
+        return [], False
+
+    def _from_predicted(self, want: int, output_start: int) -> list[int]:
+        produced = len(self.tokens) - output_start
+        if produced <= 0:
+            return self.prediction[:want]
+        # Still following the prediction verbatim: continue it where the output is.
+        if self.tokens[output_start:] == self.prediction[:produced]:
+            return self.prediction[produced:produced + want]
+        end = len(self.tokens)
+        for n in range(min(self.max_ngram, produced), self.min_ngram - 1, -1):
+            at = self._predicted.get(tuple(self.tokens[end - n:end]))
+            if at is not None:
+                return self.prediction[at:at + want]
+        return []
+
+    def feedback(self, drafted: int, accepted: int) -> None:
+        """Verification kept `accepted` of the `drafted` tokens last proposed."""
+        if drafted <= 0:
+            return
+        s = self.stats
+        s.passes += 1
+        s.drafted += drafted
+        s.accepted += accepted
+        from_prediction = min(self._from_prediction, drafted)
+        s.predicted_accepted += min(accepted, from_prediction)
+        s.predicted_rejected += from_prediction - min(accepted, from_prediction)
+        self.draft_len = next_draft_len(self.draft_len, drafted, accepted, self.max_draft)
+        if accepted == 0:
+            self._misses += 1
+            if self._misses >= MISSES_TO_PAUSE:
+                self._resume_at = len(self.tokens) + self._pause_len
+                self._pause_len = min(2 * self._pause_len, MAX_PAUSE)
+                self._misses = 0
+        else:
+            self._misses = 0
+            if accepted == drafted:
+                self._pause_len = FIRST_PAUSE
+
+
+def next_draft_len(current: int, drafted: int, accepted: int, most: int) -> int:
+    """Draft length after a verification: longer when the whole draft was kept (copied spans
+    tend to go on), one past what was kept otherwise (a cheaper miss next time)."""
+    if accepted >= drafted:
+        return min(most, max(current, drafted) + 2)
+    return max(1, min(current, accepted + 1))
+
+
+def continuation(tokens: list[int], at: int, want: int) -> list[int]:
+    """`want` tokens from `tokens[at]` on; past the end the draft continues with itself, so a
+    repeating span (a loop, a list's pattern) is drafted whole, not one token at a time."""
+    end = len(tokens)
+    draft: list[int] = []
+    for i in range(want):
+        j = at + i
+        draft.append(tokens[j] if j < end else draft[j - end])
+    return draft

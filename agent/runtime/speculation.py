@@ -1,0 +1,189 @@
+"""Speculative decoding in the scheduler: a decode step whose rows carry drafted tokens.
+
+Each sequence may have a drafter (`drafting.PromptLookup`: the prompt, the output so far and a
+predicted output). When some decoding row has a draft, the step is a verification step instead
+of a plain decode: every row feeds its pending token plus its draft (rows without one just
+their pending token, padded), one forward pass scores every position, and each row keeps the
+longest prefix of its draft that the acceptance rule (`acceptance.py`) allows, plus the model's
+own next token. Tokens go out through the scheduler's ordinary `_accept`, one by one, so stop
+strings, EOS, max tokens, logprobs and constraints behave as in plain decoding; a sequence that
+ends inside its draft ignores the rest. KV of rejected positions needs no undo: a row's length
+says where its next token is written, and the positions past it are overwritten before any
+query can see them (on every rank alike, since all ranks compute the same step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+
+from agent.runtime.acceptance import greedy_kept, verified_tokens
+from agent.runtime.drafting import MAX_DRAFT, PromptLookup
+from agent.runtime.sampling import top_logprobs
+from agent.runtime.verify import WIDTHS, step_width
+
+if TYPE_CHECKING:
+    from agent.runtime.scheduler import Scheduler, Sequence
+
+
+@dataclass
+class SpeculationStats:
+    verify_steps: int = 0  # verification passes (steps where some row carried a draft)
+    draft_passes: int = 0  # (row, pass) pairs that carried a draft
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0  # drafted tokens kept (the model's own next token not counted)
+
+
+class Speculator:
+    """Drafts for the scheduler's sequences and runs the verification steps.
+
+    `enabled`: prompt lookup for every sequence (a request's `prediction` drafts even when it
+    is off); the engine must offer `compute.verify` for either.
+    """
+
+    def __init__(self, scheduler: Scheduler, *, enabled: bool = True) -> None:
+        self.scheduler = scheduler
+        self.supported = callable(getattr(scheduler.compute, "verify", None))
+        self.enabled = enabled
+        self.stats = SpeculationStats()
+
+    def drafter_for(self, prompt: list[int], prediction: list[int] | None
+                    ) -> PromptLookup | None:
+        """A new sequence's drafter, or None when it will not draft."""
+        if not self.supported or not (self.enabled or prediction):
+            return None
+        return PromptLookup(prediction=list(prediction or []), lookup_prompt=self.enabled)
+
+    # ---- which step runs ----------------------------------------------------------------
+    def _sync(self, seq: Sequence) -> PromptLookup | None:
+        drafter: PromptLookup | None = seq.drafter
+        if drafter is not None:
+            known = len(drafter.tokens)
+            prompt, history = seq.prompt, seq.sampler.history
+            if known < len(prompt):
+                drafter.extend(prompt[known:])
+                known = len(prompt)
+            drafter.extend(history[known - len(prompt):])
+        return drafter
+
+    def wants_step(self, decoding: list[Sequence]) -> bool:
+        """Whether the next step should be built after this one's tokens are known (so it can
+        carry drafts) rather than queued ahead: some row has drafted lately and may again."""
+        for seq in decoding:
+            drafter = self._sync(seq)
+            if drafter is not None and drafter.could_draft(len(seq.prompt)):
+                return True
+        return False
+
+    def _draft(self, seq: Sequence) -> list[int]:
+        drafter = self._sync(seq)
+        if drafter is None:
+            return []
+        sched = self.scheduler
+        # The kept draft plus the model's next token must fit in max tokens and the context.
+        room = min(MAX_DRAFT, WIDTHS[-1] - 1, seq.max_tokens - seq.generated - 1,
+                   sched.limits.context_length - seq.length - 2)
+        drafts = drafter.propose(room, len(seq.prompt))
+        constraint = seq.sampler.constraint
+        if drafts and constraint is not None:
+            drafts = drafts[:constraint.valid_prefix(drafts)]
+        return drafts
+
+    def try_verify(self, decoding: list[Sequence]) -> bool:
+        """Run this step as a verification step when some row has a draft; False (nothing
+        done) when none has, or the cache cannot take the wider step."""
+        if not self.supported:
+            return False
+        plan = {s.request.id: d for s in decoding if (d := self._draft(s))}
+        if not plan:
+            return False
+        sched, kv = self.scheduler, self.scheduler.kv
+        width = step_width(1 + max(len(d) for d in plan.values()))
+        longest = max(s.length for s in sched.running.values())
+        limit = kv.capacity_limit(kv.rows)
+        if limit is not None and longest + width > limit:
+            return False
+        kv.ensure_capacity(longest + width)
+        tokens = [[0] * width for _ in range(kv.rows)]
+        starts = [0] * kv.rows
+        # Rows still in prefill take harmless writes past their length, as in plain decoding.
+        for seq in sched.running.values():
+            starts[seq.row] = seq.length
+        for seq in decoding:
+            row = [seq.next_token, *plan.get(seq.request.id, [])]
+            tokens[seq.row][:len(row)] = row  # type: ignore[assignment]
+        sched.compute.will_decode([s.row for s in decoding])
+        logits = sched.compute.verify(tokens, starts)  # type: ignore[attr-defined]
+        self._take(decoding, plan, logits)
+        self.stats.verify_steps += 1
+        return True
+
+    # ---- what each row keeps ------------------------------------------------------------
+    def _take(self, decoding: list[Sequence], plan: dict[str, list[int]], logits: mx.array
+              ) -> None:
+        sched = self.scheduler
+        argmax = mx.argmax(logits, axis=-1)
+        mx.eval(argmax, sched.kv.keys, sched.kv.values)
+        ids = argmax.tolist()
+        for seq in decoding:
+            drafts = plan.get(seq.request.id, [])
+            start = seq.length
+            if not seq.sampler.needs_logits:
+                kept = greedy_kept(ids[seq.row], drafts)
+                picks = [(t, None) for t in drafts[:kept]] + [(ids[seq.row][kept], None)]
+                self._emit(seq, start, picks)
+            else:
+                kept = self._emit_sampled(seq, start, drafts, logits[seq.row])
+            if drafts:
+                self.stats.draft_passes += 1
+                self.stats.drafted_tokens += len(drafts)
+                self.stats.accepted_tokens += kept
+                if seq.drafter is not None:
+                    seq.drafter.feedback(len(drafts), kept)
+
+    def _emit(self, seq: Sequence, start: int, picks: list[tuple[int, Any]]) -> None:
+        sched = self.scheduler
+        for i, (token, lp) in enumerate(picks):
+            seq.length = start + i + 1  # the input before this token is in the cache now
+            sched._accept(seq, token, lp)
+            if seq.request.id not in sched.running:
+                return
+
+    def _emit_sampled(self, seq: Sequence, start: int, drafts: list[int], logits: mx.array
+                      ) -> int:
+        """Pick and emit a row's tokens position by position (each adjusted after the previous
+        one is taken in); returns how many drafted tokens the acceptance rule kept."""
+        sched = self.scheduler
+        params = seq.request.sampling
+        kept = 0
+        for token, from_draft, i in verified_tokens(seq.sampler, logits, drafts, seq.prompt):
+            kept += from_draft
+            lp = None
+            if params.logprobs:
+                lp = top_logprobs(logits[i], mx.array(token), params.top_logprobs)
+                mx.eval(lp)
+            seq.length = start + i + 1
+            sched._accept(seq, token, lp)
+            if seq.request.id not in sched.running:
+                break
+        return kept
+
+    def snapshot(self) -> dict[str, float]:
+        s = self.stats
+        return {"verify_steps_total": float(s.verify_steps),
+                "draft_passes_total": float(s.draft_passes),
+                "drafted_tokens_total": float(s.drafted_tokens),
+                "accepted_draft_tokens_total": float(s.accepted_tokens)}
+
+
+def prediction_usage(seq: Sequence) -> dict[str, int]:
+    """A finished request's Predicted Outputs figures, as OpenAI reports them: prediction
+    tokens that verification kept in the output, and the rest of the prediction."""
+    prediction = seq.request.prediction_tokens
+    if not prediction or seq.drafter is None:
+        return {}
+    accepted = min(seq.drafter.stats.predicted_accepted, len(prediction))
+    return {"accepted_prediction_tokens": accepted,
+            "rejected_prediction_tokens": len(prediction) - accepted}

@@ -1,0 +1,141 @@
+"""The verification step: the batched decode step with several tokens per row.
+
+Row r feeds `width` tokens at positions start[r], start[r] + 1, ...: its pending token and its
+drafted tokens (rows with shorter drafts, or none, are padded). Every token's keys and values
+are written at its position before attention, and a token sees the keys up to its own position,
+so the logits at each position are what decoding the tokens one by one would give. Positions
+past what a row keeps (rejected drafts, padding) hold stale KV that nobody reads: the row's
+length says where its next token goes, and that step overwrites them. One pure function of
+arrays, compiled per shape like `step.decode_step`, and shared by the head, its tensor peers
+and pipeline stages.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from agent.runtime.kv import KvQuant
+from agent.runtime.model import Decoder
+from agent.runtime.step import (
+    NEG_INF,
+    _all_sum,
+    _apply_rope,
+    _mlp,
+    _qkv,
+    _quantized_attention,
+    embed_tokens,
+    linear,
+    project_logits,
+)
+
+# Widths a verification step is compiled for: a row's draft is padded up to the next one, so
+# the step compiles for a handful of shapes instead of one per draft length.
+WIDTHS = (2, 3, 5, 9, 13)
+
+
+def step_width(tokens: int) -> int:
+    """The compiled width that holds `tokens` tokens per row (the widest when beyond all)."""
+    for width in WIDTHS:
+        if tokens <= width:
+            return width
+    return WIDTHS[-1]
+
+
+def _rope_angles(dec: Decoder, positions: mx.array) -> tuple[mx.array, mx.array] | None:
+    """cos and sin for positions (rows, width), shaped (rows, 1, width, head_dim / 2); None for
+    RoPE variants other than the plain one (they take per-row offsets themselves)."""
+    rope = dec.rope
+    if type(rope) is not nn.RoPE or rope.dims != dec.config.head_dim:
+        return None
+    half = rope.dims // 2
+    inv_freqs = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * (math.log(rope.base) / half))
+    angles = (positions.astype(mx.float32) * rope.scale)[..., None] * inv_freqs
+    angles = angles[:, None, :, :]
+    return mx.cos(angles), mx.sin(angles)
+
+
+def verify_step(
+    dec: Decoder,
+    inputs: mx.array,
+    starts: mx.array,
+    keys: list[mx.array],
+    values: list[mx.array],
+    *,
+    embed: bool,
+    project: bool,
+    quant: KvQuant | None = None,
+) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+    """`inputs`: token ids (rows, width) when `embed`, else hidden states (rows, width, hidden);
+    `starts` (rows,): each row's first position. Returns logits (rows, width, vocab) when
+    `project`, else hidden states, and the updated KV arrays (as `step.decode_step`)."""
+    h = embed_tokens(dec, inputs) if embed else inputs
+    rows, width = h.shape[0], h.shape[1]
+    capacity = keys[0].shape[2]
+    kv_heads, hd = dec.local_kv_heads, dec.config.head_dim
+    group_size = dec.local_heads // kv_heads
+    scale = hd**-0.5
+    eps = dec.config.rms_norm_eps
+    positions = starts[:, None] + mx.arange(width)[None, :]  # (rows, width)
+    visible = mx.arange(capacity)[None, None, :] <= positions[:, :, None]
+    mask = mx.where(visible, 0.0, NEG_INF).astype(h.dtype)  # (rows, width, capacity)
+    # Queries are laid out (rows, kv_heads, group * width, hd): the mask repeats per group.
+    mask = mx.broadcast_to(mask[:, None, None], (rows, 1, group_size, width, capacity))
+    mask = mask.reshape(rows, 1, group_size * width, capacity)
+    parts = 1 if quant is None else 3
+    wheres = {a.shape[3]: mx.broadcast_to(positions[:, None, :, None],
+                                          (rows, kv_heads, width, a.shape[3]))
+              for a in keys[:parts]}
+    angles = _rope_angles(dec, positions)
+    new_keys, new_values = [], []
+    for i, layer in enumerate(dec.layers):
+        k_cache, v_cache = keys[i * parts:(i + 1) * parts], values[i * parts:(i + 1) * parts]
+        q, k, v = _qkv(dec, layer, mx.fast.rms_norm(h, layer.attn_norm, eps))
+        if angles is not None:
+            q, k = _apply_rope(dec, q, angles), _apply_rope(dec, k, angles)
+        else:
+            q, k = dec.rope(q, offset=starts), dec.rope(k, offset=starts)
+        k_new, v_new = [k], [v]
+        if quant is not None:
+            k_new = list(mx.quantize(k, group_size=quant.group, bits=quant.bits))
+            v_new = list(mx.quantize(v, group_size=quant.group, bits=quant.bits))
+        k_cache = [mx.put_along_axis(c, wheres[c.shape[3]], n, axis=2)
+                   for c, n in zip(k_cache, k_new, strict=True)]
+        v_cache = [mx.put_along_axis(c, wheres[c.shape[3]], n, axis=2)
+                   for c, n in zip(v_cache, v_new, strict=True)]
+        new_keys.extend(k_cache)
+        new_values.extend(v_cache)
+        # q (rows, heads, width, hd) with heads = kv_heads * group: one matmul per KV head.
+        qg = q.reshape(rows, kv_heads, group_size * width, hd) * scale
+        if quant is None:
+            scores = qg @ k_cache[0].transpose(0, 1, 3, 2) + mask
+            attn = mx.softmax(scores, axis=-1, precise=True) @ v_cache[0]
+        else:
+            attn = _quantized_attention(qg, k_cache, v_cache, mask, quant)
+        attn = attn.reshape(rows, kv_heads * group_size, width, hd).transpose(0, 2, 1, 3)
+        attn = attn.reshape(rows, width, kv_heads * group_size * hd)
+        h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
+        h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))
+    out = project_logits(dec, h) if project else h
+    return out, new_keys, new_values
+
+
+def make_verify_fn(dec: Decoder, *, compiled: bool, embed: bool | None = None,
+                   project: bool | None = None, quant: KvQuant | None = None
+                   ) -> Callable[..., Any]:
+    """The verification step as a function of arrays only (inputs, starts, then the keys'
+    arrays and the values'), compiled per shape when asked."""
+    embed = dec.embeds if embed is None else embed
+    project = dec.projects if project is None else project
+
+    def step(inputs: mx.array, starts: mx.array, *kv: mx.array) -> tuple[mx.array, ...]:
+        half = len(kv) // 2
+        out, keys, values = verify_step(dec, inputs, starts, list(kv[:half]), list(kv[half:]),
+                                        embed=embed, project=project, quant=quant)
+        return (out, *keys, *values)
+
+    return mx.compile(step) if compiled else step
