@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from agent.generation import Finished, GenerationRequest, SamplingParams, TokenChunk
@@ -26,7 +27,8 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "m", layers=6)
 
 
-async def generate(runner: RunnerProcess) -> dict[str, tuple[list[int], list[float]]]:
+async def generate(runner: RunnerProcess, prompts: dict[str, list[int]] = PROMPTS
+                   ) -> dict[str, tuple[list[int], list[float]]]:
     """Each prompt's greedy ids and the logprobs of the chosen tokens, all in one batch."""
 
     async def one(rid: str, prompt: list[int]) -> tuple[list[int], list[float]]:
@@ -43,8 +45,8 @@ async def generate(runner: RunnerProcess) -> dict[str, tuple[list[int], list[flo
                 assert isinstance(event, Finished), event
         return ids, lps
 
-    results = await asyncio.gather(*(one(k, p) for k, p in PROMPTS.items()))
-    return dict(zip(PROMPTS, results, strict=True))
+    results = await asyncio.gather(*(one(k, p) for k, p in prompts.items()))
+    return dict(zip(prompts, results, strict=True))
 
 
 async def drafted_stats(runner: RunnerProcess) -> dict[str, float]:
@@ -56,24 +58,33 @@ async def drafted_stats(runner: RunnerProcess) -> dict[str, float]:
     raise AssertionError(f"no drafts counted: {runner.last_stats}")
 
 
-# A 3-stage pipeline, and 2 stages that are each a tensor group of 2 (a tensor head with peers,
-# a pipeline follower leading its own tensor group): every way a verify step travels.
-@pytest.mark.parametrize("shape", ["pipeline3", "hybrid2x2"])
+# A 3-stage pipeline (stop-and-wait: every row drafts in the one step in the ring; and with
+# micro-batches in flight, one stream alone: fewer streams than stages verify drafts instead),
+# and 2 stages that are each a tensor group of 2 (a tensor head with peers, a pipeline follower
+# leading its own tensor group): every way a verify step travels.
+@pytest.mark.parametrize("shape", ["pipeline3", "pipeline3_microbatch_one_stream", "hybrid2x2"])
 def test_drafted_multi_process_decoding_matches_one_plain_process(
         shape: str, tiny_dir: Path, tmp_path: Path) -> None:
+    prompts = {"copy": PROMPTS["copy"]} if "one_stream" in shape else PROMPTS
+
     async def main() -> None:
         solo = (await start_all([RunnerConfig(model_name="tiny", model_dir=str(tiny_dir),
                                               prompt_lookup=False)], tmp_path))[0]
         try:
-            expected = await generate(solo)
+            expected = await generate(solo, prompts)
         finally:
             await solo.stop()
-        configs = {"pipeline3": lambda: pipeline_configs(tiny_dir, [(0, 2), (2, 4), (4, 6)],
-                                                         stats_interval_s=0.2),
-                   "hybrid2x2": lambda: hybrid_configs(tiny_dir, [(0, 3), (3, 6)], 2)}[shape]()
+        splits = [(0, 2), (2, 4), (4, 6)]
+        configs = {
+            "pipeline3": lambda: pipeline_configs(tiny_dir, splits, stats_interval_s=0.2,
+                                                  pipeline_microbatch=False),
+            "pipeline3_microbatch_one_stream": lambda: pipeline_configs(
+                tiny_dir, splits, stats_interval_s=0.2),
+            "hybrid2x2": lambda: [msgspec.structs.replace(c, pipeline_microbatch=False)
+                                  for c in hybrid_configs(tiny_dir, [(0, 3), (3, 6)], 2)]}[shape]()
         runners = await start_all(configs, tmp_path)
         try:
-            got = await generate(runners[0])
+            got = await generate(runners[0], prompts)
             stats = await drafted_stats(runners[0])
         finally:
             for r in runners:
