@@ -6,22 +6,21 @@ and SmolLM2's greedy ids are identical with the kernels on and off."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from agent.generation import GenerationRequest, SamplingParams
+from agent.generation import Finished, GenerationRequest, SamplingParams, TokenChunk
 from agent.runtime import kernels
-from agent.runtime.kv import KvGeometry, KvSlots
-from agent.runtime.model import load_decoder
-from agent.runtime.scheduler import Scheduler, SchedulerLimits
+from agent.runtime.client import RunnerProcess
+from agent.runtime.environment import runner_environment
+from agent.runtime.protocol import RunnerConfig
 from agent.runtime.step import NEG_INF
 from agent.settings import NodeSettings
-from tests.scheduler_tools import run_all, tokens_of
 
 ATOL = 2e-5
 
@@ -123,34 +122,46 @@ def test_the_setting_turns_the_kernels_off_for_runners() -> None:
     assert kernels.describe_kernels().startswith("flockattn")
 
 
-def greedy(model_dir: Path, prompts: list[list[int]], on: bool) -> list[list[int]]:
-    kernels.set_enabled(on)
+async def greedy(model_dir: Path, env: dict[str, str], prompts: list[list[int]]
+                 ) -> list[list[int]]:
+    """Greedy ids of all prompts submitted at once to one real runner (a batch)."""
+    config = RunnerConfig(model_name="smol", model_dir=str(model_dir), prefill_chunk=96,
+                          prefill_gap_steps=0)
+    runner = RunnerProcess(config, env)
+    await runner.start(timeout=300)
+
+    async def one(i: int, prompt: list[int]) -> list[int]:
+        request = GenerationRequest(id=str(i), model="smol", prompt_tokens=prompt,
+                                    sampling=SamplingParams(max_tokens=12, temperature=0))
+        ids: list[int] = []
+        async for event in runner.generate(request):
+            if isinstance(event, TokenChunk):
+                ids += event.token_ids
+            else:
+                assert isinstance(event, Finished), event
+        return ids
+
     try:
-        dec = load_decoder(model_dir)
-        kv = KvSlots(KvGeometry(len(dec.layers), dec.local_kv_heads, dec.config.head_dim),
-                     chunk=64)
-        events: list = []
-        limits = SchedulerLimits(context_length=1024, kv_budget_bytes=1 << 30,
-                                 prefill_gap_steps=0, prefill_chunk=96,
-                                 solo_prefill_chunk=96)
-        sched = Scheduler(dec, load_tokenizer(model_dir), kv, limits, events.append)
-        for i, prompt in enumerate(prompts):
-            sched.submit(GenerationRequest(id=str(i), model="smol", prompt_tokens=prompt,
-                                           sampling=SamplingParams(max_tokens=12,
-                                                                   temperature=0.0)))
-        run_all(sched)
-        return [tokens_of(events, str(i)) for i in range(len(prompts))]
+        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
     finally:
-        kernels.set_enabled(True)
+        await runner.stop()
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_ids_are_identical_with_the_kernels_on_and_off(smollm2_dir: Path) -> None:
-    """A batch of 8 at different lengths, one prompt over several prefill chunks."""
+def test_smollm2_greedy_ids_are_identical_with_the_kernels_on_and_off(
+        smollm2_dir: Path, tmp_path: Path) -> None:
+    """Real runners (the BLAS shim preloaded, FLOCK_KERNELS as the agent sets it): a batch of 8
+    at different lengths, one prompt prefilled over three chunks."""
     chat = [1, 9690, 198, 2683, 314, 253, 5356, 28, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575,
             282, 4649, 47, 2, 198, 1, 520, 9531, 198]
     prompts = [chat] + [list(range(500 + 7 * i, 500 + 7 * i + 5 + 23 * i)) for i in range(6)]
     prompts.append(list(range(1000, 1250)))  # 250 tokens: three prefill chunks of 96
-    on, off = greedy(smollm2_dir, prompts, True), greedy(smollm2_dir, prompts, False)
-    assert all(len(ids) == 12 for ids in on)
+    on_env, warning = runner_environment(NodeSettings(state_dir=tmp_path, blas_threads=2))
+    assert warning is None, warning
+    assert Path(on_env[kernels.ENV]).is_file()
+    off_env, _ = runner_environment(NodeSettings(state_dir=tmp_path, blas_threads=2,
+                                                 kernels="off"))
+    on = asyncio.run(greedy(smollm2_dir, on_env, prompts))
+    off = asyncio.run(greedy(smollm2_dir, off_env, prompts))
+    assert all(len(ids) > 0 for ids in on)
     assert on == off
