@@ -156,10 +156,10 @@ def test_smollm2_greedy_ids_are_identical_with_the_kernels_on_and_off(
             282, 4649, 47, 2, 198, 1, 520, 9531, 198]
     prompts = [chat] + [list(range(500 + 7 * i, 500 + 7 * i + 5 + 23 * i)) for i in range(6)]
     prompts.append(list(range(1000, 1250)))  # 250 tokens: three prefill chunks of 96
-    on_env, warning = runner_environment(NodeSettings(state_dir=tmp_path, blas_threads=2))
+    on_env, warning = runner_environment(NodeSettings(state_dir=tmp_path, blas_threads=1))
     assert warning is None, warning
     assert Path(on_env[kernels.ENV]).is_file()
-    off_env, _ = runner_environment(NodeSettings(state_dir=tmp_path, blas_threads=2,
+    off_env, _ = runner_environment(NodeSettings(state_dir=tmp_path, blas_threads=1,
                                                  kernels="off"))
     on = asyncio.run(greedy(smollm2_dir, on_env, prompts))
     off = asyncio.run(greedy(smollm2_dir, off_env, prompts))
