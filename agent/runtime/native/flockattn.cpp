@@ -180,6 +180,31 @@ static inline __attribute__((always_inline)) float fast_exp(float x) {
   return y * scale;
 }
 
+// s[j] = exp(s[j] - m) for j < n, returning their sum. The sum runs in 16 fixed lanes rather than
+// an omp simd reduction, whose order depends on the buffer's alignment (the vectoriser peels to
+// align): a row then gives the same bits wherever it lies, so chunked prefill equals one pass.
+static inline __attribute__((always_inline)) float exp_and_sum(float* s, int n, float m) {
+  float lanes[16] = {};
+  int j = 0;
+  for (; j + 16 <= n; j += 16) {
+#pragma omp simd
+    for (int l = 0; l < 16; ++l) {
+      float p = fast_exp(s[j + l] - m);
+      s[j + l] = p;
+      lanes[l] += p;
+    }
+  }
+  float tail = 0.f;
+  for (; j < n; ++j) {
+    float p = fast_exp(s[j] - m);
+    s[j] = p;
+    tail += p;
+  }
+  float sum = 0.f;
+  for (int l = 0; l < 16; ++l) sum += lanes[l];
+  return sum + tail;
+}
+
 // One row of scores s[0, width): the first `visible` are real (the rest masked). Updates the
 // running max and sum, writes the probabilities back into s (masked ones 0), and returns the
 // factor by which the row's accumulated output must be rescaled.
@@ -188,13 +213,7 @@ float online_softmax_row(float* s, int width, int visible, float& row_max, float
   float m = row_max;
 #pragma omp simd reduction(max : m)
   for (int j = 0; j < visible; ++j) m = s[j] > m ? s[j] : m;
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int j = 0; j < visible; ++j) {
-    float p = fast_exp(s[j] - m);
-    s[j] = p;
-    sum += p;
-  }
+  float sum = exp_and_sum(s, visible, m);
   for (int j = visible; j < width; ++j) s[j] = 0.f;
   float alpha = row_max == -INFINITY ? 0.f : fast_exp(row_max - m);
   row_sum = row_sum * alpha + sum;
@@ -269,7 +288,13 @@ void prefill_kernel(const PrefillShape& sh, const View& q, const View& k, const 
                     float* out, int threads) {
   const int group = sh.heads / sh.kv_heads;
   const int d = sh.head_dim;
-  const int qblocks = (sh.queries + kQueryBlock - 1) / kQueryBlock;
+  // Query blocks are aligned to absolute positions (block B holds positions [64B, 64B + 64)),
+  // and every block product runs at one full shape (missing rows and keys zero-padded): a
+  // query's row then sits at the same place in the same BLAS call whether its prompt is
+  // prefilled in one pass or in chunks, and gets the same bits (OpenBLAS's results depend on a
+  // row's place in its tile).
+  const int first_block = sh.offset / kQueryBlock;
+  const int qblocks = (sh.offset + sh.queries - 1) / kQueryBlock - first_block + 1;
   const int items = sh.batch * sh.kv_heads * qblocks;
   std::atomic<int> next{0};
   auto work = [&](int) {
@@ -277,6 +302,7 @@ void prefill_kernel(const PrefillShape& sh, const View& q, const View& k, const 
     std::vector<float> qs(static_cast<size_t>(rows_max) * d), acc(qs.size());
     std::vector<float> scores(static_cast<size_t>(rows_max) * kKeyBlock);
     std::vector<float> row_max(rows_max), row_sum(rows_max);
+    std::vector<float> kpad(static_cast<size_t>(kKeyBlock) * d), vpad(kpad.size());
     for (;;) {
       int item = next.fetch_add(1);
       if (item >= items) return;
@@ -285,15 +311,17 @@ void prefill_kernel(const PrefillShape& sh, const View& q, const View& k, const 
       int rest = item / qblocks;
       int g = rest % sh.kv_heads;
       int b = rest / sh.kv_heads;
-      int i0 = qb * kQueryBlock;
-      int m = std::min(sh.queries, i0 + kQueryBlock) - i0;
-      int rows = group * m;
+      const int base = (first_block + qb) * kQueryBlock;  // the position of the block's row 0
+      const int lo = std::max(base, sh.offset) - base;
+      const int hi = std::min(base + kQueryBlock, sh.offset + sh.queries) - base;
+      const int rows = rows_max;
+      std::fill(qs.begin(), qs.end(), 0.f);
       for (int gi = 0; gi < group; ++gi) {
         int h = g * group + gi;
-        for (int ii = 0; ii < m; ++ii) {
+        for (int ii = lo; ii < hi; ++ii) {
           const float* src = q.data + b * q.strides[0] + h * q.strides[1] +
-                             static_cast<int64_t>(i0 + ii) * q.strides[2];
-          scaled_copy(&qs[static_cast<size_t>(gi * m + ii) * d], src, d, sh.scale);
+                             static_cast<int64_t>(base + ii - sh.offset) * q.strides[2];
+          scaled_copy(&qs[static_cast<size_t>(gi * kQueryBlock + ii) * d], src, d, sh.scale);
         }
       }
       std::fill(acc.begin(), acc.begin() + static_cast<size_t>(rows) * d, 0.f);
@@ -301,36 +329,49 @@ void prefill_kernel(const PrefillShape& sh, const View& q, const View& k, const 
       std::fill(row_sum.begin(), row_sum.begin() + rows, 0.f);
       const float* kb = k.data + b * k.strides[0] + g * k.strides[1];
       const float* vb = v.data + b * v.strides[0] + g * v.strides[1];
-      const int first_pos = sh.offset + i0;  // position of the block's first query
-      const int key_end = std::min(sh.keys, first_pos + m);
+      const int key_end = std::min(sh.keys, base + hi);
       for (int j0 = 0; j0 < key_end; j0 += kKeyBlock) {
         int width = std::min(kKeyBlock, key_end - j0);
-        blas.sgemm(kRowMajor, kNoTrans, kTrans, rows, width, d, 1.f, qs.data(), d,
-                   kb + j0 * k.strides[2], static_cast<int>(k.strides[2]), 0.f, scores.data(),
-                   kKeyBlock);
+        const float* kblock = kb + j0 * k.strides[2];
+        const float* vblock = vb + j0 * v.strides[2];
+        int ldk = static_cast<int>(k.strides[2]), ldv = static_cast<int>(v.strides[2]);
+        if (width < kKeyBlock) {
+          // The block products always run at full width (the tail zero-padded, its scores
+          // masked): the BLAS's summation order then does not depend on where a prompt's
+          // chunks end, so chunked prefill gives bit-identical results to one pass.
+          std::fill(kpad.begin(), kpad.end(), 0.f);
+          std::fill(vpad.begin(), vpad.end(), 0.f);
+          for (int j = 0; j < width; ++j) {
+            std::memcpy(&kpad[static_cast<size_t>(j) * d], kblock + j * k.strides[2],
+                        sizeof(float) * d);
+            std::memcpy(&vpad[static_cast<size_t>(j) * d], vblock + j * v.strides[2],
+                        sizeof(float) * d);
+          }
+          kblock = kpad.data(), vblock = vpad.data(), ldk = ldv = d;
+        }
+        blas.sgemm(kRowMajor, kNoTrans, kTrans, rows, kKeyBlock, d, 1.f, qs.data(), d, kblock,
+                   ldk, 0.f, scores.data(), kKeyBlock);
         for (int r = 0; r < rows; ++r) {
-          int ii = r % m;
-          int visible = std::clamp(first_pos + ii - j0 + 1, 0, width);
+          int ii = r % kQueryBlock;
+          if (ii < lo || ii >= hi) continue;  // padding rows: zero queries, zero scores
+          int visible = std::clamp(base + ii - j0 + 1, 0, width);
           float* s = &scores[static_cast<size_t>(r) * kKeyBlock];
           if (visible == 0) {
-            std::fill(s, s + width, 0.f);
+            std::fill(s, s + kKeyBlock, 0.f);
             continue;
           }
-#ifdef FLOCK_NO_SOFTMAX
-          continue;
-#endif
-          float alpha = online_softmax_row(s, width, visible, row_max[r], row_sum[r]);
+          float alpha = online_softmax_row(s, kKeyBlock, visible, row_max[r], row_sum[r]);
           if (alpha != 1.f) scale_row(&acc[static_cast<size_t>(r) * d], d, alpha);
         }
-        blas.sgemm(kRowMajor, kNoTrans, kNoTrans, rows, d, width, 1.f, scores.data(),
-                   kKeyBlock, vb + j0 * v.strides[2], static_cast<int>(v.strides[2]), 1.f,
-                   acc.data(), d);
+        blas.sgemm(kRowMajor, kNoTrans, kNoTrans, rows, d, kKeyBlock, 1.f, scores.data(),
+                   kKeyBlock, vblock, ldv, 1.f, acc.data(), d);
       }
       for (int gi = 0; gi < group; ++gi) {
         int h = g * group + gi;
-        for (int ii = 0; ii < m; ++ii) {
-          int r = gi * m + ii;
-          float* dst = out + ((static_cast<int64_t>(b) * sh.queries + i0 + ii) * sh.heads + h) * d;
+        for (int ii = lo; ii < hi; ++ii) {
+          int r = gi * kQueryBlock + ii;
+          int64_t i = base + ii - sh.offset;
+          float* dst = out + ((static_cast<int64_t>(b) * sh.queries + i) * sh.heads + h) * d;
           scaled_copy(dst, &acc[static_cast<size_t>(r) * d], d, 1.f / row_sum[r]);
         }
       }
@@ -384,9 +425,15 @@ struct DecodeShape {
 
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 float dot(const float* a, const float* b, int n) {
+  float lanes[16] = {};
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+#pragma omp simd
+    for (int l = 0; l < 16; ++l) lanes[l] += a[i + l] * b[i + l];
+  }
   float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int i = 0; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int l = 0; l < 16; ++l) s += lanes[l];
   return s;
 }
 
@@ -401,14 +448,7 @@ float softmax_inplace(float* s, int n) {
   float m = -INFINITY;
 #pragma omp simd reduction(max : m)
   for (int j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int j = 0; j < n; ++j) {
-    float p = fast_exp(s[j] - m);
-    s[j] = p;
-    sum += p;
-  }
-  return sum;
+  return exp_and_sum(s, n, m);
 }
 
 void decode_kernel(const DecodeShape& sh, const View& q, const View& k, const View& v,
