@@ -277,7 +277,7 @@ View view_of(const mx::array& a) {
 // ---------------------------------------------------------------------------- prefill kernel
 
 constexpr int kQueryBlock = 64;
-constexpr int kKeyBlock = 128;
+constexpr int kKeyBlock = 256;
 
 struct PrefillShape {
   int batch, heads, kv_heads, queries, keys, head_dim, offset;
