@@ -45,7 +45,7 @@ def worker(model_dir: str, prefill_lengths: list[int], decode_contexts: list[int
 
     dec = load_decoder(Path(model_dir), fuse=True)
     geometry = KvGeometry(len(dec.layers), dec.local_kv_heads, dec.config.head_dim)
-    out: dict[str, Any] = {"kernels": kernels.describe_kernels()}
+    out: dict[str, Any] = {}
 
     def fresh(rows: int, capacity: int) -> tuple[KvSlots, LocalCompute]:
         kv = KvSlots(geometry)
@@ -62,6 +62,7 @@ def worker(model_dir: str, prefill_lengths: list[int], decode_contexts: list[int
         logits = compute.decode([ids[-1]], [len(prompt) + i])
         ids.append(int(mx.argmax(logits[-1]).item()))
     out["greedy_ids"] = ids
+    out["kernels"] = kernels.describe_kernels()  # what this process really uses, now decided
 
     for n in prefill_lengths:
         kv, compute = fresh(1, n + 16)

@@ -424,26 +424,6 @@ struct DecodeShape {
 };
 
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-float dot(const float* a, const float* b, int n) {
-  float lanes[16] = {};
-  int i = 0;
-  for (; i + 16 <= n; i += 16) {
-#pragma omp simd
-    for (int l = 0; l < 16; ++l) lanes[l] += a[i + l] * b[i + l];
-  }
-  float s = 0.f;
-  for (; i < n; ++i) s += a[i] * b[i];
-  for (int l = 0; l < 16; ++l) s += lanes[l];
-  return s;
-}
-
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-void axpy(float* y, const float* x, int n, float a) {
-#pragma omp simd
-  for (int i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 float softmax_inplace(float* s, int n) {
   float m = -INFINITY;
 #pragma omp simd reduction(max : m)
@@ -468,25 +448,17 @@ void decode_kernel(const DecodeShape& sh, const View& q, const View& k, const Vi
       scores.resize(static_cast<size_t>(group) * visible);
       const float* kb = k.data + r * k.strides[0] + g * k.strides[1];
       const float* vb = v.data + r * v.strides[0] + g * v.strides[1];
-      const float* qh[64];
-      for (int gi = 0; gi < group; ++gi)
-        qh[gi] = q.data + r * q.strides[0] + (g * group + gi) * q.strides[1];
-      // Key by key, all heads of the group: each cached key is read from memory once.
-      for (int j = 0; j < visible; ++j) {
-        const float* kj = kb + j * k.strides[2];
-        for (int gi = 0; gi < group; ++gi)
-          scores[static_cast<size_t>(gi) * visible + j] = dot(qh[gi], kj, d) * sh.scale;
-      }
+      // The group's query heads are rows of one matrix (stride q.strides[1]): one block
+      // product against the row's visible keys, a softmax per head, one product with values.
+      const float* qg = q.data + r * q.strides[0] + g * group * q.strides[1];
+      blas.sgemm(kRowMajor, kNoTrans, kTrans, group, visible, d, sh.scale, qg,
+                 static_cast<int>(q.strides[1]), kb, static_cast<int>(k.strides[2]), 0.f,
+                 scores.data(), visible);
       float inv[64];
       for (int gi = 0; gi < group; ++gi)
         inv[gi] = 1.f / softmax_inplace(&scores[static_cast<size_t>(gi) * visible], visible);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int j = 0; j < visible; ++j) {
-        const float* vj = vb + j * v.strides[2];
-        for (int gi = 0; gi < group; ++gi)
-          axpy(&acc[static_cast<size_t>(gi) * d], vj, d,
-               scores[static_cast<size_t>(gi) * visible + j]);
-      }
+      blas.sgemm(kRowMajor, kNoTrans, kNoTrans, group, d, visible, 1.f, scores.data(), visible,
+                 vb, static_cast<int>(v.strides[2]), 0.f, acc.data(), d);
       for (int gi = 0; gi < group; ++gi) {
         float* dst = out + (static_cast<int64_t>(r) * sh.heads + g * group + gi) * d;
         scaled_copy(dst, &acc[static_cast<size_t>(gi) * d], d, inv[gi]);
