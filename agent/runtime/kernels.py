@@ -263,6 +263,8 @@ def enabled() -> bool:
         log.warning("flock kernels not loaded (%s): attention uses MLX's CPU ops", e)
         return False
     _module, _loaded = module, True
+    log.info("attention: flockattn kernels (%d threads, BLAS %s)", _threads,
+             _blas_path() or "linked")
     return True
 
 
