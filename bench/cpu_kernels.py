@@ -2,9 +2,10 @@
 
 Run from the repository root: `python -m bench.cpu_kernels [--threads N] [--quick]`.
 SmolLM2-135M f32; every flock configuration runs in its own process with the environment real
-runners get (the BLAS shim preloaded, OPENBLAS_NUM_THREADS = the runner's share), FLOCK_KERNELS
-pointing at the built extension or "off". llama.cpp is built as `bench.llamacpp` builds it
-(cached in the bench cache) and measured with `llama-bench` at the same thread count.
+runners get (the BLAS shim preloaded, OPENBLAS_NUM_THREADS = the runner's share),
+FLOCK_KERNELS_LIB pointing at the built extension or "off". llama.cpp is built as
+`bench.llamacpp` builds it (cached in the bench cache) and measured with `llama-bench` at the same
+thread count.
 
 Figures (`name: value` lines):
 - `prefill4k_tok_s_{on,off}`, `prefill512_tok_s_{on,off}`: prompt tok/s of an unseen prompt of

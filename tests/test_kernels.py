@@ -152,7 +152,7 @@ async def greedy(model_dir: Path, env: dict[str, str], prompts: list[list[int]]
 @pytest.mark.slow
 def test_smollm2_greedy_ids_are_identical_with_the_kernels_on_and_off(
         smollm2_dir: Path, tmp_path: Path) -> None:
-    """Real runners (the BLAS shim preloaded, FLOCK_KERNELS as the agent sets it): a batch of 8
+    """Real runners (the BLAS shim preloaded, FLOCK_KERNELS_LIB as the agent sets it): a batch of 8
     at different lengths, one prompt prefilled over three chunks."""
     chat = [1, 9690, 198, 2683, 314, 253, 5356, 28, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575,
             282, 4649, 47, 2, 198, 1, 520, 9531, 198]

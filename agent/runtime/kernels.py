@@ -8,7 +8,7 @@ decode kernel reads each row's cache once up to that row's position. Runners cal
 own ops otherwise, so Metal, CUDA, float16 and a missing build all keep the pure-MLX path.
 
 The agent process never imports MLX: `resolve_kernels` and `describe_kernels` only look for the
-built file. Runners learn from FLOCK_KERNELS (set by agent.runtime.environment) which file to
+built file. Runners learn from FLOCK_KERNELS_LIB (set by agent.runtime.environment) which file to
 load, or "off"; unset (tests, benches) they load the one shipped next to this module if any.
 """
 
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 NATIVE_DIR = Path(__file__).resolve().parent / "native"
 SOURCE = NATIVE_DIR / "flockattn.cpp"
 MODULE = "_flockattn"  # the name NB_MODULE gives it: its PyInit__flockattn symbol
-ENV = "FLOCK_KERNELS"  # runner side: a file to load, or "off"
+ENV = "FLOCK_KERNELS_LIB"  # runner side: a file to load, or "off" (FLOCK_KERNELS is the setting)
 # MLX 0.32's Python module is built with nanobind's ABI v22 in the "mlx" domain; the extension
 # must match both for mx.array to cross the binding.
 NANOBIND = "nanobind==3.1.0"
@@ -184,7 +184,7 @@ def describe_kernels(settings: NodeSettings | None = None) -> str:
 
 
 def kernels_env(settings: NodeSettings) -> tuple[dict[str, str], str | None]:
-    """FLOCK_KERNELS for one runner, and a warning when it falls back to MLX's attention."""
+    """FLOCK_KERNELS_LIB for one runner, and a warning when it falls back to MLX's attention."""
     if sys.platform != "linux":
         return {}, None
     if settings.kernels == "off":
