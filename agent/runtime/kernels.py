@@ -270,7 +270,8 @@ def enabled() -> bool:
 
 def set_enabled(on: bool) -> bool:
     """Turn the kernels on (loading them if need be) or off in this process; returns the state.
-    For tests and benches that compare both paths in one process."""
+    For tests and benches that compare both paths in one process (a step compiled before keeps
+    the path it was traced with)."""
     global _loaded
     if not on:
         _loaded = False
