@@ -465,6 +465,15 @@ void decode_kernel(const DecodeShape& sh, const View& q, const View& k, const Vi
       }
     }
   };
+  // A short context is a few microseconds of work: waking the pool (and switching OpenBLAS's
+  // threads) would cost more than it saves, and its products are too small for OpenBLAS to split.
+  int64_t flops = 0;
+  for (int r = 0; r < sh.rows; ++r)
+    flops += 4LL * std::clamp(positions[r * pos_stride] + 1, 1, sh.capacity) * sh.heads * d;
+  if (flops < (int64_t{1} << 21)) {
+    work(0);
+    return;
+  }
   parallel(std::min(threads, items), work);
 }
 
