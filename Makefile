@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint dist clean native browser
+.PHONY: demo test test-fast lint dist clean native kernels browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,13 @@ $(STAMP): pyproject.toml
 
 native: $(STAMP)
 	@if [ "$$(uname -s)" = "Linux" ]; then $(PY) -m agent.runtime.blas build --out agent/runtime/native || echo "warning: BLAS shim not built; runners use MLX's reference BLAS"; fi
+	@if [ "$$(uname -s)" = "Linux" ]; then $(MAKE) --no-print-directory kernels || echo "warning: attention kernels not built; runners use MLX's CPU attention"; fi
+
+# The attention kernels (an MLX C++ extension) need nanobind's sources at build time only; the
+# pinned version matches the nanobind ABI MLX's own module was built with.
+kernels: $(STAMP)
+	@[ -f build/nanobind/nanobind/src/nb_combined.cpp ] || $(PY) -m pip install -q --target build/nanobind nanobind==3.1.0
+	@ls agent/runtime/native/_flockattn-*.so >/dev/null 2>&1 && [ -z "$$(find agent/runtime/native/flockattn.cpp -newer "$$(ls -t agent/runtime/native/_flockattn-*.so | head -1)")" ] || $(PY) -m agent.runtime.kernels build --out agent/runtime/native --nanobind build/nanobind/nanobind
 
 demo: native
 	$(PY) -m agent demo

@@ -152,6 +152,7 @@ def cmd_version(args: argparse.Namespace) -> int:
     except ImportError:
         mlx_version = "missing"
     from agent.runtime.blas import describe_blas
+    from agent.runtime.kernels import describe_kernels
 
     rows = {
         "flock": __version__,
@@ -160,6 +161,7 @@ def cmd_version(args: argparse.Namespace) -> int:
         "mlx": mlx_version,
         "backend": sysinfo.backend_name(),
         "blas": describe_blas(settings),
+        "kernels": describe_kernels(settings),
     }
     if args.json:
         print(json.dumps(rows))

@@ -74,6 +74,8 @@ class NodeSettings(BaseSettings):
     prefix_cache_bytes: int | None = Field(default=None, ge=0)
     blas: Literal["auto", "off"] = "auto"
     blas_threads: int | None = Field(default=None, ge=1)
+    # flock's fused attention kernels for Linux CPUs (agent.runtime.kernels); "off": MLX's own.
+    kernels: Literal["auto", "off"] = "auto"
     compile_step: bool = True
     fuse_projections: bool = True
     # A pipeline keeps one micro-batch per stage in flight so every stage computes at once

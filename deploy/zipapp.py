@@ -307,6 +307,12 @@ def build(out_dir: Path, targets: Sequence[str], *, pythons: Sequence[str] = PYT
         if "linux-x86_64" in targets and ensure_shim(log) is None:
             raise DistError("the Linux zipapp ships a prebuilt BLAS shim, and this machine cannot "
                             "build it: run `make dist` on Linux x86_64 with a C compiler")
+        if "linux-x86_64" in targets:
+            # Built by `make native` for this machine's MLX and CPython; runners of other ones
+            # fall back to MLX's CPU attention with a warning.
+            kernels = sorted(p.name for p in (REPO / SHIM_DIR).glob("_flockattn-*.so"))
+            shipped = ", ".join(kernels) or "none (`make native` builds them)"
+            log(f"  attention kernels: {shipped}")
         flock_wheel = build_flock_wheel(base, log)
         requirements = [*project_requirements(), *extra]
         built = []

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Mapping
 
 from agent.runtime.blas import BlasSetup, BlasUnavailable, resolve_blas
+from agent.runtime.kernels import kernels_env
 from agent.settings import NodeSettings
 
 
@@ -75,7 +76,8 @@ def runner_environment(
     ranks_on_this_machine: int = 1,
     base: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, str], str | None]:
-    """The env for one runner subprocess, and a one-line warning when BLAS falls back.
+    """The env for one runner subprocess, and a one-line warning when BLAS or the attention
+    kernels fall back.
 
     ranks_on_this_machine: how many runners of the instance share this machine's cores.
     base: the environment to extend (default: this process's).
@@ -85,4 +87,8 @@ def runner_environment(
         return env, None  # MLX uses Accelerate and Metal on macOS
     threads = blas_threads(settings, ranks_on_this_machine)
     setup = resolve_blas(settings.state_dir) if settings.blas == "auto" else None
-    return with_blas(env, setup, threads)
+    env, warning = with_blas(env, setup, threads)
+    extra, kernels_warning = kernels_env(settings)
+    env.update(extra)
+    warnings = [w for w in (warning, kernels_warning) if w]
+    return env, "; ".join(warnings) if warnings else None

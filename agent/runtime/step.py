@@ -15,7 +15,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from agent.runtime import moe
+from agent.runtime import kernels, moe
 from agent.runtime.kv import KvQuant
 from agent.runtime.model import Decoder, Dense, FusedGateUp, FusedQKV, Layer, Linear, Mlp, SparseMoe
 
@@ -162,14 +162,19 @@ def decode_step(
                    for c, n in zip(v_cache, v_new, strict=True)]
         new_keys.extend(k_cache)
         new_values.extend(v_cache)
-        # (rows, kv, group, hd) @ (rows, kv, hd, capacity): one matmul per KV head.
-        qg = q.reshape(rows, kv_heads, group_size, hd) * scale
-        if quant is None:
-            scores = qg @ k_cache[0].transpose(0, 1, 3, 2) + mask
-            attn = mx.softmax(scores, axis=-1, precise=True) @ v_cache[0]
+        fused = None if quant is not None else kernels.decode_attention(
+            q, k_cache[0], v_cache[0], positions, scale=scale)
+        if fused is not None:
+            attn = fused
         else:
-            attn = _quantized_attention(qg, k_cache, v_cache, mask, quant)
-        attn = attn.reshape(rows, 1, kv_heads * group_size * hd)
+            # (rows, kv, group, hd) @ (rows, kv, hd, capacity): one matmul per KV head.
+            qg = q.reshape(rows, kv_heads, group_size, hd) * scale
+            if quant is None:
+                scores = qg @ k_cache[0].transpose(0, 1, 3, 2) + mask
+                attn = mx.softmax(scores, axis=-1, precise=True) @ v_cache[0]
+            else:
+                attn = _quantized_attention(qg, k_cache, v_cache, mask, quant)
+            attn = attn.reshape(rows, 1, kv_heads * group_size * hd)
         h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
         h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))
     out = project_logits(dec, h[:, 0, :]) if project else h
@@ -231,10 +236,8 @@ def prefill(
         else:
             k_all = _store_quantized(keys, i * parts, row, start, k, quant)
             v_all = _store_quantized(values, i * parts, row, start, v, quant)
-        attn = mx.fast.scaled_dot_product_attention(
-            q, k_all, v_all, scale=scale, mask="causal" if n > 1 else None
-        )
-        attn = attn.transpose(0, 2, 1, 3).reshape(1, n, -1)
+        # (1, n, heads * hd): the fused kernel where loaded, else MLX's causal SDPA.
+        attn = kernels.prefill_attention(q, k_all, v_all, scale=scale, offset=start)
         h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
         h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))
     if not project:
