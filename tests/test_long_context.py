@@ -52,8 +52,10 @@ def make_scheduler(model_dir: Path, *, prefix: PrefixCache | None = None, kv_chu
     kv = KvSlots(KvGeometry(len(dec.layers), dec.local_kv_heads, dec.config.head_dim),
                  chunk=kv_chunk)
     defaults = {"context_length": CONTEXT, "kv_budget_bytes": 1 << 30, "prefill_gap_steps": 0}
+    # Prompt lookup off: these tests trace prefill slices between plain decode steps (a random
+    # model repeats itself, so drafts would turn decode steps into verify steps).
     sched = Scheduler(dec, load_tokenizer(model_dir), kv, SchedulerLimits(**(defaults | limits)),
-                      events.append, prefix_cache=prefix)
+                      events.append, prefix_cache=prefix, prompt_lookup=False)
     return sched, events
 
 

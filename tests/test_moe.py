@@ -156,8 +156,10 @@ def test_moe_as_pipeline_stages_and_tensor_parallel(strategy: str, smollm2_dir: 
                                       TEST_CACHE / "models" / f"tiny-qwen2_moe-4bit-{_KEY}")
         expected, dtype = mlxlm_ids(model_dir, PROMPT), "keep"
     other_expected = mlxlm_ids(model_dir, OTHER_PROMPT)
-    configs = pipeline_configs(model_dir, [(0, 1), (1, 2)]) if strategy == "pipeline" else \
-        tensor_configs(model_dir, 2)
+    # Stop-and-wait, so the two requests share one decode step (micro-batches in flight would
+    # put them in different steps; tests/test_microbatch_pipeline.py covers that path).
+    configs = pipeline_configs(model_dir, [(0, 1), (1, 2)], pipeline_microbatch=False) \
+        if strategy == "pipeline" else tensor_configs(model_dir, 2)
 
     async def main() -> None:
         runners = await start_all([msgspec.structs.replace(c, stats_interval_s=0.05,
