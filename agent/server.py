@@ -45,7 +45,7 @@ def _setup_logging(settings: NodeSettings) -> None:
 
 def _metrics(settings: NodeSettings) -> Any:
     from agent import __version__, sysinfo
-    from agent.metrics import create_metrics
+    from agent.metrics_off import create_metrics
     from agent.runtime.blas import describe_blas
 
     metrics = create_metrics(settings.metrics_enabled)

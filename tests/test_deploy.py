@@ -30,7 +30,8 @@ from deploy_tools import (
     substitute_grafana_variables,
 )
 
-from agent.metrics import FlockMetrics, create_metrics
+from agent.metrics import FlockMetrics
+from agent.metrics_off import create_metrics
 from agent.service import ScrapeTarget, example_files, prometheus_targets, write_prometheus_targets
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

@@ -17,7 +17,7 @@ import pytest
 from agent.api.ui_figures import load_figures, model_figures, quantile
 from agent.cluster.auth import secret_from_key
 from agent.cluster.peers import signed_headers
-from agent.metrics import create_metrics
+from agent.metrics_off import create_metrics
 from tests.cluster_tools import Agent, LoopbackCluster, loopback_cluster
 from tests.live_agent import wait_until
 

@@ -29,7 +29,8 @@ from agent.api.errors import ApiError, unrouted_exception_handler
 from agent.api.ollama import OllamaController, heartbeat
 from agent.api.openai import OpenAIController
 from agent.engine import Engine
-from agent.metrics import FlockMetrics, create_metrics
+from agent.metrics import FlockMetrics
+from agent.metrics_off import create_metrics
 from agent.settings import NodeSettings
 
 
