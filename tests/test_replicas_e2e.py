@@ -115,16 +115,17 @@ def test_scale_on_load_adds_a_replica_on_the_node_and_removes_it_when_idle(
         loads = {r["instance_id"]: r for r in status["replicas"][MODEL]}
         assert set(loads) == {"smollm2-135m-0", "smollm2-135m-1"}
         assert loads["smollm2-135m-0"]["load"]["in_flight"] > 0
-        # Both replicas on the one node serve: concurrent requests go to each (the first
-        # replica is still busy with the overload).
+        # Both replicas on the one node serve (the first one is still busy with the overload).
         before = routed(cluster.metrics(a))
         for f in [*load(cluster, a, [f"Question {i}: why is the sky" for i in range(6)], 24),
                   *futures]:
             text, _ = f.result(timeout=300)
             assert text
         after = routed(cluster.metrics(a))
-        for instance in ("smollm2-135m-0", "smollm2-135m-1"):
-            assert after.get(instance, 0) > before.get(instance, 0), (before, after)
+        # Replica 0 served the overload; the second wave goes where it is answered soonest
+        # (often all of it to the idle replica 1): both counts rose from nothing.
+        assert after.get("smollm2-135m-0", 0) > 0, (before, after)
+        assert after.get("smollm2-135m-1", 0) > before.get("smollm2-135m-1", 0), (before, after)
         # Idle past keep_alive: the added replica is drained and removed, the base one stays.
         cluster.wait_for("the added replica removed",
                          lambda: ready_replicas(cluster) == ["smollm2-135m-0"], timeout=60)
