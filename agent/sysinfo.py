@@ -70,6 +70,12 @@ def cpu_affinity() -> list[int]:
         return list(range(cpu_count()))
 
 
+def usable_cores() -> int:
+    """How many cores this process may run on (honours taskset and cpusets, unlike
+    os.cpu_count)."""
+    return max(1, len(cpu_affinity()))
+
+
 def cpu_quota() -> float | None:
     """The CPU share this process's cgroup allows, in cores (0.35 = 35% of one), or None.
 

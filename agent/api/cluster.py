@@ -21,8 +21,6 @@ A refused call gets 401 (403: open mode, admin call not from loopback) as
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,16 +28,14 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.response import Stream
 
+from agent.api.guards import admin_error, key_error, peer_error
 from agent.cluster.assignment import Assignment
-from agent.cluster.auth import HEADER_NODE, ReplayGuard
 from agent.cluster.controller import ClusterController
-from agent.cluster.peers import PeerError, ProfileReply, response_headers, verify_request
+from agent.cluster.peers import PeerError, ProfileReply, response_headers
 from agent.engine import canonical_name
 from agent.generation import GenerationRequest
 from agent.runtime.protocol import frame
 from agent.serving.engine import NodeEngine
-
-_replay_guard = ReplayGuard()
 
 
 def _controller(request: Request[Any, Any, Any]) -> ClusterController:
@@ -74,96 +70,6 @@ def _admin_refusal(request: Request[Any, Any, Any], status: int, message: str) -
     return _answer(request, _error_body(status, message), status)
 
 
-def _target(request: Request[Any, Any, Any]) -> str:
-    query = request.scope.get("query_string", b"").decode()
-    return request.url.path + (f"?{query}" if query else "")
-
-
-async def _peer_error(request: Request[Any, Any, Any], body: bytes) -> str | None:
-    """None when the caller may make an agent-to-agent call, else why not (a 401).
-
-    With a secret (configured, or derived from the first API key in keys-only mode) members
-    sign; in open mode anyone is let in.
-    """
-    cluster = _controller(request)
-    return peer_signature_error(request, body, cluster.secret, cluster.auth_mode,
-                                window_s=cluster.settings.auth_window_s,
-                                replay_guard=_replay_guard)
-
-
-def peer_signature_error(request: Request[Any, Any, Any], body: bytes, secret: str | None,
-                         mode: str, *, window_s: float,
-                         replay_guard: ReplayGuard) -> str | None:
-    """None when an agent-to-agent request is signed by a holder of `secret` (or the node is in
-    open mode), else why not; in keys-only mode the reason says how peers sign."""
-    if not secret:
-        return None
-    problem = verify_request(dict(request.headers), body, secret, method=request.method,
-                             target=_target(request), window_s=window_s, replay_guard=replay_guard)
-    if problem and mode == "keys":
-        return (f"{problem}: agent-to-agent calls must be signed with the cluster secret, which "
-                "in keys-only mode is derived from the first API key (an API key alone is not "
-                "accepted here)")
-    return problem
-
-
-def key_error(request: Request[Any, Any, Any], keys: list[str]) -> str | None:
-    """None when the node has no API keys or the caller presents one of them, else why not."""
-    if not keys or _key_ok(_bearer(request), keys):
-        return None
-    return ("this node requires an API key (no cluster secret is set): send it as "
-            "'Authorization: Bearer <key>' or 'x-api-key: <key>'")
-
-
-def _is_loopback(request: Request[Any, Any, Any]) -> bool:
-    host = request.client.host if request.client else ""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _key_ok(given: str | None, keys: list[str]) -> bool:
-    """Constant-time: a key is not guessed byte by byte from response times."""
-    return given is not None and any(hmac.compare_digest(given.encode(), k.encode())
-                                     for k in keys)
-
-
-def _bearer(request: Request[Any, Any, Any]) -> str | None:
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return request.headers.get("x-api-key")
-
-
-async def _admin_error(request: Request[Any, Any, Any], body: bytes) -> str | None:
-    from agent.api.ui import foreign_origin
-
-    # Another site's page in the user's browser must not place or remove anything.
-    origin = foreign_origin(request)
-    if origin:
-        return origin
-    cluster = _controller(request)
-    keys = cluster.settings.api_keys
-    if keys and _key_ok(_bearer(request), keys):
-        return None
-    if cluster.secret:  # configured, or derived from the first API key (keys-only mode)
-        if request.headers.get(HEADER_NODE):
-            return await _peer_error(request, body)
-        return "admin calls need an API key or a cluster member's signature"
-    if _is_loopback(request) or _from_member(request):
-        return None
-    return "in open mode (no cluster secret), admin calls are accepted from loopback only"
-
-
-def _from_member(request: Request[Any, Any, Any]) -> bool:
-    """Open mode: a call forwarded by a cluster member, from that member's own address."""
-    node = request.headers.get(HEADER_NODE)
-    host = request.client.host if request.client else ""
-    profile = _controller(request).nodes().get(node or "")
-    return profile is not None and host in profile.addresses
-
-
 class InstanceRequest(msgspec.Struct, forbid_unknown_fields=True):
     model: str
     strategy: str = "auto"
@@ -189,7 +95,7 @@ class ClusterApi(Controller):
     async def profile(self, request: Request[Any, Any, Any]) -> Response[Any]:
         # Open to unknown callers in open mode: static peers probe it to join (with a secret,
         # configured or derived from the first API key, they probe signed).
-        problem = await _peer_error(request, b"")
+        problem = await peer_error(request, b"")
         if problem:
             return _error(401, problem)
         cluster = _controller(request)
@@ -202,7 +108,7 @@ class ClusterApi(Controller):
 
     @get("/assignment", summary="The placements this node follows (agent-to-agent)")
     async def current_assignment(self, request: Request[Any, Any, Any]) -> Response[Any]:
-        problem = await _peer_error(request, b"")
+        problem = await peer_error(request, b"")
         if problem:
             return _error(401, problem)
         cluster = _controller(request)
@@ -214,7 +120,7 @@ class ClusterApi(Controller):
     @post("/assignment", summary="The leader's placements (agent-to-agent)", status_code=200)
     async def assignment(self, request: Request[Any, Any, Any]) -> Response[Any]:
         body = await request.body()
-        problem = await _peer_error(request, body)
+        problem = await peer_error(request, body)
         if problem:
             return _error(401, problem)
         cluster = _controller(request)
@@ -232,7 +138,7 @@ class ClusterApi(Controller):
           status_code=200)
     async def generate(self, request: Request[Any, Any, Any]) -> Response[Any]:
         body = await request.body()
-        problem = await _peer_error(request, body)
+        problem = await peer_error(request, body)
         if problem:
             return _error(401, problem)
         try:
@@ -253,7 +159,7 @@ class ClusterApi(Controller):
 
     @get("/load", summary="Measured loads of this node's head runners (agent-to-agent)")
     async def load(self, request: Request[Any, Any, Any]) -> Response[Any]:
-        problem = await _peer_error(request, b"")
+        problem = await peer_error(request, b"")
         if problem:
             return _error(401, problem)
         cluster = _controller(request)
@@ -265,7 +171,7 @@ class ClusterApi(Controller):
     @post("/spec", summary="Deploy a cluster.toml (TOML body)", status_code=200)
     async def spec(self, request: Request[Any, Any, Any]) -> Response[Any]:
         body = await request.body()
-        problem = await _admin_error(request, body)
+        problem = await admin_error(request, body)
         if problem:
             return _admin_refusal(request, 403 if "loopback" in problem else 401, problem)
         cluster = _controller(request)
@@ -283,7 +189,7 @@ class ClusterApi(Controller):
     @post("/instances", summary="Place an instance of a model", status_code=201)
     async def place(self, request: Request[Any, Any, Any]) -> Response[Any]:
         body = await request.body()
-        problem = await _admin_error(request, body)
+        problem = await admin_error(request, body)
         if problem:
             return _admin_refusal(request, 403 if "loopback" in problem else 401, problem)
         try:
@@ -309,7 +215,7 @@ class ClusterApi(Controller):
     @delete("/instances/{instance_id:str}", summary="Remove an API-placed instance",
             status_code=200)
     async def remove(self, request: Request[Any, Any, Any], instance_id: str) -> Response[Any]:
-        problem = await _admin_error(request, b"")
+        problem = await admin_error(request, b"")
         if problem:
             return _admin_refusal(request, 403 if "loopback" in problem else 401, problem)
         cluster = _controller(request)

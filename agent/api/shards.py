@@ -13,7 +13,7 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.response import Stream
 
-from agent.api.cluster import peer_signature_error
+from agent.api.guards import peer_signature_error
 from agent.cluster.auth import ReplayGuard
 from agent.cluster.catalogue import ModelCatalogue
 from agent.cluster.peers import response_headers

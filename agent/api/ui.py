@@ -21,12 +21,12 @@ import sys
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.response import Stream
 
+from agent.api.guards import admin_error, is_loopback, key_error, peer_signature_error
 from agent.api.ui_figures import node_figures
 from agent.api.ui_transfers import in_flight
 from agent.cluster.auth import ReplayGuard
@@ -60,21 +60,6 @@ def wants_html(accept: str) -> bool:
     return "text/html" in accept.lower()
 
 
-def foreign_origin(request: Request[Any, Any, Any]) -> str | None:
-    """Why an admin call must be refused for its Origin (another site's page sent it), else
-    None. Requests without an Origin (command-line clients, SDKs, peers) pass: browsers always
-    send one on cross-site POST and DELETE."""
-    origin = request.headers.get("origin")
-    if origin is None:
-        return None
-    host = request.headers.get("host", "")
-    parts = urlsplit(origin)
-    if origin != "null" and parts.scheme in ("http", "https") and parts.netloc == host:
-        return None
-    return (f"admin calls from another web page (Origin {origin}) are refused: use the dashboard "
-            "this node serves at /ui, or a client on loopback without an Origin")
-
-
 def _cluster(request: Request[Any, Any, Any]) -> Any:
     return request.app.state["cluster"]
 
@@ -93,8 +78,6 @@ def admin_rule(request: Request[Any, Any, Any]) -> dict[str, Any]:
     """What the page may do and why: `admin` is "key" (send the API key), "loopback" (open
     mode, this browser is on loopback), "refused" (open mode, not loopback) or "disabled"
     (secret mode without API keys: admin calls need a member's signature)."""
-    from agent.api.cluster import _is_loopback
-
     cluster = _cluster(request)
     keys = bool(cluster.settings.api_keys)
     if keys:
@@ -103,7 +86,7 @@ def admin_rule(request: Request[Any, Any, Any]) -> dict[str, Any]:
         admin, note = "disabled", ("this cluster has a secret but no API keys, so admin actions "
                                    "are disabled here: start the nodes with --api-key KEY "
                                    "(or FLOCK_API_KEYS) to enable them")
-    elif _is_loopback(request):
+    elif is_loopback(request):
         admin, note = "loopback", "open mode: admin actions are accepted from this machine only"
     else:
         admin, note = "refused", ("open mode: admin actions are accepted from loopback only; "
@@ -112,17 +95,13 @@ def admin_rule(request: Request[Any, Any, Any]) -> dict[str, Any]:
 
 
 async def _admin_problem(request: Request[Any, Any, Any], body: bytes) -> Response[Any] | None:
-    from agent.api.cluster import _admin_error
-
-    problem = foreign_origin(request) or await _admin_error(request, body)
+    problem = await admin_error(request, body)  # the Origin check first
     if problem is None:
         return None
     return _error(403 if "loopback" in problem or "Origin" in problem else 401, problem)
 
 
 def _read_problem(request: Request[Any, Any, Any]) -> Response[Any] | None:
-    from agent.api.cluster import key_error
-
     problem = key_error(request, _cluster(request).settings.api_keys)
     return _error(401, problem) if problem else None
 
@@ -196,8 +175,6 @@ class UiController(Controller):
 
     @get("/api/live", summary="This node's live figures (agent-to-agent)")
     async def live(self, request: Request[Any, Any, Any]) -> Response[Any]:
-        from agent.api.cluster import peer_signature_error
-
         cluster = _cluster(request)
         problem = peer_signature_error(request, b"", cluster.secret, cluster.auth_mode,
                                        window_s=cluster.settings.auth_window_s,

@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent import __version__
-from agent.cluster.autoscale import ScaleEvent
 from agent.cluster.leader import compatible
 from agent.cluster.reconcile import (
     DesiredInstance,
@@ -29,6 +29,25 @@ from agent.spec import ClusterSpec, VersionedSpec
 log = logging.getLogger("flock.cluster")
 
 ASSIGNMENT_PATH = "/cluster/assignment"
+
+
+# A scale-on-load change (agent/cluster/autoscale.py decides them).
+Change = Literal["add", "drain", "remove", "undrain"]
+
+
+class ScaleEvent(BaseModel):
+    """One scale change, with its reason (kept in the assignment, shown in status)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    at: float  # wall clock (the leader's)
+    key: str
+    model: str
+    instance_id: str
+    change: Change
+    reason: str
+    cause: str = ""  # one word for metrics: queue_wait | idle | drained | load_back | floor
+    replicas: int  # the entry's replicas after the change
 
 
 class Assignment(BaseModel):

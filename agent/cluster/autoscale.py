@@ -18,34 +18,15 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
+from agent.cluster.assignment import Assignment, Change, ScaleEvent
+from agent.cluster.reconcile import spec_keys
 from agent.serving.balance import ReplicaLoad
 from agent.spec import ClusterSpec
 
-if TYPE_CHECKING:
-    from agent.cluster.assignment import Assignment
-
 log = logging.getLogger("flock.cluster")
-Change = Literal["add", "drain", "remove", "undrain"]
 EVENTS_KEPT = 20  # scale events the assignment carries (newest last)
-
-
-class ScaleEvent(BaseModel):
-    """One scale change, with its reason (kept in the assignment, shown in status)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    at: float  # wall clock (the leader's)
-    key: str
-    model: str
-    instance_id: str
-    change: Change
-    reason: str
-    cause: str = ""  # one word for metrics: queue_wait | idle | drained | load_back | floor
-    replicas: int  # the entry's replicas after the change
 
 
 @dataclass(frozen=True)
@@ -156,8 +137,6 @@ def scale_assignment(assignment: Assignment, loads: Mapping[str, ReplicaLoad],
                      now: float | None = None) -> Assignment | None:
     """The leader's scaling round on its assignment: the assignment with the new replica
     counts, drains and events, or None when nothing changed."""
-    from agent.cluster.reconcile import spec_keys
-
     spec = assignment.spec.spec if assignment.spec else None
     rules = policies(spec, spec_keys(spec)) if spec is not None else []
     if not rules and not assignment.scaled and not assignment.draining:

@@ -13,13 +13,7 @@ from collections.abc import Mapping
 from agent.runtime.blas import BlasSetup, BlasUnavailable, resolve_blas
 from agent.runtime.kernels import kernels_env
 from agent.settings import NodeSettings
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (honours taskset and cpusets, unlike os.cpu_count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+from agent.sysinfo import usable_cores
 
 
 def blas_threads(settings: NodeSettings, ranks_on_this_machine: int = 1) -> int:

@@ -221,7 +221,7 @@ def _default_threads() -> int:
     value = os.environ.get("OPENBLAS_NUM_THREADS", "")
     if value.isdigit() and int(value) > 0:
         return int(value)
-    from agent.runtime.environment import usable_cores
+    from agent.sysinfo import usable_cores
 
     return usable_cores()
 

@@ -141,7 +141,7 @@ def load_for_runner(config: RunnerConfig, budget_for: Any, group: Any = None, *,
 
     from agent.runtime.blas import describe_blas
     from agent.runtime.prefix import PrefixCache, prefix_cache_bytes
-    from agent.runtime.scheduler import SchedulerLimits
+    from agent.runtime.sequences import SchedulerLimits
 
     pipeline = config.role in ("head", "follower")
     if pipeline and group is not None:

@@ -40,7 +40,7 @@ from agent.runtime.mlxlm_cache import MlxLmSlots
 from agent.runtime.mlxlm_engine import MlxLmCompute, MlxLmModel
 from agent.runtime.model import UnsupportedModel
 from agent.runtime.protocol import RunnerConfig
-from agent.runtime.scheduler import SchedulerLimits
+from agent.runtime.sequences import SchedulerLimits
 from agent.runtime.watchdog import Watchdog
 
 # The modules whose slicing is checked against mlx-lm's own generation (the registry's list).

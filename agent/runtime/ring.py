@@ -25,13 +25,10 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from agent.runtime.pacing import moving_average, prefill_slice
 from agent.runtime.seam import DecodeWork, PipelinedCompute, PrefillWork, Work
-
-if TYPE_CHECKING:
-    from agent.runtime.scheduler import Scheduler, Sequence
+from agent.runtime.sequences import SchedulerView, Sequence
 
 # A lone long prompt is cut into about this many slices per stage (so the ring fills and
 # drains in a small part of its prefill), none shorter than PIPELINE_MIN_SLICE tokens.
@@ -65,7 +62,7 @@ class Flight:
 
 
 class Ring:
-    def __init__(self, scheduler: Scheduler, compute: PipelinedCompute) -> None:
+    def __init__(self, scheduler: SchedulerView, compute: PipelinedCompute) -> None:
         self.sched = scheduler
         self.compute = compute
         self.flights: deque[Flight] = deque()

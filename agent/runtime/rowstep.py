@@ -21,13 +21,12 @@ from agent.runtime.model import Decoder
 from agent.runtime.step import (
     NEG_INF,
     _all_sum,
-    _apply_rope,
     _mlp,
-    _qkv,
-    _quantized_attention,
     _rope_angles,
+    cached_attention,
     embed_tokens,
     linear,
+    new_layer_kv,
     project_logits,
 )
 
@@ -54,15 +53,7 @@ def rows_decode_step(dec: Decoder, inputs: mx.array, positions: mx.array, keys: 
     new_keys, new_values = [], []
     for i, layer in enumerate(dec.layers):
         k_cache, v_cache = keys[i * parts:(i + 1) * parts], values[i * parts:(i + 1) * parts]
-        q, k, v = _qkv(dec, layer, mx.fast.rms_norm(h, layer.attn_norm, eps))
-        if angles is not None:
-            q, k = _apply_rope(dec, q, angles), _apply_rope(dec, k, angles)
-        else:
-            q, k = dec.rope(q, offset=positions), dec.rope(k, offset=positions)
-        k_new, v_new = [k], [v]
-        if quant is not None:
-            k_new = list(mx.quantize(k, group_size=quant.group, bits=quant.bits))
-            v_new = list(mx.quantize(v, group_size=quant.group, bits=quant.bits))
+        q, k_new, v_new = new_layer_kv(dec, layer, h, angles, positions, quant)
         k_cache = [_write(c, at, n) for c, n in zip(k_cache, k_new, strict=True)]
         v_cache = [_write(c, at, n) for c, n in zip(v_cache, v_new, strict=True)]
         new_keys.extend(k_cache)
@@ -70,11 +61,7 @@ def rows_decode_step(dec: Decoder, inputs: mx.array, positions: mx.array, keys: 
         k_rows = [c[first:stop] for c in k_cache]
         v_rows = [c[first:stop] for c in v_cache]
         qg = q.reshape(rows, kv_heads, group_size, hd) * scale
-        if quant is None:
-            scores = qg @ k_rows[0].transpose(0, 1, 3, 2) + mask
-            attn = mx.softmax(scores, axis=-1, precise=True) @ v_rows[0]
-        else:
-            attn = _quantized_attention(qg, k_rows, v_rows, mask, quant)
+        attn = cached_attention(qg, k_rows, v_rows, mask, quant)
         attn = attn.reshape(rows, 1, kv_heads * group_size * hd)
         h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
         h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))

@@ -93,7 +93,7 @@ def load(config: RunnerConfig, journal: Journal | None = None,
     from agent.runtime.kv import KvGeometry, KvSlots
     from agent.runtime.model import LayerRange, load_decoder, serving_dtype
     from agent.runtime.prefix import PrefixCache, prefix_cache_bytes
-    from agent.runtime.scheduler import SchedulerLimits
+    from agent.runtime.sequences import SchedulerLimits
 
     started = time.perf_counter()
     model_dir = Path(config.model_dir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -35,86 +35,18 @@ from agent.runtime.pacing import (  # noqa: F401  (prefill_slice's figures live 
     prefill_slice,
 )
 from agent.runtime.prefix import PrefixCache, copy_rows
-from agent.runtime.protocol import RunnerConfig
 from agent.runtime.ring import Ring
 from agent.runtime.sampling import RowSampler, top_logprobs
 from agent.runtime.seam import Compute, Slots
+from agent.runtime.sequences import (
+    SchedulerLimits,
+    SchedulerStats,
+    Sequence,
+)
 from agent.runtime.speculation import Speculator, prediction_usage
 from agent.runtime.stops import StopMatcher
 
 Emit = Callable[[GenerationEvent], None]
-
-
-@dataclass(frozen=True)
-class SchedulerLimits:
-    max_batch: int = 16
-    max_queue: int = 64
-    prefill_chunk: int = 512  # most tokens per prefill slice while other streams decode
-    # While others decode, a slice is sized to take at most this many decode steps' time, so a
-    # long prompt delays running streams by a bounded factor on any machine (0: fixed slices).
-    prefill_gap_steps: float = 6.0
-    solo_prefill_chunk: int = 2048  # slice size when nothing else is decoding
-    context_length: int = 8192
-    kv_budget_bytes: int = 1 << 30
-
-    @classmethod
-    def for_runner(cls, config: RunnerConfig, *, context_length: int,
-                   kv_budget_bytes: int) -> SchedulerLimits:
-        """The limits a runner's configuration sets, with its context and KV budget."""
-        return cls(max_batch=config.max_batch, max_queue=config.max_queue,
-                   prefill_chunk=config.prefill_chunk,
-                   prefill_gap_steps=config.prefill_gap_steps,
-                   context_length=context_length, kv_budget_bytes=kv_budget_bytes)
-
-
-@dataclass
-class Sequence:
-    request: GenerationRequest
-    row: int
-    sampler: RowSampler
-    detokenizer: Any
-    stops: StopMatcher
-    max_tokens: int
-    prefilled: int = 0
-    length: int = 0  # tokens whose KV is in the cache
-    next_token: int | None = None  # sampled, not yet in the cache
-    # Generated tokens whose text the detokenizer or the stop matcher still holds back: they
-    # go out with the next chunk that carries text, so the stream's ids are complete.
-    unsent_ids: list[int] = field(default_factory=list)
-    generated: int = 0
-    cached_tokens: int = 0
-    drafter: Any = None  # drafting.PromptLookup when this sequence drafts (speculation.py)
-    arrived: float = field(default_factory=time.monotonic)
-
-    @property
-    def prompt(self) -> list[int]:
-        return self.request.prompt_tokens
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.prefilled < len(self.prompt)
-
-    @property
-    def reserved_tokens(self) -> int:
-        return len(self.prompt) + self.max_tokens
-
-    @property
-    def peak_tokens(self) -> int:
-        """The most cache positions this sequence can ever need (its prompt, every reply token
-        but the last, and the slot the next decode step writes)."""
-        return len(self.prompt) + max(1, self.max_tokens)
-
-
-@dataclass
-class SchedulerStats:
-    prompt_tokens_total: int = 0
-    generated_tokens_total: int = 0
-    requests_total: int = 0
-    rejected_total: int = 0
-    decode_steps_total: int = 0
-    decode_seconds_total: float = 0.0
-    lookahead_steps_total: int = 0  # decode steps queued before the previous one was read
-    decode_rows_max: int = 0  # the most sequences one decode step computed together
 
 
 @dataclass(frozen=True)

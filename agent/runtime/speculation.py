@@ -15,17 +15,15 @@ query can see them (on every rank alike, since all ranks compute the same step).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlx.core as mx
 
 from agent.runtime.acceptance import greedy_kept, verified_tokens
 from agent.runtime.drafting import MAX_DRAFT, PromptLookup
 from agent.runtime.sampling import top_logprobs
+from agent.runtime.sequences import SchedulerView, Sequence
 from agent.runtime.verify import WIDTHS, step_width
-
-if TYPE_CHECKING:
-    from agent.runtime.scheduler import Scheduler, Sequence
 
 
 @dataclass
@@ -43,7 +41,7 @@ class Speculator:
     is off); the engine must offer `compute.verify` for either.
     """
 
-    def __init__(self, scheduler: Scheduler, *, enabled: bool = True) -> None:
+    def __init__(self, scheduler: SchedulerView, *, enabled: bool = True) -> None:
         self.scheduler = scheduler
         self.supported = callable(getattr(scheduler.compute, "verify", None))
         self.enabled = enabled

@@ -115,6 +115,32 @@ def _apply_rope(dec: Decoder, x: mx.array, angles: tuple[mx.array, mx.array]) ->
     return mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
+def new_layer_kv(dec: Decoder, layer: Layer, h: mx.array, angles: tuple[mx.array, mx.array] | None,
+                 offsets: mx.array, quant: KvQuant | None
+                 ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+    """A layer's queries and the keys/values its new tokens add to the cache (roped; packed as
+    the cache holds them when `quant`): what every decode-shaped step computes first."""
+    q, k, v = _qkv(dec, layer, mx.fast.rms_norm(h, layer.attn_norm, dec.config.rms_norm_eps))
+    if angles is not None:
+        q, k = _apply_rope(dec, q, angles), _apply_rope(dec, k, angles)
+    else:
+        q, k = dec.rope(q, offset=offsets), dec.rope(k, offset=offsets)
+    if quant is None:
+        return q, [k], [v]
+    return (q, list(mx.quantize(k, group_size=quant.group, bits=quant.bits)),
+            list(mx.quantize(v, group_size=quant.group, bits=quant.bits)))
+
+
+def cached_attention(qg: mx.array, k_cache: list[mx.array], v_cache: list[mx.array],
+                     mask: mx.array, quant: KvQuant | None) -> mx.array:
+    """Grouped queries (rows, kv_heads, n, hd), already scaled, against a cache (float or
+    quantized): one matmul per KV head."""
+    if quant is not None:
+        return _quantized_attention(qg, k_cache, v_cache, mask, quant)
+    scores = qg @ k_cache[0].transpose(0, 1, 3, 2) + mask
+    return mx.softmax(scores, axis=-1, precise=True) @ v_cache[0]
+
+
 def decode_step(
     dec: Decoder,
     inputs: mx.array,
@@ -147,15 +173,7 @@ def decode_step(
     new_keys, new_values = [], []
     for i, layer in enumerate(dec.layers):
         k_cache, v_cache = keys[i * parts:(i + 1) * parts], values[i * parts:(i + 1) * parts]
-        q, k, v = _qkv(dec, layer, mx.fast.rms_norm(h, layer.attn_norm, eps))
-        if angles is not None:
-            q, k = _apply_rope(dec, q, angles), _apply_rope(dec, k, angles)
-        else:
-            q, k = dec.rope(q, offset=positions), dec.rope(k, offset=positions)
-        k_new, v_new = [k], [v]
-        if quant is not None:
-            k_new = list(mx.quantize(k, group_size=quant.group, bits=quant.bits))
-            v_new = list(mx.quantize(v, group_size=quant.group, bits=quant.bits))
+        q, k_new, v_new = new_layer_kv(dec, layer, h, angles, positions, quant)
         k_cache = [mx.put_along_axis(c, wheres[c.shape[3]], n, axis=2)
                    for c, n in zip(k_cache, k_new, strict=True)]
         v_cache = [mx.put_along_axis(c, wheres[c.shape[3]], n, axis=2)
@@ -169,11 +187,7 @@ def decode_step(
         else:
             # (rows, kv, group, hd) @ (rows, kv, hd, capacity): one matmul per KV head.
             qg = q.reshape(rows, kv_heads, group_size, hd) * scale
-            if quant is None:
-                scores = qg @ k_cache[0].transpose(0, 1, 3, 2) + mask
-                attn = mx.softmax(scores, axis=-1, precise=True) @ v_cache[0]
-            else:
-                attn = _quantized_attention(qg, k_cache, v_cache, mask, quant)
+            attn = cached_attention(qg, k_cache, v_cache, mask, quant)
             attn = attn.reshape(rows, 1, kv_heads * group_size * hd)
         h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
         h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))

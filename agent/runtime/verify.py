@@ -24,12 +24,11 @@ from agent.runtime.model import Decoder
 from agent.runtime.step import (
     NEG_INF,
     _all_sum,
-    _apply_rope,
     _mlp,
-    _qkv,
-    _quantized_attention,
+    cached_attention,
     embed_tokens,
     linear,
+    new_layer_kv,
     project_logits,
 )
 
@@ -94,15 +93,7 @@ def verify_step(
     new_keys, new_values = [], []
     for i, layer in enumerate(dec.layers):
         k_cache, v_cache = keys[i * parts:(i + 1) * parts], values[i * parts:(i + 1) * parts]
-        q, k, v = _qkv(dec, layer, mx.fast.rms_norm(h, layer.attn_norm, eps))
-        if angles is not None:
-            q, k = _apply_rope(dec, q, angles), _apply_rope(dec, k, angles)
-        else:
-            q, k = dec.rope(q, offset=starts), dec.rope(k, offset=starts)
-        k_new, v_new = [k], [v]
-        if quant is not None:
-            k_new = list(mx.quantize(k, group_size=quant.group, bits=quant.bits))
-            v_new = list(mx.quantize(v, group_size=quant.group, bits=quant.bits))
+        q, k_new, v_new = new_layer_kv(dec, layer, h, angles, starts, quant)
         k_cache = [mx.put_along_axis(c, wheres[c.shape[3]], n, axis=2)
                    for c, n in zip(k_cache, k_new, strict=True)]
         v_cache = [mx.put_along_axis(c, wheres[c.shape[3]], n, axis=2)
@@ -111,11 +102,7 @@ def verify_step(
         new_values.extend(v_cache)
         # q (rows, heads, width, hd) with heads = kv_heads * group: one matmul per KV head.
         qg = q.reshape(rows, kv_heads, group_size * width, hd) * scale
-        if quant is None:
-            scores = qg @ k_cache[0].transpose(0, 1, 3, 2) + mask
-            attn = mx.softmax(scores, axis=-1, precise=True) @ v_cache[0]
-        else:
-            attn = _quantized_attention(qg, k_cache, v_cache, mask, quant)
+        attn = cached_attention(qg, k_cache, v_cache, mask, quant)
         attn = attn.reshape(rows, kv_heads * group_size, width, hd).transpose(0, 2, 1, 3)
         attn = attn.reshape(rows, width, kv_heads * group_size * hd)
         h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
