@@ -16,6 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from agent.runtime import kernels
 from agent.runtime.kv import KvQuant
 from agent.runtime.model import Decoder
 from agent.runtime.step import (
@@ -60,9 +61,16 @@ def rows_decode_step(dec: Decoder, inputs: mx.array, positions: mx.array, keys: 
         new_values.extend(v_cache)
         k_rows = [c[first:stop] for c in k_cache]
         v_rows = [c[first:stop] for c in v_cache]
-        qg = q.reshape(rows, kv_heads, group_size, hd) * scale
-        attn = cached_attention(qg, k_rows, v_rows, mask, quant)
-        attn = attn.reshape(rows, 1, kv_heads * group_size * hd)
+        # The fused CPU kernel where the whole-batch step uses it, so splitting a batch into
+        # micro-batches never trades it for the slower path.
+        fused = None if quant is not None else kernels.decode_attention(
+            q, k_rows[0], v_rows[0], positions, scale=scale)
+        if fused is not None:
+            attn = fused
+        else:
+            qg = q.reshape(rows, kv_heads, group_size, hd) * scale
+            attn = cached_attention(qg, k_rows, v_rows, mask, quant)
+            attn = attn.reshape(rows, 1, kv_heads * group_size * hd)
         h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
         h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))
     out = project_logits(dec, h[:, 0, :]) if project else h
