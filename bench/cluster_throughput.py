@@ -157,7 +157,8 @@ def pipeline_configs(model_dir: Path, *, microbatch: bool, layers: int, half: in
 
     ports = [free_port(), free_port()]
     common = {"model_name": "bench", "model_dir": str(model_dir), "max_batch": 16,
-              "context_length": 4096, "pipeline_microbatch": microbatch}
+              "context_length": 4096, "pipeline_microbatch": microbatch,
+              "prompt_lookup": False}  # plain decode: drafting has its own bench
     return [RunnerConfig(role="head", layer_start=0, layer_stop=half,
                          listen=f"127.0.0.1:{ports[0]}", downstream=f"127.0.0.1:{ports[1]}",
                          **common),
@@ -177,7 +178,7 @@ async def pipeline_rounds(model_dir: Path, rounds: int, n: int, state: Path,
     half = head_layers(config) if half is None else half
     print(f"# 2-stage split: {half} + {layers - half} layers", file=sys.stderr, flush=True)
     single_config = RunnerConfig(model_name="bench", model_dir=str(model_dir), max_batch=16,
-                                 context_length=4096)
+                                 context_length=4096, prompt_lookup=False)
     sets = {
         "single": await start_pinned([single_config], [0], state),
         "on": await start_pinned(pipeline_configs(model_dir, microbatch=True, layers=layers,
@@ -198,6 +199,7 @@ async def pipeline_rounds(model_dir: Path, rounds: int, n: int, state: Path,
         for name, head in heads.items():
             # Long enough that all 16 decode at once (the timed window's micro-batch shapes).
             await concurrent(head, warm, 32, f"warm-{name}")
+            await concurrent(head, warm[:8], 16, f"warm8-{name}")  # the 8-row shapes too
             await stream(head, f"warm1-{name}", warm[0], 4)
         for r in range(rounds):
             eight, sixteen = fresh_prompts(rng, 8, 12), fresh_prompts(rng, 16, 12)
