@@ -16,7 +16,6 @@ from typing import Any
 
 import mlx.core as mx
 
-from agent.runtime import kernels
 from agent.runtime.kv import KvQuant
 from agent.runtime.model import Decoder
 from agent.runtime.step import (
@@ -24,10 +23,10 @@ from agent.runtime.step import (
     _all_sum,
     _mlp,
     _rope_angles,
-    cached_attention,
     embed_tokens,
     linear,
     new_layer_kv,
+    one_token_attention,
     project_logits,
 )
 
@@ -41,9 +40,8 @@ def rows_decode_step(dec: Decoder, inputs: mx.array, positions: mx.array, keys: 
     rows = h.shape[0]
     stop = first + rows
     capacity = keys[0].shape[2]
-    kv_heads, hd = dec.local_kv_heads, dec.config.head_dim
+    kv_heads = dec.local_kv_heads
     group_size = dec.local_heads // kv_heads
-    scale = hd**-0.5
     eps = dec.config.rms_norm_eps
     visible = mx.arange(capacity)[None, :] <= positions[:, None]
     mask = mx.where(visible, 0.0, NEG_INF).astype(h.dtype)[:, None, None, :]
@@ -61,16 +59,9 @@ def rows_decode_step(dec: Decoder, inputs: mx.array, positions: mx.array, keys: 
         new_values.extend(v_cache)
         k_rows = [c[first:stop] for c in k_cache]
         v_rows = [c[first:stop] for c in v_cache]
-        # The fused CPU kernel where the whole-batch step uses it, so splitting a batch into
-        # micro-batches never trades it for the slower path.
-        fused = None if quant is not None else kernels.decode_attention(
-            q, k_rows[0], v_rows[0], positions, scale=scale)
-        if fused is not None:
-            attn = fused
-        else:
-            qg = q.reshape(rows, kv_heads, group_size, hd) * scale
-            attn = cached_attention(qg, k_rows, v_rows, mask, quant)
-            attn = attn.reshape(rows, 1, kv_heads * group_size * hd)
+        # The same attention as the whole-batch step (the fused kernel where it runs), so
+        # splitting a batch into micro-batches never trades it for a slower path.
+        attn = one_token_attention(q, k_rows, v_rows, positions, mask, quant, group_size)
         h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
         h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))
     out = project_logits(dec, h[:, 0, :]) if project else h

@@ -141,6 +141,32 @@ def cached_attention(qg: mx.array, k_cache: list[mx.array], v_cache: list[mx.arr
     return mx.softmax(scores, axis=-1, precise=True) @ v_cache[0]
 
 
+def write_layer_kv(k_cache: list[mx.array], v_cache: list[mx.array],
+                   wheres: dict[int, mx.array], k_new: list[mx.array], v_new: list[mx.array]
+                   ) -> tuple[list[mx.array], list[mx.array]]:
+    """A layer's caches with its new keys/values put at `wheres` (indices by last-axis width)."""
+    return ([mx.put_along_axis(c, wheres[c.shape[3]], n, axis=2)
+             for c, n in zip(k_cache, k_new, strict=True)],
+            [mx.put_along_axis(c, wheres[c.shape[3]], n, axis=2)
+             for c, n in zip(v_cache, v_new, strict=True)])
+
+
+def one_token_attention(q: mx.array, k_cache: list[mx.array], v_cache: list[mx.array],
+                        positions: mx.array, mask: mx.array, quant: KvQuant | None,
+                        group_size: int) -> mx.array:
+    """One query a row (rows, heads, 1, hd) over its cache: the fused CPU kernel where it runs,
+    else grouped matmuls; (rows, 1, heads * hd)."""
+    rows, heads, _, hd = q.shape
+    scale = hd**-0.5
+    fused = None if quant is not None else kernels.decode_attention(
+        q, k_cache[0], v_cache[0], positions, scale=scale)
+    if fused is not None:
+        return fused
+    # (rows, kv, group, hd) @ (rows, kv, hd, capacity): one matmul per KV head.
+    qg = q.reshape(rows, heads // group_size, group_size, hd) * scale
+    return cached_attention(qg, k_cache, v_cache, mask, quant).reshape(rows, 1, heads * hd)
+
+
 def decode_step(
     dec: Decoder,
     inputs: mx.array,
@@ -158,9 +184,8 @@ def decode_step(
     h = embed_tokens(dec, inputs)[:, None, :] if embed else inputs
     rows = h.shape[0]
     capacity = keys[0].shape[2]
-    kv_heads, hd = dec.local_kv_heads, dec.config.head_dim
+    kv_heads = dec.local_kv_heads
     group_size = dec.local_heads // kv_heads
-    scale = hd**-0.5
     eps = dec.config.rms_norm_eps
     # Key j is visible to a row at position p when j <= p (its own new key included).
     visible = mx.arange(capacity)[None, :] <= positions[:, None]
@@ -174,21 +199,10 @@ def decode_step(
     for i, layer in enumerate(dec.layers):
         k_cache, v_cache = keys[i * parts:(i + 1) * parts], values[i * parts:(i + 1) * parts]
         q, k_new, v_new = new_layer_kv(dec, layer, h, angles, positions, quant)
-        k_cache = [mx.put_along_axis(c, wheres[c.shape[3]], n, axis=2)
-                   for c, n in zip(k_cache, k_new, strict=True)]
-        v_cache = [mx.put_along_axis(c, wheres[c.shape[3]], n, axis=2)
-                   for c, n in zip(v_cache, v_new, strict=True)]
+        k_cache, v_cache = write_layer_kv(k_cache, v_cache, wheres, k_new, v_new)
         new_keys.extend(k_cache)
         new_values.extend(v_cache)
-        fused = None if quant is not None else kernels.decode_attention(
-            q, k_cache[0], v_cache[0], positions, scale=scale)
-        if fused is not None:
-            attn = fused
-        else:
-            # (rows, kv, group, hd) @ (rows, kv, hd, capacity): one matmul per KV head.
-            qg = q.reshape(rows, kv_heads, group_size, hd) * scale
-            attn = cached_attention(qg, k_cache, v_cache, mask, quant)
-            attn = attn.reshape(rows, 1, kv_heads * group_size * hd)
+        attn = one_token_attention(q, k_cache, v_cache, positions, mask, quant, group_size)
         h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
         h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))
     out = project_logits(dec, h[:, 0, :]) if project else h

@@ -30,6 +30,7 @@ from agent.runtime.step import (
     linear,
     new_layer_kv,
     project_logits,
+    write_layer_kv,
 )
 
 # Widths a verification step is compiled for: a row's draft is padded up to the next one, so
@@ -94,10 +95,7 @@ def verify_step(
     for i, layer in enumerate(dec.layers):
         k_cache, v_cache = keys[i * parts:(i + 1) * parts], values[i * parts:(i + 1) * parts]
         q, k_new, v_new = new_layer_kv(dec, layer, h, angles, starts, quant)
-        k_cache = [mx.put_along_axis(c, wheres[c.shape[3]], n, axis=2)
-                   for c, n in zip(k_cache, k_new, strict=True)]
-        v_cache = [mx.put_along_axis(c, wheres[c.shape[3]], n, axis=2)
-                   for c, n in zip(v_cache, v_new, strict=True)]
+        k_cache, v_cache = write_layer_kv(k_cache, v_cache, wheres, k_new, v_new)
         new_keys.extend(k_cache)
         new_values.extend(v_cache)
         # q (rows, heads, width, hd) with heads = kv_heads * group: one matmul per KV head.
