@@ -160,11 +160,13 @@ async def run_agent(settings: NodeSettings, *, started: asyncio.Event | None = N
     stop_wait = asyncio.create_task(stopping.wait())
     done, _ = await asyncio.wait([stop_wait, *serving], return_when=asyncio.FIRST_COMPLETED)
     failed = [t for t in serving if t in done and t.exception() is not None]
+    # Refused from here on, before the listeners close (that takes them a loop tick or more).
+    engine.refuse_new(SHUTTING_DOWN)
+    for listener in listeners:
+        listener.should_exit = True
     log.info("shutting down: waiting up to %g s for %d in-flight requests",
              settings.shutdown_grace_s, engine.in_flight())
     stragglers = asyncio.create_task(_end_stragglers(engine, settings.shutdown_grace_s))
-    for listener in listeners:
-        listener.should_exit = True
     await asyncio.gather(*serving, return_exceptions=True)
     stragglers.cancel()
     if load_task is not None:

@@ -81,7 +81,7 @@ class NodeEngine:
         self._tokenizers: dict[str, Any] = {}
         self._infos: dict[tuple[str, Path], ModelInfo] = {}
         self._tracked: dict[_Channel, None] = {}
-        self._unavailable: str | None = None  # set by abort_all: why new requests are refused
+        self._unavailable: str | None = None  # set by refuse_new: why new requests are refused
 
     # ---- models ---------------------------------------------------------------------------
     def list_models(self) -> list[ModelInfo]:
@@ -358,10 +358,15 @@ class NodeEngine:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
 
+    def refuse_new(self, message: str) -> None:
+        """From now on every new request ends at once with Failed(code="unavailable"): the node
+        is draining (those in flight go on)."""
+        self._unavailable = message
+
     def abort_all(self, message: str) -> int:
         """End every tracked request in flight with Failed(code="unavailable"), and refuse new
         ones the same way (the node is shutting down); returns how many were ended."""
-        self._unavailable = message
+        self.refuse_new(message)
         for channel in list(self._tracked):
             channel.fail("unavailable", message)
         return len(self._tracked)
