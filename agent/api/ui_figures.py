@@ -84,9 +84,10 @@ def model_figures(families: Iterable[Any]) -> dict[str, dict[str, Any]]:
 
 
 def stage_figures(families: Iterable[Any]) -> dict[str, dict[str, Any]]:
-    """Per pipeline instance headed here: each stage's busy seconds so far (by stage index, 0
-    the head) and its micro-batches in flight, from flock_stage_busy_seconds_total and
-    flock_pipeline_microbatches_in_flight. The page turns busy seconds into a busy fraction."""
+    """Per pipeline head runner here (by its key, instance/rank): each stage's busy seconds so
+    far (by stage index, 0 the head) and its micro-batches in flight, from
+    flock_stage_busy_seconds_total and flock_pipeline_microbatches_in_flight. The page turns
+    busy seconds into a busy fraction."""
     out: dict[str, dict[str, Any]] = {}
 
     def row(instance: str) -> dict[str, Any]:

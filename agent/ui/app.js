@@ -220,7 +220,10 @@ function runnerStates(live, placement) {
 function stageView(live, placement) {
   // A pipeline's stages as its head reports them: each stage's busy share of wall time since
   // the last poll (from busy-second totals) and the micro-batches in the ring.
-  const figures = ((live[placement.head] || {}).stages || {})[placement.instance_id];
+  // Keyed by runner key (instance/rank): the head's rank reports for the whole ring.
+  const reported = Object.entries((live[placement.head] || {}).stages || {})
+    .find(([key]) => key.startsWith(placement.instance_id + "/"));
+  const figures = reported && reported[1];
   if (!figures || !Object.keys(figures.busy_s).length) return null;
   const now = (live[placement.head] || {}).time || Date.now() / 1000;
   const seen = state.stageSeen[placement.instance_id];
