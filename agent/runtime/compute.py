@@ -35,7 +35,13 @@ from agent.runtime.rowstep import RowsDecode
 from agent.runtime.seam import DecodeWork, PrefillWork, Work
 from agent.runtime.step import make_decode_fn, make_project_fn, prefill
 from agent.runtime.verify import make_verify_fn
-from agent.runtime.vocab_split import decoder_bytes, head_vocab_rows, project_rows, rows_of
+from agent.runtime.vocab_split import (
+    decoder_bytes,
+    describe,
+    head_vocab_rows,
+    project_rows,
+    rows_of,
+)
 
 STAGE_BUSY_KEY = "stage_busy_seconds_total_"  # + the stage's index (0: the head)
 
@@ -168,10 +174,11 @@ class HeadCompute(LocalCompute):
 
     def _split_vocabulary(self, last: StepMessage) -> None:
         """Share decode's vocabulary projection with the last stage when it holds the head
-        weights and computes in this stage's dtype (so its logits are the ones this stage would
-        compute)."""
+        weights as this stage does and computes in this stage's dtype (so its logits are the
+        ones this stage would compute)."""
         dec = self.decoder
-        if not last.last_projects or last.last_dtype != str(dec.dtype):
+        if (not last.last_projects or last.last_dtype != str(dec.dtype)
+                or last.last_head != describe(dec.head)):
             return
         layer_bytes, projection_bytes = decoder_bytes(dec)
         rows = head_vocab_rows(self.vocab, len(dec.layers), last.last_layers, layer_bytes,

@@ -30,7 +30,7 @@ from agent.runtime.prefix import copy_rows
 from agent.runtime.rowstep import RowsDecode
 from agent.runtime.step import make_decode_fn, prefill
 from agent.runtime.verify import make_verify_fn
-from agent.runtime.vocab_split import project_rows, rows_of
+from agent.runtime.vocab_split import describe, project_rows, rows_of
 from agent.runtime.watchdog import Watchdog
 
 
@@ -140,7 +140,8 @@ def follow(follower: Follower, upstream: StageLink, downstream: StageLink | None
                 downstream.send(msgspec.structs.replace(
                     message, hops=message.hops + 1, last_layers=len(dec.layers),
                     last_projects=dec.projects and dec.norm is not None,
-                    last_dtype=str(dec.dtype)))
+                    last_dtype=str(dec.dtype),
+                    last_head=describe(dec.lm_head or dec.embed) if dec.projects else ""))
             continue
         for peer in tp_peers or ():
             peer.send(message, h)

@@ -57,6 +57,7 @@ class StepMessage(msgspec.Struct, frozen=True, kw_only=True):
     last_layers: int = 0
     last_projects: bool = False
     last_dtype: str = ""
+    last_head: str = ""  # `vocab_split.describe` of its projection
     shape: list[int] = []
     dtype: str = "float32"
 

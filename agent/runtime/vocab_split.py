@@ -68,6 +68,17 @@ def rows_of(proj: Linear, start: int, stop: int, *, copy: bool = True) -> Linear
     return None
 
 
+def describe(proj: Linear | None) -> str:
+    """What a projection is, for the two ends to check they hold the same matrix alike (a mixed
+    pipeline may keep it quantized at one end and dequantized at the other: then no split)."""
+    from agent.runtime.model import Quantized
+
+    if proj is None:
+        return ""
+    kind = f"{type(proj).__name__}:{proj.weight.dtype}:{list(proj.weight.shape)}"
+    return kind + (f":{proj.params}" if isinstance(proj, Quantized) else "")
+
+
 def project_rows(dec: Decoder, proj: Linear, h: mx.array) -> mx.array:
     """Logits of `proj`'s rows for hidden states (rows, hidden), as `project_logits` computes
     them for the whole vocabulary."""
