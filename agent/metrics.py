@@ -82,6 +82,11 @@ RUNNER_GAUGE_KEYS = ("kv_used_bytes", "kv_capacity_bytes", "active", "queued")
 RUNNER_COUNTER_KEYS = ("prefix_hits", "prefix_misses", "evictions", "drafted_tokens_total",
                        "accepted_draft_tokens_total", "draft_passes_total")
 RUNNER_RATE_KEY = "decode_tokens_per_second"
+# A pipeline head's stats: each stage's busy seconds (key + stage index, 0 the head) and the
+# micro-batches it has in the ring (agent/runtime/compute.py `stage_stats`, ring.py).
+STAGE_BUSY_PREFIX = "stage_busy_seconds_total_"
+IN_FLIGHT_KEY = "microbatches_in_flight"
+MAX_STAGES = 64  # stage labels are bounded: a pipeline has at most this many stages
 KNOWN_ERROR_KINDS = ("runner_failed", "engine_exception", "api_exception")
 
 
@@ -325,6 +330,14 @@ class FlockMetrics:
             "queue_wait, drain: idle, remove: drained, undrain: load_back | floor).",
             ["model", "change", "reason"], registry=r)
         self.replicas = Gauge("flock_replicas", "Replicas placed per model.", ["model"], registry=r)
+        # Pipelines: how busy each stage is and how many micro-batches are in the ring.
+        self.stage_busy = Counter(
+            "flock_stage_busy_seconds_total", "Seconds each pipeline stage spent computing "
+            "(stage 0 is the head), as the instance's head reports it.",
+            ["model", "instance_id", "stage"], registry=r)
+        self.microbatches_in_flight = Gauge(
+            "flock_pipeline_microbatches_in_flight", "Micro-batches of a pipeline instance in "
+            "its ring when its head last reported.", ["model", "instance_id"], registry=r)
         self.replica_load = Gauge(
             "flock_replica_load", "Measured load of each replica headed on this node (kind: "
             "running | queued | in_flight | outstanding_tokens | queue_wait_seconds | "
@@ -404,12 +417,34 @@ class FlockMetrics:
             if increase > 0:
                 child.inc(increase)
             totals[name] = value
+        self._observe_stages(model, instance_id, stats, totals)
         # A zero series before the first restart lets increase() see that first restart.
         self.runner_restarts.labels(model)
         rate = _finite(stats.get(RUNNER_RATE_KEY))
         if rate is not None:
             self.decode_rate.labels(model, instance_id).set(rate)
         self._publish_model_gauges(model)
+
+    def _observe_stages(self, model: str, instance_id: str, stats: Mapping[str, float],
+                        totals: dict[str, float]) -> None:
+        """A pipeline head's per-stage busy totals (counter increments, as above) and its
+        micro-batches in flight."""
+        for name, raw in stats.items():
+            if not name.startswith(STAGE_BUSY_PREFIX):
+                continue
+            stage = name[len(STAGE_BUSY_PREFIX):]
+            value = _finite(raw)
+            if not stage.isdigit() or int(stage) >= MAX_STAGES or value is None or value < 0:
+                continue
+            child = self.stage_busy.labels(model, instance_id, stage)
+            last = totals.get(name, 0.0)
+            increase = value - last if value >= last else value
+            if increase > 0:
+                child.inc(increase)
+            totals[name] = value
+        in_flight = _finite(stats.get(IN_FLIGHT_KEY))
+        if in_flight is not None:
+            self.microbatches_in_flight.labels(model, instance_id).set(in_flight)
 
     def runner_restarted(self, model: str, instance_id: str = "0") -> None:
         """The agent restarted a runner: count it and expect its totals to start from zero."""
@@ -423,6 +458,9 @@ class FlockMetrics:
         self._runner_gauges.pop((model, instance_id), None)
         self._runner_totals.pop((model, instance_id), None)
         _remove(self.decode_rate, model, instance_id)
+        _remove(self.microbatches_in_flight, model, instance_id)
+        for stage in range(MAX_STAGES):
+            _remove(self.stage_busy, model, instance_id, str(stage))
         if any(m == model for m, _ in self._runner_gauges):
             self._publish_model_gauges(model)
             return
@@ -532,7 +570,7 @@ def _finite(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _remove(metric: Gauge, *labels: str) -> None:
+def _remove(metric: Gauge | Counter, *labels: str) -> None:
     # Older prometheus-client raises KeyError for labels never set: nothing to remove then.
     with contextlib.suppress(KeyError):
         metric.remove(*labels)

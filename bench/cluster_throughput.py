@@ -16,6 +16,8 @@ Prints `name: value` lines. Sections (`--only` picks some; default all):
                                       the same 16 on one runner on core 0
     pipeline2_multi_vs_ceiling        the above / ceiling_16_over_8 (target >= 0.85)
     pipeline2_microbatch_vs_stopwait  16 streams, micro-batching on / off (>= 1.35)
+    pipeline2_*_stage<i>_busy         each stage's busy seconds (the head's stage stats) per
+                                      wall second of those 16 streams: the stage profile
     pipeline2_single_vs_single        one stream's decode tok/s, pipeline / one runner (>= 0.9)
     prefill2k_pipeline2_vs_single     time to first token of a 2,000-token prompt, pipeline /
                                       one runner (<= 0.65)
@@ -135,20 +137,10 @@ async def concurrent(runner: Any, prompts: list[list[int]], n: int, tag: str) ->
 
 
 def head_layers(config: dict[str, Any]) -> int:
-    """Layers for the head of a 2-stage pipeline: the head also projects every decode row to
-    logits (vocab x hidden, as much work as several layers on SmolLM2), so an even split leaves
-    it the slow stage of decode, while prefill (one row projected) is even at half. Halfway
-    between the split that evens decode time and the even one (what speed-aware placement,
-    helper "speedplace", is to find by measurement)."""
-    layers, hidden = config["num_hidden_layers"], config["hidden_size"]
-    heads = config["num_attention_heads"]
-    kv = config.get("num_key_value_heads", heads)
-    head_dim = config.get("head_dim", hidden // heads)
-    per_layer = 2 * hidden * hidden + 2 * hidden * kv * head_dim \
-        + 3 * hidden * config["intermediate_size"]
-    projection = config["vocab_size"] * hidden
-    even_decode = (layers * per_layer - projection) / (2 * per_layer)
-    return max(1, min(layers - 1, round((even_decode + layers / 2) / 2)))
+    """Layers for the head of a 2-stage pipeline: half. The head and the last stage share
+    decode's vocabulary projection (`agent/runtime/vocab_split.py`, balanced for the split), so
+    an even split evens both decode and prefill (one row projected per prompt)."""
+    return max(1, config["num_hidden_layers"] // 2)
 
 
 def pipeline_configs(model_dir: Path, *, microbatch: bool, layers: int, half: int) -> list[Any]:
@@ -158,7 +150,8 @@ def pipeline_configs(model_dir: Path, *, microbatch: bool, layers: int, half: in
     ports = [free_port(), free_port()]
     common = {"model_name": "bench", "model_dir": str(model_dir), "max_batch": 16,
               "context_length": 4096, "pipeline_microbatch": microbatch,
-              "prompt_lookup": False}  # plain decode: drafting has its own bench
+              "prompt_lookup": False,  # plain decode: drafting has its own bench
+              "stats_interval_s": 0.25}  # the stage busy figures read the head's stats
     return [RunnerConfig(role="head", layer_start=0, layer_stop=half,
                          listen=f"127.0.0.1:{ports[0]}", downstream=f"127.0.0.1:{ports[1]}",
                          **common),
@@ -209,9 +202,18 @@ async def pipeline_rounds(model_dir: Path, rounds: int, n: int, state: Path,
                 await concurrent(heads["single"], eight, n, f"s8-{r}")))
             ids: dict[str, list[list[int]]] = {}
             for name in ("single", "on", "off"):
+                before = await settled_stats(heads[name])
+                started = time.perf_counter()
                 streams = await concurrent(heads[name], sixteen, n, f"{name}16-{r}")
                 figures[f"{name}16"].append(aggregate_tok_s(streams))
                 ids[name] = [s.ids for s in streams]
+                if name != "single":  # each stage's busy share of the 16 streams' wall time
+                    after = await settled_stats(heads[name])
+                    wall = time.perf_counter() - started
+                    for stage in range(2):
+                        key = f"stage_busy_seconds_total_{stage}"
+                        figures.setdefault(f"busy_{name}_{stage}", []).append(
+                            (after.get(key, 0.0) - before.get(key, 0.0)) / wall)
             identical &= ids["single"] == ids["on"] == ids["off"]
             alone = {name: await stream(heads[name], f"{name}1-{r}", one, n)
                      for name in ("single", "on")}
@@ -232,6 +234,15 @@ async def pipeline_rounds(model_dir: Path, rounds: int, n: int, state: Path,
     return out
 
 
+async def settled_stats(runner: Any) -> dict[str, float]:
+    """The runner's stats once a report newer than now has arrived (its interval is short)."""
+    last = runner.last_stats
+    deadline = time.perf_counter() + 5
+    while runner.last_stats is last and time.perf_counter() < deadline:
+        await asyncio.sleep(0.05)
+    return dict(runner.last_stats)
+
+
 def pipeline_figures(args: argparse.Namespace) -> None:
     import tempfile
 
@@ -249,6 +260,10 @@ def pipeline_figures(args: argparse.Namespace) -> None:
     emit("pipeline2_multi_vs_single", multi, 3)
     emit("pipeline2_multi_vs_ceiling", multi / ceiling, 3)
     emit("pipeline2_microbatch_vs_stopwait", m["on16"] / m["off16"], 3)
+    for name in ("on", "off"):  # the profile: how busy each stage was over the 16 streams
+        for stage in range(2):
+            emit(f"pipeline2_{'microbatch' if name == 'on' else 'stopwait'}_stage{stage}_busy",
+                 m.get(f"busy_{name}_{stage}", float("nan")), 3)
     emit("single_1_stream_tok_s", m["single1"])
     emit("pipeline2_1_stream_tok_s", m["on1"])
     emit("pipeline2_single_vs_single", m["on1"] / m["single1"], 3)

@@ -267,6 +267,8 @@ def exercise_every_metric(metrics: Any) -> Any:
             "kv_used_bytes": 3e6, "kv_capacity_bytes": 4e6, "active": 2, "queued": 1,
             "prefix_hits": 5, "prefix_misses": 2, "evictions": 1,
             "decode_tokens_per_second": 80.0,
+            "stage_busy_seconds_total_0": 1.5, "stage_busy_seconds_total_1": 1.2,
+            "microbatches_in_flight": 2,
         },
     )  # fmt: skip
     metrics.runner_restarted("smollm2-135m")

@@ -192,3 +192,28 @@ def test_tensor_groups_inside_stages_in_micro_batches(pipelines: Pipelines) -> N
     assert pipelines.run(eight_streams(head)) == pipelines.run(
         eight_streams(pipelines.get("solo")))
     assert head.last_stats.get("overlapped_steps_total", 0) > 0
+
+
+def test_stage_busy_time_moves_under_load(pipelines: Pipelines) -> None:
+    """Each stage's busy seconds (flock_stage_busy_seconds_total) rise while streams decode,
+    and the last stage projects part of the vocabulary for decode steps."""
+    head = pipelines.get("pipe:2")
+    pipelines.run(eight_streams(head))
+
+    async def reported() -> dict[str, float]:
+        while "stage_busy_seconds_total_1" not in head.last_stats:
+            await asyncio.sleep(0.05)
+        return dict(head.last_stats)
+
+    before = pipelines.run(reported())
+    pipelines.run(eight_streams(head))
+
+    async def moved() -> dict[str, float]:
+        while not all(head.last_stats.get(f"stage_busy_seconds_total_{i}", 0)
+                      > before[f"stage_busy_seconds_total_{i}"] for i in (0, 1)):
+            await asyncio.sleep(0.05)
+        return dict(head.last_stats)
+
+    after = pipelines.run(moved())
+    assert "stage_busy_seconds_total_2" not in after
+    assert 0 < after["head_vocab_share"] < 1

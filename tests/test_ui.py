@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent.api.ui_figures import load_figures, model_figures, quantile
+from agent.api.ui_figures import load_figures, model_figures, quantile, stage_figures
 from agent.cluster.auth import secret_from_key
 from agent.cluster.peers import signed_headers
 from agent.metrics_off import create_metrics
@@ -51,6 +51,26 @@ def test_model_figures_from_a_real_registry() -> None:
     assert 0.05 <= figures["ttft_p50_s"] <= 0.3
     assert figures["ttft_p50_s"] <= figures["ttft_p95_s"]
     assert model_figures([]) == {}
+
+
+def test_stage_figures_follow_a_pipeline_heads_reports() -> None:
+    metrics = create_metrics(enabled=True)
+    report = {"stage_busy_seconds_total_0": 1.5, "stage_busy_seconds_total_1": 1.0,
+              "microbatches_in_flight": 2.0}
+    metrics.observe_runner_stats("m", report, "api-m-0/0")
+    metrics.observe_runner_stats("m", {**report, "stage_busy_seconds_total_1": 2.5},
+                                 "api-m-0/0")
+    figures = stage_figures(metrics.registry.collect())["api-m-0/0"]
+    assert figures == {"busy_s": {"0": 1.5, "1": 2.5}, "in_flight": 2.0}
+    # A runner restarted counts from zero again: its new total is all increase.
+    metrics.runner_restarted("m", "api-m-0/0")
+    metrics.observe_runner_stats("m", {"stage_busy_seconds_total_0": 0.5}, "api-m-0/0")
+    assert stage_figures(metrics.registry.collect())["api-m-0/0"]["busy_s"]["0"] == 2.0
+    metrics.forget_runner("m", "api-m-0/0")
+    assert stage_figures(metrics.registry.collect()) == {}
+    # Bad stage labels are not series.
+    metrics.observe_runner_stats("m", {"stage_busy_seconds_total_x": 1.0}, "i")
+    assert stage_figures(metrics.registry.collect()) == {}
 
 
 def test_load_figures_report_load_and_a_busy_fraction_after_two_calls() -> None:

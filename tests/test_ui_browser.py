@@ -136,6 +136,11 @@ def test_chat_streams_into_the_page(cluster: LoopbackCluster, browser: Any) -> N
     # The head's runner reports its figures: the live table shows the model with a rate.
     wait_until(lambda: MODEL in js(browser, "return document.querySelector('#figures tbody')"
                                             ".textContent"), 30, "live figures of the model")
+    # The pipeline's stage view: every stage computed for the chat (busy seconds, as the
+    # instance's head reports them in flock_stage_busy_seconds_total).
+    busy = "return [...document.querySelectorAll('.stages .stage-busy')].map(s => +s.dataset.busyS)"
+    wait_until(lambda: len(js(browser, busy)) == 3 and min(js(browser, busy)) > 0, 30,
+               "the stage view to show every stage busy", describe=lambda: str(js(browser, busy)))
     screenshot(browser, "dashboard-chat")
 
 

@@ -83,6 +83,28 @@ def model_figures(families: Iterable[Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def stage_figures(families: Iterable[Any]) -> dict[str, dict[str, Any]]:
+    """Per pipeline head runner here (by its key, instance/rank): each stage's busy seconds so
+    far (by stage index, 0 the head) and its micro-batches in flight, from
+    flock_stage_busy_seconds_total and flock_pipeline_microbatches_in_flight. The page turns
+    busy seconds into a busy fraction."""
+    out: dict[str, dict[str, Any]] = {}
+
+    def row(instance: str) -> dict[str, Any]:
+        return out.setdefault(instance, {"busy_s": {}, "in_flight": None})
+
+    for family in families:
+        for sample in family.samples:
+            instance = sample.labels.get("instance_id")
+            if instance is None:
+                continue
+            if sample.name == "flock_stage_busy_seconds_total":
+                row(instance)["busy_s"][sample.labels["stage"]] = float(sample.value)
+            elif sample.name == "flock_pipeline_microbatches_in_flight":
+                row(instance)["in_flight"] = float(sample.value)
+    return out
+
+
 def _children_cpu_s(parent: int) -> dict[str, float]:
     """CPU seconds (user + system) of each direct child of `parent` (its runners), from /proc;
     empty where there is no /proc (macOS)."""
@@ -146,6 +168,7 @@ def versions() -> dict[str, str | None]:
 
 def node_figures(metrics: Any) -> dict[str, Any]:
     """Everything the dashboard shows live for this node."""
-    families = metrics.registry.collect() if getattr(metrics, "enabled", False) else []
-    return {"models": model_figures(families), "load": load_figures(), "versions": versions(),
+    families = list(metrics.registry.collect()) if getattr(metrics, "enabled", False) else []
+    return {"models": model_figures(families), "stages": stage_figures(families),
+            "load": load_figures(), "versions": versions(),
             "metrics": bool(getattr(metrics, "enabled", False)), "time": time.time()}

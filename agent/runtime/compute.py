@@ -11,12 +11,19 @@ the ring and the head is free to start the next one (another micro-batch, or the
 long prompt) while later stages work on the first, so every stage computes at once. Links are
 FIFO and every stage handles messages in order, so each step meets the KV journal ops drained
 with it at every stage exactly where the head applied them.
+
+A pipeline's decode steps share the vocabulary projection between the head and the last stage
+(`vocab_split.py`), so an even layer split leaves no stage the slow one in decode or in prefill.
+The head counts the seconds it computes, and learns the followers' from each step that comes
+back: `stage_stats` reports both (flock_stage_busy_seconds_total).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import deque
+from typing import Any
 
 import mlx.core as mx
 
@@ -28,6 +35,26 @@ from agent.runtime.rowstep import RowsDecode
 from agent.runtime.seam import DecodeWork, PrefillWork, Work
 from agent.runtime.step import make_decode_fn, make_project_fn, prefill
 from agent.runtime.verify import make_verify_fn
+from agent.runtime.vocab_split import (
+    decoder_bytes,
+    describe,
+    head_vocab_rows,
+    project_rows,
+    rows_of,
+)
+
+STAGE_BUSY_KEY = "stage_busy_seconds_total_"  # + the stage's index (0: the head)
+
+
+def stage_stats(compute: Any) -> dict[str, float]:
+    """What a compute reports of its stages for the runner's stats (nothing unless it is a
+    pipeline head): each stage's busy seconds so far, under STAGE_BUSY_KEY + index, and the
+    share of decode's vocabulary projection the head keeps (1.0: all of it)."""
+    busy = getattr(compute, "stage_busy_s", None)
+    if not busy:
+        return {}
+    return {**{f"{STAGE_BUSY_KEY}{i}": float(seconds) for i, seconds in enumerate(busy)},
+            "head_vocab_share": compute.vocab_rows / compute.vocab}
 
 
 class LocalCompute:
@@ -40,6 +67,7 @@ class LocalCompute:
     def __init__(self, decoder: Decoder, kv: KvSlots, *, compiled: bool) -> None:
         self.decoder = decoder
         self.kv = kv
+        self.compiled = compiled
         self.quant = kv.geometry.quant
         self.decode_fn = make_decode_fn(decoder, compiled=compiled, quant=self.quant)
         self.rows_fn = RowsDecode(decoder, compiled=compiled, quant=self.quant)
@@ -119,6 +147,10 @@ class HeadCompute(LocalCompute):
         self.upstream = upstream  # the last stage's link back to the head
         self._pending: deque[Work] = deque()  # sent down the ring, not yet back
         self.ring_stages = 1
+        self.busy_s = 0.0  # this stage's computing seconds
+        self.follower_busy_s: list[float] = []  # each follower's, as the last step brought back
+        self.vocab = decoder.head.weight.shape[0]
+        self.vocab_rows = self.vocab  # rows of the vocabulary the head projects in decode
         if downstream is not None:
             self.decode_fn = make_decode_fn(decoder, compiled=compiled, embed=True,
                                             project=False, quant=self.quant)
@@ -131,12 +163,38 @@ class HeadCompute(LocalCompute):
         self.stages = self.ring_stages if microbatch else 1
 
     def _count_stages(self) -> int:
-        """Every follower passes a ping on with its hop count raised by one."""
+        """Every follower passes a ping on with its hop count raised by one (and says what it
+        is: the last one's word reaches the head, which then splits the vocabulary with it)."""
         assert self.downstream is not None and self.upstream is not None
         self.downstream.send(StepMessage(op="ping"))
         back, _ = self.upstream.recv()
         assert back.op == "ping", f"expected the ping back, got {back.op!r}"
+        self._split_vocabulary(back)
         return back.hops + 1
+
+    def _split_vocabulary(self, last: StepMessage) -> None:
+        """Share decode's vocabulary projection with the last stage when it holds the head
+        weights as this stage does and computes in this stage's dtype (so its logits are the
+        ones this stage would compute)."""
+        dec = self.decoder
+        if (not last.last_projects or last.last_dtype != str(dec.dtype)
+                or last.last_head != describe(dec.head)):
+            return
+        layer_bytes, projection_bytes = decoder_bytes(dec)
+        rows = head_vocab_rows(self.vocab, len(dec.layers), last.last_layers, layer_bytes,
+                               projection_bytes)
+        part = rows_of(dec.head, 0, rows, copy=False) if rows < self.vocab else None
+        if part is None:
+            return
+        self.vocab_rows = rows
+        hidden = dec.config.hidden_size
+
+        def join(back: mx.array) -> mx.array:
+            # back: (rows, hidden + the last stage's logits)
+            return mx.concatenate([project_rows(dec, part, back[:, :hidden]), back[:, hidden:]],
+                                  axis=-1)
+
+        self.join_fn = mx.compile(join) if self.compiled else join
 
     def _drain(self) -> Journal:
         ops = list(self.journal)
@@ -169,9 +227,11 @@ class HeadCompute(LocalCompute):
             if self.downstream is None:
                 super().submit(work)
                 return
+            began = time.perf_counter()
             h = prefill(self.decoder, mx.array(tokens), start, row, self.kv.keys,
                         self.kv.values, embed=True, project=False, quant=self.quant)
             mx.eval(h, self.kv.keys, self.kv.values)
+            self.busy_s += time.perf_counter() - began
             # The last stage hands back only the last position: all the head projects.
             self.downstream.send(StepMessage(op="prefill", kv_ops=ops, row=row, start=start,
                                              stages=self.ring_stages), h)
@@ -180,13 +240,17 @@ class HeadCompute(LocalCompute):
         tokens = work.flat_tokens()
         self._tell_peers(StepMessage(op="decode", kv_ops=ops, tokens=tokens,
                                      positions=work.positions, first_row=work.first_row))
+        began = time.perf_counter()
         out = self._step(mx.array(tokens), mx.array(work.positions), first_row=work.first_row)
         if self.downstream is None:
             self._done.append((work, out))
             return
         mx.eval(out, self.kv.keys, self.kv.values)
+        self.busy_s += time.perf_counter() - began
+        vocab_from = self.vocab_rows if self.vocab_rows < self.vocab else 0
         self.downstream.send(StepMessage(op="decode", kv_ops=ops, positions=work.positions,
-                                         first_row=work.first_row, stages=self.ring_stages),
+                                         first_row=work.first_row, stages=self.ring_stages,
+                                         vocab_from=vocab_from),
                              out)
         self._pending.append(work)
 
@@ -195,12 +259,30 @@ class HeadCompute(LocalCompute):
             return self._done.popleft()
         assert self.upstream is not None and self._pending
         work = self._pending.popleft()
-        _, back = self.upstream.recv()
+        message, back = self.upstream.recv()
         assert back is not None
+        self.follower_busy_s = message.busy_s
         back = as_stage_dtype(back, self.decoder.dtype)  # the last stage may compute in another
+        began = time.perf_counter()
         if isinstance(work, PrefillWork):
-            return work, self.project_fn(back[0, -1:]) if work.logits else None
-        return work, self.project_fn(back[:, 0, :])
+            if not work.logits:
+                return work, None
+            logits = self.project_fn(back[0, -1:])
+        elif message.vocab_from:  # the last stage projected the upper vocabulary rows
+            logits = self.join_fn(back)
+        else:
+            logits = self.project_fn(back[:, 0, :])
+        mx.eval(logits)  # here, so the projection counts as this stage's busy time
+        self.busy_s += time.perf_counter() - began
+        return work, logits
+
+    @property
+    def stage_busy_s(self) -> list[float]:
+        """Seconds each stage of the ring has computed (the head first); empty unless this
+        is a pipeline head."""
+        if self.downstream is None:
+            return []
+        return [self.busy_s, *self.follower_busy_s]
 
     @property
     def in_flight(self) -> int:
@@ -220,8 +302,9 @@ class HeadCompute(LocalCompute):
         assert self.upstream is not None and not self._pending, "verify with steps in flight"
         self.downstream.send(StepMessage(op="verify", kv_ops=ops, positions=starts,
                                          start=width, stages=self.ring_stages), out)
-        _, back = self.upstream.recv()
+        message, back = self.upstream.recv()
         assert back is not None
+        self.follower_busy_s = message.busy_s
         return self.project_fn(as_stage_dtype(back, self.decoder.dtype))
 
     def close(self) -> None:

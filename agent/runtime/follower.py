@@ -8,9 +8,16 @@ a blocking receive between steps, so an idle follower costs no CPU.
 Messages are handled strictly in arrival order: with micro-batches several steps are in flight
 around the ring, and each must meet the journal ops sent with it at the same point of the
 sequence as at the head. A decode step may cover only a range of rows (`first_row`).
+
+The last stage, when it holds the vocabulary projection, also projects the upper rows of the
+vocabulary for decode steps that ask for it (`vocab_split.py`), so the head is not the slow stage
+of decode. Each follower counts the seconds it computes and appends its total to every step it
+passes on: the head reports them as per-stage busy time.
 """
 
 from __future__ import annotations
+
+import time
 
 import mlx.core as mx
 import msgspec
@@ -18,11 +25,12 @@ import msgspec
 from agent.runtime.journal import Gather, KvOp, PrefixDrop, PrefixLoad, PrefixSave, Resize
 from agent.runtime.kv import KvSlots
 from agent.runtime.links import StageLink, StageLinkError, as_stage_dtype, next_step
-from agent.runtime.model import Decoder
+from agent.runtime.model import Decoder, Linear
 from agent.runtime.prefix import copy_rows
 from agent.runtime.rowstep import RowsDecode
 from agent.runtime.step import make_decode_fn, prefill
 from agent.runtime.verify import make_verify_fn
+from agent.runtime.vocab_split import describe, project_rows, rows_of
 from agent.runtime.watchdog import Watchdog
 
 
@@ -46,6 +54,29 @@ class Follower:
         self.verify_fn = make_verify_fn(decoder, compiled=compiled, embed=embeds, project=False,
                                         quant=self.quant)
         self.saved: dict[int, tuple[list[mx.array], list[mx.array]]] = {}
+        self.busy_s = 0.0  # seconds spent computing steps (and replaying their journal)
+        self.tail: tuple[int, Linear] | None = None  # (first vocabulary row, those rows)
+        self.compiled = compiled
+        self.tail_fn = self._project_tail
+
+    def _project_tail(self, h: mx.array) -> mx.array:
+        assert self.tail is not None
+        return mx.concatenate([h, project_rows(self.decoder, self.tail[1], h)], axis=-1)
+
+    def with_tail_logits(self, h: mx.array, vocab_from: int) -> mx.array:
+        """A decode step's hidden states (rows, 1, hidden) with the logits of vocabulary rows
+        [vocab_from, vocab) after them: (rows, hidden + vocab - vocab_from)."""
+        if self.tail is None or self.tail[0] != vocab_from:
+            head = self.decoder.head
+            tail = rows_of(head, vocab_from, head.weight.shape[0])
+            assert tail is not None, f"cannot slice a {type(head).__name__} projection"
+            self.tail = (vocab_from, tail)
+            # Only these rows are used from now on: the rest of the matrix can go.
+            self.decoder.lm_head = self.decoder.embed = None
+            self.tail_fn = mx.compile(self._project_tail) if self.compiled else self._project_tail
+        out = self.tail_fn(h[:, 0, :])
+        mx.eval(out)
+        return out
 
     def apply(self, ops: list[KvOp]) -> None:
         for op in ops:
@@ -105,7 +136,12 @@ def follow(follower: Follower, upstream: StageLink, downstream: StageLink | None
         message, h = incoming
         if message.op == "ping":  # the head counting its stages (tensor peers take no part)
             if downstream is not None:
-                downstream.send(msgspec.structs.replace(message, hops=message.hops + 1))
+                dec = follower.decoder
+                downstream.send(msgspec.structs.replace(
+                    message, hops=message.hops + 1, last_layers=len(dec.layers),
+                    last_projects=dec.projects and dec.norm is not None,
+                    last_dtype=str(dec.dtype),
+                    last_head=describe(dec.lm_head or dec.embed) if dec.projects else ""))
             continue
         for peer in tp_peers or ():
             peer.send(message, h)
@@ -113,6 +149,7 @@ def follow(follower: Follower, upstream: StageLink, downstream: StageLink | None
             if downstream is not None:
                 downstream.send(message)
             return 0
+        began = time.perf_counter()
         follower.apply(message.kv_ops)
         if follower.embeds:
             h = mx.array(message.tokens)
@@ -123,10 +160,16 @@ def follow(follower: Follower, upstream: StageLink, downstream: StageLink | None
                             first_row=message.first_row)
         if watchdog:
             watchdog.disarm()
-        if downstream is not None:
-            forward = msgspec.structs.replace(message, hops=message.hops + 1)
-            if forward.hops == message.stages - 1:  # the last stage: back to the head
-                forward = msgspec.structs.replace(forward, kv_ops=[])
-                if message.op == "prefill":
-                    out = out[:, -1:]  # the head projects only the last position
-            downstream.send(forward, out)
+        if downstream is None:
+            follower.busy_s += time.perf_counter() - began
+            continue
+        forward = msgspec.structs.replace(message, hops=message.hops + 1)
+        if forward.hops == message.stages - 1:  # the last stage: back to the head
+            forward = msgspec.structs.replace(forward, kv_ops=[])
+            if message.op == "prefill":
+                out = out[:, -1:]  # the head projects only the last position
+            elif message.op == "decode" and message.vocab_from:
+                out = follower.with_tail_logits(out, message.vocab_from)
+        follower.busy_s += time.perf_counter() - began
+        downstream.send(msgspec.structs.replace(
+            forward, busy_s=[*message.busy_s, follower.busy_s]), out)

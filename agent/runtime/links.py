@@ -47,6 +47,17 @@ class StepMessage(msgspec.Struct, frozen=True, kw_only=True):
     hops: int = 0
     stages: int = 0
     tokens: list[int] = []  # token ids, for tensor-parallel peers that embed for themselves
+    # A decode step: the last stage projects vocabulary rows [vocab_from, vocab) and hands their
+    # logits back after the hidden states (`vocab_split.py`); 0: it hands back hidden states.
+    vocab_from: int = 0
+    # Each follower's busy seconds so far, appended as the step passes it (the head reports
+    # them as stage metrics); on the ping, what the last stage is: its layer count, whether it
+    # holds the vocabulary projection, and its compute dtype (each follower overwrites them).
+    busy_s: list[float] = []
+    last_layers: int = 0
+    last_projects: bool = False
+    last_dtype: str = ""
+    last_head: str = ""  # `vocab_split.describe` of its projection
     shape: list[int] = []
     dtype: str = "float32"
 

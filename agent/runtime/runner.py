@@ -109,8 +109,11 @@ def load(config: RunnerConfig, journal: Journal | None = None,
     head = config.role in (RunnerRole.SOLO, RunnerRole.HEAD)
     # Tensor peers of the first stage embed the token ids themselves.
     peer_embeds = config.role == RunnerRole.TP_FOLLOWER and config.layer_start in (None, 0)
+    # A pipeline's last stage holds the head weights too: it projects part of the vocabulary
+    # for decode steps (`vocab_split.py`); None leaves that to the layer range.
+    projects = None if config.role == RunnerRole.FOLLOWER else head
     decoder = load_decoder(model_dir, dtype=dtype, fuse=config.fuse_projections, layers=layers,
-                           embeds=head or peer_embeds, projects=head, group=group)
+                           embeds=head or peer_embeds, projects=projects, group=group)
     tokenizer = load_tokenizer(model_dir)
     context = decoder.config.max_position_embeddings
     if config.context_length:

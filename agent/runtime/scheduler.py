@@ -26,7 +26,7 @@ from agent.generation import (
     TopLogprob,
     Usage,
 )
-from agent.runtime.compute import LocalCompute
+from agent.runtime.compute import LocalCompute, stage_stats
 from agent.runtime.journal import PrefixLoad, PrefixSave
 from agent.runtime.pacing import (  # noqa: F401  (prefill_slice's figures live there now)
     FIRST_PREFILL_SLICE,
@@ -503,5 +503,6 @@ class Scheduler:
             "evictions": float(self.prefix.stats.evictions if self.prefix else 0),
             "prefix_cache_bytes": float(self.prefix.bytes if self.prefix else 0),
             **(self.ring.snapshot() if self.ring is not None else {}),
+            **stage_stats(self.compute),
             **self.speculator.snapshot(),
         }

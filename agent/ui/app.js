@@ -5,7 +5,7 @@
 const POLL_MS = 1000;
 const HISTORY = 60; // points kept per sparkline
 const state = { key: sessionStorage.getItem("flock-key") || "", auth: null, overview: null,
-  history: {}, seen: {}, timer: null, chat: null };
+  history: {}, seen: {}, timer: null, chat: null, stageSeen: {} };
 
 const $ = (id) => document.getElementById(id);
 
@@ -217,6 +217,31 @@ function runnerStates(live, placement) {
   return out;
 }
 
+function stageView(live, placement) {
+  // A pipeline's stages as its head reports them: each stage's busy share of wall time since
+  // the last poll (from busy-second totals) and the micro-batches in the ring.
+  // Keyed by runner key (instance/rank): the head's rank reports for the whole ring.
+  const reported = Object.entries((live[placement.head] || {}).stages || {})
+    .find(([key]) => key.startsWith(placement.instance_id + "/"));
+  const figures = reported && reported[1];
+  if (!figures || !Object.keys(figures.busy_s).length) return null;
+  const now = (live[placement.head] || {}).time || Date.now() / 1000;
+  const seen = state.stageSeen[placement.instance_id];
+  state.stageSeen[placement.instance_id] = { time: now, busy: figures.busy_s };
+  const stages = Object.keys(figures.busy_s).sort((a, b) => a - b);
+  const parts = stages.map((stage) => {
+    const was = seen && seen.busy[stage];
+    const share = seen && was !== undefined && now > seen.time
+      ? Math.min(1, Math.max(0, (figures.busy_s[stage] - was) / (now - seen.time))) : null;
+    return el("span", { class: "stage-busy", "data-stage": stage,
+      "data-busy-s": figures.busy_s[stage].toFixed(3) },
+      `stage ${stage} ${share === null ? "…" : Math.round(100 * share) + "%"}`);
+  });
+  const flight = figures.in_flight === null ? "" : ` · ${figures.in_flight} in flight`;
+  return el("p", { class: "stages note", "data-in-flight": figures.in_flight ?? "" },
+    "busy: ", ...parts.flatMap((p, i) => (i ? [" · ", p] : [p])), flight);
+}
+
 function renderPlacements(status, live) {
   const list = status.placements.map((p) => {
     const total = Math.max(...p.stages.map((s) => s.layer_stop), 1);
@@ -233,6 +258,7 @@ function renderPlacements(status, live) {
         (p.replicas !== undefined ? ` · replicas ${p.replicas}` : "") + (p.slot !== undefined && p.slot !== null ? ` · slot ${p.slot}` : "")),
       el("p", { class: "note" }, p.reason || ""),
       bar,
+      stageView(live, p),
       el("ul", { class: "ranks" }, ranks.map((r) => el("li", {},
         `rank ${r.rank} on ${nodeName(status, r.node)}: `, el("span", { class: "state-" + r.state }, r.state)))),
       removable ? el("button", { type: "button", class: "admin-action",
