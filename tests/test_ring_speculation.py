@@ -12,7 +12,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from agent.generation import GenerationEvent, GenerationRequest, SamplingParams
+from agent.generation import GenerationEvent, GenerationRequest, SamplingParams, TokenChunk
 from agent.runtime import ring
 from agent.runtime.compute import LocalCompute
 from agent.runtime.kv import KvGeometry, KvSlots
@@ -48,7 +48,26 @@ def request(rid: str, prompt: list[int], n: int, stop: list[str] | None = None
             ) -> GenerationRequest:
     return GenerationRequest(id=rid, model="tiny", prompt_tokens=prompt,
                              sampling=SamplingParams(max_tokens=n, temperature=0.0,
-                                                     stop=stop or []))
+                                                     stop=stop or [],
+                                                     logprobs=rid not in PLAIN_ARGMAX))
+
+
+# Rows whose whole job is an argmax (no logprobs): acceptance's greedy path; the others report
+# logprobs (acceptance's position-by-position path).
+PLAIN_ARGMAX = ("copy", "loop2")
+
+
+def logprobs_of(events: list[GenerationEvent], rid: str) -> list[float]:
+    """The chosen tokens' logprobs: a random model's greedy ids repeat one token, so a wrong
+    KV entry shows in these long before it changes an id."""
+    return [lp.logprob for e in events if isinstance(e, TokenChunk) and e.id == rid
+            for lp in e.logprobs or []]
+
+
+def close(got: dict[str, list[float]], expected: dict[str, list[float]]) -> bool:
+    return got.keys() == expected.keys() and all(
+        len(got[k]) == len(v) and all(abs(a - b) < 1e-4 for a, b in zip(got[k], v, strict=True))
+        for k, v in expected.items())
 
 
 # Edit-style prompts repeat (a random model's output then repeats too, so lookup drafts and
@@ -59,7 +78,7 @@ PROMPTS = {"copy": [40, 41, 42, 43, 44] * 5, "loop": [7, 8, 9] * 6,
 
 
 def run(model_dir: Path, stages: int, lookup: bool, *, n: int = 20, cancel: bool = False
-        ) -> tuple[dict[str, list[int]], dict[str, str], Scheduler]:
+        ) -> tuple[dict[str, list[int]], dict[str, str], Scheduler, dict[str, list[float]]]:
     sched, events = make_scheduler(model_dir, stages, lookup=lookup, prefix=True)
     for rid, prompt in PROMPTS.items():
         # Different max tokens: some end inside an accepted draft.
@@ -72,25 +91,43 @@ def run(model_dir: Path, stages: int, lookup: bool, *, n: int = 20, cancel: bool
     run_all(sched)
     ids = {rid: tokens_of(events, rid) for rid in [*PROMPTS, *(["late"] if cancel else [])]}
     reasons = {rid: finished(events, rid).reason for rid in ids}
-    return ids, reasons, sched
+    return ids, reasons, sched, {rid: logprobs_of(events, rid) for rid in ids}
 
 
 @pytest.mark.parametrize("stages", [2, 3])
 def test_verify_micro_batches_match_plain_synchronous_decoding(tiny_dir: Path,
                                                                stages: int) -> None:
-    expected, reasons, _ = run(tiny_dir, 1, lookup=False)
-    got, got_reasons, sched = run(tiny_dir, stages, lookup=True)
-    assert got == expected and got_reasons == reasons
+    expected, reasons, _, lps = run(tiny_dir, 1, lookup=False)
+    got, got_reasons, sched, got_lps = run(tiny_dir, stages, lookup=True)
+    assert got == expected and got_reasons == reasons and close(got_lps, lps)
     assert sched.ring is not None and sched.ring.verify_microbatches_total > 0
     assert sched.ring.overlapped_steps_total > 0
     stats = sched.speculator.stats
     assert stats.accepted_tokens > 0 and stats.verify_steps > 0
 
 
+def test_rows_inside_a_range_whose_verify_step_is_in_flight_keep_their_drafts(
+        tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interleaved micro-batches (every other ready row): a later micro-batch's range spans a
+    row whose verify step is still in flight, and its harmless write for that row must land
+    past every position the verify step may keep."""
+    expected, reasons, _, lps = run(tiny_dir, 1, lookup=False)
+
+    def every_other(ready: list[int], total: int, stages: int) -> list[int]:
+        return [r for r in sorted(ready) if r % 2 == min(ready) % 2]
+
+    monkeypatch.setattr(ring, "split_rows", every_other)
+    got, got_reasons, sched, got_lps = run(tiny_dir, 2, lookup=True)
+    assert got == expected and got_reasons == reasons and close(got_lps, lps)
+    assert sched.ring is not None and sched.ring.verify_microbatches_total > 0
+
+
 def test_a_cancel_with_a_verify_micro_batch_in_flight(tiny_dir: Path) -> None:
-    expected, _, _ = run(tiny_dir, 1, lookup=False, cancel=True)
-    got, _, sched = run(tiny_dir, 3, lookup=True, cancel=True)
+    expected, _, _, lps = run(tiny_dir, 1, lookup=False, cancel=True)
+    got, _, sched, got_lps = run(tiny_dir, 3, lookup=True, cancel=True)
     assert got["late"] == expected["late"]
+    del lps["copy2"], got_lps["copy2"]
+    assert close(got_lps, lps)
     assert {k: v for k, v in got.items() if k != "copy2"} == \
         {k: v for k, v in expected.items() if k != "copy2"}
     assert sched.ring is not None and sched.ring.verify_microbatches_total > 0
