@@ -67,7 +67,7 @@ async def drafted_stats(runner: RunnerProcess) -> dict[str, float]:
 # leading its own tensor group); and 5 streams in micro-batches on 2 stages: every way a verify
 # step travels.
 @pytest.mark.parametrize("shape", ["pipeline3", "pipeline3_microbatch_one_stream", "hybrid2x2",
-                                   "pipeline2_microbatch_streams"])
+                                   "pipeline2_microbatch_streams", "hybrid2x2_microbatch_streams"])
 def test_drafted_multi_process_decoding_matches_one_plain_process(
         shape: str, tiny_dir: Path, tmp_path: Path) -> None:
     prompts = {"copy": PROMPTS["copy"]} if "one_stream" in shape else \
@@ -89,7 +89,9 @@ def test_drafted_multi_process_decoding_matches_one_plain_process(
             "hybrid2x2": lambda: [msgspec.structs.replace(c, pipeline_microbatch=False)
                                   for c in hybrid_configs(tiny_dir, [(0, 3), (3, 6)], 2)],
             "pipeline2_microbatch_streams": lambda: pipeline_configs(
-                tiny_dir, [(0, 3), (3, 6)], stats_interval_s=0.2)}[shape]()
+                tiny_dir, [(0, 3), (3, 6)], stats_interval_s=0.2),
+            "hybrid2x2_microbatch_streams": lambda: hybrid_configs(
+                tiny_dir, [(0, 3), (3, 6)], 2)}[shape]()
         runners = await start_all(configs, tmp_path)
         try:
             got = await generate(runners[0], prompts)
