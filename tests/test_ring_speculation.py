@@ -30,11 +30,12 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            kv_heads=2, layers=3)
 
 
-def make_scheduler(model_dir: Path, stages: int, *, lookup: bool, prefix: bool = False
-                   ) -> tuple[Scheduler, list[GenerationEvent]]:
+def make_scheduler(model_dir: Path, stages: int, *, lookup: bool, prefix: bool = False,
+                   bits: int | None = None) -> tuple[Scheduler, list[GenerationEvent]]:
     events: list[GenerationEvent] = []
     dec = load_decoder(model_dir)
-    kv = KvSlots(KvGeometry(len(dec.layers), dec.local_kv_heads, dec.config.head_dim), chunk=32)
+    kv = KvSlots(KvGeometry(len(dec.layers), dec.local_kv_heads, dec.config.head_dim,
+                            bits=bits), chunk=32)
     compute = LocalCompute(dec, kv, compiled=True)
     compute.stages = stages  # type: ignore[misc]  # a ring of `stages`, each step done at once
     limits = SchedulerLimits(context_length=512, kv_budget_bytes=1 << 30, max_batch=16)
@@ -77,9 +78,10 @@ PROMPTS = {"copy": [40, 41, 42, 43, 44] * 5, "loop": [7, 8, 9] * 6,
            "loop2": [11, 12] * 8}
 
 
-def run(model_dir: Path, stages: int, lookup: bool, *, n: int = 20, cancel: bool = False
+def run(model_dir: Path, stages: int, lookup: bool, *, n: int = 20, cancel: bool = False,
+        bits: int | None = None
         ) -> tuple[dict[str, list[int]], dict[str, str], Scheduler, dict[str, list[float]]]:
-    sched, events = make_scheduler(model_dir, stages, lookup=lookup, prefix=True)
+    sched, events = make_scheduler(model_dir, stages, lookup=lookup, prefix=True, bits=bits)
     for rid, prompt in PROMPTS.items():
         # Different max tokens: some end inside an accepted draft.
         sched.submit(request(rid, prompt, n + len(rid) % 4))
@@ -94,11 +96,11 @@ def run(model_dir: Path, stages: int, lookup: bool, *, n: int = 20, cancel: bool
     return ids, reasons, sched, {rid: logprobs_of(events, rid) for rid in ids}
 
 
-@pytest.mark.parametrize("stages", [2, 3])
-def test_verify_micro_batches_match_plain_synchronous_decoding(tiny_dir: Path,
-                                                               stages: int) -> None:
-    expected, reasons, _, lps = run(tiny_dir, 1, lookup=False)
-    got, got_reasons, sched, got_lps = run(tiny_dir, stages, lookup=True)
+@pytest.mark.parametrize(("stages", "bits"), [(2, None), (3, None), (2, 8)])
+def test_verify_micro_batches_match_plain_synchronous_decoding(tiny_dir: Path, stages: int,
+                                                               bits: int | None) -> None:
+    expected, reasons, _, lps = run(tiny_dir, 1, lookup=False, bits=bits)
+    got, got_reasons, sched, got_lps = run(tiny_dir, stages, lookup=True, bits=bits)
     assert got == expected and got_reasons == reasons and close(got_lps, lps)
     assert sched.ring is not None and sched.ring.verify_microbatches_total > 0
     assert sched.ring.overlapped_steps_total > 0
