@@ -28,7 +28,10 @@ the tokens after each stream's first one over the time from the first token to t
   pipeline3_lookup_batch4_edit_vs_plain  4 concurrent edit streams (the 2 passages, each twice
                                with a tag of its own) on the same
                                pipelines, aggregate decode tok/s: micro-batches in flight carry
-                               their drafts round the ring (verify micro-batches).
+                               their drafts round the ring (verify micro-batches). As for
+                               lookup_batch8_edit_vs_plain, the window runs from the first
+                               stream's first token to the last one's last, so it holds the later
+                               streams' prefill too (which drafting does not speed up).
 Both pipeline figures are skipped with --no-pipeline; --only-pipeline runs nothing else.
 """
 
