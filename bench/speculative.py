@@ -21,9 +21,18 @@ configuration warms up (compiles its step shapes) on other prompts first. Decode
 the tokens after each stream's first one over the time from the first token to the last.
 
   pipeline3_lookup_edit_vs_plain  the edit task on a 3-stage pipeline of local runner processes
-                               (10/10/10 layers, TCP links), prompt lookup / plain: the pipeline
-                               is started once with each setting (runners read it at start), the
-                               rounds alternate between the two. Skipped with --no-pipeline.
+                               (10/10/10 layers, TCP links, micro-batching on), prompt lookup /
+                               plain: the pipeline is started once with each setting (runners
+                               read it at start), the rounds alternate between the two. One
+                               stream: its verify steps go round alone (stop-and-wait).
+  pipeline3_lookup_batch4_edit_vs_plain  4 concurrent edit streams (the 2 passages, each twice
+                               with a tag of its own) on the same
+                               pipelines, aggregate decode tok/s: micro-batches in flight carry
+                               their drafts round the ring (verify micro-batches). As for
+                               lookup_batch8_edit_vs_plain, the window runs from the first
+                               stream's first token to the last one's last, so it holds the later
+                               streams' prefill too (which drafting does not speed up).
+Both pipeline figures are skipped with --no-pipeline; --only-pipeline runs nothing else.
 """
 
 from __future__ import annotations
@@ -43,6 +52,8 @@ from bench.common import (
     runner_env,
     warn_if_busy,
 )
+
+PIPELINE_BATCH = 4  # concurrent edit streams of pipeline3_lookup_batch4_edit_vs_plain
 
 PASSAGES = [
     ("river", "stream", """The river ran quietly past the old mill, carrying leaves and small
@@ -190,7 +201,8 @@ def worker(model_dir: str, rounds: int, tokens: int, quick: bool) -> dict[str, A
 
 
 async def _pipeline_rates(model_dir: str, rounds: int, tokens: int) -> dict[str, Any]:
-    """Edit-task decode tok/s through the head of a 3-stage pipeline, lookup on and off."""
+    """Edit-task decode tok/s through the head of a 3-stage pipeline, lookup on and off: one
+    stream ("edit"), and PIPELINE_BATCH concurrent streams, aggregate ("batch4_edit")."""
     import asyncio
     import tempfile
 
@@ -216,8 +228,9 @@ async def _pipeline_rates(model_dir: str, rounds: int, tokens: int) -> dict[str,
             await asyncio.gather(*(r.start(timeout=300) for r in started))
             heads[lookup] = started[0]
 
-        async def rate(lookup: bool, tag: str, max_tokens: int) -> tuple[float, list[int]]:
-            prompt = list(tokenizer.apply_chat_template(edit_messages(0, tag),
+        async def stream(lookup: bool, index: int, tag: str, max_tokens: int
+                         ) -> tuple[list[int], float, float, int]:
+            prompt = list(tokenizer.apply_chat_template(edit_messages(index, tag),
                                                         add_generation_prompt=True))
             request = GenerationRequest(id=f"p{secrets.token_hex(4)}", model="smollm2",
                                         prompt_tokens=prompt,
@@ -233,20 +246,40 @@ async def _pipeline_rates(model_dir: str, rounds: int, tokens: int) -> dict[str,
                         first, first_count = now, len(event.token_ids)
                     ids += event.token_ids
                     last = now
-            return (len(ids) - first_count) / max(last - first, 1e-9), ids
+            return ids, first, last, first_count
 
-        for lookup in (True, False):
+        async def rate(lookup: bool, tag: str, max_tokens: int, streams: int = 1
+                       ) -> tuple[float, list[list[int]]]:
+            """Aggregate decode tok/s: the tokens after each stream's first one, over the time
+            from the first stream's first token to the last stream's last."""
+            outs = await asyncio.gather(*(stream(lookup, i, f"{tag}-{i}", max_tokens)
+                                          for i in range(streams)))
+            start = min(o[1] for o in outs)
+            end = max(o[2] for o in outs)
+            decoded = sum(len(o[0]) - o[3] for o in outs)
+            return decoded / max(end - start, 1e-9), [o[0] for o in outs]
+
+        tasks = {"edit": 1, f"batch{PIPELINE_BATCH}_edit": PIPELINE_BATCH}
+        for lookup in (True, False):  # every shape (micro-batch rows, widths) compiles first
             await rate(lookup, "warm-pipeline", tokens)
-        on, off, identical = [], [], True
+            await rate(lookup, "warm-pipeline-batch", 48, PIPELINE_BATCH)
+        results: dict[str, Any] = {name: {"on": [], "off": [], "identical": True}
+                                   for name in tasks}
         for r in range(rounds):
-            tag = f"pipeline-{r}-{secrets.token_hex(3)}"
-            got = {}
-            for lookup in ((True, False) if r % 2 == 0 else (False, True)):
-                got[lookup] = await rate(lookup, tag, tokens)
-            on.append(got[True][0])
-            off.append(got[False][0])
-            identical &= got[True][1] == got[False][1]
-        return {"on": on, "off": off, "identical": identical}
+            for name, streams in tasks.items():
+                tag = f"pipeline-{name}-{r}-{secrets.token_hex(3)}"
+                got = {}
+                for lookup in ((True, False) if r % 2 == 0 else (False, True)):
+                    got[lookup] = await rate(lookup, tag, tokens, streams)
+                res = results[name]
+                res["on"].append(got[True][0])
+                res["off"].append(got[False][0])
+                res["identical"] &= got[True][1] == got[False][1]
+        stats = {lookup: dict(heads[lookup].last_stats) for lookup in heads}
+        results["head_stats"] = {k: stats[True].get(k, 0.0) for k in (
+            "verify_steps_total", "verify_microbatches_total", "draft_passes_total",
+            "drafted_tokens_total", "accepted_draft_tokens_total")}
+        return results
     finally:
         for runner in runners:
             await runner.stop()
@@ -268,7 +301,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="OpenBLAS threads of the in-process worker (default: a runner's)")
     parser.add_argument("--no-pipeline", action="store_true",
-                        help="skip pipeline3_lookup_edit_vs_plain")
+                        help="skip the pipeline3_* figures")
+    parser.add_argument("--only-pipeline", action="store_true",
+                        help="only the pipeline3_* figures")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.tokens = 1, 64
@@ -278,6 +313,17 @@ def main() -> None:
     # On a busy machine use --threads 1: multi-threaded sgemm (the verification pass's wide
     # matmuls) collapses when its threads wait for cores, while one-row decode does not.
     env, _ = runner_env(gemv=True, threads=args.threads)
+    identical = True
+    if not args.only_pipeline:
+        identical = _single_node(args, model_dir, env)
+    if not args.no_pipeline:
+        identical &= _pipeline(args, model_dir, env)
+    emit("lookup_greedy_ids_identical", identical)
+    emit("cpu_pressure_avg60_end", cpu_pressure() or 0.0)
+
+
+def _single_node(args: argparse.Namespace, model_dir: Path, env: dict[str, str]) -> bool:
+    """The one-node figures; whether every drafted run gave the plain run's ids."""
     results = call_in_subprocess("bench.speculative:worker",
                                  {"model_dir": str(model_dir), "rounds": args.rounds,
                                   "tokens": args.tokens, "quick": args.quick}, env,
@@ -292,20 +338,28 @@ def main() -> None:
         emit(f"{name}_plain_tok_s", median(res["off"]), 1)
     edit = results["edit"]
     emit("lookup_acceptance_edit", edit["kept"] / max(edit["passes"], 1))
-    identical = all(results[name]["identical"] for name in results)
-    if not args.no_pipeline:
-        pipe = call_in_subprocess("bench.speculative:pipeline_worker",
-                                  {"model_dir": str(model_dir), "rounds": args.rounds,
-                                   "tokens": args.tokens}, {**env, "FLOCK_BLAS_GEMV": "1"},
-                                  timeout=1800)
-        ratios = [a / b for a, b in zip(pipe["on"], pipe["off"], strict=True)]
-        emit("pipeline3_lookup_edit_vs_plain", median(ratios))
-        emit("pipeline3_lookup_edit_vs_plain_runs", ", ".join(f"{x:.2f}" for x in ratios))
-        emit("pipeline3_edit_lookup_tok_s", median(pipe["on"]), 1)
-        emit("pipeline3_edit_plain_tok_s", median(pipe["off"]), 1)
-        identical &= pipe["identical"]
-    emit("lookup_greedy_ids_identical", identical)
-    emit("cpu_pressure_avg60_end", cpu_pressure() or 0.0)
+    return all(results[name]["identical"] for name in results)
+
+
+def _pipeline(args: argparse.Namespace, model_dir: Path, env: dict[str, str]) -> bool:
+    """The 3-stage pipeline figures; whether every drafted run gave the plain run's ids."""
+    pipe = call_in_subprocess("bench.speculative:pipeline_worker",
+                              {"model_dir": str(model_dir), "rounds": args.rounds,
+                               "tokens": args.tokens}, {**env, "FLOCK_BLAS_GEMV": "1"},
+                              timeout=1800)
+    identical = True
+    for name in ("edit", f"batch{PIPELINE_BATCH}_edit"):
+        res = pipe[name]
+        figure = f"pipeline3_lookup_{name}_vs_plain"
+        ratios = [a / b for a, b in zip(res["on"], res["off"], strict=True)]
+        emit(figure, median(ratios))
+        emit(f"{figure}_runs", ", ".join(f"{x:.2f}" for x in ratios))
+        emit(f"pipeline3_{name}_lookup_tok_s", median(res["on"]), 1)
+        emit(f"pipeline3_{name}_plain_tok_s", median(res["off"]), 1)
+        identical &= res["identical"]
+    for key, value in pipe["head_stats"].items():
+        emit(f"pipeline3_lookup_{key}", value, 0)
+    return identical
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ pytestmark = pytest.mark.slow
 
 # Repeating prompts: a random model's output repeats too, so prompt lookup drafts and keeps.
 PROMPTS = {"copy": [40, 41, 42, 43, 44] * 5, "loop": [7, 8, 9] * 6, "free": [100, 3, 77]}
+# More streams than stages, edit-style ones that draft beside free ones: micro-batches in flight
+# carry their drafts round the ring (verify micro-batches).
+STREAMS = {**PROMPTS, "copy2": [60, 61, 62, 63] * 6, "free2": [5, 150, 33, 90]}
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +64,14 @@ async def drafted_stats(runner: RunnerProcess) -> dict[str, float]:
 # A 3-stage pipeline (stop-and-wait: every row drafts in the one step in the ring; and with
 # micro-batches in flight, one stream alone: fewer streams than stages verify drafts instead),
 # and 2 stages that are each a tensor group of 2 (a tensor head with peers, a pipeline follower
-# leading its own tensor group): every way a verify step travels.
-@pytest.mark.parametrize("shape", ["pipeline3", "pipeline3_microbatch_one_stream", "hybrid2x2"])
+# leading its own tensor group); and 5 streams in micro-batches on 2 stages: every way a verify
+# step travels.
+@pytest.mark.parametrize("shape", ["pipeline3", "pipeline3_microbatch_one_stream", "hybrid2x2",
+                                   "pipeline2_microbatch_streams", "hybrid2x2_microbatch_streams"])
 def test_drafted_multi_process_decoding_matches_one_plain_process(
         shape: str, tiny_dir: Path, tmp_path: Path) -> None:
-    prompts = {"copy": PROMPTS["copy"]} if "one_stream" in shape else PROMPTS
+    prompts = {"copy": PROMPTS["copy"]} if "one_stream" in shape else \
+        STREAMS if "streams" in shape else PROMPTS
 
     async def main() -> None:
         solo = (await start_all([RunnerConfig(model_name="tiny", model_dir=str(tiny_dir),
@@ -81,7 +87,11 @@ def test_drafted_multi_process_decoding_matches_one_plain_process(
             "pipeline3_microbatch_one_stream": lambda: pipeline_configs(
                 tiny_dir, splits, stats_interval_s=0.2),
             "hybrid2x2": lambda: [msgspec.structs.replace(c, pipeline_microbatch=False)
-                                  for c in hybrid_configs(tiny_dir, [(0, 3), (3, 6)], 2)]}[shape]()
+                                  for c in hybrid_configs(tiny_dir, [(0, 3), (3, 6)], 2)],
+            "pipeline2_microbatch_streams": lambda: pipeline_configs(
+                tiny_dir, [(0, 3), (3, 6)], stats_interval_s=0.2),
+            "hybrid2x2_microbatch_streams": lambda: hybrid_configs(
+                tiny_dir, [(0, 3), (3, 6)], 2)}[shape]()
         runners = await start_all(configs, tmp_path)
         try:
             got = await generate(runners[0], prompts)
@@ -90,6 +100,9 @@ def test_drafted_multi_process_decoding_matches_one_plain_process(
             for r in runners:
                 await r.stop()
         assert stats["verify_steps_total"] > 0
+        if "streams" in shape:
+            assert stats["verify_microbatches_total"] > 0
+            assert stats["microbatches_in_flight_max"] == 2
         for rid, (ids, lps) in expected.items():
             assert got[rid][0] == ids, rid
             assert max(abs(a - b) for a, b in zip(got[rid][1], lps, strict=True)) < 1e-4

@@ -14,6 +14,7 @@ from agent import sysinfo
 from agent.cluster.assignment import Assignment
 from agent.cluster.membership import PeerView
 from agent.cluster.state import NodeProfile
+from agent.serving.balance import ReplicaLoad
 from agent.serving.pool import RunnerState
 from agent.serving.router import Router
 from agent.spec import ClusterSpec, spec_hash
@@ -64,7 +65,8 @@ def status_report(*, node_id: str, cluster: str, leader: str | None, assignment:
 
 def replica_report(assignment: Assignment, router: Router | None) -> dict[str, Any]:
     """Per-replica load (measured here or reported by the head's node), this node's last
-    routing decisions, and the scale-on-load changes with their reasons."""
+    routing decisions, the scale-on-load changes with their reasons, and each model's
+    speculative decoding figures (`speculation_report`)."""
     loads = router.all_loads() if router is not None else {}
     draining = set(assignment.draining)
     replicas: dict[str, list[dict[str, Any]]] = {}
@@ -79,7 +81,30 @@ def replica_report(assignment: Assignment, router: Router | None) -> dict[str, A
         "routing": [d.__dict__ for d in router.decisions] if router is not None else [],
         "scaling": {"replicas": dict(assignment.scaled), "draining": sorted(draining),
                     "events": [e.model_dump(mode="json") for e in assignment.scale_events]},
+        "speculation": speculation_report(assignment, loads),
     }
+
+
+def speculation_report(assignment: Assignment, loads: dict[str, ReplicaLoad]
+                       ) -> dict[str, dict[str, float]]:
+    """Per model, over its replicas whose load is known (measured here or reported): tokens
+    drafted, drafted tokens kept, verification passes that carried a draft, the acceptance
+    rate (kept / drafted) and the mean kept per such pass. Totals since each replica's runner
+    started, so a restarted replica counts from zero again."""
+    out: dict[str, dict[str, float]] = {}
+    for p in sorted(assignment.placements, key=lambda p: p.instance_id):
+        load = loads.get(p.instance_id)
+        row = out.setdefault(p.model, {"drafted_tokens": 0, "accepted_tokens": 0,
+                                       "draft_passes": 0})
+        if load is not None:
+            row["drafted_tokens"] += load.drafted_tokens
+            row["accepted_tokens"] += load.accepted_draft_tokens
+            row["draft_passes"] += load.draft_passes
+    for row in out.values():
+        drafted, kept, passes = row["drafted_tokens"], row["accepted_tokens"], row["draft_passes"]
+        row["acceptance_rate"] = kept / drafted if drafted else 0.0
+        row["accepted_per_pass"] = kept / passes if passes else 0.0
+    return out
 
 
 class ClusterMetrics:

@@ -34,7 +34,7 @@ from agent.runtime.model import Decoder
 from agent.runtime.rowstep import RowsDecode
 from agent.runtime.seam import DecodeWork, PrefillWork, Work
 from agent.runtime.step import make_decode_fn, make_project_fn, prefill
-from agent.runtime.verify import make_verify_fn
+from agent.runtime.verify import RowsVerify, make_verify_fn
 from agent.runtime.vocab_split import (
     decoder_bytes,
     describe,
@@ -73,6 +73,7 @@ class LocalCompute:
         self.rows_fn = RowsDecode(decoder, compiled=compiled, quant=self.quant)
         self._done: deque[tuple[Work, mx.array | None]] = deque()
         self.verify_fn = make_verify_fn(decoder, compiled=compiled, quant=self.quant)
+        self.rows_verify = RowsVerify(decoder, compiled=compiled, quant=self.quant)
 
     def prefill(self, row: int, start: int, tokens: list[int]) -> mx.array:
         """Logits (1, vocab) of the last token; writes the row's KV."""
@@ -102,6 +103,9 @@ class LocalCompute:
             logits = self._local_prefill(work.row, work.start, work.tokens)
             self._done.append((work, logits if work.logits else None))
             return
+        if work.width > 1:  # a verify micro-batch (ring.py)
+            self._done.append((work, self._verify_rows(work)))
+            return
         out = self._step(mx.array(work.flat_tokens()), mx.array(work.positions),
                          first_row=work.first_row)
         self._done.append((work, out))
@@ -117,6 +121,14 @@ class LocalCompute:
         """Logits (rows, width, vocab) for `width` tokens a row at positions starts[r] + i
         (speculative verification, `verify.py`); writes their KV."""
         return self.kv.step_in_place(self.verify_fn, mx.array(tokens), mx.array(starts))
+
+    def _verify_rows(self, work: DecodeWork) -> mx.array:
+        """This process's share of a verify micro-batch: `work.width` tokens a row of the rows
+        [first_row, first_row + rows), the whole-batch verify step when that is every row."""
+        tokens, starts = mx.array(work.tokens), mx.array(work.positions)
+        if work.first_row == 0 and work.rows == self.kv.rows:
+            return self.kv.step_in_place(self.verify_fn, tokens, starts)
+        return self.kv.step_in_place(self.rows_verify(work.first_row), tokens, starts)
 
     def close(self) -> None:
         pass
@@ -159,6 +171,8 @@ class HeadCompute(LocalCompute):
             self.project_fn = make_project_fn(decoder, compiled=compiled)
             self.verify_fn = make_verify_fn(decoder, compiled=compiled, embed=True,
                                             project=False, quant=self.quant)
+            self.rows_verify = RowsVerify(decoder, compiled=compiled, embed=True, project=False,
+                                          quant=self.quant)
             self.ring_stages = self._count_stages()
         self.stages = self.ring_stages if microbatch else 1
 
@@ -237,6 +251,9 @@ class HeadCompute(LocalCompute):
                                              stages=self.ring_stages), h)
             self._pending.append(work)
             return
+        if work.width > 1:
+            self._submit_verify(work, ops)
+            return
         tokens = work.flat_tokens()
         self._tell_peers(StepMessage(op="decode", kv_ops=ops, tokens=tokens,
                                      positions=work.positions, first_row=work.first_row))
@@ -268,6 +285,8 @@ class HeadCompute(LocalCompute):
             if not work.logits:
                 return work, None
             logits = self.project_fn(back[0, -1:])
+        elif work.width > 1:  # a verify micro-batch: logits at every position (rows, width, vocab)
+            logits = self.project_fn(back)
         elif message.vocab_from:  # the last stage projected the upper vocabulary rows
             logits = self.join_fn(back)
         else:
@@ -306,6 +325,26 @@ class HeadCompute(LocalCompute):
         assert back is not None
         self.follower_busy_s = message.busy_s
         return self.project_fn(as_stage_dtype(back, self.decoder.dtype))
+
+    def _submit_verify(self, work: DecodeWork, ops: Journal) -> None:
+        """A verify micro-batch (rows carrying drafted tokens, ring.py) on its ordinary trip
+        round the ring: a "verify" message with its row range, like a decode step's."""
+        width = work.width
+        self._tell_peers(StepMessage(op="verify", kv_ops=ops,
+                                     tokens=[t for row in work.tokens for t in row],
+                                     positions=work.positions, start=width,
+                                     first_row=work.first_row))
+        began = time.perf_counter()
+        out = self._verify_rows(work)
+        if self.downstream is None:
+            self._done.append((work, out))
+            return
+        mx.eval(out, self.kv.keys, self.kv.values)
+        self.busy_s += time.perf_counter() - began
+        self.downstream.send(StepMessage(op="verify", kv_ops=ops, positions=work.positions,
+                                         start=width, first_row=work.first_row,
+                                         stages=self.ring_stages), out)
+        self._pending.append(work)
 
     def close(self) -> None:
         links = [*self.tp_peers, *([self.downstream] if self.downstream else [])]

@@ -29,7 +29,7 @@ from agent.runtime.model import Decoder, Linear
 from agent.runtime.prefix import copy_rows
 from agent.runtime.rowstep import RowsDecode
 from agent.runtime.step import make_decode_fn, prefill
-from agent.runtime.verify import make_verify_fn
+from agent.runtime.verify import RowsVerify, make_verify_fn
 from agent.runtime.vocab_split import describe, project_rows, rows_of
 from agent.runtime.watchdog import Watchdog
 
@@ -53,6 +53,8 @@ class Follower:
                                   quant=self.quant)
         self.verify_fn = make_verify_fn(decoder, compiled=compiled, embed=embeds, project=False,
                                         quant=self.quant)
+        self.rows_verify = RowsVerify(decoder, compiled=compiled, embed=embeds, project=False,
+                                      quant=self.quant)
         self.saved: dict[int, tuple[list[mx.array], list[mx.array]]] = {}
         self.busy_s = 0.0  # seconds spent computing steps (and replaying their journal)
         self.tail: tuple[int, Linear] | None = None  # (first vocabulary row, those rows)
@@ -108,11 +110,17 @@ class Follower:
         if op == "verify":  # `start` carries the width: tokens a row (speculative decoding)
             if self.embeds:
                 h = h.reshape(len(positions), start)
-            out = self.kv.step_in_place(self.verify_fn, h, mx.array(positions))
-            mx.eval(out, self.kv.keys, self.kv.values)
-            return out
+            return self._verify(h, positions, first_row)
         every_row = first_row == 0 and len(positions) == self.kv.rows
         fn = self.decode_fn if every_row else self.rows_fn(first_row)
+        out = self.kv.step_in_place(fn, h, mx.array(positions))
+        mx.eval(out, self.kv.keys, self.kv.values)
+        return out
+
+    def _verify(self, h: mx.array, positions: list[int], first_row: int) -> mx.array:
+        """A verify step: every row (stop-and-wait) or a micro-batch's range (ring.py)."""
+        every_row = first_row == 0 and len(positions) == self.kv.rows
+        fn = self.verify_fn if every_row else self.rows_verify(first_row)
         out = self.kv.step_in_place(fn, h, mx.array(positions))
         mx.eval(out, self.kv.keys, self.kv.values)
         return out

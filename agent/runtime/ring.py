@@ -16,8 +16,18 @@ the head's whatever compaction or growth happens while steps are in flight. Resu
 matched to sequences by identity, not row, because rows may be regrouped meanwhile.
 
 One decoding sequence (or micro-batching off) is one step of every row in flight at a time:
-the same step, in the same order, as the synchronous path. With fewer streams than stages a
-step whose rows carry prompt-lookup drafts goes round alone as one verify step (`_speculate`).
+the same step, in the same order, as the synchronous path.
+
+Drafted tokens (speculative decoding) ride the micro-batches' ordinary trips: a micro-batch
+whose rows have drafts goes round as a verify micro-batch (`width` tokens a row: the pending
+token and its draft, padded; rows without a draft feed their pending token alone), and the head
+applies the acceptance rule when its logits come back. Until then its rows' lengths are held
+at the most the step can keep (start + width), so compaction, growth and other micro-batches'
+harmless writes treat every position it writes as taken; on its return each row's length drops
+to what it kept. The positions past that hold stale KV on every stage, harmless as ever: a
+row's length says where its next token is written, and no query sees a position before that
+token's step has rewritten it. With one stream (`SOLO_VERIFY`) its verify step goes round alone,
+stop-and-wait, as the synchronous round's does (`_speculate`).
 """
 
 from __future__ import annotations
@@ -25,15 +35,21 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from agent.runtime.pacing import moving_average, prefill_slice
 from agent.runtime.seam import DecodeWork, PipelinedCompute, PrefillWork, Work
 from agent.runtime.sequences import SchedulerView, Sequence
+from agent.runtime.verify import step_width
 
 # A lone long prompt is cut into about this many slices per stage (so the ring fills and
 # drains in a small part of its prefill), none shorter than PIPELINE_MIN_SLICE tokens.
 SLICES_PER_STAGE = 6
 PIPELINE_MIN_SLICE = 128
+# One stream with drafts: its verify step goes round alone, stop-and-wait (`_speculate`), rather
+# than as a one-row verify micro-batch. The same work either way; on a 3-stage SmolLM2 pipeline
+# (3 interleaved rounds, a busy machine) the two measured within noise of each other.
+SOLO_VERIFY = True
 
 
 def pipelined_slice(prompt_tokens: int, stages: int, most: int) -> int:
@@ -59,6 +75,10 @@ class Flight:
     work: Work
     members: list[tuple[Sequence, int]]
     started: float
+    # A verify micro-batch: each member's drafted tokens (request id -> draft, those that have
+    # one) and its first position (its length before the step).
+    drafts: dict[str, list[int]] | None = None
+    starts: dict[str, int] | None = None
 
 
 class Ring:
@@ -70,6 +90,7 @@ class Ring:
         self.last_collect: float | None = None
         self.overlapped_steps_total = 0  # steps submitted while another was in flight
         self.in_flight_max = 0
+        self.verify_microbatches_total = 0  # micro-batches that carried drafts round the ring
 
     @property
     def stages(self) -> int:
@@ -77,6 +98,7 @@ class Ring:
 
     def step(self) -> None:
         sched = self.sched
+        self._release_cancelled()
         sched._drop_cancelled()
         sched._admit()
         if not sched.running:
@@ -91,15 +113,25 @@ class Ring:
             self._collect()
         sched._compact()
 
+    def _release_cancelled(self) -> None:
+        """A cancelled sequence with a verify micro-batch in flight finishes now: its length
+        drops from the held maximum to what is certainly in the cache (its pending token), so
+        what it leaves behind (the prefix cache's copy) matches its tokens."""
+        for flight in self.flights:
+            if flight.starts is None:
+                continue
+            for seq, _ in flight.members:
+                if seq.request.id in self.sched.cancelled:
+                    seq.length = flight.starts[seq.request.id] + 1
+
     def _speculate(self) -> bool:
-        """Fewer streams than stages (one alone, most often): micro-batches have nothing to
-        overlap, so drafted tokens pay instead. The verify step of every decoding row goes
-        round alone (the ring is empty); False when no row has a draft."""
+        """One stream alone (`SOLO_VERIFY`): there is nothing to overlap, and its verify step
+        goes round alone (the ring is empty); False when it has no draft."""
         sched = self.sched
-        if any(s.in_prefill for s in sched.running.values()):
+        if not SOLO_VERIFY or any(s.in_prefill for s in sched.running.values()):
             return False
         decoding = [s for s in sched.running.values() if s.next_token is not None]
-        if not decoding or len(decoding) >= self.stages:
+        if len(decoding) != 1:
             return False
         started = time.perf_counter()
         if not sched.speculator.try_verify(decoding):
@@ -164,13 +196,18 @@ class Ring:
             rows = split_rows(list(ready), len(decoding), self.stages)
             first, stop = rows[0], rows[-1] + 1
             members = [ready[row] for row in rows]
+        drafts = self._drafts(members)
+        width = step_width(1 + max(len(d) for d in drafts.values())) if drafts else 1
+        if width > 1:
+            kv.ensure_capacity(max(s.length for s in sched.running.values()) + width)
         positions = [0] * (stop - first)
-        tokens = [[0] for _ in positions]
+        tokens = [[0] * width for _ in positions]
         for seq in sched.running.values():
             if first <= seq.row < stop:
                 positions[seq.row - first] = seq.length
         for seq in members:
-            tokens[seq.row - first] = [seq.next_token]  # type: ignore[list-item]
+            row = [seq.next_token, *drafts.get(seq.request.id, [])]
+            tokens[seq.row - first][:len(row)] = row  # type: ignore[assignment]
         work = DecodeWork(first, tokens, positions)
         sched.compute.will_decode([s.row for s in members])
         began = time.perf_counter()
@@ -182,13 +219,35 @@ class Ring:
             share = (time.perf_counter() - began) * len(decoding) / len(members)
             sched.decode_step_s = moving_average(sched.decode_step_s, share)
         offsets = [(s, s.row - first) for s in members]
+        starts = {s.request.id: s.length for s in members}
         for seq in members:
-            seq.length += 1
+            # Its one token; for a verify step the most it can keep, held until it is back.
+            seq.length += width
         sched.stats.decode_rows_max = max(sched.stats.decode_rows_max, len(members))
+        if width > 1:
+            self.verify_microbatches_total += 1
+            return self._fly(work, offsets, drafts, starts)
         return self._fly(work, offsets)
 
-    def _fly(self, work: Work, members: list[tuple[Sequence, int]]) -> Flight:
-        flight = Flight(work, members, time.perf_counter())
+    def _drafts(self, members: list[Sequence]) -> dict[str, list[int]]:
+        """The members' drafts for this micro-batch; none when the widest step would not fit
+        the cache's budget."""
+        sched = self.sched
+        drafts: dict[str, list[int]] = sched.speculator.drafts_for(members)
+        if not drafts:
+            return drafts
+        width = step_width(1 + max(len(d) for d in drafts.values()))
+        kv = sched.kv
+        limit = kv.capacity_limit(kv.rows)
+        longest = max(s.length for s in sched.running.values())
+        if limit is not None and longest + width > limit:
+            return {}
+        return drafts
+
+    def _fly(self, work: Work, members: list[tuple[Sequence, int]],
+             drafts: dict[str, list[int]] | None = None,
+             starts: dict[str, int] | None = None) -> Flight:
+        flight = Flight(work, members, time.perf_counter(), drafts, starts)
         self.flights.append(flight)
         for seq, _ in members:
             self.busy[seq.request.id] = self.busy.get(seq.request.id, 0) + 1
@@ -217,13 +276,26 @@ class Ring:
                 self.last_collect, flight.started)
             sched.stats.decode_steps_total += 1
             sched.stats.decode_seconds_total += now - since
-            if live:
+            if live and flight.starts is not None:
+                self._take_verified(flight, live, logits)
+            elif live:
                 sched._sample_and_emit([s for s, _ in live], logits,  # type: ignore[arg-type]
                                        rows_of=[offset for _, offset in live])
         self.last_collect = now if self.flights else None
+
+    def _take_verified(self, flight: Flight, live: list[tuple[Sequence, int]],
+                       logits: Any) -> None:
+        """A verify micro-batch is back: each row's length returns to its first position and
+        the acceptance rule emits what it keeps (which sets the length it ends at)."""
+        assert flight.starts is not None and flight.drafts is not None
+        for seq, _ in live:
+            seq.length = flight.starts[seq.request.id]
+        self.sched.speculator.take_verified([s for s, _ in live], flight.drafts, logits,
+                                            rows_of=[offset for _, offset in live])
 
     def snapshot(self) -> dict[str, float]:
         return {"pipeline_stages": float(self.stages),
                 "microbatches_in_flight": float(len(self.flights)),
                 "microbatches_in_flight_max": float(self.in_flight_max),
-                "overlapped_steps_total": float(self.overlapped_steps_total)}
+                "overlapped_steps_total": float(self.overlapped_steps_total),
+                "verify_microbatches_total": float(self.verify_microbatches_total)}

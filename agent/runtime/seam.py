@@ -52,8 +52,8 @@ class DecodeWork:
     """One decode step of a micro-batch: the KV rows [first_row, first_row + len(positions)).
 
     Indexed by row within the range: `tokens[i]` are the tokens row `first_row + i` feeds this
-    step (one token a row today; a step that verifies drafted tokens would feed several, so the
-    shape already allows it) and `positions[i]` the cache position of its first token. Rows of
+    step (one token a row; a verify micro-batch feeds `width` a row: the pending token, then its
+    drafted tokens, padded) and `positions[i]` the cache position of its first token. Rows of
     the range that are not decoding (free, in prefill, or in another micro-batch in flight) feed
     token 0 at their next free position: a harmless write that their own next step overwrites.
     """
@@ -66,8 +66,13 @@ class DecodeWork:
     def rows(self) -> int:
         return len(self.positions)
 
+    @property
+    def width(self) -> int:
+        """Tokens a row: 1 for a decode step, more for a verify step (every row alike)."""
+        return len(self.tokens[0]) if self.tokens else 1
+
     def flat_tokens(self) -> list[int]:
-        assert all(len(t) == 1 for t in self.tokens), "one token a row (multi-token: not yet)"
+        assert all(len(t) == 1 for t in self.tokens), "one token a row (a verify step: width)"
         return [t[0] for t in self.tokens]
 
 

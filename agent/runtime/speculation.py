@@ -127,22 +127,39 @@ class Speculator:
         self.stats.verify_steps += 1
         return True
 
+    # ---- a pipeline's verify micro-batches (ring.py) --------------------------------------
+    def drafts_for(self, seqs: list[Sequence]) -> dict[str, list[int]]:
+        """The drafts of those of `seqs` that have one (request id -> tokens) for a step that
+        the caller builds itself; empty when this engine cannot verify or the batch is too
+        wide for drafts to pay."""
+        if not self.supported or self.scheduler.kv.rows > MAX_VERIFY_ROWS:
+            return {}
+        return {s.request.id: d for s in seqs if (d := self._draft(s))}
+
+    def take_verified(self, seqs: list[Sequence], plan: dict[str, list[int]], logits: mx.array,
+                      rows_of: list[int]) -> None:
+        """A verification step's outcome for `seqs` (each's length at the step's first
+        position), whose logits are rows `rows_of` of `logits` (rows, width, vocab)."""
+        self._take(seqs, plan, logits, rows_of)
+        self.stats.verify_steps += 1
+
     # ---- what each row keeps ------------------------------------------------------------
-    def _take(self, decoding: list[Sequence], plan: dict[str, list[int]], logits: mx.array
-              ) -> None:
+    def _take(self, decoding: list[Sequence], plan: dict[str, list[int]], logits: mx.array,
+              rows_of: list[int] | None = None) -> None:
         sched = self.scheduler
         argmax = mx.argmax(logits, axis=-1)
         mx.eval(argmax, sched.kv.keys, sched.kv.values)
         ids = argmax.tolist()
-        for seq in decoding:
+        for i, seq in enumerate(decoding):
+            row = seq.row if rows_of is None else rows_of[i]
             drafts = plan.get(seq.request.id, [])
             start = seq.length
             if not seq.sampler.needs_logits:
-                kept = greedy_kept(ids[seq.row], drafts)
-                picks = [(t, None) for t in drafts[:kept]] + [(ids[seq.row][kept], None)]
+                kept = greedy_kept(ids[row], drafts)
+                picks = [(t, None) for t in drafts[:kept]] + [(ids[row][kept], None)]
                 self._emit(seq, start, picks)
             else:
-                kept = self._emit_sampled(seq, start, drafts, logits[seq.row])
+                kept = self._emit_sampled(seq, start, drafts, logits[row])
             if drafts:
                 self.stats.draft_passes += 1
                 self.stats.drafted_tokens += len(drafts)

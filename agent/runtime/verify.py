@@ -8,6 +8,11 @@ past what a row keeps (rejected drafts, padding) hold stale KV that nobody reads
 length says where its next token goes, and that step overwrites them. One pure function of
 arrays, compiled per shape like `step.decode_step`, and shared by the head, its tensor peers
 and pipeline stages.
+
+A pipeline's micro-batch (a range of KV rows, `rowstep.py`) verifies its drafts on its ordinary
+trip round the ring (`ring.py`): `RowsVerify` is the same step over rows [first, first + n) of a
+cache that holds more rows, writing into the whole cache in place and attending over the
+range's rows only, as the row-range decode step does.
 """
 
 from __future__ import annotations
@@ -69,10 +74,13 @@ def verify_step(
     embed: bool,
     project: bool,
     quant: KvQuant | None = None,
+    first: int | None = None,
 ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
     """`inputs`: token ids (rows, width) when `embed`, else hidden states (rows, width, hidden);
     `starts` (rows,): each row's first position. Returns logits (rows, width, vocab) when
-    `project`, else hidden states, and the updated KV arrays (as `step.decode_step`)."""
+    `project`, else hidden states, and the updated KV arrays (as `step.decode_step`).
+    `first`: the inputs are rows [first, first + rows) of caches holding more rows (a
+    micro-batch); None: one input row per cache row."""
     h = embed_tokens(dec, inputs) if embed else inputs
     rows, width = h.shape[0], h.shape[1]
     capacity = keys[0].shape[2]
@@ -90,14 +98,26 @@ def verify_step(
     wheres = {a.shape[3]: mx.broadcast_to(positions[:, None, :, None],
                                           (rows, kv_heads, width, a.shape[3]))
               for a in keys[:parts]}
+    # A micro-batch's entries go straight into the whole cache: (row, head, position) each.
+    at = None if first is None else (
+        (mx.arange(rows) + first)[:, None, None], mx.arange(kv_heads)[None, :, None],
+        positions[:, None, :])
     angles = _rope_angles(dec, positions)
     new_keys, new_values = [], []
     for i, layer in enumerate(dec.layers):
         k_cache, v_cache = keys[i * parts:(i + 1) * parts], values[i * parts:(i + 1) * parts]
         q, k_new, v_new = new_layer_kv(dec, layer, h, angles, starts, quant)
-        k_cache, v_cache = write_layer_kv(k_cache, v_cache, wheres, k_new, v_new)
-        new_keys.extend(k_cache)
-        new_values.extend(v_cache)
+        if at is None:
+            k_cache, v_cache = write_layer_kv(k_cache, v_cache, wheres, k_new, v_new)
+            new_keys.extend(k_cache)
+            new_values.extend(v_cache)
+        else:
+            k_cache = [_write_rows(c, at, n) for c, n in zip(k_cache, k_new, strict=True)]
+            v_cache = [_write_rows(c, at, n) for c, n in zip(v_cache, v_new, strict=True)]
+            new_keys.extend(k_cache)
+            new_values.extend(v_cache)
+            k_cache = [c[first:first + rows] for c in k_cache]
+            v_cache = [c[first:first + rows] for c in v_cache]
         # q (rows, heads, width, hd) with heads = kv_heads * group: one matmul per KV head.
         qg = q.reshape(rows, kv_heads, group_size * width, hd) * scale
         attn = cached_attention(qg, k_cache, v_cache, mask, quant)
@@ -107,6 +127,13 @@ def verify_step(
         h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))
     out = project_logits(dec, h) if project else h
     return out, new_keys, new_values
+
+
+def _write_rows(cache: mx.array, at: tuple[mx.array, mx.array, mx.array], new: mx.array
+                ) -> mx.array:
+    """`new` (rows, kv_heads, width, dim) into `cache` at each (row, head, position)."""
+    cache[at] = new
+    return cache
 
 
 def make_verify_fn(dec: Decoder, *, compiled: bool, embed: bool | None = None,
@@ -124,3 +151,35 @@ def make_verify_fn(dec: Decoder, *, compiled: bool, embed: bool | None = None,
         return (out, *keys, *values)
 
     return mx.compile(step) if compiled else step
+
+
+class RowsVerify:
+    """Verify-step functions over a row range, one compiled function per first row (and shape):
+    a verify micro-batch. A step over every row should use `make_verify_fn`'s."""
+
+    def __init__(self, dec: Decoder, *, compiled: bool, embed: bool | None = None,
+                 project: bool | None = None, quant: KvQuant | None = None) -> None:
+        self.dec = dec
+        self.embed = dec.embeds if embed is None else embed
+        self.project = dec.projects if project is None else project
+        self.quant = quant
+        self.compiled = compiled
+        self.fns: dict[int, Callable[..., Any]] = {}
+
+    def __call__(self, first: int) -> Callable[..., Any]:
+        fn = self.fns.get(first)
+        if fn is None:
+            fn = self.fns[first] = self._build(first)
+        return fn
+
+    def _build(self, first: int) -> Callable[..., Any]:
+        dec, embed, project, quant = self.dec, self.embed, self.project, self.quant
+
+        def step(inputs: mx.array, starts: mx.array, *kv: mx.array) -> tuple[mx.array, ...]:
+            half = len(kv) // 2
+            out, keys, values = verify_step(dec, inputs, starts, list(kv[:half]),
+                                            list(kv[half:]), embed=embed, project=project,
+                                            quant=quant, first=first)
+            return (out, *keys, *values)
+
+        return mx.compile(step) if self.compiled else step

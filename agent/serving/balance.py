@@ -59,6 +59,11 @@ class ReplicaLoad(msgspec.Struct, frozen=True, kw_only=True):
     queue_wait_s: float = 0.0  # how long its oldest waiting request has waited for a slot
     idle_s: float = 0.0  # since a request last started on it (or since it came up)
     requests_total: int = 0  # requests started on it since it came up
+    # Speculative decoding on it since its runner started (runner stats): tokens drafted, the
+    # drafted tokens verification kept, and verification passes that carried a draft.
+    drafted_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    draft_passes: int = 0
     age_s: float = 0.0  # how old the measurement was when it was sent
 
 
@@ -257,4 +262,7 @@ def measured_load(instance_id: str, node_id: str, stats: Mapping[str, float], ma
         kv_free_bytes=max(0.0, capacity - reserved), kv_capacity_bytes=capacity,
         # Only requests the runner says are queued wait for a slot; the rest are prefilling.
         queue_wait_s=serving.oldest_waiting_s(instance_id, now) if queued else 0.0,
-        idle_s=serving.idle_s(instance_id, now), requests_total=serving.started(instance_id))
+        idle_s=serving.idle_s(instance_id, now), requests_total=serving.started(instance_id),
+        drafted_tokens=int(stats.get("drafted_tokens_total", 0.0)),
+        accepted_draft_tokens=int(stats.get("accepted_draft_tokens_total", 0.0)),
+        draft_passes=int(stats.get("draft_passes_total", 0.0)))
