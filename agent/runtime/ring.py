@@ -43,9 +43,9 @@ from agent.runtime.sequences import SchedulerView, Sequence
 from agent.runtime.verify import step_width
 
 # A lone long prompt is cut into about this many slices per stage (so the ring fills and
-# drains in a small part of its prefill), none shorter than PIPELINE_MIN_SLICE tokens. Estimated
-# from per-stage CPU times, six slices a stage give 0.705x one node for a 2,000-token prompt on 2 stages (per-stage CPU time), four
-# 0.603x: each slice pays a fixed cost per hop that the fill and drain time does not outweigh.
+# drains in a small part of its prefill), none shorter than PIPELINE_MIN_SLICE tokens. From
+# per-stage CPU times, a 2,000-token prompt on 2 stages is estimated at 0.705x one node with six
+# slices a stage and 0.603x with four: each slice pays a fixed cost per hop.
 SLICES_PER_STAGE = 4
 PIPELINE_MIN_SLICE = 128
 # One stream with drafts: its verify step goes round alone, stop-and-wait (`_speculate`), rather
