@@ -116,9 +116,16 @@ def smollm2_agent(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    users = [item.nodeid for item in items
-             if SHARED_AGENT_FIXTURE in getattr(item, "fixturenames", ())]
-    _last_user[:] = users[-1:]
+    # The shared agent's users run one after another, from where the first one was collected
+    # (their modules keep their order): the agent is up for those modules only, not for every
+    # module alphabetically between test_api_e2e and test_tools_e2e.
+    users = [item for item in items if SHARED_AGENT_FIXTURE in getattr(item, "fixturenames", ())]
+    if users:
+        first = items.index(users[0])
+        others = [item for item in items
+                  if SHARED_AGENT_FIXTURE not in getattr(item, "fixturenames", ())]
+        items[:] = others[:first] + users + others[first:]
+    _last_user[:] = [users[-1].nodeid] if users else []
 
 
 @pytest.hookimpl(trylast=True)
