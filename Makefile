@@ -38,7 +38,7 @@ browser:
 	  || echo "browser tests will skip: apt-get install chromium chromium-driver failed"; fi
 
 test: native browser
-	$(PY) -m pytest -q tests; code=$$?; if [ $$code -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$code
+	$(PY) -m pytest -q --durations=30 tests; code=$$?; if [ $$code -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$code
 
 test-fast: native
 	$(PY) -m pytest -q -m "not slow and not netns" tests

@@ -34,7 +34,14 @@ from typing import Any, TypeVar
 
 import httpx
 
-from tests.live_agent import free_port, runner_pids, spawn, stop_process, wait_until
+from tests.live_agent import (
+    free_port,
+    runner_pids,
+    seed_probe_cache,
+    spawn,
+    stop_process,
+    wait_until,
+)
 from tests.live_agent import metric_total as metric_total  # re-exported for the tests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -422,6 +429,7 @@ class LoopbackCluster(ClusterBase):
               extra: list[str] | None = None) -> Agent:
         state = self.root / name
         state.mkdir(parents=True, exist_ok=True)
+        seed_probe_cache(state)
         port = free_port()
         data_port = free_port_range(32)
         command = self._command(name, port, state, host="127.0.0.1", discovery="127.0.0.1/8",
@@ -447,6 +455,7 @@ class NetnsCluster(ClusterBase):
         name = name or f"node{index}"
         state = self.root / name
         state.mkdir(parents=True, exist_ok=True)
+        seed_probe_cache(state)
         command = self._command(name, self.port, state, host="0.0.0.0", discovery=self.lab.cidr,
                                 data_port=52500, model=model, cluster_file=cluster_file,
                                 extra=extra or [])

@@ -178,6 +178,50 @@ def _descends_from(pid: int, ancestor: int) -> bool:
     return False
 
 
+# ---- the compute probe, measured once per test session --------------------------------------
+
+# Set (by tests/conftest.py) to a file path: agents the helpers start get a copy of the compute
+# probe's cache (measured once, into that file, on first use) in their new state directory, so
+# each agent start skips its ~1.5 s probe subprocess (MLX import and six timed windows) and
+# every node of a test cluster reports the same, real speed. Benches leave it unset: their
+# agents measure as a user's would. The probe and its cache are tested on their own
+# (tests/test_speed_placement.py).
+PROBE_CACHE_ENV = "TESTS_FLOCK_PROBE_CACHE"  # not FLOCK_: agents read those as settings
+PROBE_CACHE_FILE = "compute_probe.json"  # agent.cluster.compute_probe.CACHE_FILE
+_PROBE_SCRIPT = ("import asyncio, sys; from pathlib import Path;"
+                 "from agent.cluster.compute_probe import measure_speed;"
+                 "from agent.settings import NodeSettings;"
+                 "asyncio.run(measure_speed(NodeSettings(state_dir=Path(sys.argv[1]))))")
+
+
+def seed_probe_cache(state_dir: Path) -> None:
+    """Copy the session's compute probe cache into `state_dir` (when PROBE_CACHE_ENV is set and
+    the directory has none), measuring it first if no agent has yet. The cache is keyed by the
+    conditions the speed depends on (BLAS, cores, quota ...): an agent whose conditions differ
+    still probes."""
+    template = os.environ.get(PROBE_CACHE_ENV)
+    target = state_dir / PROBE_CACHE_FILE
+    if not template or target.exists():
+        return
+    source = Path(template)
+    with _lock:
+        if not source.exists():
+            source.parent.mkdir(parents=True, exist_ok=True)
+            # In a subprocess, as an agent measures: with the environment agents inherit (one
+            # BLAS thread), the agent package of this checkout, and no state of the user's.
+            probe_env = {**os.environ, "FLOCK_STATE_DIR": str(source.parent)}
+            probe_env["PYTHONPATH"] = str(ROOT)
+            subprocess.run([sys.executable, "-c", _PROBE_SCRIPT, str(source.parent)],
+                           env=probe_env, cwd=ROOT, check=False, timeout=120,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            written = source.parent / PROBE_CACHE_FILE
+            if written != source and written.exists():
+                written.replace(source)
+        if source.exists():
+            state_dir.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+
+
 # ---- ports and /proc -------------------------------------------------------------------------
 
 
@@ -348,6 +392,7 @@ def start_agent(
     directory; `cwd` is the checkout whose `agent` package runs (default: this one). Later
     `args` override the defaults given here (e.g. `--log-level warning`)."""
     state_dir.mkdir(parents=True, exist_ok=True)
+    seed_probe_cache(state_dir)
     port = port or free_port()
     argv = [*prefix, sys.executable, "-m", "agent", "run", "--host", host, "--port", str(port),
             "--state-dir", str(state_dir),

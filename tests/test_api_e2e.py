@@ -3,7 +3,6 @@ one question through the official openai, anthropic and ollama clients, streamin
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import anthropic
 import ollama
 import openai
 import pytest
-from live_agent import running_agent
+from live_agent import LiveAgent
 
 pytestmark = pytest.mark.slow
 
@@ -26,10 +25,10 @@ class Node:
 
 
 @pytest.fixture(scope="module")
-def node(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    state = tmp_path_factory.mktemp("node")
-    with running_agent(state, model=str(smollm2_dir), args=["--log-level", "warning"]) as agent:
-        yield Node(agent.url, str(smollm2_dir))
+def node(smollm2_agent: LiveAgent, smollm2_dir: Path) -> Node:
+    """The session's shared SmolLM2 agent (tests/conftest.py): this module, the structured
+    output and the tools modules only ask it questions, so they share one start."""
+    return Node(smollm2_agent.url, str(smollm2_dir))
 
 
 def test_openai_client_answers_paris(node: Node) -> None:

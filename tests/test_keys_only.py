@@ -40,6 +40,7 @@ from agent.cluster.peers import signed_headers
 from agent.cluster.state import NodeProfile
 from agent.generation import GenerationRequest, SamplingParams
 from agent.models.store import ModelStore
+from tests.live_agent import seed_probe_cache
 from tests.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -84,6 +85,7 @@ def _start(lab: Lab, name: str, keys: list[str], models: Path) -> Node:
     port = _free_port()
     state = lab.root / name
     state.mkdir()
+    seed_probe_cache(state)
     log = state / "agent.log"
     args = [arg for key in keys for arg in ("--api-key", key)]
     with log.open("wb") as out:

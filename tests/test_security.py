@@ -238,49 +238,56 @@ def test_admin_calls_need_the_secret(secured: tuple[LiveAgent, str, str]) -> Non
             assert replay.status_code == 401, (method, path, replay.text)
 
 
-@pytest.mark.parametrize("rogue_secret", [secrets.token_urlsafe(32), None],
-                         ids=["wrong-secret", "no-secret"])
-def test_a_rogue_agent_with_the_wrong_secret_stays_out(
-        secured: tuple[LiveAgent, str, str], tmp_path: Path, rogue_secret: str | None) -> None:
+def test_rogue_agents_with_a_wrong_secret_or_none_stay_out(
+        secured: tuple[LiveAgent, str, str], tmp_path: Path) -> None:
+    """Two rogues of the cluster's name, one with a wrong secret and one with none, watched
+    together (one watch and one friend serve both: the claim is about each rogue alone)."""
     agent, name, secret = secured
     real_id = _own_id(agent)
-    rogue = start_agent(tmp_path / "rogue", model=None,
-                        args=["--cluster", str(_spec(tmp_path / "rogue.toml", name, rogue_secret))])
-    # A friend with the right secret, started beside it: discovery works here, so the rogue's
+    rogue_secrets = {"wrong-secret": secrets.token_urlsafe(32), "no-secret": None}
+    rogues = {label: start_agent(tmp_path / label, model=None, args=[
+        "--cluster", str(_spec(tmp_path / f"{label}.toml", name, rogue_secret))])
+        for label, rogue_secret in rogue_secrets.items()}
+    # A friend with the right secret, started beside them: discovery works here, so the rogues'
     # absence means something.
     friend = start_agent(tmp_path / "friend", model=None,
                          args=["--cluster", str(_spec(tmp_path / "friend.toml", name, secret))])
     try:
-        rogue_id, friend_id = _own_id(rogue), _own_id(friend)
+        rogue_ids = {label: _own_id(rogue) for label, rogue in rogues.items()}
+        friend_id = _own_id(friend)
         started, friend_seen = time.monotonic(), False
         # Watch for 8 s at least (8 beacons of each), until the friend is in (30 s at most).
         while time.monotonic() - started < (8 if friend_seen else 30):
             seen = _node_ids(agent)
-            assert rogue_id not in seen, "the rogue agent joined the cluster"
-            assert real_id not in _node_ids(rogue), "the rogue agent sees the cluster"
+            for label, rogue in rogues.items():
+                assert rogue_ids[label] not in seen, f"the {label} rogue agent joined the cluster"
+                assert real_id not in _node_ids(rogue), f"the {label} rogue agent sees the cluster"
             friend_seen = friend_seen or friend_id in seen
             time.sleep(0.5)
         assert friend_seen, "a member with the right secret was never discovered"
-        assert rogue_id not in _node_ids(agent)
+        assert not set(rogue_ids.values()) & _node_ids(agent)
 
-        # The rogue's signed calls (its own secret) are refused.
+        # The rogues' signed calls (each with its own secret) are refused.
         model = str(agent.model)
         with httpx.Client(base_url=agent.url, timeout=60) as client:
-            for path, body in [("/cluster/assignment", b'{"placements": []}'),
-                               ("/cluster/generate", _generation(model))]:
-                headers = signed_headers(rogue_secret, rogue_id, "POST", path, body)
-                response = client.post(path, content=body, headers=headers)
-                assert response.status_code == 401, (path, response.text)
-            profile = client.get("/cluster/profile",
-                                 headers=signed_headers(rogue_secret, rogue_id, "GET",
-                                                        "/cluster/profile", b""))
-            assert profile.status_code == 401
+            for label, rogue_secret in rogue_secrets.items():
+                rogue_id = rogue_ids[label]
+                for path, body in [("/cluster/assignment", b'{"placements": []}'),
+                                   ("/cluster/generate", _generation(model))]:
+                    headers = signed_headers(rogue_secret, rogue_id, "POST", path, body)
+                    response = client.post(path, content=body, headers=headers)
+                    assert response.status_code == 401, (label, path, response.text)
+                profile = client.get("/cluster/profile",
+                                     headers=signed_headers(rogue_secret, rogue_id, "GET",
+                                                            "/cluster/profile", b""))
+                assert profile.status_code == 401, label
         # The real agent still serves its model, placed where it was.
         reply = httpx.post(f"{agent.url}/v1/chat/completions", timeout=60,
                            json={"model": model, "messages": USER, "max_tokens": 2})
         assert reply.status_code == 200, reply.text
     finally:
-        rogue.stop()
+        for rogue in rogues.values():
+            rogue.stop()
         friend.stop()
 
 

@@ -23,6 +23,7 @@ from agent.models.shards import (
     tensor_index,
 )
 from agent.models.store import ModelStore
+from tests.live_agent import seed_probe_cache
 from tests.tiny_models import make_tiny_model
 
 
@@ -81,6 +82,7 @@ def test_a_node_without_the_model_fetches_only_its_layers(tmp_path: Path) -> Non
         port = free_port()
         state = tmp_path / name
         state.mkdir()
+        seed_probe_cache(state)
         with (state / "agent.log").open("wb") as log:
             agents.append(subprocess.Popen(
                 [sys.executable, "-m", "agent", "run", "--host", "127.0.0.1", "--port", str(port),

@@ -239,7 +239,13 @@ class HeadCompute(LocalCompute):
             self._tell_peers(StepMessage(op="prefill", kv_ops=ops, row=row, start=start,
                                          tokens=tokens))
             if self.downstream is None:
-                super().submit(work)
+                # The tensor peers compute every layer of the chunk, collectives included, even
+                # when its logits are not wanted (a chunk before the prompt's last): so must
+                # rank 0, now, or the dropped lazy logits skip its last collectives and every
+                # later one pairs with the wrong step (wrong tokens once rows run together).
+                logits = self._local_prefill(row, start, tokens)
+                mx.eval(logits, self.kv.keys, self.kv.values)
+                self._done.append((work, logits if work.logits else None))
                 return
             began = time.perf_counter()
             h = prefill(self.decoder, mx.array(tokens), start, row, self.kv.keys,
