@@ -42,7 +42,12 @@ class TensorHeadCompute(MlxLmCompute):
     def prefill(self, row: int, start: int, tokens: list[int]) -> mx.array:
         self._tell(StepMessage(op="prefill", kv_ops=self._drain(), row=row, start=start,
                                tokens=tokens))
-        return super().prefill(row, start, tokens)
+        # Evaluated here, as the peers do: a chunk before the prompt's last has its logits
+        # dropped, and lazily that would skip its last layers' collectives on this rank only,
+        # so every later collective would pair with the wrong step.
+        logits = super().prefill(row, start, tokens)
+        mx.eval(logits, self.slots.keys)
+        return logits
 
     def decode(self, tokens: list[int] | mx.array, positions: list[int]) -> mx.array:
         assert not isinstance(tokens, mx.array), "a tensor head decodes known tokens"
