@@ -210,7 +210,7 @@ def test_smollm2_prefill_and_decode_equal_with_the_kernels_on_and_off(
     from agent.runtime.model import load_decoder
 
     dec = load_decoder(smollm2_dir, fuse=True)
-    assert st.fused_layers(dec, None) is True
+    assert st.fused_layers(dec) is True
     try:
         off = _greedy_run(dec, bits, on=False)
         on = _greedy_run(dec, bits, on=True)

@@ -193,8 +193,8 @@ def decode_step(
     (rows, 1, hidden). Returns logits (rows, vocab) when `project`, else hidden states, and the
     updated KV arrays (flat lists as `KvSlots` holds them; three arrays a layer when `quant`)."""
     h = embed_tokens(dec, inputs)[:, None, :] if embed else inputs
-    if fused_layers(dec, quant):
-        h, new_keys, new_values = _fused_decode_layers(dec, h, positions, keys, values)
+    if fused_layers(dec):
+        h, new_keys, new_values = _fused_decode_layers(dec, h, positions, keys, values, quant)
         return (project_logits(dec, h[:, 0, :]) if project else h), new_keys, new_values
     rows = h.shape[0]
     capacity = keys[0].shape[2]
@@ -223,11 +223,11 @@ def decode_step(
     return out, new_keys, new_values
 
 
-def fused_layers(dec: Decoder, quant: KvQuant | None) -> bool:
-    """Whether a layer's attention half runs as flockops kernels (norm + residual, rope + KV
-    write + attention): float32 weights and cache, one fused qkv projection, plain RoPE, no
-    q/k norms. Everything else keeps the op-by-op path."""
-    if quant is not None or not kernels.enabled() or not _plain_rope(dec):
+def fused_layers(dec: Decoder) -> bool:
+    """Whether a layer's small ops run as flockops kernels (norm + residual add, the qkv split +
+    rope): float32 weights, one fused qkv projection, plain RoPE, no q/k norms. Everything else
+    keeps the op-by-op path."""
+    if not kernels.enabled() or not _plain_rope(dec):
         return False
     return all(isinstance(layer.attn.qkv, FusedQKV) and layer.attn.q_norm is None
                and layer.attn.k_norm is None and layer.attn_norm.dtype == mx.float32
@@ -235,18 +235,21 @@ def fused_layers(dec: Decoder, quant: KvQuant | None) -> bool:
 
 
 def _fused_decode_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: list[mx.array],
-                         values: list[mx.array]
+                         values: list[mx.array], quant: KvQuant | None
                          ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
     """decode_step's layers with the small ops fused: per layer a norm (with the previous
     residual add), the qkv projection, one kernel splitting and roping q, k, v, the cache
-    writes, the attention kernel, the output projection, add + norm, the MLP: ~12 ops a layer
-    instead of ~40."""
+    writes (MLX's scatter, in place), the attention kernel (reading a quantized cache packed),
+    the output projection, add + norm, the MLP: ~12 ops a layer instead of ~40."""
     eps = dec.config.rms_norm_eps
     inv_freqs = _inv_freqs(dec)
     rows = h.shape[0]
     kv_heads = dec.local_kv_heads
     hd = dec.config.head_dim
-    where = {hd: mx.broadcast_to(positions[:, None, None, None], (rows, kv_heads, 1, hd))}
+    parts = 1 if quant is None else 3
+    wheres = {a.shape[3]: mx.broadcast_to(positions[:, None, None, None],
+                                          (rows, kv_heads, 1, a.shape[3]))
+              for a in keys[:parts]}
     new_keys, new_values = [], []
     delta: mx.array | None = None
     for i, layer in enumerate(dec.layers):
@@ -257,10 +260,16 @@ def _fused_decode_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: l
         q, k, v = kernels.rope_qkv(linear(x, layer.attn.qkv.qkv), positions, inv_freqs,
                                    heads=dec.local_heads, kv_heads=kv_heads,
                                    rope_scale=dec.rope.scale, traditional=dec.rope.traditional)
-        k_cache, v_cache = write_layer_kv(keys[i:i + 1], values[i:i + 1], where, [k], [v])
+        k_new, v_new = ([k], [v]) if quant is None else (
+            list(mx.quantize(k, group_size=quant.group, bits=quant.bits)),
+            list(mx.quantize(v, group_size=quant.group, bits=quant.bits)))
+        k_cache, v_cache = write_layer_kv(keys[i * parts:(i + 1) * parts],
+                                          values[i * parts:(i + 1) * parts], wheres, k_new, v_new)
         new_keys.extend(k_cache)
         new_values.extend(v_cache)
-        attn = kernels.decode_attention(q, k_cache[0], v_cache[0], positions, scale=hd**-0.5)
+        attn = kernels.decode_attention(q, k_cache if quant else k_cache[0],
+                                        v_cache if quant else v_cache[0], positions,
+                                        scale=hd**-0.5, quant=quant)
         assert attn is not None  # fused_layers checked the kernels are loaded
         h, x = kernels.add_rms_norm(h, _all_sum(linear(attn, layer.attn.o), dec.group),
                                     layer.ffn_norm, eps)
@@ -312,9 +321,9 @@ def prefill(
     eps = dec.config.rms_norm_eps
     end = start + n
     parts = 1 if quant is None else 3
-    fused = fused_layers(dec, quant)
+    fused = fused_layers(dec)
     if fused:
-        h = _fused_prefill_layers(dec, h, start, row, keys, values)
+        h = _fused_prefill_layers(dec, h, start, row, keys, values, quant)
     for i, layer in enumerate([] if fused else dec.layers):
         q, k, v = _qkv(dec, layer, kernels.rms_norm(h, layer.attn_norm, eps))
         q = dec.rope(q, offset=start)
@@ -350,12 +359,14 @@ def _store_quantized(arrays: list[mx.array], first: int, row: int, start: int, x
 
 
 def _fused_prefill_layers(dec: Decoder, h: mx.array, start: int, row: int,
-                          keys: list[mx.array], values: list[mx.array]) -> mx.array:
+                          keys: list[mx.array], values: list[mx.array], quant: KvQuant | None
+                          ) -> mx.array:
     """prefill's layers with the small ops fused (as `_fused_decode_layers`)."""
     eps = dec.config.rms_norm_eps
     inv_freqs = _inv_freqs(dec)
     scale = dec.config.head_dim**-0.5
     end = start + h.shape[1]
+    parts = 1 if quant is None else 3
     positions = mx.arange(start, end, dtype=mx.int32)
     delta: mx.array | None = None
     for i, layer in enumerate(dec.layers):
@@ -366,11 +377,15 @@ def _fused_prefill_layers(dec: Decoder, h: mx.array, start: int, row: int,
         q, k, v = kernels.rope_qkv(linear(x, layer.attn.qkv.qkv), positions, inv_freqs,
                                    heads=dec.local_heads, kv_heads=dec.local_kv_heads,
                                    rope_scale=dec.rope.scale, traditional=dec.rope.traditional)
-        keys[i][row:row + 1, :, start:end] = k
-        values[i][row:row + 1, :, start:end] = v
-        attn = kernels.prefill_attention(q, keys[i][row:row + 1, :, :end],
-                                         values[i][row:row + 1, :, :end], scale=scale,
-                                         offset=start)
+        if quant is None:
+            keys[i][row:row + 1, :, start:end] = k
+            values[i][row:row + 1, :, start:end] = v
+            k_all: mx.array | list[mx.array] = keys[i][row:row + 1, :, :end]
+            v_all: mx.array | list[mx.array] = values[i][row:row + 1, :, :end]
+        else:
+            k_all = _store_quantized(keys, i * parts, row, start, k, quant)
+            v_all = _store_quantized(values, i * parts, row, start, v, quant)
+        attn = kernels.prefill_attention(q, k_all, v_all, scale=scale, offset=start, quant=quant)
         h, x = kernels.add_rms_norm(h, _all_sum(linear(attn, layer.attn.o), dec.group),
                                     layer.ffn_norm, eps)
         delta = _mlp(dec, layer, x)
