@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 NATIVE_DIR = Path(__file__).resolve().parent / "native"
 SOURCE = NATIVE_DIR / "flockattn.cpp"
 # Compiled into the one extension with SOURCE (flockattn.h declares what they share).
-SOURCES = (SOURCE, NATIVE_DIR / "flockops.cpp")
+SOURCES = (SOURCE, NATIVE_DIR / "flockdecode.cpp", NATIVE_DIR / "flockops.cpp")
 MODULE = "_flockattn"  # the name NB_MODULE gives it: its PyInit__flockattn symbol
 ENV = "FLOCK_KERNELS_LIB"  # runner side: a file to load, or "off" (FLOCK_KERNELS is the setting)
 # MLX 0.32's Python module is built with nanobind's ABI v22 in the "mlx" domain; the extension

@@ -1,11 +1,14 @@
-// flockattn.h: what the extension's translation units share (flockattn.cpp: the BLAS, threads
-// and attention kernels; flockops.cpp: the fused small ops of a decoder layer).
+// flockattn.h: what the extension's translation units share (flockattn.cpp: the BLAS, threads,
+// prefill attention and the module; flockdecode.cpp: decode attention; flockops.cpp: the fused
+// small ops of a decoder layer).
 
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
+#include <utility>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -57,6 +60,31 @@ static inline __attribute__((always_inline)) float fast_exp(float x) {
   return y * scale;
 }
 
+// s[j] = exp(s[j] - m) for j < n, returning their sum. The sum runs in 16 fixed lanes rather than
+// an omp simd reduction, whose order depends on the buffer's alignment (the vectoriser peels to
+// align): a row then gives the same bits wherever it lies, so chunked prefill equals one pass.
+static inline __attribute__((always_inline)) float exp_and_sum(float* s, int n, float m) {
+  float lanes[16] = {};
+  int j = 0;
+  for (; j + 16 <= n; j += 16) {
+#pragma omp simd
+    for (int l = 0; l < 16; ++l) {
+      float p = fast_exp(s[j + l] - m);
+      s[j + l] = p;
+      lanes[l] += p;
+    }
+  }
+  float tail = 0.f;
+  for (; j < n; ++j) {
+    float p = fast_exp(s[j] - m);
+    s[j] = p;
+    tail += p;
+  }
+  float sum = 0.f;
+  for (int l = 0; l < 16; ++l) sum += lanes[l];
+  return sum + tail;
+}
+
 // A float32 array's data with strides in elements; a copy when the last axis is not unit-stride.
 struct View {
   const float* data;
@@ -88,6 +116,11 @@ struct KvSource {
 // A cache side from its arrays: {values} float32, or {codes, scales, biases} quantized.
 KvSource kv_source(const std::vector<mx::array>& parts, int bits, int group, int head_dim);
 
+// The keys' and values' sources of a kernel's inputs: from inputs[first], one array each float32,
+// three each quantized (codes, scales, biases).
+std::pair<KvSource, KvSource> kv_sources(const std::vector<mx::array>& inputs, size_t first,
+                                         int bits, int group, int head_dim);
+
 struct DecodeShape {
   int rows, heads, kv_heads, capacity, head_dim;
   float scale;
@@ -99,6 +132,10 @@ void decode_kernel(const DecodeShape& sh, const float* q, int64_t q_row, int64_t
                    const KvSource& k,
                    const KvSource& v, const int32_t* positions, int64_t pos_stride, float* out,
                    int threads);
+
+// The decode attention primitive (flockdecode.cpp): inputs q, positions, then kv_sources' parts.
+std::shared_ptr<mx::Primitive> make_decode_attention(mx::Stream s, float scale, int threads,
+                                                     int bits, int group);
 
 // The fused small ops (flockops.cpp), added to the module.
 void register_ops(nanobind::module_& m);
