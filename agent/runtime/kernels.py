@@ -48,7 +48,7 @@ ENV = "FLOCK_KERNELS_LIB"  # runner side: a file to load, or "off" (FLOCK_KERNEL
 # MLX 0.32's Python module is built with nanobind's ABI v22 in the "mlx" domain; the extension
 # must match both for mx.array to cross the binding.
 NANOBIND = "nanobind==3.1.0"
-KERNELS = "fused prefill + decode attention, norm/rope/KV-write/SwiGLU ops"
+KERNELS = "fused prefill + decode attention, RMSNorm/RoPE/SwiGLU ops"
 
 
 class KernelError(RuntimeError):
