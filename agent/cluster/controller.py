@@ -45,6 +45,7 @@ from agent.cluster.state import NodeProfile, Placement
 from agent.cluster.status import ClusterMetrics, status_report
 from agent.engine import ModelInfo, canonical_name
 from agent.models.store import ModelStore
+from agent.runtime.kernels import describe_kernels
 from agent.runtime.protocol import RunnerConfig
 from agent.serving.pool import RunnerPool
 from agent.serving.router import Router
@@ -125,6 +126,7 @@ class ClusterController:
             probe_key=self.speed.key,
             links=self.link_meter.links(self.table.rtts_ms()) if hasattr(self, "table") else {},
             blas=self.speed.blas,
+            kernels=describe_kernels(s),
             spec_generation=spec.generation if spec else 0,
             spec_hash=spec.hash if spec else "",
             models=sorted(m.name for m in self.store.list()),

@@ -34,18 +34,21 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import mlx.core as mx
 
+    from agent.runtime.kv import KvQuant
     from agent.settings import NodeSettings
 
 log = logging.getLogger(__name__)
 
 NATIVE_DIR = Path(__file__).resolve().parent / "native"
 SOURCE = NATIVE_DIR / "flockattn.cpp"
+# Compiled into the one extension with SOURCE (flockattn.h declares what they share).
+SOURCES = (SOURCE, NATIVE_DIR / "flockdecode.cpp", NATIVE_DIR / "flockops.cpp")
 MODULE = "_flockattn"  # the name NB_MODULE gives it: its PyInit__flockattn symbol
 ENV = "FLOCK_KERNELS_LIB"  # runner side: a file to load, or "off" (FLOCK_KERNELS is the setting)
 # MLX 0.32's Python module is built with nanobind's ABI v22 in the "mlx" domain; the extension
 # must match both for mx.array to cross the binding.
 NANOBIND = "nanobind==3.1.0"
-KERNELS = "fused prefill + decode attention"
+KERNELS = "fused prefill + decode attention, RMSNorm/RoPE/SwiGLU ops"
 
 
 class KernelError(RuntimeError):
@@ -107,7 +110,7 @@ def build_command(output: str, nanobind: Path, mlx_dir: Path) -> list[str]:
         "-fopenmp-simd", "-fno-trapping-math", "-DNB_DOMAIN=mlx", "-DNDEBUG",
         f"-I{mlx_dir / 'include'}", f"-I{nanobind / 'include'}",
         f"-I{nanobind / 'ext' / 'robin_map' / 'include'}", f"-I{python_include}",
-        "-o", output, str(SOURCE), str(nanobind / "src" / "nb_combined.cpp"),
+        "-o", output, *(str(src) for src in SOURCES), str(nanobind / "src" / "nb_combined.cpp"),
         # libmlx.so is found by its soname: mlx.core has loaded it before the extension is.
         f"-L{mlx_dir / 'lib'}", "-lmlx", "-ldl", "-pthread",
     ]
@@ -141,7 +144,7 @@ mod = kernels.load_module(sys.argv[1])
 import mlx.core as mx
 q, k, v = (mx.random.normal((1, h, 5, 8)) for h in (4, 2, 2))
 ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask="causal")
-got = mod.prefill_attention(q, k, v, 0.3, 0)
+got = mod.prefill_attention(q, [k], [v], 0.3, 0)
 assert mx.allclose(got, ref.transpose(0, 2, 1, 3).reshape(1, 5, -1), atol=1e-5).item()
 print("ok")
 """
@@ -290,32 +293,86 @@ def set_threads(threads: int) -> None:
         _module.configure(_blas_path(), _threads)
 
 
-def prefill_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float,
-                      offset: int) -> mx.array:
+def _f32(*arrays: mx.array) -> bool:
+    import mlx.core as mx
+
+    return all(a.dtype == mx.float32 for a in arrays)
+
+
+def _quant_args(quant: KvQuant | None) -> tuple[int, int]:
+    return (0, 0) if quant is None else (quant.bits, quant.group)
+
+
+def prefill_attention(q: mx.array, k: mx.array | list[mx.array], v: mx.array | list[mx.array], *,
+                      scale: float, offset: int, quant: KvQuant | None = None) -> mx.array:
     """Causal attention of q (B, H, n, d) at positions [offset, offset + n) over keys and values
-    (B, KV, offset + n, d); returns (B, n, H * d), the layout the output projection takes."""
+    (B, KV, offset + n, d); returns (B, n, H * d), the layout the output projection takes. With
+    `quant`, k and v are the cache's parts (codes, scales, biases), read packed by the kernel."""
     import mlx.core as mx
 
     batch, _, n, _ = q.shape
-    if enabled() and q.dtype == mx.float32 and k.dtype == mx.float32:
-        return _module.prefill_attention(q, k, v, scale, offset)
+    ks, vs = (list(k), list(v)) if quant is not None else ([k], [v])
+    if enabled() and _f32(q, *ks[-1:], *vs[-1:]):
+        return _module.prefill_attention(q, ks, vs, scale, offset, *_quant_args(quant))
+    if quant is not None:
+        ks = [mx.dequantize(*ks, group_size=quant.group, bits=quant.bits)]
+        vs = [mx.dequantize(*vs, group_size=quant.group, bits=quant.bits)]
     # MLX's "causal" mask aligns the last query with the last key: position offset + i sees
     # keys [0, offset + i].
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale,
+    out = mx.fast.scaled_dot_product_attention(q, ks[0], vs[0], scale=scale,
                                                mask="causal" if n > 1 else None)
     return out.transpose(0, 2, 1, 3).reshape(batch, n, -1)
 
 
-def decode_attention(q: mx.array, k: mx.array, v: mx.array, positions: mx.array, *,
-                     scale: float) -> mx.array | None:
-    """One query a row, q (R, H, 1, d), over the preallocated caches (R, KV, C, d), row r seeing
-    keys [0, positions[r]]; returns (R, 1, H * d), or None where the kernels are not in use (the
-    caller keeps its own MLX path)."""
+def decode_attention(q: mx.array, k: mx.array | list[mx.array], v: mx.array | list[mx.array],
+                     positions: mx.array, *, scale: float, quant: KvQuant | None = None
+                     ) -> mx.array | None:
+    """One query a row, q (R, H, 1, d), over the preallocated caches (R, KV, C, d), or their
+    quantized parts with `quant`, row r seeing keys [0, positions[r]]; returns (R, 1, H * d), or
+    None where the kernels are not in use (the caller keeps its own MLX path)."""
+    ks, vs = (list(k), list(v)) if quant is not None else ([k], [v])
+    if not enabled() or not _f32(q, ks[-1], vs[-1]):
+        return None
+    return _module.decode_attention(q, ks, vs, positions, scale, *_quant_args(quant))
+
+
+def rms_norm(x: mx.array, w: mx.array, eps: float) -> mx.array:
+    """`mx.fast.rms_norm` (on MLX's CPU backend six ops) as one kernel where loaded."""
     import mlx.core as mx
 
-    if not enabled() or q.dtype != mx.float32 or k.dtype != mx.float32:
-        return None
-    return _module.decode_attention(q, k, v, positions, scale)
+    if enabled() and _f32(x, w):
+        return _module.rms_norm(x, w, eps)
+    return mx.fast.rms_norm(x, w, eps)
+
+
+def add_rms_norm(h: mx.array, delta: mx.array, w: mx.array, eps: float
+                 ) -> tuple[mx.array, mx.array]:
+    """The residual add and the next norm: (h + delta, rms_norm(h + delta, w, eps))."""
+    import mlx.core as mx
+
+    if enabled() and _f32(h, delta, w) and h.shape == delta.shape:
+        return _module.add_rms_norm(h, delta, w, eps)
+    h = h + delta
+    return h, mx.fast.rms_norm(h, w, eps)
+
+
+def swiglu(gate_up: mx.array) -> mx.array:
+    """silu(gate) * up of the fused gate_up projection's output (gate first)."""
+    import mlx.core as mx
+
+    if enabled() and _f32(gate_up):
+        return _module.swiglu(gate_up)
+    gate, up = mx.split(gate_up, 2, axis=-1)
+    return gate * mx.sigmoid(gate) * up
+
+
+def rope_qkv(qkv: mx.array, positions: mx.array, inv_freqs: mx.array, *, heads: int,
+             kv_heads: int, rope_scale: float, traditional: bool
+             ) -> tuple[mx.array, mx.array, mx.array]:
+    """The fused qkv projection's output (R, n, (H + 2 KV) d) as q (R, H, n, d), k, v
+    (R, KV, n, d), q and k roped at angles (position * rope_scale) * inv_freqs, token t of row r
+    at positions[r * n + t]. Callers check `enabled()` and float32 first (step.fused_layers)."""
+    return _module.rope_qkv(qkv, positions, inv_freqs, heads, kv_heads, rope_scale, traditional)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,9 +60,9 @@ def _qkv(dec: Decoder, layer: Layer, x: mx.array) -> tuple[mx.array, mx.array, m
 
 def _dense_mlp(mlp: Mlp, x: mx.array) -> mx.array:
     if isinstance(mlp.gate_up, FusedGateUp):
-        gate, up = mx.split(linear(x, mlp.gate_up.gate_up), 2, axis=-1)
-    else:
-        gate, up = linear(x, mlp.gate_up.gate), linear(x, mlp.gate_up.up)
+        # One kernel where flockops is loaded, else MLX's split, sigmoid and products.
+        return linear(kernels.swiglu(linear(x, mlp.gate_up.gate_up)), mlp.down)
+    gate, up = linear(x, mlp.gate_up.gate), linear(x, mlp.gate_up.up)
     return linear(gate * mx.sigmoid(gate) * up, mlp.down)
 
 
@@ -85,7 +85,17 @@ def embed_tokens(dec: Decoder, tokens: mx.array) -> mx.array:
 
 def project_logits(dec: Decoder, h: mx.array) -> mx.array:
     assert dec.norm is not None
-    return linear(mx.fast.rms_norm(h, dec.norm, dec.config.rms_norm_eps), dec.head)
+    return linear(kernels.rms_norm(h, dec.norm, dec.config.rms_norm_eps), dec.head)
+
+
+def _plain_rope(dec: Decoder) -> bool:
+    rope = dec.rope
+    return type(rope) is nn.RoPE and rope.dims == dec.config.head_dim
+
+
+def _inv_freqs(dec: Decoder) -> mx.array:
+    half = dec.rope.dims // 2
+    return mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * (math.log(dec.rope.base) / half))
 
 
 def _rope_angles(dec: Decoder, positions: mx.array) -> tuple[mx.array, mx.array] | None:
@@ -93,10 +103,9 @@ def _rope_angles(dec: Decoder, positions: mx.array) -> tuple[mx.array, mx.array]
     step and shared by every layer's q and k. None when the model's RoPE is not the plain kind
     (scaled variants keep their own implementation)."""
     rope = dec.rope
-    if type(rope) is not nn.RoPE or rope.dims != dec.config.head_dim:
+    if not _plain_rope(dec):
         return None
-    half = rope.dims // 2
-    inv_freqs = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * (math.log(rope.base) / half))
+    inv_freqs = _inv_freqs(dec)
     angles = (positions.astype(mx.float32) * rope.scale)[:, None] * inv_freqs[None, :]
     angles = angles[:, None, None, :]
     return mx.cos(angles), mx.sin(angles)
@@ -120,7 +129,7 @@ def new_layer_kv(dec: Decoder, layer: Layer, h: mx.array, angles: tuple[mx.array
                  ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
     """A layer's queries and the keys/values its new tokens add to the cache (roped; packed as
     the cache holds them when `quant`): what every decode-shaped step computes first."""
-    q, k, v = _qkv(dec, layer, mx.fast.rms_norm(h, layer.attn_norm, dec.config.rms_norm_eps))
+    q, k, v = _qkv(dec, layer, kernels.rms_norm(h, layer.attn_norm, dec.config.rms_norm_eps))
     if angles is not None:
         q, k = _apply_rope(dec, q, angles), _apply_rope(dec, k, angles)
     else:
@@ -158,8 +167,10 @@ def one_token_attention(q: mx.array, k_cache: list[mx.array], v_cache: list[mx.a
     else grouped matmuls; (rows, 1, heads * hd)."""
     rows, heads, _, hd = q.shape
     scale = hd**-0.5
-    fused = None if quant is not None else kernels.decode_attention(
-        q, k_cache[0], v_cache[0], positions, scale=scale)
+    # The kernel reads a quantized cache's packed parts directly.
+    fused = kernels.decode_attention(q, k_cache if quant else k_cache[0],
+                                     v_cache if quant else v_cache[0], positions, scale=scale,
+                                     quant=quant)
     if fused is not None:
         return fused
     # (rows, kv, group, hd) @ (rows, kv, hd, capacity): one matmul per KV head.
@@ -182,6 +193,9 @@ def decode_step(
     (rows, 1, hidden). Returns logits (rows, vocab) when `project`, else hidden states, and the
     updated KV arrays (flat lists as `KvSlots` holds them; three arrays a layer when `quant`)."""
     h = embed_tokens(dec, inputs)[:, None, :] if embed else inputs
+    if fused_layers(dec):
+        h, new_keys, new_values = _fused_decode_layers(dec, h, positions, keys, values, quant)
+        return (project_logits(dec, h[:, 0, :]) if project else h), new_keys, new_values
     rows = h.shape[0]
     capacity = keys[0].shape[2]
     kv_heads = dec.local_kv_heads
@@ -204,9 +218,64 @@ def decode_step(
         new_values.extend(v_cache)
         attn = one_token_attention(q, k_cache, v_cache, positions, mask, quant, group_size)
         h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
-        h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))
+        h = h + _mlp(dec, layer, kernels.rms_norm(h, layer.ffn_norm, eps))
     out = project_logits(dec, h[:, 0, :]) if project else h
     return out, new_keys, new_values
+
+
+def fused_layers(dec: Decoder) -> bool:
+    """Whether a layer's small ops run as flockops kernels (norm + residual add, the qkv split +
+    rope): float32 weights, one fused qkv projection, plain RoPE, no q/k norms. Everything else
+    keeps the op-by-op path."""
+    if not kernels.enabled() or not _plain_rope(dec):
+        return False
+    return all(isinstance(layer.attn.qkv, FusedQKV) and layer.attn.q_norm is None
+               and layer.attn.k_norm is None and layer.attn_norm.dtype == mx.float32
+               for layer in dec.layers)
+
+
+def _fused_decode_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: list[mx.array],
+                         values: list[mx.array], quant: KvQuant | None
+                         ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+    """decode_step's layers with the small ops fused: per layer a norm (with the previous
+    residual add), the qkv projection, one kernel splitting and roping q, k, v, the cache
+    writes (MLX's scatter, in place), the attention kernel (reading a quantized cache packed),
+    the output projection, add + norm, the MLP: ~12 ops a layer instead of ~40."""
+    eps = dec.config.rms_norm_eps
+    inv_freqs = _inv_freqs(dec)
+    rows = h.shape[0]
+    kv_heads = dec.local_kv_heads
+    hd = dec.config.head_dim
+    parts = 1 if quant is None else 3
+    wheres = {a.shape[3]: mx.broadcast_to(positions[:, None, None, None],
+                                          (rows, kv_heads, 1, a.shape[3]))
+              for a in keys[:parts]}
+    new_keys, new_values = [], []
+    delta: mx.array | None = None
+    for i, layer in enumerate(dec.layers):
+        if delta is None:
+            x = kernels.rms_norm(h, layer.attn_norm, eps)
+        else:
+            h, x = kernels.add_rms_norm(h, delta, layer.attn_norm, eps)
+        q, k, v = kernels.rope_qkv(linear(x, layer.attn.qkv.qkv), positions, inv_freqs,
+                                   heads=dec.local_heads, kv_heads=kv_heads,
+                                   rope_scale=dec.rope.scale, traditional=dec.rope.traditional)
+        k_new, v_new = ([k], [v]) if quant is None else (
+            list(mx.quantize(k, group_size=quant.group, bits=quant.bits)),
+            list(mx.quantize(v, group_size=quant.group, bits=quant.bits)))
+        k_cache, v_cache = write_layer_kv(keys[i * parts:(i + 1) * parts],
+                                          values[i * parts:(i + 1) * parts], wheres, k_new, v_new)
+        new_keys.extend(k_cache)
+        new_values.extend(v_cache)
+        attn = kernels.decode_attention(q, k_cache if quant else k_cache[0],
+                                        v_cache if quant else v_cache[0], positions,
+                                        scale=hd**-0.5, quant=quant)
+        assert attn is not None  # fused_layers checked the kernels are loaded
+        h, x = kernels.add_rms_norm(h, _all_sum(linear(attn, layer.attn.o), dec.group),
+                                    layer.ffn_norm, eps)
+        delta = _mlp(dec, layer, x)
+    assert delta is not None
+    return h + delta, new_keys, new_values
 
 
 def _quantized_attention(qg: mx.array, k_cache: list[mx.array], v_cache: list[mx.array],
@@ -240,7 +309,7 @@ def prefill(
     position's logits (1, vocab) when projecting (all positions with `all_logits`), else the
     hidden states for the next stage. Both default to what the decoder holds. With `quant` the
     KV arrays are the quantized parts (three a layer) and the chunk's keys and values are
-    quantized as they are stored; attention reads the stored (dequantized) form, so a prompt
+    quantized as they are stored; attention reads the stored (quantized) form, so a prompt
     sees the same keys whether it is prefilled in one pass or in chunks, or decoded.
     """
     embed = dec.embeds if embed is None else embed
@@ -252,37 +321,76 @@ def prefill(
     eps = dec.config.rms_norm_eps
     end = start + n
     parts = 1 if quant is None else 3
-    for i, layer in enumerate(dec.layers):
-        q, k, v = _qkv(dec, layer, mx.fast.rms_norm(h, layer.attn_norm, eps))
+    fused = fused_layers(dec)
+    if fused:
+        h = _fused_prefill_layers(dec, h, start, row, keys, values, quant)
+    for i, layer in enumerate([] if fused else dec.layers):
+        q, k, v = _qkv(dec, layer, kernels.rms_norm(h, layer.attn_norm, eps))
         q = dec.rope(q, offset=start)
         k = dec.rope(k, offset=start)
         if quant is None:
             keys[i][row:row + 1, :, start:end] = k
             values[i][row:row + 1, :, start:end] = v
-            k_all = keys[i][row:row + 1, :, :end]
-            v_all = values[i][row:row + 1, :, :end]
+            k_all: mx.array | list[mx.array] = keys[i][row:row + 1, :, :end]
+            v_all: mx.array | list[mx.array] = values[i][row:row + 1, :, :end]
         else:
             k_all = _store_quantized(keys, i * parts, row, start, k, quant)
             v_all = _store_quantized(values, i * parts, row, start, v, quant)
-        # (1, n, heads * hd): the fused kernel where loaded, else MLX's causal SDPA.
-        attn = kernels.prefill_attention(q, k_all, v_all, scale=scale, offset=start)
+        # (1, n, heads * hd): the fused kernel where loaded (reading a quantized cache's parts
+        # directly), else MLX's causal SDPA.
+        attn = kernels.prefill_attention(q, k_all, v_all, scale=scale, offset=start, quant=quant)
         h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
-        h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))
+        h = h + _mlp(dec, layer, kernels.rms_norm(h, layer.ffn_norm, eps))
     if not project:
         return h
     return project_logits(dec, h[0] if all_logits else h[0, -1:])
 
 
 def _store_quantized(arrays: list[mx.array], first: int, row: int, start: int, x: mx.array,
-                     quant: KvQuant) -> mx.array:
+                     quant: KvQuant) -> list[mx.array]:
     """Quantize `x` (1, kv_heads, n, head_dim) into the row's positions [start, start + n) of
-    the parts `arrays[first:first + 3]`; returns positions [0, start + n) dequantized."""
+    the parts `arrays[first:first + 3]`; returns those parts' positions [0, start + n)."""
     end = start + x.shape[2]
     stored = []
     for j, part in enumerate(mx.quantize(x, group_size=quant.group, bits=quant.bits)):
         arrays[first + j][row:row + 1, :, start:end] = part
         stored.append(arrays[first + j][row:row + 1, :, :end])
-    return mx.dequantize(*stored, group_size=quant.group, bits=quant.bits)
+    return stored
+
+
+def _fused_prefill_layers(dec: Decoder, h: mx.array, start: int, row: int,
+                          keys: list[mx.array], values: list[mx.array], quant: KvQuant | None
+                          ) -> mx.array:
+    """prefill's layers with the small ops fused (as `_fused_decode_layers`)."""
+    eps = dec.config.rms_norm_eps
+    inv_freqs = _inv_freqs(dec)
+    scale = dec.config.head_dim**-0.5
+    end = start + h.shape[1]
+    parts = 1 if quant is None else 3
+    positions = mx.arange(start, end, dtype=mx.int32)
+    delta: mx.array | None = None
+    for i, layer in enumerate(dec.layers):
+        if delta is None:
+            x = kernels.rms_norm(h, layer.attn_norm, eps)
+        else:
+            h, x = kernels.add_rms_norm(h, delta, layer.attn_norm, eps)
+        q, k, v = kernels.rope_qkv(linear(x, layer.attn.qkv.qkv), positions, inv_freqs,
+                                   heads=dec.local_heads, kv_heads=dec.local_kv_heads,
+                                   rope_scale=dec.rope.scale, traditional=dec.rope.traditional)
+        if quant is None:
+            keys[i][row:row + 1, :, start:end] = k
+            values[i][row:row + 1, :, start:end] = v
+            k_all: mx.array | list[mx.array] = keys[i][row:row + 1, :, :end]
+            v_all: mx.array | list[mx.array] = values[i][row:row + 1, :, :end]
+        else:
+            k_all = _store_quantized(keys, i * parts, row, start, k, quant)
+            v_all = _store_quantized(values, i * parts, row, start, v, quant)
+        attn = kernels.prefill_attention(q, k_all, v_all, scale=scale, offset=start, quant=quant)
+        h, x = kernels.add_rms_norm(h, _all_sum(linear(attn, layer.attn.o), dec.group),
+                                    layer.ffn_norm, eps)
+        delta = _mlp(dec, layer, x)
+    assert delta is not None
+    return h + delta
 
 
 def make_decode_fn(dec: Decoder, *, compiled: bool, embed: bool | None = None,
