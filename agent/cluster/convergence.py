@@ -46,6 +46,14 @@ class MemberConvergence:
                                        kv_bits=entry.kv_bits if entry else None)
         if entry is not None and entry.prompt_lookup is not None:
             config = msgspec.structs.replace(config, prompt_lookup=entry.prompt_lookup)
+        # A draft model: the spec entry's, else the node's `draft` for its default model.
+        settings = self.pool.settings
+        draft = entry.draft if entry is not None else None
+        if draft is None and settings.draft and settings.model \
+                and canonical_name(settings.model) == model:
+            draft = settings.draft
+        if draft is not None:
+            config = msgspec.structs.replace(config, draft_name=canonical_name(draft))
         return config
 
     def wanted(self, assignment: Assignment, profiles: dict[str, NodeProfile],

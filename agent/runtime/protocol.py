@@ -49,6 +49,10 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     compile_step: bool = True
     fuse_projections: bool = True
     prompt_lookup: bool = True  # speculative decoding from prompt-lookup drafts
+    # A draft model for speculative decoding (same tokenizer; loaded by the head beside the
+    # target): its name, and its directory (the pool fills it in, like `model_dir`).
+    draft_name: str | None = None
+    draft_dir: str | None = None
     stats_interval_s: float = 1.0
     # Role in the instance. SOLO: the whole model here (or the whole stage, leading a tensor
     # group). HEAD: layers [layer_start, layer_stop) plus the embedding, the final norm and the

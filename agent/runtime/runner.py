@@ -137,6 +137,26 @@ def load(config: RunnerConfig, journal: Journal | None = None,
     return (decoder, tokenizer, kv, limits, prefix), ready
 
 
+def load_draft(config: RunnerConfig, decoder: Any, dtype_name: str) -> Any:
+    """The head's draft model (`draft_model.DraftModel`), loaded in the target's dtype; None
+    when it has none, or when it cannot load (said on stderr: the model is served anyway)."""
+    if config.draft_dir is None or config.role not in (RunnerRole.SOLO, RunnerRole.HEAD):
+        return None
+    import mlx.core as mx
+
+    from agent.runtime.draft_model import load_draft_model
+
+    dtype = None if dtype_name in ("", "keep") else getattr(mx, dtype_name)
+    try:
+        return load_draft_model(Path(config.draft_dir), Path(config.model_dir),
+                                vocab=decoder.config.vocab_size, dtype=dtype,
+                                compiled=config.compile_step, name=config.draft_name or "draft")
+    except Exception as exc:
+        print(f"flock runner: the draft model {config.draft_name} is not used: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
 def _connect_pipeline(config: RunnerConfig, listener: Any) -> tuple[Any, Any]:
     """(downstream link, upstream link) for a head or a follower, within the start-up deadline."""
     from agent.runtime.links import StageLink
@@ -247,7 +267,8 @@ def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
                               compiled=config.compile_step, prefix_cache=prefix,
                               compute=compute,
                               constraint_factory=constraint_factory(tokenizer),
-                              prompt_lookup=config.prompt_lookup)
+                              prompt_lookup=config.prompt_lookup,
+                              draft_model=load_draft(config, decoder, ready.dtype))
     except Exception as exc:  # the agent reports it; the runner must not hang
         outbox.send(RunnerError(message=f"{type(exc).__name__}: {exc}"))
         return 1

@@ -92,6 +92,7 @@ class _Entry:
     stats_at: float = 0.0
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     exit_code: int | None = None
+    draft_refusal: str | None = None  # why its draft model was refused, if it was
 
 
 class RunnerPool:
@@ -233,6 +234,7 @@ class RunnerPool:
             if warning:
                 log.warning(warning)
             config = msgspec.structs.replace(plan.config, model_dir=str(model_dir.resolve()))
+            config = await self._with_draft(entry, config, model_dir)
             exited = entry.exited = asyncio.Event()
 
             def on_exit(code: int | None) -> None:
@@ -249,10 +251,45 @@ class RunnerPool:
             log.warning("runner %s failed to start: %s", entry.key, exc)
             return False
         entry.state, entry.detail = "ready", ""
+        if entry.draft_refusal is not None:
+            entry.detail = f"draft model refused: {entry.draft_refusal}"
         entry.ready_at = time.monotonic()
         log.info("runner %s (%s, layers %s-%s) ready in %.1fs", entry.key, config.role,
                  config.layer_start, config.layer_stop, entry.ready_at - started)
         return True
+
+    async def _with_draft(self, entry: _Entry, config: RunnerConfig, model_dir: Path
+                          ) -> RunnerConfig:
+        """A head's configuration with its draft model's directory, once the draft is found and
+        shares the model's tokenizer; else without the draft (said once, never a restart loop:
+        the model is served, just not drafted by that model)."""
+        if config.draft_name is None:
+            return config
+        if config.role not in HEAD_ROLES:
+            return msgspec.structs.replace(config, draft_name=None)
+        from agent.spec import draft_problem
+
+        whole = msgspec.structs.replace(config, model_name=config.draft_name, role="solo",
+                                        layer_start=None, layer_stop=None)
+        try:
+            draft_dir: Path | None = await entry.locate(config.draft_name, whole)
+            problem = draft_problem(draft_dir, model_dir)
+        except Exception as exc:
+            draft_dir, problem = None, f"the draft model {config.draft_name} is not found: {exc}"
+        if problem is not None:
+            if entry.draft_refusal != problem:
+                log.error("runner %s: draft model refused, serving %s without it: %s",
+                          entry.key, entry.plan.model, problem)
+            entry.draft_refusal = problem
+            return msgspec.structs.replace(config, draft_name=None)
+        entry.draft_refusal = None
+        assert draft_dir is not None
+        return msgspec.structs.replace(config, draft_dir=str(draft_dir.resolve()))
+
+    def draft_refusal(self, key: str) -> str | None:
+        """Why the runner under `key` runs without the draft model it was given, if it does."""
+        entry = self._entries.get(key)
+        return entry.draft_refusal if entry is not None else None
 
     def _on_stats(self, model: str, key: str, stats: dict[str, float]) -> None:
         if self.metrics is not None:
