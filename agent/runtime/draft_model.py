@@ -135,7 +135,9 @@ class DraftModel:
     def propose(self, wants: list[Want]) -> dict[str, Proposal]:
         """Drafts for every sequence in `wants` that is not paused (a row each, from one
         batched decode step per drafted position)."""
-        wants = [w for w in wants if w.limit > 0 and not self.paused(w.id, len(w.tokens))]
+        context = self.decoder.config.max_position_embeddings
+        wants = [w for w in wants if w.limit > 0 and not self.paused(w.id, len(w.tokens))
+                 and len(w.tokens) + w.limit + WIDTHS[-1] < context]
         if not wants:
             return {}
         states = [self._row_for(w) for w in wants]
