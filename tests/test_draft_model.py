@@ -266,3 +266,62 @@ def test_smollm2_draft_helpers_differ_where_they_should(smollm2_dir: Path,
         check_draft_model(with_swapped_tokens(smollm2_draft, tmp_path / "sw"), smollm2_dir)
     with pytest.raises(ValueError, match="special tokens"):
         check_draft_model(with_other_eos(smollm2_draft, tmp_path / "eos"), smollm2_dir)
+
+
+# ---- the draft in another process: a draft runner answering the head over a link ------------
+
+
+@pytest.mark.slow
+def test_a_head_drafts_with_a_draft_runner_over_a_link(tmp_path: Path) -> None:
+    """A head asks a draft runner (another process, loopback TCP) for its drafts: greedy
+    output is plain decoding's, seeded sampling reproduces. Stopping the draft runner leaves
+    the head serving, undrafted."""
+    from live_agent import free_port
+
+    target = make_tiny_model(tmp_path / "t", layers=2)
+    draft = make_tiny_model(tmp_path / "d", layers=1, seed=9)
+    prompts = {"x": [10, 20, 30, 40], "y": [100, 3, 77]}
+    port = free_port()
+
+    async def sampled(runner: Any) -> list[int]:
+        request = GenerationRequest(id="s", model="tiny", prompt_tokens=[5, 6, 7],
+                                    sampling=SamplingParams(max_tokens=16, temperature=0.8,
+                                                            seed=3))
+        ids: list[int] = []
+        async for event in runner.generate(request):
+            ids += getattr(event, "token_ids", [])
+        return ids
+
+    async def main() -> None:
+        base = RunnerConfig(model_name="tiny", model_dir=str(target), prompt_lookup=False,
+                            stats_interval_s=0.2)
+        plain = (await start_all([base], tmp_path))[0]
+        try:
+            expected = await generate(plain, prompts)
+        finally:
+            await plain.stop()
+        server_config = RunnerConfig(model_name="d", model_dir=str(draft), role="draft",
+                                     listen=f"127.0.0.1:{port}")
+        head_config = msgspec.structs.replace(base, draft_name="d",
+                                              draft_remote=f"127.0.0.1:{port}")
+        server, head = await start_all([server_config, head_config], tmp_path)
+        try:
+            got = await generate(head, prompts)
+            remote_sampled = [await sampled(head), await sampled(head)]
+            for _ in range(100):
+                if head.last_stats.get("draft_model_drafted_tokens_total", 0) > 0:
+                    break
+                await asyncio.sleep(0.1)
+            stats = head.last_stats
+            await server.stop()
+            after = await generate(head, {"z": [9, 8, 7]})
+        finally:
+            await head.stop()
+            await server.stop()
+        assert stats["draft_model_drafted_tokens_total"] > 0, stats
+        for rid, (ids, _) in expected.items():
+            assert got[rid][0] == ids, rid
+        assert len(after["z"][0]) == 24
+        assert remote_sampled[0] == remote_sampled[1] and len(remote_sampled[0]) == 16
+
+    asyncio.run(main())

@@ -97,8 +97,11 @@ class DraftModel:
     logits are cut or padded to it, so proposals are ids the target has)."""
 
     def __init__(self, decoder: Any, *, vocab: int, compiled: bool = True,
-                 name: str = "draft") -> None:
+                 name: str = "draft", paced: bool = True) -> None:
         self.decoder = decoder
+        # False: every want drafts its whole limit and never pauses (a remote draft server,
+        # whose client paces each sequence itself, `draft_remote.py`).
+        self.paced = paced
         self.name = name
         self.vocab = vocab
         geometry = KvGeometry(len(decoder.layers), decoder.local_kv_heads,
@@ -110,7 +113,7 @@ class DraftModel:
     # ---- which sequences have rows --------------------------------------------------------
     def paused(self, seq_id: str, tokens: int) -> bool:
         state = self.rows.get(seq_id)
-        return state is not None and tokens < state.resume_at
+        return self.paced and state is not None and tokens < state.resume_at
 
     def retain(self, live: set[str]) -> None:
         """Free the rows of sequences that are gone, and shrink the cache where it can."""
@@ -141,7 +144,8 @@ class DraftModel:
         if not wants:
             return {}
         states = [self._row_for(w) for w in wants]
-        counts = [min(w.limit, s.draft_len) for w, s in zip(wants, states, strict=True)]
+        counts = [min(w.limit, s.draft_len) if self.paced else w.limit
+                  for w, s in zip(wants, states, strict=True)]
         # Room for every row's catch-up (rows not drafting take harmless writes past theirs).
         longest = max([len(w.tokens) for w in wants] + [len(s.cached) for s in self.rows.values()])
         self.kv.ensure_capacity(longest + MAX_DRAFT + WIDTHS[-1] + 1)
