@@ -169,9 +169,9 @@ def test_a_random_draft_leaves_greedy_smollm2_output_unchanged(
                                  prediction_tokens=extra.get("prediction_tokens"))  # type: ignore[arg-type]
 
     dec = load_decoder(smollm2_dir)
-    alone = [req("alone", "The capital of France is", 10)]
-    batch = [req("a", "List three colors:", 8), req("b", "def add(a, b):", 10, logprobs=True),
-             req("p", "Say hello.", 8, prediction_tokens=tok.encode("Hello! How are you?"))]
+    alone = [req("alone", "The capital of France is", 8)]
+    batch = [req("a", "List three colors:", 6), req("b", "def add(a, b):", 8, logprobs=True),
+             req("p", "Say hello.", 6, prediction_tokens=tok.encode("Hello! How are you?"))]
     for requests in (alone, batch):
         _, plain = run_scheduler(smollm2_dir, dec, requests, None)
         sched, drafted = run_scheduler(smollm2_dir, dec, requests, smollm2_draft)
