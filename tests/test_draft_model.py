@@ -19,7 +19,8 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from agent.generation import GenerationEvent, GenerationRequest, SamplingParams
 from agent.runtime.acceptance import accept_sampled, residual_from, verified_tokens
 from agent.runtime.compute import LocalCompute
-from agent.runtime.draft_model import DraftModel, Want, load_draft_model
+from agent.runtime.draft_model import DraftModel, DraftRow, Want, load_draft_model
+from agent.runtime.drafting import FIRST_PAUSE
 from agent.runtime.kv import KvGeometry, KvSlots
 from agent.runtime.model import load_decoder
 from agent.runtime.protocol import RunnerConfig
@@ -45,6 +46,18 @@ def test_a_sampled_draft_is_kept_with_probability_p_over_q() -> None:
     # The residual max(0, p - q), normalised: where p exceeds q.
     residual = mx.softmax(residual_from(p, q)).tolist()
     assert residual == pytest.approx([0.0, 0.3 / 0.4, 0.1 / 0.4])
+
+
+def test_a_draft_models_pace_follows_what_the_target_kept() -> None:
+    row = DraftRow(row=0)
+    row.feedback(4, 4, 100)
+    assert row.draft_len == 6  # all kept: draft further
+    row.feedback(6, 2, 103)
+    assert row.draft_len == 3  # one past what was kept
+    for tokens in (104, 105, 106):  # keeps missing: drafting pauses, longer each time
+        row.feedback(1, 0, tokens)
+    assert row.resume_at == 106 + FIRST_PAUSE and row.pause_len == 2 * FIRST_PAUSE
+    assert row.stats.drafted == 13 and row.stats.accepted == 6
 
 
 def small_vocab(directory: Path, seed: int) -> Path:
