@@ -115,13 +115,18 @@ def main() -> None:
     parser.add_argument("--draft", type=Path, default=None,
                         help="a draft model directory (default: a random one, built here)")
     args = parser.parse_args()
-    prompts = 8
     if args.quick:
-        args.rounds, args.tokens, prompts = 1, 48, 3
+        args.rounds, args.tokens = 1, 48
     warn_if_busy()
     _, model_dir = bench_models(args.models_dir)
+    draft_figures(model_dir, args.draft, rounds=args.rounds, tokens=args.tokens,
+                  prompts=3 if args.quick else 8)
+
+
+def draft_figures(model_dir: Path, draft_dir: Path | None, *, rounds: int, tokens: int,
+                  prompts: int) -> None:
+    """Measure and print the figures (also called by `bench.speculative --with-draft`)."""
     name = "draft"
-    draft_dir = args.draft
     if draft_dir is None:
         import tempfile
 
@@ -133,7 +138,7 @@ def main() -> None:
     env, _ = runner_env(gemv=True)
     res = call_in_subprocess("bench.speculative_draft:worker",
                              {"model_dir": str(model_dir), "draft_dir": str(draft_dir),
-                              "rounds": args.rounds, "tokens": args.tokens,
+                              "rounds": rounds, "tokens": tokens,
                               "prompts": prompts}, env, timeout=1800)
     ratios = [a / b for a, b in zip(res["on"], res["off"], strict=True)]
     emit(f"{name}_chat_vs_plain", median(ratios))
