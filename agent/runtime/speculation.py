@@ -146,7 +146,7 @@ class Speculator:
             if room <= 0:
                 continue
             sampler = seq.sampler if not seq.sampler.params.greedy else None
-            wants.append(Want(seq.request.id, list(seq.drafter.tokens), room, sampler))
+            wants.append(Want(seq.request.id, seq.drafter.tokens, room, sampler))
             by_id[seq.request.id] = seq
         for seq_id, proposal in model.propose(wants).items():
             draft = self._model_draft(by_id[seq_id], proposal)
