@@ -314,7 +314,7 @@ def main() -> None:
         from bench.speculative_draft import draft_figures
 
         draft_figures(model_dir, None, rounds=args.rounds, tokens=min(args.tokens, 96),
-                      prompts=3 if args.quick else 8)
+                      prompts=3 if args.quick else 8, threads=args.threads)
     emit("cpu_pressure_avg60_end", cpu_pressure() or 0.0)
 
 

@@ -114,17 +114,20 @@ def main() -> None:
     parser.add_argument("--models-dir", type=Path, default=None)
     parser.add_argument("--draft", type=Path, default=None,
                         help="a draft model directory (default: a random one, built here)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OpenBLAS threads of the worker (default: a runner's); on a busy "
+                             "machine use 1 (wide verification matmuls collapse otherwise)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.tokens = 1, 48
     warn_if_busy()
     _, model_dir = bench_models(args.models_dir)
     draft_figures(model_dir, args.draft, rounds=args.rounds, tokens=args.tokens,
-                  prompts=3 if args.quick else 8)
+                  prompts=3 if args.quick else 8, threads=args.threads)
 
 
 def draft_figures(model_dir: Path, draft_dir: Path | None, *, rounds: int, tokens: int,
-                  prompts: int) -> None:
+                  prompts: int, threads: int | None = None) -> None:
     """Measure and print the figures (also called by `bench.speculative --with-draft`)."""
     name = "draft"
     if draft_dir is None:
@@ -135,7 +138,7 @@ def draft_figures(model_dir: Path, draft_dir: Path | None, *, rounds: int, token
         draft_dir = make_smollm2_draft(
             model_dir, Path(tempfile.gettempdir()) / "flock-bench-smollm2-random-draft")
         name = "draft_random"
-    env, _ = runner_env(gemv=True)
+    env, _ = runner_env(gemv=True, threads=threads)
     res = call_in_subprocess("bench.speculative_draft:worker",
                              {"model_dir": str(model_dir), "draft_dir": str(draft_dir),
                               "rounds": rounds, "tokens": tokens,
