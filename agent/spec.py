@@ -157,6 +157,9 @@ class ModelEntry(_Section):
     # and special tokens, checked here when both are visible, else before the runner starts),
     # loaded beside the model's head.
     draft: str | None = Field(default=None, min_length=1)
+    # Where the draft runs (a node name or id): a draft runner there answers the head over a
+    # link. Unset: in the head runner when its node has the memory, else on a node that has.
+    draft_node: str | None = Field(default=None, min_length=1)
 
 
 class SpecError(BaseModel):

@@ -70,7 +70,9 @@ class Assignment(BaseModel):
 
     def desired_models(self) -> set[str]:
         spec = self.spec.spec if self.spec else ClusterSpec.model_validate({})
-        return {e.model for e in spec.models} | {r.model for r in self.requested}
+        # Drafts too: placement counts a draft's memory where it runs (`draft_placement.py`).
+        return ({e.model for e in spec.models} | {e.draft for e in spec.models if e.draft}
+                | {r.model for r in self.requested})
 
 
 def continue_from(current: Assignment, fetched: list[Assignment | None]) -> Assignment:

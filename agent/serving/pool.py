@@ -93,6 +93,7 @@ class _Entry:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     exit_code: int | None = None
     draft_refusal: str | None = None  # why its draft model was refused, if it was
+    refused: bool = False  # a draft runner whose draft was refused: not started (no loop)
 
 
 class RunnerPool:
@@ -101,6 +102,9 @@ class RunnerPool:
         self.metrics = metrics
         self._entries: dict[str, _Entry] = {}
         self._closing = False
+        # Where a model's tokenizer files are (the store's copy, or fetched from a peer): a draft
+        # runner's node checks the draft against its target's tokenizer (set by convergence).
+        self.tokenizer_dir: Callable[[str], Awaitable[Path]] | None = None
 
     def base_config(self, *, context_length: int | None = None,
                     kv_bits: int | None = None) -> RunnerConfig:
@@ -217,6 +221,8 @@ class RunnerPool:
                     self.metrics.runner_restarted(entry.plan.model, entry.key)
             entry.state = "starting"
             if not await self._start(entry):
+                if entry.refused:
+                    return  # said once; the head serves undrafted
                 continue
             await entry.exited.wait()
             code = entry.exit_code
@@ -234,7 +240,11 @@ class RunnerPool:
             if warning:
                 log.warning(warning)
             config = msgspec.structs.replace(plan.config, model_dir=str(model_dir.resolve()))
-            config = await self._with_draft(entry, config, model_dir)
+            if config.role == "draft":
+                if await self._draft_refused(entry, config, model_dir):
+                    return False
+            else:
+                config = await self._with_draft(entry, config, model_dir)
             exited = entry.exited = asyncio.Event()
 
             def on_exit(code: int | None) -> None:
@@ -263,8 +273,8 @@ class RunnerPool:
         """A head's configuration with its draft model's directory, once the draft is found and
         shares the model's tokenizer; else without the draft (said once, never a restart loop:
         the model is served, just not drafted by that model)."""
-        if config.draft_name is None:
-            return config
+        if config.draft_name is None or config.draft_remote is not None:
+            return config  # none, or a draft runner elsewhere (its node checks it)
         if config.role not in HEAD_ROLES:
             return msgspec.structs.replace(config, draft_name=None)
         from agent.spec import draft_problem
@@ -285,6 +295,29 @@ class RunnerPool:
         entry.draft_refusal = None
         assert draft_dir is not None
         return msgspec.structs.replace(config, draft_dir=str(draft_dir.resolve()))
+
+    async def _draft_refused(self, entry: _Entry, config: RunnerConfig, draft_dir: Path
+                             ) -> bool:
+        """A draft runner (its `draft_name` is the target) whose draft does not share the
+        target's tokenizer: said once and not started; the head, finding no draft runner,
+        serves undrafted."""
+        from agent.spec import draft_problem
+
+        target = config.draft_name
+        problem: str | None = None
+        if target is not None and self.tokenizer_dir is not None:
+            try:
+                problem = draft_problem(draft_dir, await self.tokenizer_dir(target))
+            except Exception as exc:
+                problem = f"the tokenizer of {target} is not found: {exc}"
+        if problem is None:
+            entry.draft_refusal = None
+            return False
+        log.error("runner %s: draft model %s refused, %s is served without it: %s",
+                  entry.key, entry.plan.model, target, problem)
+        entry.draft_refusal, entry.refused = problem, True
+        entry.state, entry.detail = "failed", f"draft model refused: {problem}"
+        return True
 
     def draft_refusal(self, key: str) -> str | None:
         """Why the runner under `key` runs without the draft model it was given, if it does."""
