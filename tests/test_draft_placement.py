@@ -3,11 +3,18 @@ leader's plan records it, and wiring gives the draft node a draft runner the hea
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
+import msgspec
+
 from agent.cluster.draft_placement import choose_draft_node, draft_bytes
 from agent.cluster.reconcile import DesiredInstance, DesiredState, ObservedState, plan
 from agent.cluster.state import Placement, Stage
 from agent.cluster.wiring import runner_configs
 from agent.runtime.protocol import RunnerConfig
+from agent.serving.pool import RunnerPlan, RunnerPool, _Entry
+from agent.settings import NodeSettings
 from agent.spec import ClusterSpec
 from tests.test_placement import SMOLLM2, node
 
@@ -100,3 +107,42 @@ def test_wiring_starts_a_draft_runner_the_head_asks() -> None:
     plain = RunnerConfig(model_name="", model_dir="")
     assert set(runner_configs(single().model_copy(update={"draft_node": "n1"}), 3, profiles,
                               plain)) == {("n0", 0)}
+
+
+def test_a_refused_remote_draft_is_said_once_and_not_waited_for(smollm2_dir: Path,
+                                                                tmp_path: Path) -> None:
+    """Both ends check the draft against the target's tokenizer: the draft node does not start
+    its draft runner (not a restart loop), the head starts without `draft_remote`."""
+    from tests.draft_models import make_smollm2_draft, with_swapped_tokens
+
+    swapped = with_swapped_tokens(make_smollm2_draft(smollm2_dir, tmp_path / "d"),
+                                  tmp_path / "swapped")
+    pool = RunnerPool(NodeSettings(state_dir=tmp_path / "state"))
+    dirs = {"target": smollm2_dir, "swapped": swapped}
+
+    async def tokenizer_dir(model: str) -> Path:
+        return dirs[model]
+
+    async def locate(model: str, config: RunnerConfig) -> Path:
+        return dirs[model]
+
+    pool.tokenizer_dir = tokenizer_dir
+
+    async def main() -> None:
+        drafter = RunnerConfig(model_name="swapped", model_dir="", role="draft",
+                               draft_name="target", listen="127.0.0.1:1")
+        entry = _Entry("m-0/1", RunnerPlan("swapped", drafter), locate)
+        assert await pool._draft_refused(entry, drafter, swapped)
+        assert entry.refused and entry.detail.startswith("draft model refused: ")
+        head = RunnerConfig(model_name="target", model_dir="", draft_name="swapped",
+                            draft_remote="127.0.0.1:1")
+        entry = _Entry("m-0/0", RunnerPlan("target", head), locate)
+        checked = await pool._with_draft(entry, head, smollm2_dir)
+        assert checked.draft_remote is None and checked.draft_name is None
+        assert entry.draft_refusal
+        good = make_smollm2_draft(smollm2_dir, tmp_path / "d")
+        dirs["good"] = good
+        head = msgspec.structs.replace(head, draft_name="good")
+        assert (await pool._with_draft(entry, head, smollm2_dir)) == head
+
+    asyncio.run(main())

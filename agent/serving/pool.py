@@ -273,16 +273,23 @@ class RunnerPool:
         """A head's configuration with its draft model's directory, once the draft is found and
         shares the model's tokenizer; else without the draft (said once, never a restart loop:
         the model is served, just not drafted by that model)."""
-        if config.draft_name is None or config.draft_remote is not None:
-            return config  # none, or a draft runner elsewhere (its node checks it)
+        if config.draft_name is None:
+            return config
         if config.role not in HEAD_ROLES:
-            return msgspec.structs.replace(config, draft_name=None)
+            return msgspec.structs.replace(config, draft_name=None, draft_remote=None)
         from agent.spec import draft_problem
 
         whole = msgspec.structs.replace(config, model_name=config.draft_name, role="solo",
                                         layer_start=None, layer_stop=None)
         try:
-            draft_dir: Path | None = await entry.locate(config.draft_name, whole)
+            if config.draft_remote is not None and self.tokenizer_dir is not None:
+                # A draft runner on another node: its small files (config, tokenizer) are
+                # enough to check it here too, so that a refused draft is not waited for.
+                draft_dir: Path | None = await self.tokenizer_dir(config.draft_name)
+            elif config.draft_remote is not None:
+                return config
+            else:
+                draft_dir = await entry.locate(config.draft_name, whole)
             problem = draft_problem(draft_dir, model_dir)
         except Exception as exc:
             draft_dir, problem = None, f"the draft model {config.draft_name} is not found: {exc}"
@@ -291,8 +298,10 @@ class RunnerPool:
                 log.error("runner %s: draft model refused, serving %s without it: %s",
                           entry.key, entry.plan.model, problem)
             entry.draft_refusal = problem
-            return msgspec.structs.replace(config, draft_name=None)
+            return msgspec.structs.replace(config, draft_name=None, draft_remote=None)
         entry.draft_refusal = None
+        if config.draft_remote is not None:
+            return config
         assert draft_dir is not None
         return msgspec.structs.replace(config, draft_dir=str(draft_dir.resolve()))
 
