@@ -245,6 +245,9 @@ def _model_entry_errors(entry: dict[str, Any], at: str) -> list[SpecError]:
             errors.append(SpecError(path=f"{at}.replicas",
                                     message="replicas > 1 need pinned nodes that name each node "
                                             "once"))
+    if entry.get("draft_node") is not None and entry.get("draft") is None:
+        errors.append(SpecError(path=f"{at}.draft_node",
+                                message="names where the draft runs: set draft too"))
     max_replicas = entry.get("max_replicas")
     if isinstance(max_replicas, int) and isinstance(replicas, int) and max_replicas < replicas:
         errors.append(SpecError(path=f"{at}.max_replicas",

@@ -146,3 +146,15 @@ def test_a_refused_remote_draft_is_said_once_and_not_waited_for(smollm2_dir: Pat
         assert (await pool._with_draft(entry, head, smollm2_dir)) == head
 
     asyncio.run(main())
+
+
+def test_a_draft_node_needs_a_draft_and_its_slot_is_free_there() -> None:
+    import pytest
+
+    from agent.cluster.wiring import free_slot
+
+    with pytest.raises(ValueError, match="draft_node"):
+        ClusterSpec.model_validate({"models": [{"model": "m", "draft_node": "b"}]})
+    drafting = single().model_copy(update={"draft_node": "n1"})
+    assert free_slot(single(), {"n1": {0}}) == 0
+    assert free_slot(drafting, {"n1": {0}}) == 1

@@ -31,10 +31,16 @@ def link_address(profile: NodeProfile, slot: int, offset: int = 0) -> str:
     return f"{node_address(profile)}:{profile.data_port + PORTS_PER_SLOT * slot + offset}"
 
 
+def slot_nodes(placement: Placement) -> list[str]:
+    """The nodes whose ports an instance's slot takes: its stages' and its draft runner's."""
+    extra = [placement.draft_node] if placement.draft_node else []
+    return [*placement.nodes(), *extra]
+
+
 def free_slot(placement: Placement, taken: dict[str, set[int]]) -> int:
     """The lowest slot no node of the placement uses yet (`taken`: node id -> its slots)."""
     for slot in range(MAX_SLOTS):
-        if all(slot not in taken.get(node, set()) for node in placement.nodes()):
+        if all(slot not in taken.get(node, set()) for node in slot_nodes(placement)):
             return slot
     raise WiringError("every instance slot of these nodes is in use")
 
