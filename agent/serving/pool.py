@@ -316,9 +316,15 @@ class RunnerPool:
         problem: str | None = None
         if target is not None and self.tokenizer_dir is not None:
             try:
-                problem = draft_problem(draft_dir, await self.tokenizer_dir(target))
+                target_dir = await self.tokenizer_dir(target)
             except Exception as exc:
-                problem = f"the tokenizer of {target} is not found: {exc}"
+                # No holder reachable yet: tried again after the restart backoff.
+                entry.failures += 1
+                entry.state, entry.detail = "failed", f"the tokenizer of {target}: {exc}"
+                log.warning("runner %s: cannot check draft %s: the tokenizer of %s is not "
+                            "found: %s", entry.key, entry.plan.model, target, exc)
+                return True
+            problem = draft_problem(draft_dir, target_dir)
         if problem is None:
             entry.draft_refusal = None
             return False
