@@ -43,6 +43,7 @@ def _settings_from(args: argparse.Namespace) -> Any:
         prefix_cache_bytes=getattr(args, "prefix_cache", None),
         shutdown_grace_s=getattr(args, "shutdown_grace", None),
         dtype=getattr(args, "serve_dtype", None),
+        draft=getattr(args, "draft", None),
     )
 
 
@@ -389,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ollama-port", type=int,
                      help="also serve the Ollama API here (e.g. 11434)")
     run.add_argument("--model", help="model to load at start (store name or path)")
+    run.add_argument("--draft", help="a draft model for --model's speculative decoding (store "
+                                     "name or path; it must share the model's tokenizer)")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", choices=["text", "json"])
     run.add_argument("--blas", choices=["auto", "off"],

@@ -85,6 +85,10 @@ class NodeSettings(BaseSettings):
     # several tokens a pass; it turns itself off per sequence where it does not pay. A
     # request's `prediction` (Predicted Outputs) still drafts when this is off.
     prompt_lookup: bool = True
+    # A draft model (store name or path) for the default `model` on this node: it proposes
+    # tokens the model verifies several a pass. It must share the model's tokenizer (checked
+    # before the runner starts; a draft that does not is refused and the model served without).
+    draft: str | None = None
 
     # Cluster. With no cluster file and discovery on, nodes of the same cluster name and secret
     # find each other on the LAN. With API keys and no secret, the secret is derived from the

@@ -153,6 +153,13 @@ class ModelEntry(_Section):
     dtype: Literal["auto", "keep", "float32", "float16", "bfloat16"] | None = None
     # Speculative decoding by prompt lookup for this model; unset: the node's `prompt_lookup`.
     prompt_lookup: bool | None = None
+    # A draft model for speculative decoding: a small model with the same tokenizer (vocabulary
+    # and special tokens, checked here when both are visible, else before the runner starts),
+    # loaded beside the model's head.
+    draft: str | None = Field(default=None, min_length=1)
+    # Where the draft runs (a node name or id): a draft runner there answers the head over a
+    # link. Unset: in the head runner when its node has the memory, else on a node that has.
+    draft_node: str | None = Field(default=None, min_length=1)
 
 
 class SpecError(BaseModel):
@@ -238,6 +245,9 @@ def _model_entry_errors(entry: dict[str, Any], at: str) -> list[SpecError]:
             errors.append(SpecError(path=f"{at}.replicas",
                                     message="replicas > 1 need pinned nodes that name each node "
                                             "once"))
+    if entry.get("draft_node") is not None and entry.get("draft") is None:
+        errors.append(SpecError(path=f"{at}.draft_node",
+                                message="names where the draft runs: set draft too"))
     max_replicas = entry.get("max_replicas")
     if isinstance(max_replicas, int) and isinstance(replicas, int) and max_replicas < replicas:
         errors.append(SpecError(path=f"{at}.max_replicas",
@@ -324,7 +334,41 @@ def model_errors(spec: ClusterSpec,
         if reason is not None:
             key = "model" if arch.refusal(config) is not None else "strategy"
             errors.append(SpecError(path=f"models[{i}].{key}", message=reason))
+    errors.extend(draft_errors(spec, resolve))
     return errors
+
+
+def draft_errors(spec: ClusterSpec, resolve: Callable[[str], Path | None]) -> list[SpecError]:
+    """`[[models]]` drafts that cannot draft for their model, where this process sees both
+    (elsewhere the node running the head checks before it starts the runner)."""
+    errors: list[SpecError] = []
+    for i, entry in enumerate(spec.models):
+        if entry.draft is None:
+            continue
+        target = resolve(entry.model)
+        problem = draft_problem(resolve(entry.draft), target) if target is not None else None
+        if problem is not None:
+            errors.append(SpecError(path=f"models[{i}].draft", message=problem))
+    return errors
+
+
+def draft_problem(draft_dir: Path | None, target_dir: Path) -> str | None:
+    """Why the model at `draft_dir` cannot draft for the one at `target_dir` (its tokenizer
+    differs, or flock's decoder cannot run it); None when it can or is not visible here."""
+    from agent.models import arch
+    from agent.models.draft_check import check_draft_model
+
+    if draft_dir is None:
+        return None
+    try:
+        found = arch.architecture(arch.read_config(draft_dir))
+        if found.engine != "flock":
+            return (f"the draft model {draft_dir.name} is a {found.engine or 'unknown'} "
+                    "architecture; a draft runs on flock's decoder")
+        check_draft_model(draft_dir, target_dir)
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    return None
 
 
 def _visible_model(name: str, base: Path, models_dir: Path | None) -> Path | None:

@@ -23,7 +23,7 @@ from agent.cluster.reconcile import (
     plan_with_problems,
 )
 from agent.cluster.state import ModelShape, NodeProfile, Placement
-from agent.cluster.wiring import free_slot
+from agent.cluster.wiring import free_slot, slot_nodes
 from agent.spec import ClusterSpec, VersionedSpec
 
 log = logging.getLogger("flock.cluster")
@@ -70,7 +70,9 @@ class Assignment(BaseModel):
 
     def desired_models(self) -> set[str]:
         spec = self.spec.spec if self.spec else ClusterSpec.model_validate({})
-        return {e.model for e in spec.models} | {r.model for r in self.requested}
+        # Drafts too: placement counts a draft's memory where it runs (`draft_placement.py`).
+        return ({e.model for e in spec.models} | {e.draft for e in spec.models if e.draft}
+                | {r.model for r in self.requested})
 
 
 def continue_from(current: Assignment, fetched: list[Assignment | None]) -> Assignment:
@@ -123,21 +125,24 @@ def next_assignment(current: Assignment, shapes: dict[str, ModelShape],
         elif isinstance(action, Place):
             new, old = action.placement, placements.get(action.placement.instance_id)
             placements[new.instance_id] = new
-            relaid = old is None or old.model != new.model or old.stages != new.stages
+            # A draft runner moving to another node takes a port there: a fresh slot, free on
+            # every node the instance uses now.
+            relaid = (old is None or old.model != new.model or old.stages != new.stages
+                      or old.draft_node != new.draft_node)
             if relaid and new.instance_id in slots:
                 # New ports for a new layout: a runner of the old layout that has not been
                 # stopped yet (or restarted) must not take the new layout's connections.
                 moved[new.instance_id] = slots.pop(new.instance_id)
     taken: dict[str, set[int]] = {}
     for instance_id, slot in slots.items():
-        for node in placements[instance_id].nodes():
+        for node in slot_nodes(placements[instance_id]):
             taken.setdefault(node, set()).add(slot)
     for instance_id, placement in sorted(placements.items()):
         if instance_id not in slots:
-            avoid = {n: taken.get(n, set()) | {moved[instance_id]} for n in placement.nodes()
+            avoid = {n: taken.get(n, set()) | {moved[instance_id]} for n in slot_nodes(placement)
                      } if instance_id in moved else taken
             slots[instance_id] = free_slot(placement, avoid)
-            for node in placement.nodes():
+            for node in slot_nodes(placement):
                 taken.setdefault(node, set()).add(slots[instance_id])
     changed = (list(placements.values()) != current.placements or slots != current.slots
                or current.leader != leader or problems != current.problems)

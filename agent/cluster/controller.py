@@ -43,14 +43,14 @@ from agent.cluster.shard_source import ShardSource
 from agent.cluster.spec_watch import SpecFileWatch
 from agent.cluster.state import NodeProfile, Placement
 from agent.cluster.status import ClusterMetrics, status_report
-from agent.engine import ModelInfo, canonical_name
+from agent.engine import ModelInfo, ModelNotFound, canonical_name
 from agent.models.store import ModelStore
 from agent.runtime.kernels import describe_kernels
 from agent.runtime.protocol import RunnerConfig
 from agent.serving.pool import RunnerPool
 from agent.serving.router import Router
 from agent.settings import NodeSettings
-from agent.spec import ClusterSpec, VersionedSpec, parse_spec, spec_hash
+from agent.spec import ClusterSpec, VersionedSpec, draft_errors, parse_spec, spec_hash
 
 log = logging.getLogger("flock.cluster")
 
@@ -426,6 +426,11 @@ class ClusterController:
         spec, errors = parse_spec(text)
         if spec is None:
             return [str(e) for e in errors]
+        # A draft whose tokenizer differs from its model's is refused here when this node holds
+        # both (elsewhere, the head's node refuses it before starting the runner).
+        refused = draft_errors(spec, self._stored_dir)
+        if refused:
+            return [str(e) for e in refused]
         digest = spec_hash(spec)
         current = self.assignment.spec
         if current is not None and current.hash == digest:
@@ -436,6 +441,12 @@ class ClusterController:
                                   spec=spec.without_secret())})
         self._wake.set()
         return []
+
+    def _stored_dir(self, name: str) -> Path | None:
+        try:
+            return self.store.resolve(canonical_name(name))
+        except (ModelNotFound, OSError, ValueError):
+            return None
 
     async def send_spec_to_leader(self, text: str) -> None:
         """Forward a cluster.toml to the leader; raises PeerError when it cannot be reached."""

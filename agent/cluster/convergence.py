@@ -36,6 +36,7 @@ class MemberConvergence:
         self.pool = pool
         self.store = store
         self.shards = shards
+        pool.tokenizer_dir = self.tokenizer_dir
 
     def base_config(self, assignment: Assignment, model: str) -> RunnerConfig:
         """A runner of `model`: the pool's settings with cluster.toml's per-model ones."""
@@ -46,6 +47,14 @@ class MemberConvergence:
                                        kv_bits=entry.kv_bits if entry else None)
         if entry is not None and entry.prompt_lookup is not None:
             config = msgspec.structs.replace(config, prompt_lookup=entry.prompt_lookup)
+        # A draft model: the spec entry's, else the node's `draft` for its default model.
+        settings = self.pool.settings
+        draft = entry.draft if entry is not None else None
+        if draft is None and settings.draft and settings.model \
+                and canonical_name(settings.model) == model:
+            draft = settings.draft
+        if draft is not None:
+            config = msgspec.structs.replace(config, draft_name=canonical_name(draft))
         return config
 
     def wanted(self, assignment: Assignment, profiles: dict[str, NodeProfile],
@@ -54,7 +63,7 @@ class MemberConvergence:
         configs: dict[str, tuple[str, RunnerConfig]] = {}
         for placement in assignment.placements:
             slot = assignment.slots.get(placement.instance_id)
-            if slot is None or node_id not in placement.nodes():
+            if slot is None or node_id not in [*placement.nodes(), placement.draft_node]:
                 continue
             try:
                 ranks = runner_configs(placement, slot, profiles,
@@ -64,7 +73,8 @@ class MemberConvergence:
                 continue
             for (node, rank), config in ranks.items():
                 if node == node_id:
-                    configs[f"{placement.instance_id}/{rank}"] = (placement.model, config)
+                    # A draft runner's model is the draft (`wiring.with_draft_runner`).
+                    configs[f"{placement.instance_id}/{rank}"] = (config.model_name, config)
         return {key: RunnerPlan(model, config, local_ranks=len(configs))
                 for key, (model, config) in configs.items()}
 
@@ -88,6 +98,13 @@ class MemberConvergence:
                         "stopping it so that its %d requests fail now", key,
                         self.pool.stalled_for(key), lost, self.pool.in_flight(key))
             await self.pool.kill(key)
+
+    async def tokenizer_dir(self, model: str) -> Path:
+        """`model`'s tokenizer files: the store's copy, or fetched from a holder."""
+        try:
+            return self.store.resolve(model)
+        except ModelNotFound:
+            return await self.shards.tokenizer(model)
 
     async def locate(self, model: str, config: RunnerConfig) -> Path:
         """The weights of a rank: the store's copy, or the rank's shard from a peer."""

@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent.cluster.draft_placement import choose_draft_node, draft_bytes
 from agent.cluster.leader import compatible
 from agent.cluster.placement import (
     DEFAULT_KV_HEADROOM_TOKENS,
@@ -51,6 +52,10 @@ class DesiredInstance(_Frozen):
     context_length: int | None = None  # KV headroom to reserve, in tokens
     kv_bits: Literal[4, 8] | None = None
     owner: Owner = "spec"
+    # The entry's draft model and its pinned node (built from the spec on the leader, never
+    # sent, as auto_replicas): where the draft runs is `draft_placement.py`'s answer.
+    draft: str | None = Field(default=None, exclude=True)
+    draft_node: str | None = Field(default=None, exclude=True)
 
     def instance_ids(self) -> list[str]:
         return [f"{self.key}-{r}" for r in range(self.replicas)]
@@ -144,6 +149,7 @@ def desired_from_spec(spec: ClusterSpec, shapes: dict[str, ModelShape],
             auto_replicas=auto, strategy=entry.strategy,
             nodes=entry.nodes, labels=entry.labels, layers=entry.layers,
             context_length=entry.context_length, kv_bits=entry.kv_bits, owner="spec",
+            draft=entry.draft, draft_node=entry.draft_node,
         ))
     for request in requested:
         key = _unique_key(request.key, used)
@@ -186,6 +192,7 @@ def plan_with_problems(desired: DesiredState,
 
     final = _keep_valid(wanted, desired, eligible, current, problems)
     _place_missing(wanted, desired, eligible, observed, current, final, problems)
+    _place_drafts(wanted, desired, eligible, observed, current, final)
 
     alive = {n.node_id for n in observed.nodes}
     stops: list[Action] = []
@@ -331,6 +338,32 @@ def _place_missing(wanted: list[tuple[str, DesiredInstance]], desired: DesiredSt
         else:
             assert error is not None
             problems.append(Problem(instance_id=instance_id, message=str(error)))
+
+
+def _place_drafts(wanted: list[tuple[str, DesiredInstance]], desired: DesiredState,
+                  eligible: list[NodeProfile], observed: ObservedState,
+                  current: dict[str, Placement], final: dict[str, Placement]) -> None:
+    """Each placement's `draft_node` (see `draft_placement.choose_draft_node`)."""
+    ready = {(s.instance_id, s.node_id) for s in observed.runners if s.state == "ready"}
+    freed = _freed_by_replacing(desired, current, final, ready)
+    nodes = _with_commitments(eligible, final, desired, ready, freed)
+    for instance_id, entry in wanted:
+        placement = final.get(instance_id)
+        if placement is None:
+            continue
+        where: str | None = None
+        if entry.draft is not None:
+            draft = desired.shapes.get(entry.draft)
+            need = draft_bytes(draft, kv_headroom_tokens=_headroom(entry),
+                               kv_bits=entry.kv_bits) if draft is not None else None
+            # `nodes` has every placement's runners subtracted already (this one's too).
+            previous = current.get(instance_id)
+            kept = previous is not None and _same_layout(previous, placement)
+            where = choose_draft_node(placement, need, nodes, pinned=entry.draft_node,
+                                      kept=kept,
+                                      previous=previous.draft_node if previous else None)
+        if where != placement.draft_node:
+            final[instance_id] = placement.model_copy(update={"draft_node": where})
 
 
 def _freed_by_replacing(desired: DesiredState, current: dict[str, Placement],

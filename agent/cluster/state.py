@@ -99,6 +99,9 @@ class Placement(Frozen):
     reason: str = ""  # why placement chose this shape (shown in status), e.g. what `auto` decided
     left_out: dict[str, str] = Field(default_factory=dict)  # node id -> why it serves no stage
     dtype: str = "float32"  # what every rank loads (the leader resolved it; bytes counted at it)
+    # The node whose draft runner drafts for the head (`draft_placement.py`); None: the head
+    # runner loads its draft model itself (or there is none).
+    draft_node: str | None = None
 
     @property
     def head_node(self) -> str:

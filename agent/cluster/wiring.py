@@ -3,7 +3,8 @@
 Every node computes the same answer from the same placement, so a node knows where to listen and
 whom to call without asking anyone. Each instance gets a *slot* (chosen by the leader) on the
 nodes it spans; a node's runner for slot k uses ports `data_port + 4k` (its stage or tensor link)
-and `data_port + 4k + 1` (the mx.distributed ring).
+and `data_port + 4k + 1` (the mx.distributed ring); a draft runner on another node
+(`Placement.draft_node`) listens on that node's `data_port + 4k + 2` for the head's link.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from agent.cluster.state import NodeProfile, Placement
 from agent.runtime.protocol import RunnerConfig, RunnerRole
 
 PORTS_PER_SLOT = 4
+DRAFT_PORT_OFFSET = 2  # of a slot's ports: the draft runner's (`with_draft_runner`)
 MAX_SLOTS = 64
 
 
@@ -29,10 +31,16 @@ def link_address(profile: NodeProfile, slot: int, offset: int = 0) -> str:
     return f"{node_address(profile)}:{profile.data_port + PORTS_PER_SLOT * slot + offset}"
 
 
+def slot_nodes(placement: Placement) -> list[str]:
+    """The nodes whose ports an instance's slot takes: its stages' and its draft runner's."""
+    extra = [placement.draft_node] if placement.draft_node else []
+    return [*placement.nodes(), *extra]
+
+
 def free_slot(placement: Placement, taken: dict[str, set[int]]) -> int:
     """The lowest slot no node of the placement uses yet (`taken`: node id -> its slots)."""
     for slot in range(MAX_SLOTS):
-        if all(slot not in taken.get(node, set()) for node in placement.nodes()):
+        if all(slot not in taken.get(node, set()) for node in slot_nodes(placement)):
             return slot
     raise WiringError("every instance slot of these nodes is in use")
 
@@ -51,6 +59,13 @@ def runner_configs(placement: Placement, slot: int, profiles: dict[str, NodeProf
         nodes = [profiles[n] for n in placement.nodes()]
     except KeyError as exc:
         raise WiringError(f"placement {placement.instance_id} names unknown node {exc}") from exc
+    return with_draft_runner(placement, slot, profiles,
+                             _stage_configs(placement, slot, profiles, base, nodes))
+
+
+def _stage_configs(placement: Placement, slot: int, profiles: dict[str, NodeProfile],
+                   base: RunnerConfig, nodes: list[NodeProfile]
+                   ) -> dict[tuple[str, int], RunnerConfig]:
     stages = placement.stages
     common = {"model_name": placement.model}
     if len(nodes) == 1:
@@ -80,6 +95,32 @@ def runner_configs(placement: Placement, slot: int, profiles: dict[str, NodeProf
             for rank, p in enumerate(nodes)
         }
     return _hybrid_configs(placement, slot, profiles, base, common)
+
+
+def with_draft_runner(placement: Placement, slot: int, profiles: dict[str, NodeProfile],
+                      configs: dict[tuple[str, int], RunnerConfig]
+                      ) -> dict[tuple[str, int], RunnerConfig]:
+    """`configs` plus, for a placement whose draft runs on `draft_node`, that node's draft
+    runner (rank = the number of stage ranks; its model is the draft) and the head's
+    `draft_remote` pointing at it. Without a draft model, or drafting in the head, unchanged."""
+    head_key = (placement.head_node, 0)
+    head = configs.get(head_key)
+    if placement.draft_node is None or head is None or head.draft_name is None:
+        return configs
+    where = profiles.get(placement.draft_node)
+    if where is None:
+        raise WiringError(f"placement {placement.instance_id} drafts on unknown node "
+                          f"{placement.draft_node}")
+    address = link_address(where, slot, DRAFT_PORT_OFFSET)
+    out = dict(configs)
+    # The draft runner keeps `draft_name` = the target, so that its node checks the draft
+    # against the target's tokenizer before starting it (the pool's `_with_draft`).
+    out[(where.node_id, len(configs))] = _with(
+        head, role=RunnerRole.DRAFT, model_name=head.draft_name, draft_name=placement.model,
+        listen=address, downstream=None, layer_start=None, layer_stop=None, tp_rank=0,
+        tp_hosts=[], tp_peers=[])
+    out[head_key] = _with(head, draft_remote=address)
+    return out
 
 
 def _hybrid_configs(placement: Placement, slot: int, profiles: dict[str, NodeProfile],

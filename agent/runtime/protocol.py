@@ -26,6 +26,7 @@ class RunnerRole(enum.StrEnum):
     HEAD = "head"  # the first pipeline stage: scheduler, sampling, embedding and head
     FOLLOWER = "follower"  # a later pipeline stage (or the leader of its stage's tensor group)
     TP_FOLLOWER = "tp_follower"  # a tensor-parallel peer: computes its shard of its stage
+    DRAFT = "draft"  # a draft model serving a head's proposal requests (`draft_remote.py`)
 
 
 class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -49,6 +50,12 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     compile_step: bool = True
     fuse_projections: bool = True
     prompt_lookup: bool = True  # speculative decoding from prompt-lookup drafts
+    # A draft model for speculative decoding (same tokenizer; loaded by the head beside the
+    # target): its name, and its directory (the pool fills it in, like `model_dir`).
+    draft_name: str | None = None
+    draft_dir: str | None = None
+    # Or the head asks a draft runner (role "draft", listening there) for its proposals.
+    draft_remote: str | None = None
     stats_interval_s: float = 1.0
     # Role in the instance. SOLO: the whole model here (or the whole stage, leading a tensor
     # group). HEAD: layers [layer_start, layer_stop) plus the embedding, the final norm and the

@@ -35,12 +35,15 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.runtime.pacing import moving_average, prefill_slice
 from agent.runtime.seam import DecodeWork, PipelinedCompute, PrefillWork, Work
 from agent.runtime.sequences import SchedulerView, Sequence
 from agent.runtime.verify import step_width
+
+if TYPE_CHECKING:
+    from agent.runtime.speculation import Draft
 
 # A lone long prompt is cut into about this many slices per stage (so the ring fills and
 # drains in a small part of its prefill), none shorter than PIPELINE_MIN_SLICE tokens. From
@@ -79,7 +82,7 @@ class Flight:
     started: float
     # A verify micro-batch: each member's drafted tokens (request id -> draft, those that have
     # one) and its first position (its length before the step).
-    drafts: dict[str, list[int]] | None = None
+    drafts: dict[str, Draft] | None = None
     starts: dict[str, int] | None = None
 
 
@@ -199,7 +202,7 @@ class Ring:
             first, stop = rows[0], rows[-1] + 1
             members = [ready[row] for row in rows]
         drafts = self._drafts(members)
-        width = step_width(1 + max(len(d) for d in drafts.values())) if drafts else 1
+        width = step_width(1 + max(len(d.tokens) for d in drafts.values())) if drafts else 1
         if width > 1:
             kv.ensure_capacity(max(s.length for s in sched.running.values()) + width)
         positions = [0] * (stop - first)
@@ -208,7 +211,8 @@ class Ring:
             if first <= seq.row < stop:
                 positions[seq.row - first] = seq.length
         for seq in members:
-            row = [seq.next_token, *drafts.get(seq.request.id, [])]
+            draft = drafts.get(seq.request.id)
+            row = [seq.next_token, *(draft.tokens if draft is not None else [])]
             tokens[seq.row - first][:len(row)] = row  # type: ignore[assignment]
         work = DecodeWork(first, tokens, positions)
         sched.compute.will_decode([s.row for s in members])
@@ -231,14 +235,14 @@ class Ring:
             return self._fly(work, offsets, drafts, starts)
         return self._fly(work, offsets)
 
-    def _drafts(self, members: list[Sequence]) -> dict[str, list[int]]:
+    def _drafts(self, members: list[Sequence]) -> dict[str, Draft]:
         """The members' drafts for this micro-batch; none when the widest step would not fit
         the cache's budget."""
         sched = self.sched
-        drafts: dict[str, list[int]] = sched.speculator.drafts_for(members)
+        drafts = sched.speculator.drafts_for(members)
         if not drafts:
             return drafts
-        width = step_width(1 + max(len(d) for d in drafts.values()))
+        width = step_width(1 + max(len(d.tokens) for d in drafts.values()))
         kv = sched.kv
         limit = kv.capacity_limit(kv.rows)
         longest = max(s.length for s in sched.running.values())
@@ -247,7 +251,7 @@ class Ring:
         return drafts
 
     def _fly(self, work: Work, members: list[tuple[Sequence, int]],
-             drafts: dict[str, list[int]] | None = None,
+             drafts: dict[str, Draft] | None = None,
              starts: dict[str, int] | None = None) -> Flight:
         flight = Flight(work, members, time.perf_counter(), drafts, starts)
         self.flights.append(flight)

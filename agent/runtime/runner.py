@@ -140,6 +140,41 @@ def load(config: RunnerConfig, journal: Journal | None = None,
     return (decoder, tokenizer, kv, limits, prefix), ready
 
 
+def load_draft(config: RunnerConfig, decoder: Any, dtype_name: str) -> Any:
+    """The head's draft model (`draft_model.DraftModel`, loaded in the target's dtype, or a
+    `draft_remote.RemoteDraft` when it asks a draft runner); None when it has none, or when it
+    cannot load (said on stderr: the model is served anyway)."""
+    if config.role not in (RunnerRole.SOLO, RunnerRole.HEAD):
+        return None
+    if config.draft_remote is not None:
+        from agent.runtime.draft_remote import connect_remote_draft
+
+        try:
+            return connect_remote_draft(
+                config.draft_remote, vocab=decoder.config.vocab_size,
+                name=config.draft_name or "draft",
+                deadline=time.monotonic() + config.startup_timeout_s,
+                timeout=config.link_timeout_s)
+        except StageLinkError as exc:
+            print(f"flock runner: the remote draft model is not used: {exc}", file=sys.stderr)
+            return None
+    if config.draft_dir is None:
+        return None
+    import mlx.core as mx
+
+    from agent.runtime.draft_model import load_draft_model
+
+    dtype = None if dtype_name in ("", "keep") else getattr(mx, dtype_name)
+    try:
+        return load_draft_model(Path(config.draft_dir), Path(config.model_dir),
+                                vocab=decoder.config.vocab_size, dtype=dtype,
+                                compiled=config.compile_step, name=config.draft_name or "draft")
+    except Exception as exc:
+        print(f"flock runner: the draft model {config.draft_name} is not used: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
 def _connect_pipeline(config: RunnerConfig, listener: Any) -> tuple[Any, Any]:
     """(downstream link, upstream link) for a head or a follower, within the start-up deadline."""
     from agent.runtime.links import StageLink
@@ -171,6 +206,8 @@ def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
     multi = config.role != RunnerRole.SOLO or tensor
     journal: Journal | None = [] if multi else None
     watchdog = Watchdog(config.link_timeout_s) if tensor else None
+    if config.role == RunnerRole.DRAFT:
+        return _serve_drafts(config, inbox_fd, outbox)
     try:
         # Listen before loading: the peer may connect while we are still reading weights.
         listener = listen(config.listen) if multi and config.listen else None
@@ -250,12 +287,38 @@ def serve(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
                               compiled=config.compile_step, prefix_cache=prefix,
                               compute=compute,
                               constraint_factory=constraint_factory(tokenizer),
-                              prompt_lookup=config.prompt_lookup)
+                              prompt_lookup=config.prompt_lookup,
+                              draft_model=load_draft(config, decoder, ready.dtype))
     except Exception as exc:  # the agent reports it; the runner must not hang
         outbox.send(RunnerError(message=f"{type(exc).__name__}: {exc}"))
         return 1
     outbox.send(ready)
     return _serve_loop(config, scheduler, inbox_fd, outbox, watchdog)
+
+
+def _serve_drafts(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
+    """A draft runner: load the draft model, take the head's link, answer its proposals."""
+    from agent.runtime.draft_remote import DraftServer, serve_drafts
+    from agent.runtime.links import StageLink, listen
+    from agent.runtime.model import load_decoder
+
+    try:
+        assert config.listen is not None, "a draft runner needs a listen address"
+        started = time.perf_counter()
+        listener = listen(config.listen)
+        decoder = load_decoder(Path(config.model_dir))
+        ready = Ready(model_name=config.model_name, weight_bytes=decoder.weight_bytes(),
+                      kv_budget_bytes=0, kv_bytes_per_token=0,
+                      context_length=decoder.config.max_position_embeddings,
+                      load_seconds=time.perf_counter() - started)
+        outbox.send(ready)
+        link = StageLink.accept(listener, deadline=time.monotonic() + config.startup_timeout_s,
+                                timeout=config.link_timeout_s)
+        listener.close()
+    except Exception as exc:
+        outbox.send(RunnerError(message=f"{type(exc).__name__}: {exc}"))
+        return 1
+    return serve_drafts(DraftServer(decoder, compiled=config.compile_step), link, inbox_fd)
 
 
 def _serve_loop(config: RunnerConfig, scheduler: Any, inbox_fd: int, outbox: Outbox,

@@ -79,6 +79,7 @@ class Scheduler:
         compute: Compute | None = None,
         constraint_factory: Callable[[GenerationRequest], Any] | None = None,
         prompt_lookup: bool = True,
+        draft_model: Any = None,
     ) -> None:
         self.decoder = decoder
         self.tokenizer = tokenizer
@@ -108,8 +109,9 @@ class Scheduler:
         # A pipeline head keeps micro-batches in flight around its ring (ring.py runs the round).
         stages = getattr(self.compute, "stages", 1)
         self.ring = Ring(self, self.compute) if stages > 1 else None  # type: ignore[arg-type]
-        # Speculative decoding: drafts per sequence, verified in multi-token decode steps.
-        self.speculator = Speculator(self, enabled=prompt_lookup)
+        # Speculative decoding: drafts per sequence (prompt lookup, a draft model), verified in
+        # multi-token decode steps.
+        self.speculator = Speculator(self, enabled=prompt_lookup, draft_model=draft_model)
 
     # ---- admission --------------------------------------------------------------------------
     @property

@@ -1,11 +1,14 @@
 """Speculative decoding in the scheduler: a decode step whose rows carry drafted tokens.
 
 Each sequence may have a drafter (`drafting.PromptLookup`: the prompt, the output so far and a
-predicted output). When some decoding row has a draft, the step is a verification step instead
+predicted output), and a runner may hold a draft model (`draft_model.DraftModel`), which drafts
+for every sequence the lookup has nothing for (a prediction or a copied span comes first: it is
+free). When some decoding row has a draft, the step is a verification step instead
 of a plain decode: every row feeds its pending token plus its draft (rows without one just
 their pending token, padded), one forward pass scores every position, and each row keeps the
 longest prefix of its draft that the acceptance rule (`acceptance.py`) allows, plus the model's
-own next token. Tokens go out through the scheduler's ordinary `_accept`, one by one, so stop
+own next token (a draft model's sampled drafts carry their distribution q, for the min(1, p/q)
+rule). Tokens go out through the scheduler's ordinary `_accept`, one by one, so stop
 strings, EOS, max tokens, logprobs and constraints behave as in plain decoding; a sequence that
 ends inside its draft ignores the rest. KV of rejected positions needs no undo: a row's length
 says where its next token is written, and the positions past it are overwritten before any
@@ -15,11 +18,12 @@ query can see them (on every rank alike, since all ranks compute the same step).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import mlx.core as mx
 
 from agent.runtime.acceptance import greedy_kept, verified_tokens
+from agent.runtime.draft_model import DraftModel, Proposal, Want
 from agent.runtime.drafting import MAX_DRAFT, PromptLookup
 from agent.runtime.sampling import top_logprobs
 from agent.runtime.sequences import SchedulerView, Sequence
@@ -32,6 +36,20 @@ class SpeculationStats:
     draft_passes: int = 0  # (row, pass) pairs that carried a draft
     drafted_tokens: int = 0
     accepted_tokens: int = 0  # drafted tokens kept (the model's own next token not counted)
+    # Of them, those a draft model proposed (the rest: prompt lookup and predictions).
+    model_draft_passes: int = 0
+    model_drafted_tokens: int = 0
+    model_accepted_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Draft:
+    """One row's draft in a verify step: its tokens, the draft model's probabilities for a
+    sampled one (None: deterministic, q one-hot), and where it came from."""
+
+    tokens: list[int]
+    q: mx.array | None = None
+    source: Literal["lookup", "model"] = "lookup"
 
 
 # A verify step computes `width` positions for every KV row, drafted or not, and a step of many
@@ -45,19 +63,23 @@ class Speculator:
     """Drafts for the scheduler's sequences and runs the verification steps.
 
     `enabled`: prompt lookup for every sequence (a request's `prediction` drafts even when it
-    is off); the engine must offer `compute.verify` for either.
+    is off); `draft_model`: drafts where the lookup has none. The engine must offer
+    `compute.verify` for any of them.
     """
 
-    def __init__(self, scheduler: SchedulerView, *, enabled: bool = True) -> None:
+    def __init__(self, scheduler: SchedulerView, *, enabled: bool = True,
+                 draft_model: DraftModel | None = None) -> None:
         self.scheduler = scheduler
         self.supported = callable(getattr(scheduler.compute, "verify", None))
         self.enabled = enabled
+        self.draft_model = draft_model if self.supported else None
         self.stats = SpeculationStats()
 
     def drafter_for(self, prompt: list[int], prediction: list[int] | None
                     ) -> PromptLookup | None:
-        """A new sequence's drafter, or None when it will not draft."""
-        if not self.supported or not (self.enabled or prediction):
+        """A new sequence's drafter, or None when it will not draft (nor will the draft
+        model, which needs the drafter's view of the sequence's tokens)."""
+        if not self.supported or not (self.enabled or prediction or self.draft_model):
             return None
         return PromptLookup(prediction=list(prediction or []), lookup_prompt=self.enabled)
 
@@ -78,36 +100,77 @@ class Speculator:
         carry drafts) rather than queued ahead: some row has drafted lately and may again."""
         if self.scheduler.kv.rows > MAX_VERIFY_ROWS:
             return False
+        model = self.draft_model
         for seq in decoding:
             drafter = self._sync(seq)
             if drafter is not None and drafter.could_draft(len(seq.prompt)):
                 return True
+            if (model is not None and drafter is not None and self._room(seq) > 0
+                    and not model.paused(seq.request.id, len(drafter.tokens))):
+                return True
         return False
+
+    def _room(self, seq: Sequence) -> int:
+        # The kept draft plus the model's next token must fit in max tokens and the context.
+        return min(MAX_DRAFT, WIDTHS[-1] - 1, seq.max_tokens - seq.generated - 1,
+                   self.scheduler.limits.context_length - seq.length - 2)
 
     def _draft(self, seq: Sequence) -> list[int]:
         drafter = self._sync(seq)
         if drafter is None:
             return []
-        sched = self.scheduler
-        # The kept draft plus the model's next token must fit in max tokens and the context.
-        room = min(MAX_DRAFT, WIDTHS[-1] - 1, seq.max_tokens - seq.generated - 1,
-                   sched.limits.context_length - seq.length - 2)
-        drafts = drafter.propose(room, len(seq.prompt))
+        return self._constrained(seq, drafter.propose(self._room(seq), len(seq.prompt)))
+
+    @staticmethod
+    def _constrained(seq: Sequence, drafts: list[int]) -> list[int]:
+        """The draft cut where the sequence's grammar (if any) stops allowing it."""
         constraint = seq.sampler.constraint
         if drafts and constraint is not None:
             drafts = drafts[:constraint.valid_prefix(drafts)]
         return drafts
+
+    def _plan(self, decoding: list[Sequence]) -> dict[str, Draft]:
+        """Every decoding row's draft: prompt lookup's (or the prediction's) where it has one,
+        else the draft model's (one batched proposal for all of those rows)."""
+        plan = {s.request.id: Draft(d) for s in decoding if (d := self._draft(s))}
+        model = self.draft_model
+        if model is None:
+            return plan
+        model.retain(set(self.scheduler.running))
+        wants = []
+        by_id = {}
+        for seq in decoding:
+            if seq.request.id in plan or seq.drafter is None:
+                continue
+            room = self._room(seq)
+            if room <= 0:
+                continue
+            sampler = seq.sampler if not seq.sampler.params.greedy else None
+            wants.append(Want(seq.request.id, seq.drafter.tokens, room, sampler))
+            by_id[seq.request.id] = seq
+        for seq_id, proposal in model.propose(wants).items():
+            draft = self._model_draft(by_id[seq_id], proposal)
+            if draft is not None:
+                plan[seq_id] = draft
+        return plan
+
+    def _model_draft(self, seq: Sequence, proposal: Proposal) -> Draft | None:
+        tokens = self._constrained(seq, proposal.tokens)
+        if not tokens:
+            return None
+        q = proposal.q[:len(tokens)] if proposal.q is not None else None
+        return Draft(tokens, q, "model")
 
     def try_verify(self, decoding: list[Sequence]) -> bool:
         """Run this step as a verification step when some row has a draft; False (nothing
         done) when none has, or the cache cannot take the wider step."""
         if not self.supported or self.scheduler.kv.rows > MAX_VERIFY_ROWS:
             return False
-        plan = {s.request.id: d for s in decoding if (d := self._draft(s))}
+        plan = self._plan(decoding)
         if not plan:
             return False
         sched, kv = self.scheduler, self.scheduler.kv
-        width = step_width(1 + max(len(d) for d in plan.values()))
+        width = step_width(1 + max(len(d.tokens) for d in plan.values()))
         longest = max(s.length for s in sched.running.values())
         limit = kv.capacity_limit(kv.rows)
         if limit is not None and longest + width > limit:
@@ -119,7 +182,8 @@ class Speculator:
         for seq in sched.running.values():
             starts[seq.row] = seq.length
         for seq in decoding:
-            row = [seq.next_token, *plan.get(seq.request.id, [])]
+            draft = plan.get(seq.request.id)
+            row = [seq.next_token, *(draft.tokens if draft is not None else [])]
             tokens[seq.row][:len(row)] = row  # type: ignore[assignment]
         sched.compute.will_decode([s.row for s in decoding])
         logits = sched.compute.verify(tokens, starts)  # type: ignore[attr-defined]
@@ -128,15 +192,15 @@ class Speculator:
         return True
 
     # ---- a pipeline's verify micro-batches (ring.py) --------------------------------------
-    def drafts_for(self, seqs: list[Sequence]) -> dict[str, list[int]]:
-        """The drafts of those of `seqs` that have one (request id -> tokens) for a step that
-        the caller builds itself; empty when this engine cannot verify or the batch is too
-        wide for drafts to pay."""
+    def drafts_for(self, seqs: list[Sequence]) -> dict[str, Draft]:
+        """The drafts of those of `seqs` that have one (request id -> draft: prompt lookup's,
+        else the draft model's) for a step that the caller builds itself; empty when this
+        engine cannot verify or the batch is too wide for drafts to pay."""
         if not self.supported or self.scheduler.kv.rows > MAX_VERIFY_ROWS:
             return {}
-        return {s.request.id: d for s in seqs if (d := self._draft(s))}
+        return self._plan(seqs)
 
-    def take_verified(self, seqs: list[Sequence], plan: dict[str, list[int]], logits: mx.array,
+    def take_verified(self, seqs: list[Sequence], plan: dict[str, Draft], logits: mx.array,
                       rows_of: list[int]) -> None:
         """A verification step's outcome for `seqs` (each's length at the step's first
         position), whose logits are rows `rows_of` of `logits` (rows, width, vocab)."""
@@ -144,7 +208,7 @@ class Speculator:
         self.stats.verify_steps += 1
 
     # ---- what each row keeps ------------------------------------------------------------
-    def _take(self, decoding: list[Sequence], plan: dict[str, list[int]], logits: mx.array,
+    def _take(self, decoding: list[Sequence], plan: dict[str, Draft], logits: mx.array,
               rows_of: list[int] | None = None) -> None:
         sched = self.scheduler
         argmax = mx.argmax(logits, axis=-1)
@@ -152,20 +216,33 @@ class Speculator:
         ids = argmax.tolist()
         for i, seq in enumerate(decoding):
             row = seq.row if rows_of is None else rows_of[i]
-            drafts = plan.get(seq.request.id, [])
+            draft = plan.get(seq.request.id)
+            drafts = draft.tokens if draft is not None else []
             start = seq.length
             if not seq.sampler.needs_logits:
                 kept = greedy_kept(ids[row], drafts)
                 picks = [(t, None) for t in drafts[:kept]] + [(ids[row][kept], None)]
                 self._emit(seq, start, picks)
             else:
-                kept = self._emit_sampled(seq, start, drafts, logits[row])
-            if drafts:
-                self.stats.draft_passes += 1
-                self.stats.drafted_tokens += len(drafts)
-                self.stats.accepted_tokens += kept
-                if seq.drafter is not None:
-                    seq.drafter.feedback(len(drafts), kept)
+                kept = self._emit_sampled(seq, start, drafts, logits[row],
+                                          draft.q if draft is not None else None)
+            if draft is not None:
+                self._count(seq, draft, kept)
+
+    def _count(self, seq: Sequence, draft: Draft, kept: int) -> None:
+        s, drafted = self.stats, len(draft.tokens)
+        s.draft_passes += 1
+        s.drafted_tokens += drafted
+        s.accepted_tokens += kept
+        if draft.source == "model":
+            s.model_draft_passes += 1
+            s.model_drafted_tokens += drafted
+            s.model_accepted_tokens += kept
+            if self.draft_model is not None:
+                tokens = len(seq.prompt) + len(seq.sampler.history)
+                self.draft_model.feedback(seq.request.id, drafted, kept, tokens)
+        elif seq.drafter is not None:
+            seq.drafter.feedback(drafted, kept)
 
     def _emit(self, seq: Sequence, start: int, picks: list[tuple[int, Any]]) -> None:
         sched = self.scheduler
@@ -175,14 +252,14 @@ class Speculator:
             if seq.request.id not in sched.running:
                 return
 
-    def _emit_sampled(self, seq: Sequence, start: int, drafts: list[int], logits: mx.array
-                      ) -> int:
+    def _emit_sampled(self, seq: Sequence, start: int, drafts: list[int], logits: mx.array,
+                      q: mx.array | None = None) -> int:
         """Pick and emit a row's tokens position by position (each adjusted after the previous
         one is taken in); returns how many drafted tokens the acceptance rule kept."""
         sched = self.scheduler
         params = seq.request.sampling
         kept = 0
-        for token, from_draft, i in verified_tokens(seq.sampler, logits, drafts, seq.prompt):
+        for token, from_draft, i in verified_tokens(seq.sampler, logits, drafts, seq.prompt, q):
             kept += from_draft
             lp = None
             if params.logprobs:
@@ -199,7 +276,11 @@ class Speculator:
         return {"verify_steps_total": float(s.verify_steps),
                 "draft_passes_total": float(s.draft_passes),
                 "drafted_tokens_total": float(s.drafted_tokens),
-                "accepted_draft_tokens_total": float(s.accepted_tokens)}
+                "accepted_draft_tokens_total": float(s.accepted_tokens),
+                **({"draft_model_passes_total": float(s.model_draft_passes),
+                    "draft_model_drafted_tokens_total": float(s.model_drafted_tokens),
+                    "draft_model_accepted_tokens_total": float(s.model_accepted_tokens)}
+                   if self.draft_model is not None else {})}
 
 
 def prediction_usage(seq: Sequence) -> dict[str, int]:

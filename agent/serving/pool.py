@@ -92,6 +92,8 @@ class _Entry:
     stats_at: float = 0.0
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     exit_code: int | None = None
+    draft_refusal: str | None = None  # why its draft model was refused, if it was
+    refused: bool = False  # a draft runner whose draft was refused: not started (no loop)
 
 
 class RunnerPool:
@@ -100,6 +102,9 @@ class RunnerPool:
         self.metrics = metrics
         self._entries: dict[str, _Entry] = {}
         self._closing = False
+        # Where a model's tokenizer files are (the store's copy, or fetched from a peer): a draft
+        # runner's node checks the draft against its target's tokenizer (set by convergence).
+        self.tokenizer_dir: Callable[[str], Awaitable[Path]] | None = None
 
     def base_config(self, *, context_length: int | None = None,
                     kv_bits: int | None = None) -> RunnerConfig:
@@ -216,6 +221,8 @@ class RunnerPool:
                     self.metrics.runner_restarted(entry.plan.model, entry.key)
             entry.state = "starting"
             if not await self._start(entry):
+                if entry.refused:
+                    return  # said once; the head serves undrafted
                 continue
             await entry.exited.wait()
             code = entry.exit_code
@@ -233,6 +240,11 @@ class RunnerPool:
             if warning:
                 log.warning(warning)
             config = msgspec.structs.replace(plan.config, model_dir=str(model_dir.resolve()))
+            if config.role == "draft":
+                if await self._draft_refused(entry, config, model_dir):
+                    return False
+            else:
+                config = await self._with_draft(entry, config, model_dir)
             exited = entry.exited = asyncio.Event()
 
             def on_exit(code: int | None) -> None:
@@ -249,10 +261,83 @@ class RunnerPool:
             log.warning("runner %s failed to start: %s", entry.key, exc)
             return False
         entry.state, entry.detail = "ready", ""
+        if entry.draft_refusal is not None:
+            entry.detail = f"draft model refused: {entry.draft_refusal}"
         entry.ready_at = time.monotonic()
         log.info("runner %s (%s, layers %s-%s) ready in %.1fs", entry.key, config.role,
                  config.layer_start, config.layer_stop, entry.ready_at - started)
         return True
+
+    async def _with_draft(self, entry: _Entry, config: RunnerConfig, model_dir: Path
+                          ) -> RunnerConfig:
+        """A head's configuration with its draft model's directory, once the draft is found and
+        shares the model's tokenizer; else without the draft (said once, never a restart loop:
+        the model is served, just not drafted by that model)."""
+        if config.draft_name is None:
+            return config
+        if config.role not in HEAD_ROLES:
+            return msgspec.structs.replace(config, draft_name=None, draft_remote=None)
+        from agent.spec import draft_problem
+
+        whole = msgspec.structs.replace(config, model_name=config.draft_name, role="solo",
+                                        layer_start=None, layer_stop=None)
+        try:
+            if config.draft_remote is not None and self.tokenizer_dir is not None:
+                # A draft runner on another node: its small files (config, tokenizer) are
+                # enough to check it here too, so that a refused draft is not waited for.
+                draft_dir: Path | None = await self.tokenizer_dir(config.draft_name)
+            elif config.draft_remote is not None:
+                return config
+            else:
+                draft_dir = await entry.locate(config.draft_name, whole)
+            problem = draft_problem(draft_dir, model_dir)
+        except Exception as exc:
+            draft_dir, problem = None, f"the draft model {config.draft_name} is not found: {exc}"
+        if problem is not None:
+            if entry.draft_refusal != problem:
+                log.error("runner %s: draft model refused, serving %s without it: %s",
+                          entry.key, entry.plan.model, problem)
+            entry.draft_refusal = problem
+            return msgspec.structs.replace(config, draft_name=None, draft_remote=None)
+        entry.draft_refusal = None
+        if config.draft_remote is not None:
+            return config
+        assert draft_dir is not None
+        return msgspec.structs.replace(config, draft_dir=str(draft_dir.resolve()))
+
+    async def _draft_refused(self, entry: _Entry, config: RunnerConfig, draft_dir: Path
+                             ) -> bool:
+        """A draft runner (its `draft_name` is the target) whose draft does not share the
+        target's tokenizer: said once and not started; the head, finding no draft runner,
+        serves undrafted."""
+        from agent.spec import draft_problem
+
+        target = config.draft_name
+        problem: str | None = None
+        if target is not None and self.tokenizer_dir is not None:
+            try:
+                target_dir = await self.tokenizer_dir(target)
+            except Exception as exc:
+                # No holder reachable yet: tried again after the restart backoff.
+                entry.failures += 1
+                entry.state, entry.detail = "failed", f"the tokenizer of {target}: {exc}"
+                log.warning("runner %s: cannot check draft %s: the tokenizer of %s is not "
+                            "found: %s", entry.key, entry.plan.model, target, exc)
+                return True
+            problem = draft_problem(draft_dir, target_dir)
+        if problem is None:
+            entry.draft_refusal = None
+            return False
+        log.error("runner %s: draft model %s refused, %s is served without it: %s",
+                  entry.key, entry.plan.model, target, problem)
+        entry.draft_refusal, entry.refused = problem, True
+        entry.state, entry.detail = "failed", f"draft model refused: {problem}"
+        return True
+
+    def draft_refusal(self, key: str) -> str | None:
+        """Why the runner under `key` runs without the draft model it was given, if it does."""
+        entry = self._entries.get(key)
+        return entry.draft_refusal if entry is not None else None
 
     def _on_stats(self, model: str, key: str, stats: dict[str, float]) -> None:
         if self.metrics is not None:
