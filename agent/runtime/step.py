@@ -17,20 +17,10 @@ import mlx.nn as nn
 
 from agent.runtime import kernels, moe
 from agent.runtime.kv import KvQuant
-from agent.runtime.model import Decoder, Dense, FusedGateUp, FusedQKV, Layer, Linear, Mlp, SparseMoe
+from agent.runtime.matmul import linear  # also imported from here by rowstep, verify
+from agent.runtime.model import Decoder, Dense, FusedGateUp, FusedQKV, Layer, Mlp, SparseMoe
 
 NEG_INF = -1e30  # large finite number: a fully masked row stays finite
-
-
-def linear(x: mx.array, proj: Linear) -> mx.array:
-    if isinstance(proj, Dense):
-        if proj.bias is not None:
-            return mx.addmm(proj.bias, x, proj.weight.T)
-        return x @ proj.weight.T
-    # As mlx-lm's QuantizedLinear computes it, so kept checkpoints give its logits.
-    out = mx.quantized_matmul(x, proj.weight, proj.scales, proj.biases, transpose=True,
-                              group_size=proj.group_size, bits=proj.bits, mode=proj.mode)
-    return out + proj.bias if proj.bias is not None else out
 
 
 def _all_sum(x: mx.array, group: Any) -> mx.array:
