@@ -1,6 +1,7 @@
 """The decoder flock runs: llama-family weights as plain arrays, projections fused at load time.
 
-One implementation covers llama, mistral, qwen2 (q/k/v bias), qwen3 (q/k norms) and the
+One implementation covers llama, mistral (sliding-window layers where `layer_types` marks
+them, runtime/attention_window.py), qwen2 (q/k/v bias), qwen3 (q/k norms) and the
 mixture-of-experts families qwen3_moe, qwen2_moe (shared expert) and mixtral, whose experts are
 stacked tensors computed by `runtime/moe.py`. Keeping the
 math here, rather than calling mlx-lm's modules, lets the runner batch rows with different
@@ -21,6 +22,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from agent.models.arch import read_config
 from agent.models.tensors import LayerRange, safetensor_files, stage_wants
+from agent.runtime.attention_window import sliding_layers
 
 DENSE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 MOE_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral")
@@ -59,6 +61,9 @@ class DecoderConfig:
     norm_topk_prob: bool = False
     shared_expert_size: int = 0  # qwen2_moe's always-on expert, gated by a sigmoid
     dense_layers: frozenset[int] = frozenset()  # MoE models' layers that keep a dense MLP
+    # Sliding-window attention (runtime/attention_window.py): the window, and which layers.
+    sliding_window: int = 0
+    sliding_layers: frozenset[int] = frozenset()
 
     @property
     def moe_module(self) -> str:
@@ -87,6 +92,7 @@ class DecoderConfig:
             dense = frozenset(i for i in range(layers) if (i + 1) % step or
                               i in set(cfg.get("mlp_only_layers") or ()))
         head_dim = int(cfg.get("head_dim") or hidden // heads)
+        window, sliding = sliding_layers(cfg, arch, layers)
         if arch == "mixtral":
             head_dim = hidden // heads  # mlx-lm's mixtral ignores head_dim
         return cls(
@@ -118,6 +124,8 @@ class DecoderConfig:
             shared_expert_size=int(cfg.get("shared_expert_intermediate_size") or 0)
             if arch == "qwen2_moe" else 0,
             dense_layers=dense,
+            sliding_window=window,
+            sliding_layers=sliding,
         )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from agent.runtime import kernels, moe
+from agent.runtime import attention_window, kernels, moe
 from agent.runtime.kv import KvQuant
 from agent.runtime.matmul import linear  # also imported from here by rowstep, verify
 from agent.runtime.model import Decoder, Dense, FusedGateUp, FusedQKV, Layer, Mlp, SparseMoe
@@ -143,12 +143,13 @@ def write_layer_kv(k_cache: list[mx.array], v_cache: list[mx.array],
 
 def one_token_attention(q: mx.array, k_cache: list[mx.array], v_cache: list[mx.array],
                         positions: mx.array, mask: mx.array, quant: KvQuant | None,
-                        group_size: int) -> mx.array:
-    """One query a row (rows, heads, 1, hd) over its cache: the fused CPU kernel where it runs,
-    else grouped matmuls; (rows, 1, heads * hd)."""
+                        group_size: int, *, fused_ok: bool = True) -> mx.array:
+    """One query a row (rows, heads, 1, hd) over its cache: the fused CPU kernel where it runs
+    (and `fused_ok`: it sees keys [0, position], not a sliding window's mask), else grouped
+    matmuls; (rows, 1, heads * hd)."""
     rows, heads, _, hd = q.shape
     scale = hd**-0.5
-    fused = None if quant is not None else kernels.decode_attention(
+    fused = None if quant is not None or not fused_ok else kernels.decode_attention(
         q, k_cache[0], v_cache[0], positions, scale=scale)
     if fused is not None:
         return fused
@@ -185,6 +186,8 @@ def decode_step(
                                           (rows, kv_heads, 1, a.shape[3]))
               for a in keys[:parts]}
     angles = _rope_angles(dec, positions)
+    windows = {w: attention_window.decode_mask(positions, capacity, w, h.dtype)
+               for w in {attention_window.window_of(dec, i) for i in range(len(dec.layers))} if w}
     new_keys, new_values = [], []
     for i, layer in enumerate(dec.layers):
         k_cache, v_cache = keys[i * parts:(i + 1) * parts], values[i * parts:(i + 1) * parts]
@@ -192,7 +195,10 @@ def decode_step(
         k_cache, v_cache = write_layer_kv(k_cache, v_cache, wheres, k_new, v_new)
         new_keys.extend(k_cache)
         new_values.extend(v_cache)
-        attn = one_token_attention(q, k_cache, v_cache, positions, mask, quant, group_size)
+        window = attention_window.window_of(dec, i)
+        attn = one_token_attention(q, k_cache, v_cache, positions,
+                                   windows[window] if window else mask, quant, group_size,
+                                   fused_ok=not window)
         h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
         h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))
     out = project_logits(dec, h[:, 0, :]) if project else h
@@ -254,8 +260,14 @@ def prefill(
         else:
             k_all = _store_quantized(keys, i * parts, row, start, k, quant)
             v_all = _store_quantized(values, i * parts, row, start, v, quant)
-        # (1, n, heads * hd): the fused kernel where loaded, else MLX's causal SDPA.
-        attn = kernels.prefill_attention(q, k_all, v_all, scale=scale, offset=start)
+        # (1, n, heads * hd): the fused kernel where loaded, else MLX's causal SDPA; a sliding
+        # layer masks what lies behind its window.
+        window = attention_window.window_of(dec, i)
+        if window:
+            attn = attention_window.prefill_attention(q, k_all, v_all, scale=scale,
+                                                      offset=start, window=window)
+        else:
+            attn = kernels.prefill_attention(q, k_all, v_all, scale=scale, offset=start)
         h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
         h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))
     if not project:
