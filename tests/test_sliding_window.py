@@ -19,7 +19,7 @@ from agent.models.arch import read_config
 from agent.runtime.attention_window import sliding_layers, visible
 from agent.runtime.client import RunnerProcess
 from agent.runtime.environment import runner_environment
-from agent.runtime.model import DecoderConfig
+from agent.runtime.model import DecoderConfig, load_decoder
 from agent.runtime.protocol import RunnerConfig
 from agent.settings import NodeSettings
 from tests import tiny_archs
@@ -112,3 +112,38 @@ def test_runner_serves_sliding_window_batched_and_from_the_prefix_cache(
             await runner.stop()
 
     asyncio.run(main())
+
+
+def test_verify_and_row_range_steps_keep_the_window(sliding_model: tuple[Path, list[int]]
+                                                    ) -> None:
+    """The speculative verify step (12 positions at once) and the micro-batch row-range step
+    (row 1 of 2) give mlx-lm's logits past the window too."""
+    from agent.runtime.kv import KvGeometry, KvSlots
+    from agent.runtime.rowstep import RowsDecode
+    from agent.runtime.step import prefill
+    from agent.runtime.verify import make_verify_fn
+
+    model_dir, ids = sliding_model
+    prompt, follow = tiny_archs.PROMPT, ids[:12]
+    expected = reference_logits(model_dir, prompt, follow)
+    dec = load_decoder(model_dir)
+    kv = KvSlots(KvGeometry(len(dec.layers), dec.local_kv_heads, dec.config.head_dim), chunk=16)
+    for name in ("other", "seq"):
+        kv.acquire(name, len(prompt) + len(follow) + 1)
+    prefill(dec, mx.array(prompt[:5]), 0, 0, kv.keys, kv.values)  # row 0 elsewhere
+    prefill(dec, mx.array(prompt), 0, 1, kv.keys, kv.values)
+    keys, values = list(kv.keys), list(kv.values)
+    # Verify: the last prompt token and 11 followers in one step, from position 15.
+    out = make_verify_fn(dec, compiled=False)(
+        mx.array([[prompt[-1], *follow[:11]]] * 2), mx.array([4, len(prompt) - 1]),
+        *keys, *values)
+    for j in range(12):
+        assert mx.allclose(out[0][1, j], expected[j], atol=ATOL).item()
+    # Row-range step over row 1 alone, token by token.
+    n = len(kv.keys)
+    step = RowsDecode(dec, compiled=False)(1)
+    position = len(prompt)
+    for j, token in enumerate(follow[:-1]):
+        result = step(mx.array([token]), mx.array([position + j]), *kv.keys, *kv.values)
+        kv.keys, kv.values = list(result[1:1 + n]), list(result[1 + n:])
+        assert mx.allclose(result[0][0], expected[j + 1], atol=ATOL).item()
