@@ -21,6 +21,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from agent.runtime import gpt_oss
+
 NEG_INF = -1e30  # as step.NEG_INF: a fully masked row stays finite
 
 
@@ -29,7 +31,12 @@ def sliding_layers(cfg: dict[str, Any], architecture: str, layers: int
     """(window, indices of the sliding layers) of a dense config; (0, empty) when none."""
     window = int(cfg.get("sliding_window") or 0)
     types = cfg.get("layer_types")
-    if architecture not in ("llama", "mistral") or not window or not isinstance(types, list):
+    if architecture == gpt_oss.ARCHITECTURE:  # its own defaults: 128, alternating layers
+        window = int(cfg.get("sliding_window") or gpt_oss.SLIDING_WINDOW)
+        types = gpt_oss.layer_types(cfg, layers)
+    elif architecture not in ("llama", "mistral"):
+        types = None
+    if not window or not isinstance(types, list):
         return 0, frozenset()
     sliding = frozenset(i for i, t in enumerate(types[:layers]) if t == "sliding_attention")
     return (window, sliding) if sliding else (0, frozenset())
@@ -66,11 +73,12 @@ def decode_mask(positions: mx.array, capacity: int, window: int, dtype: mx.Dtype
 
 
 def prefill_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, offset: int,
-                      window: int) -> mx.array:
-    """Windowed causal attention of q (1, H, n, d) at positions [offset, offset + n) over keys
-    (1, KV, offset + n, d): (1, n, H * d), as `kernels.prefill_attention` returns it."""
+                      window: int, sinks: mx.array | None = None) -> mx.array:
+    """Windowed (0: plain) causal attention of q (1, H, n, d) at positions [offset, offset + n)
+    over keys (1, KV, offset + n, d), with attention sinks (H,) when given (gpt_oss, as mlx-lm
+    passes them to SDPA): (1, n, H * d), as `kernels.prefill_attention` returns it."""
     batch, _, n, _ = q.shape
     positions = offset + mx.arange(n)
     mask = visible(positions, k.shape[2], window)  # (n, keys)
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
     return out.transpose(0, 2, 1, 3).reshape(batch, n, -1)

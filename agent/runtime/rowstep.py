@@ -65,7 +65,7 @@ def rows_decode_step(dec: Decoder, inputs: mx.array, positions: mx.array, keys: 
         window = attention_window.window_of(dec, i)  # sliding layers mask behind the window
         attn = one_token_attention(q, k_rows, v_rows, positions, attention_window.decode_mask(
             positions, capacity, window, h.dtype) if window else mask, quant, group_size,
-            fused_ok=not window)
+            fused_ok=not window, sinks=layer.attn.sinks)
         h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
         h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))
     out = project_logits(dec, h[:, 0, :]) if project else h

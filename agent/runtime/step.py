@@ -15,7 +15,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from agent.runtime import attention_window, kernels, moe
+from agent.runtime import attention_sinks, attention_window, kernels, moe
 from agent.runtime.kv import KvQuant
 from agent.runtime.matmul import linear  # also imported from here by rowstep, verify
 from agent.runtime.model import Decoder, Dense, FusedGateUp, FusedQKV, Layer, Mlp, SparseMoe
@@ -122,13 +122,15 @@ def new_layer_kv(dec: Decoder, layer: Layer, h: mx.array, angles: tuple[mx.array
 
 
 def cached_attention(qg: mx.array, k_cache: list[mx.array], v_cache: list[mx.array],
-                     mask: mx.array, quant: KvQuant | None) -> mx.array:
+                     mask: mx.array, quant: KvQuant | None, sinks: mx.array | None = None
+                     ) -> mx.array:
     """Grouped queries (rows, kv_heads, n, hd), already scaled, against a cache (float or
-    quantized): one matmul per KV head."""
+    quantized): one matmul per KV head. `sinks` (kv_heads, n, 1): gpt_oss's per-head sink
+    logits laid out as the queries are (`attention_sinks.grouped`)."""
     if quant is not None:
-        return _quantized_attention(qg, k_cache, v_cache, mask, quant)
+        return _quantized_attention(qg, k_cache, v_cache, mask, quant, sinks)
     scores = qg @ k_cache[0].transpose(0, 1, 3, 2) + mask
-    return mx.softmax(scores, axis=-1, precise=True) @ v_cache[0]
+    return attention_sinks.softmax(scores, sinks) @ v_cache[0]
 
 
 def write_layer_kv(k_cache: list[mx.array], v_cache: list[mx.array],
@@ -143,19 +145,22 @@ def write_layer_kv(k_cache: list[mx.array], v_cache: list[mx.array],
 
 def one_token_attention(q: mx.array, k_cache: list[mx.array], v_cache: list[mx.array],
                         positions: mx.array, mask: mx.array, quant: KvQuant | None,
-                        group_size: int, *, fused_ok: bool = True) -> mx.array:
+                        group_size: int, *, fused_ok: bool = True,
+                        sinks: mx.array | None = None) -> mx.array:
     """One query a row (rows, heads, 1, hd) over its cache: the fused CPU kernel where it runs
     (and `fused_ok`: it sees keys [0, position], not a sliding window's mask), else grouped
-    matmuls; (rows, 1, heads * hd)."""
+    matmuls; (rows, 1, heads * hd). `sinks` (heads,): gpt_oss's, which the kernel lacks."""
     rows, heads, _, hd = q.shape
     scale = hd**-0.5
-    fused = None if quant is not None or not fused_ok else kernels.decode_attention(
-        q, k_cache[0], v_cache[0], positions, scale=scale)
+    fused = None if quant is not None or not fused_ok or sinks is not None else \
+        kernels.decode_attention(q, k_cache[0], v_cache[0], positions, scale=scale)
     if fused is not None:
         return fused
     # (rows, kv, group, hd) @ (rows, kv, hd, capacity): one matmul per KV head.
     qg = q.reshape(rows, heads // group_size, group_size, hd) * scale
-    return cached_attention(qg, k_cache, v_cache, mask, quant).reshape(rows, 1, heads * hd)
+    grouped = None if sinks is None else attention_sinks.grouped(sinks, heads // group_size, 1)
+    return cached_attention(qg, k_cache, v_cache, mask, quant, grouped).reshape(
+        rows, 1, heads * hd)
 
 
 def decode_step(
@@ -198,7 +203,7 @@ def decode_step(
         window = attention_window.window_of(dec, i)
         attn = one_token_attention(q, k_cache, v_cache, positions,
                                    windows[window] if window else mask, quant, group_size,
-                                   fused_ok=not window)
+                                   fused_ok=not window, sinks=layer.attn.sinks)
         h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
         h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))
     out = project_logits(dec, h[:, 0, :]) if project else h
@@ -206,13 +211,14 @@ def decode_step(
 
 
 def _quantized_attention(qg: mx.array, k_cache: list[mx.array], v_cache: list[mx.array],
-                         mask: mx.array, quant: KvQuant) -> mx.array:
+                         mask: mx.array, quant: KvQuant, sinks: mx.array | None = None
+                         ) -> mx.array:
     """Decode attention over a quantized cache. The quantized matmuls read the packed codes
     directly; dequantizing the cache first and using plain matmuls was measured slower on
     SmolLM2 at 1K context (CPU, 8-bit: 275 ms vs 220-225 ms a step; 4-bit: 280-300 vs 225-250)."""
     scores = mx.quantized_matmul(qg, *k_cache, transpose=True, group_size=quant.group,
                                  bits=quant.bits) + mask
-    weights = mx.softmax(scores, axis=-1, precise=True)
+    weights = attention_sinks.softmax(scores, sinks)
     return mx.quantized_matmul(weights, *v_cache, transpose=False, group_size=quant.group,
                                bits=quant.bits)
 
@@ -263,9 +269,10 @@ def prefill(
         # (1, n, heads * hd): the fused kernel where loaded, else MLX's causal SDPA; a sliding
         # layer masks what lies behind its window.
         window = attention_window.window_of(dec, i)
-        if window:
+        if window or layer.attn.sinks is not None:  # the kernels know neither
             attn = attention_window.prefill_attention(q, k_all, v_all, scale=scale,
-                                                      offset=start, window=window)
+                                                      offset=start, window=window,
+                                                      sinks=layer.attn.sinks)
         else:
             attn = kernels.prefill_attention(q, k_all, v_all, scale=scale, offset=start)
         h = h + _all_sum(linear(attn, layer.attn.o), dec.group)

@@ -19,7 +19,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from agent.runtime import attention_window
+from agent.runtime import attention_sinks, attention_window
 from agent.runtime.kv import KvQuant
 from agent.runtime.model import Decoder
 from agent.runtime.step import (
@@ -106,8 +106,10 @@ def verify_step(
         new_values.extend(v_cache)
         # q (rows, heads, width, hd) with heads = kv_heads * group: one matmul per KV head.
         qg = q.reshape(rows, kv_heads, group_size * width, hd) * scale
+        sinks = layer.attn.sinks  # gpt_oss's, laid out as the grouped queries are
         attn = cached_attention(qg, k_cache, v_cache, masks[attention_window.window_of(dec, i)],
-                                quant)
+                                quant, None if sinks is None else
+                                attention_sinks.grouped(sinks, kv_heads, width))
         attn = attn.reshape(rows, kv_heads * group_size, width, hd).transpose(0, 2, 1, 3)
         attn = attn.reshape(rows, width, kv_heads * group_size * hd)
         h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
