@@ -342,7 +342,9 @@ def module_quantization(quant: dict[str, Any] | None, module: str) -> tuple[int,
               "mode": quant.get("mode", "affine")}
     override = quant.get(module)
     if isinstance(override, dict):
-        params.update(override)
+        # mlx-lm quantizes a module with its override's fields alone (the others default):
+        # an override without a mode is affine even in an mxfp4 model (gpt_oss's 8-bit router).
+        params.update({"mode": "affine", **override})
     return int(params["group_size"]), int(params["bits"]), str(params["mode"])
 
 
