@@ -38,15 +38,6 @@ def swiglu_oai(gate: mx.array, up: mx.array) -> mx.array:
     return (up + 1.0) * (gate * mx.sigmoid(ALPHA * gate))
 
 
-def mxfp4_checkpoint(cfg: dict[str, Any]) -> bool:
-    """Whether the checkpoint stores OpenAI's own mxfp4 layout (`_blocks`/`_scales` tensors,
-    `quantization_config.quant_method` "mxfp4"), which flock's loader does not read; MLX's
-    mxfp4 conversions (`quantization.mode` "mxfp4") it does."""
-    quant = cfg.get("quantization_config")
-    return isinstance(quant, dict) and quant.get("quant_method") == "mxfp4" and \
-        not isinstance(cfg.get("quantization"), dict)
-
-
 def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """Hugging Face's fused `experts.gate_up_proj` (gate and up rows interleaved) and
     `down_proj` tensors, with their `_bias` vectors, renamed and split as mlx-lm's sanitize
