@@ -2,17 +2,20 @@
 window 8 then full, attention sinks, 4 biased experts, top 2) flock's logits equal mlx-lm's in
 one-pass and chunked prefill and the decode step, the speculative verify and micro-batch
 row-range steps; an mxfp4 conversion is served as stored; a runner serves mlx-lm's greedy ids
-alone, batched and as 2 pipeline stages. OpenAI's own mxfp4 layout stays on mlx-lm's engine."""
+alone, batched, as 2 pipeline stages and (a 2-KV-head variant) tensor parallel over 2 ranks.
+OpenAI's own mxfp4 layout stays on mlx-lm's engine."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
+import mlx_lm
 import pytest
 
 from agent.models import arch
@@ -26,6 +29,7 @@ from agent.runtime.protocol import RunnerConfig
 from agent.runtime.runner import choose_engine
 from agent.runtime.step import prefill
 from agent.settings import NodeSettings
+from tests import tiny_archs
 from tests.conftest import TEST_CACHE
 from tests.test_decoder import flock_logits, reference_logits
 from tests.test_mlxlm_engine import (
@@ -39,6 +43,26 @@ from tests.tiny_archs import PROMPT
 
 ATOL = 2e-4
 ARCH = "gpt_oss"
+
+
+TP_ARCH = "gpt_oss_tp"
+
+
+def gpt_oss_tp() -> object:
+    """The tiny gpt_oss with 4 heads over 2 KV heads, so 2 ranks can split them (and the
+    sinks with them)."""
+    return tiny_archs._args("gpt_oss", hidden_size=tiny_archs.HIDDEN, num_hidden_layers=2,
+                            intermediate_size=128, head_dim=64, num_attention_heads=4,
+                            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                            sliding_window=8, rope_theta=10000.0)
+
+
+# make_arch_model builds what its tables name; this model is this file's own (its cache key is
+# this file's hash, so the shared tiny models keep theirs).
+tiny_archs.FLOCK_DECODER_BUILDERS.setdefault(TP_ARCH, gpt_oss_tp)
+tiny_archs.FLOCK_DECODER_MODULES.setdefault(TP_ARCH, "gpt_oss")
+_TP_KEY = hashlib.sha256(Path(__file__).read_bytes() + Path(tiny_archs.__file__).read_bytes()
+                         + mlx_lm.__version__.encode()).hexdigest()[:12]
 
 
 @pytest.fixture(scope="module")
@@ -171,17 +195,21 @@ def test_mxfp4_conversion_is_served_as_stored(oss_model: tuple[Path, list[int]])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["single", "pipeline"])
+@pytest.mark.parametrize("strategy", ["single", "pipeline", "tensor"])
 def test_runner_serves_gpt_oss_with_mlxlm_greedy_ids(strategy: str,
                                                      oss_model: tuple[Path, list[int]],
-                                                     tmp_path: Path) -> None:
-    """One runner, or 2 pipeline stages (one layer each: the sliding one, the full one), give
-    mlx-lm's greedy ids alone and batched with a row at other positions."""
+                                                     smollm2_dir: Path, tmp_path: Path) -> None:
+    """One runner, 2 pipeline stages (one layer each: the sliding one, the full one), or 2
+    tensor-parallel ranks (each with half the heads, sinks and expert widths) give mlx-lm's
+    greedy ids alone and batched with a row at other positions."""
     import msgspec
 
-    from tests.test_pipeline import pipeline_configs, start_all
+    from tests.test_pipeline import pipeline_configs, start_all, tensor_configs
 
     model_dir, expected = oss_model
+    if strategy == "tensor":
+        model_dir, expected = tiny_archs.make_arch_model(
+            TEST_CACHE / "models" / f"tiny-{TP_ARCH}-{_TP_KEY}", TP_ARCH, smollm2_dir)
     other_expected = mlxlm_ids(model_dir, OTHER_PROMPT)
 
     async def main() -> None:
@@ -191,7 +219,8 @@ def test_runner_serves_gpt_oss_with_mlxlm_greedy_ids(strategy: str,
                                                   stats_interval_s=0.05), env)]
             await runners[0].start(timeout=180)
         else:
-            configs = pipeline_configs(model_dir, [(0, 1), (1, 2)], pipeline_microbatch=False)
+            configs = pipeline_configs(model_dir, [(0, 1), (1, 2)], pipeline_microbatch=False) \
+                if strategy == "pipeline" else tensor_configs(model_dir, 2)
             runners = await start_all([msgspec.structs.replace(c, stats_interval_s=0.05)
                                        for c in configs], tmp_path)
         try:
