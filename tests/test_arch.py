@@ -69,10 +69,10 @@ CONFIGS["kimi_k2"] = {**CONFIGS["deepseek_v3"], "model_type": "kimi_k2"}
 
 
 def test_flock_decoder_families_run_here_with_every_strategy() -> None:
-    # gpt_oss too (runtime/gpt_oss.py), MLX's mxfp4 conversions of it included.
-    mlx_mxfp4 = {**CONFIGS["gpt_oss"], "quantization": {"group_size": 32, "bits": 4,
-                                                        "mode": "mxfp4"}}
-    assert arch.architecture(mlx_mxfp4).engine == "flock"
+    # gpt_oss too (runtime/gpt_oss.py), its mxfp4 checkpoints (MLX's or OpenAI's) included.
+    for quant in ({"quantization": {"group_size": 32, "bits": 4, "mode": "mxfp4"}},
+                  {"quantization_config": {"quant_method": "mxfp4"}}):
+        assert arch.architecture({**CONFIGS["gpt_oss"], **quant}).engine == "flock"
     for name in ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gpt_oss"):
         found = arch.architecture(CONFIGS[name])
         assert found.engine == "flock" and found.runnable
@@ -82,10 +82,10 @@ def test_flock_decoder_families_run_here_with_every_strategy() -> None:
 
 def test_mlx_lm_families_run_on_the_mlx_lm_engine_on_one_node() -> None:
     assert arch.MLX_LM_ENGINE_AVAILABLE
-    # gpt_oss in OpenAI's own mxfp4 layout (_blocks/_scales), which mlx-lm's module reads.
-    openai_mxfp4 = {**CONFIGS["gpt_oss"], "quantization_config": {"quant_method": "mxfp4"}}
-    for name in ("gpt_oss", "deepseek_v3", "gemma3", "nemotron_h", "qwen3_next"):
-        config = openai_mxfp4 if name == "gpt_oss" else CONFIGS[name]
+    # kimi_k2 (mlx-lm loads it as deepseek_v3) where gpt_oss was: gpt_oss runs on flock's
+    # decoder now.
+    for name in ("kimi_k2", "deepseek_v3", "gemma3", "nemotron_h", "qwen3_next"):
+        config = CONFIGS[name]
         found = arch.architecture(config)
         assert found.engine == "mlx-lm" and found.runnable, name
         assert arch.refusal(config) is None, name

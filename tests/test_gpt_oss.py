@@ -1,9 +1,10 @@
 """gpt_oss on flock's own decoder: on mlx-lm's tiny random gpt_oss (float32; 2 layers, sliding
 window 8 then full, attention sinks, 4 biased experts, top 2) flock's logits equal mlx-lm's in
 one-pass and chunked prefill and the decode step, the speculative verify and micro-batch
-row-range steps; an mxfp4 conversion is served as stored; a runner serves mlx-lm's greedy ids
+row-range steps; mxfp4 checkpoints (MLX's conversion, OpenAI's own layout) are served as
+stored; a runner serves mlx-lm's greedy ids
 alone, batched, as 2 pipeline stages and (a 2-KV-head variant) tensor parallel over 2 ranks.
-OpenAI's own mxfp4 layout stays on mlx-lm's engine."""
+"""
 
 from __future__ import annotations
 
@@ -70,12 +71,12 @@ def oss_model(smollm2_dir: Path) -> tuple[Path, list[int]]:
     return arch_dir(ARCH, smollm2_dir)
 
 
-def test_gpt_oss_runs_on_flocks_decoder_unless_openai_mxfp4() -> None:
+def test_gpt_oss_runs_on_flocks_decoder_mxfp4_included() -> None:
     assert choose_engine({"model_type": ARCH}) == "flock"
     assert choose_engine({"model_type": ARCH, "quantization": {
         "group_size": 32, "bits": 4, "mode": "mxfp4"}}) == "flock"
     assert choose_engine({"model_type": ARCH,
-                          "quantization_config": {"quant_method": "mxfp4"}}) == "mlx-lm"
+                          "quantization_config": {"quant_method": "mxfp4"}}) == "flock"
     assert arch.architecture({"model_type": ARCH}).strategies == (
         "single", "pipeline", "tensor")
     # mlx-lm's defaults: window 128, sliding and full layers alternating.
@@ -231,3 +232,76 @@ def test_runner_serves_gpt_oss_with_mlxlm_greedy_ids(strategy: str,
                 await runner.stop()
 
     asyncio.run(main())
+
+
+def _openai_mxfp4_copy(source: Path) -> Path:
+    """The tiny model as OpenAI ships gpt_oss: experts alone in mxfp4, as fused
+    `gate_up_proj` (gate and up rows interleaved) and `down_proj` `_blocks` (uint8, 16 a
+    group) / `_scales` / `_bias` tensors, `quantization_config.quant_method` "mxfp4"."""
+    out = TEST_CACHE / "models" / f"tiny-{ARCH}-openai-mxfp4-{_KEY}"
+    if (out / "config.json").exists():
+        return out
+    from mlx_lm import convert
+
+    tmp = out.with_name(out.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    convert(str(source), str(tmp), quantize=True, q_mode="mxfp4",
+            quant_predicate=lambda path, _module: ".experts." in path)
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg.pop("quantization")
+    cfg["quantization_config"] = {"quant_method": "mxfp4"}
+    (tmp / "config.json").write_text(json.dumps(cfg))
+    weights = mx.load(str(tmp / "model.safetensors"))
+    raw: dict[str, mx.array] = {}
+
+    def blocks(w: mx.array) -> mx.array:
+        b = w.view(mx.uint8)
+        return b.reshape(*b.shape[:-1], -1, 16)
+
+    for name, v in weights.items():
+        if ".experts." not in name:
+            raw[name] = v
+            continue
+        proj, kind = name.rsplit(".", 2)[1:]
+        base = name.rsplit(".", 3)[0] + ".experts."
+        if proj == "up_proj":
+            continue
+        if proj == "gate_proj":
+            up = weights[name.replace("gate_proj", "up_proj")]
+            # Row i of gate at 2i, of up at 2i + 1 (the last axis of a bias).
+            v = mx.stack([v, up], axis=-1).reshape(v.shape[0], -1) if kind == "bias" else \
+                mx.stack([v, up], axis=2).reshape(v.shape[0], -1, v.shape[-1])
+            proj = "gate_up_proj"
+        suffix = {"weight": "_blocks", "scales": "_scales", "bias": "_bias"}[kind]
+        raw[base + proj + suffix] = blocks(v) if kind == "weight" else v
+    mx.save_safetensors(str(tmp / "model.safetensors"), raw, metadata={"format": "mlx"})
+    (tmp / "model.safetensors.index.json").unlink(missing_ok=True)
+    tmp.replace(out)
+    return out
+
+
+def test_openai_mxfp4_checkpoints_load_as_mlx_lm_reads_them(
+        oss_model: tuple[Path, list[int]]) -> None:
+    model_dir = _openai_mxfp4_copy(oss_model[0])
+    assert any(k.endswith("gate_up_proj_blocks") for k in mx.load(
+        str(model_dir / "model.safetensors")))
+    dec = load_decoder(model_dir, dtype=None)
+    moe = dec.layers[0].mlp
+    assert isinstance(moe, SparseMoe) and isinstance(moe.down, Quantized)
+    assert moe.down.params == (32, 4, "mxfp4") and not isinstance(moe.router, Quantized)
+    follow = mlxlm_ids(model_dir, PROMPT)[:8]
+    expected = reference_logits(model_dir, PROMPT, follow)
+    got = flock_logits(model_dir, PROMPT, follow, fuse=True, compiled=True)
+    for want, have in zip(expected, got, strict=True):
+        assert mx.allclose(want, have, atol=ATOL).item()
+    # Dequantized to float32 at load (what "auto" picks on CPU when it fits), sized as such.
+    from agent.runtime.model import float32_bytes
+
+    assert float32_bytes(model_dir) == float32_bytes(oss_model[0])
+    dense = load_decoder(model_dir, dtype=mx.float32)
+    assert not isinstance(dense.layers[0].mlp.down, Quantized)
+    kv = KvSlots(KvGeometry(len(dense.layers), dense.local_kv_heads, dense.config.head_dim),
+                 chunk=16)
+    row = kv.acquire("seq", len(PROMPT) + 1)
+    logits = prefill(dense, mx.array(PROMPT), 0, row, kv.keys, kv.values)
+    assert mx.allclose(expected[0], logits[0], atol=ATOL).item()

@@ -178,21 +178,11 @@ def module_name(config: dict[str, Any]) -> str:
     return remap.get(model_type, model_type)
 
 
-def openai_mxfp4(config: dict[str, Any]) -> bool:
-    """A checkpoint in OpenAI's own mxfp4 layout (`_blocks`/`_scales` tensors,
-    `quantization_config.quant_method` "mxfp4"), which flock's decoder does not read: mlx-lm's
-    gpt_oss sanitizes it at load. MLX's own mxfp4 conversions (`quantization.mode` "mxfp4",
-    mlx-community's) flock's decoder serves as stored."""
-    quant = config.get("quantization_config")
-    return isinstance(quant, dict) and quant.get("quant_method") == "mxfp4" and \
-        not isinstance(config.get("quantization"), dict)
-
-
 def architecture(config: dict[str, Any]) -> Architecture:
     """The registry's answer for a config.json (nested text_config allowed)."""
     model_type = str(config.get("model_type") or "")
     module = mlx_lm_module(module_name(config)) if model_type else None
-    if model_type in FLOCK_DECODER_ARCHITECTURES and not openai_mxfp4(config):
+    if model_type in FLOCK_DECODER_ARCHITECTURES:
         return Architecture(model_type, module.name if module else None, "flock",
                             ("single", "pipeline", "tensor"))
     if module is not None:

@@ -38,24 +38,45 @@ def swiglu_oai(gate: mx.array, up: mx.array) -> mx.array:
     return (up + 1.0) * (gate * mx.sigmoid(ALPHA * gate))
 
 
+# OpenAI's own checkpoints quantize the experts to mxfp4 (`quantization_config.quant_method`),
+# as MLX's "mxfp4" mode packs them: mlx-lm loads them with these parameters.
+MXFP4 = {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+
+
+def _split_rows(out: dict[str, mx.array], name: str, v: mx.array, suffix: str) -> None:
+    """gate and up rows interleaved along the rows (axis -2 of matrices, -1 of biases)."""
+    if suffix == "bias":
+        gate, up = v[..., ::2], v[..., 1::2]
+    else:
+        gate, up = v[..., ::2, :], v[..., 1::2, :]
+    out[name.replace("gate_up_proj", f"gate_proj.{suffix}")] = mx.contiguous(gate)
+    out[name.replace("gate_up_proj", f"up_proj.{suffix}")] = mx.contiguous(up)
+
+
 def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """Hugging Face's fused `experts.gate_up_proj` (gate and up rows interleaved) and
-    `down_proj` tensors, with their `_bias` vectors, renamed and split as mlx-lm's sanitize
-    does: `experts.{gate,up,down}_proj.{weight,bias}`. Already-split names pass through."""
-    if not any(".experts.gate_up_proj" in k or k.endswith("experts.down_proj") for k in weights):
+    `down_proj` tensors, with their `_bias` vectors and, in OpenAI's mxfp4 checkpoints, as
+    `_blocks` (uint8, (..., rows, groups, 16): MLX's mxfp4 codes viewed as uint32) and
+    `_scales`, renamed and split as mlx-lm's sanitize does:
+    `experts.{gate,up,down}_proj.{weight,scales,bias}`. Already-split names pass through."""
+    fused = ("gate_up_proj", "down_proj")
+    if not any(f"experts.{f}{tail}" in k for k in weights for f in fused
+               for tail in ("", "_blocks")):
         return weights
     out: dict[str, mx.array] = {}
     for k, v in weights.items():
-        if k.endswith("experts.gate_up_proj"):
-            out[k.replace("gate_up_proj", "gate_proj.weight")] = mx.contiguous(v[..., ::2, :])
-            out[k.replace("gate_up_proj", "up_proj.weight")] = mx.contiguous(v[..., 1::2, :])
-        elif k.endswith("experts.gate_up_proj_bias"):
-            out[k.replace("gate_up_proj_bias", "gate_proj.bias")] = mx.contiguous(v[..., ::2])
-            out[k.replace("gate_up_proj_bias", "up_proj.bias")] = mx.contiguous(v[..., 1::2])
-        elif k.endswith("experts.down_proj"):
-            out[k + ".weight"] = v
-        elif k.endswith("experts.down_proj_bias"):
-            out[k.replace("down_proj_bias", "down_proj.bias")] = v
-        else:
+        base, _, tail = k.rpartition("_")
+        if ".experts." not in k or not k.rsplit(".", 1)[-1].startswith(fused):
             out[k] = v
+            continue
+        if tail == "blocks":
+            v, suffix = v.view(mx.uint32).flatten(-2), "weight"
+        elif tail in ("scales", "bias"):
+            suffix = tail
+        else:
+            base, suffix = k, "weight"
+        if base.endswith("gate_up_proj"):
+            _split_rows(out, base, v, suffix)
+        else:
+            out[f"{base}.{suffix}"] = v
     return out

@@ -331,6 +331,8 @@ def _stack(experts: list[Linear]) -> Linear:
 def quantization_of(raw: dict[str, Any]) -> dict[str, Any] | None:
     """The checkpoint's quantization entry (mlx-lm's `quantization`, or the older key)."""
     quant = raw.get("quantization") or raw.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4":
+        return dict(gpt_oss.MXFP4)  # OpenAI's gpt_oss checkpoints, as mlx-lm reads them
     return quant if isinstance(quant, dict) else None
 
 
@@ -362,9 +364,11 @@ def float32_bytes(model_dir: Path) -> int:
         for name, value in tensors.items():
             module, _, kind = name.rpartition(".")
             quantized = module + ".scales" in tensors
-            if quantized and kind in ("scales", "biases"):
+            if (quantized and kind in ("scales", "biases")) or (
+                    name.endswith("_scales") and name[:-7] + "_blocks" in tensors):
                 continue
-            elements = value.size
+            # OpenAI's mxfp4 `_blocks` hold two 4-bit codes a byte.
+            elements = value.size * 2 if name.endswith("_blocks") else value.size
             if quantized and kind == "weight":
                 elements = value.size * 32 // module_quantization(quant, module)[1]
             total += 4 * elements
