@@ -25,8 +25,9 @@ fast path on, flock's and mlx-lm's processes alike).
   SmolLM2's size on the mlx-lm engine.
 - `moe_decode_vs_mlxlm`, `moe_batch8_vs_1`: a random qwen3_moe (8 layers, hidden 1024, 32
   experts of width 512, top 4, vocabulary 32,000, float32: about 1.8 GB) through a runner
-  process (greedy, client-timed from the first streamed token) over mlx-lm in-process, and 8
-  concurrent streams' aggregate decode over one stream's. `--skip-moe` leaves them out.
+  process (greedy, client-timed from the first streamed token, plain decode: prompt-lookup
+  drafting off, as mlx-lm's loop does not draft) over mlx-lm in-process, and 8 concurrent
+  streams' aggregate decode over one stream's. `--skip-moe` leaves them out.
   `moe_step_vs_mlxlm_interleaved`, `moe_batch8_step_vs_1_interleaved`: the same model's
   decode steps timed in one process, flock's compiled step (1 row, 8 rows) and mlx-lm's model
   call taking turns step by step (median of each), so load that comes and goes on a shared
@@ -426,7 +427,10 @@ async def _runner_streams(directory: Path, tokens: int, counts: list[int],
     from agent.runtime.client import RunnerProcess
     from agent.runtime.protocol import RunnerConfig
 
-    runner = RunnerProcess(RunnerConfig(model_name="moe", model_dir=str(directory)), env)
+    # Plain decode: drafting (its own bench, bench/speculative.py) would turn 8-row steps into
+    # 8 x width verify steps, which is not the batched decode these figures are about.
+    runner = RunnerProcess(RunnerConfig(model_name="moe", model_dir=str(directory),
+                                        prompt_lookup=False), env)
     await runner.start(timeout=600)
     out: dict[int, tuple[float, list[int]]] = {}
     try:

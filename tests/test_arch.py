@@ -69,7 +69,11 @@ CONFIGS["kimi_k2"] = {**CONFIGS["deepseek_v3"], "model_type": "kimi_k2"}
 
 
 def test_flock_decoder_families_run_here_with_every_strategy() -> None:
-    for name in ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"):
+    # gpt_oss too (runtime/gpt_oss.py), its mxfp4 checkpoints (MLX's or OpenAI's) included.
+    for quant in ({"quantization": {"group_size": 32, "bits": 4, "mode": "mxfp4"}},
+                  {"quantization_config": {"quant_method": "mxfp4"}}):
+        assert arch.architecture({**CONFIGS["gpt_oss"], **quant}).engine == "flock"
+    for name in ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gpt_oss"):
         found = arch.architecture(CONFIGS[name])
         assert found.engine == "flock" and found.runnable
         assert found.strategies == ("single", "pipeline", "tensor")
@@ -78,15 +82,18 @@ def test_flock_decoder_families_run_here_with_every_strategy() -> None:
 
 def test_mlx_lm_families_run_on_the_mlx_lm_engine_on_one_node() -> None:
     assert arch.MLX_LM_ENGINE_AVAILABLE
-    for name in ("gpt_oss", "deepseek_v3", "gemma3", "nemotron_h", "qwen3_next"):
-        found = arch.architecture(CONFIGS[name])
+    # kimi_k2 (mlx-lm loads it as deepseek_v3) where gpt_oss was: gpt_oss runs on flock's
+    # decoder now.
+    for name in ("kimi_k2", "deepseek_v3", "gemma3", "nemotron_h", "qwen3_next"):
+        config = CONFIGS[name]
+        found = arch.architecture(config)
         assert found.engine == "mlx-lm" and found.runnable, name
-        assert arch.refusal(CONFIGS[name]) is None, name
+        assert arch.refusal(config) is None, name
         # Pipeline stages slice the module's layer list (runtime/mlxlm_pipeline.py) ...
         assert "pipeline" in found.strategies, name
-        assert arch.refusal(CONFIGS[name], "pipeline", 2) is None, name
+        assert arch.refusal(config, "pipeline", 2) is None, name
         # ... but not inside tensor groups.
-        reason = arch.refusal(CONFIGS[name], "hybrid", 4)
+        reason = arch.refusal(config, "hybrid", 4)
         assert reason is not None and f"'{name}'" in reason and "pipeline" in reason
     # A module whose slicing no test covers is refused pipeline stages by name.
     assert arch.mlx_lm_module("mamba") is not None

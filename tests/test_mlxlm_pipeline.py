@@ -28,6 +28,7 @@ from agent.settings import NodeSettings
 from tests.conftest import TEST_CACHE
 from tests.test_mlxlm_engine import (
     _KEY,
+    MLX_LM_ENGINE_ARCHS,
     OTHER_PROMPT,
     arch_dir,
     assert_greedy_and_batched,
@@ -123,7 +124,7 @@ def run_pipeline(name: str, smollm2_dir: Path, tmp_path: Path,
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("name", [*sorted(BUILDERS), "gemma3"])
+@pytest.mark.parametrize("name", [*MLX_LM_ENGINE_ARCHS, "gemma3"])
 def test_two_stage_pipeline_gives_mlxlm_greedy_ids(name: str, smollm2_dir: Path,
                                                    tmp_path: Path) -> None:
     run_pipeline(name, smollm2_dir, tmp_path)

@@ -37,7 +37,7 @@ LayerKind = Literal["full", "sliding", "latent", "recurrent", "none"]
 # What flock's own decoder (runtime/model.py, MoE layers in runtime/moe.py) runs, by
 # config.json model_type; mlx-lm's modules run every other architecture mlx-lm ships.
 FLOCK_DECODER_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe",
-                               "mixtral")
+                               "mixtral", "gpt_oss")
 # The engine that runs architectures through mlx-lm's own modules is not built yet: until it
 # lands nothing may be routed to it, so its architectures are refused with a message saying so.
 MLX_LM_ENGINE_AVAILABLE = True

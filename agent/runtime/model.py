@@ -1,8 +1,10 @@
 """The decoder flock runs: llama-family weights as plain arrays, projections fused at load time.
 
-One implementation covers llama, mistral, qwen2 (q/k/v bias), qwen3 (q/k norms) and the
+One implementation covers llama, mistral (sliding-window layers where `layer_types` marks
+them, runtime/attention_window.py), qwen2 (q/k/v bias), qwen3 (q/k norms) and the
 mixture-of-experts families qwen3_moe, qwen2_moe (shared expert) and mixtral, whose experts are
-stacked tensors computed by `runtime/moe.py`. Keeping the
+stacked tensors computed by `runtime/moe.py`, and gpt_oss (attention sinks, biased router and
+experts, runtime/gpt_oss.py). Keeping the
 math here, rather than calling mlx-lm's modules, lets the runner batch rows with different
 positions, write a preallocated KV cache, compile the whole decode step, hold only a layer range
 (pipeline stages) and shard heads (tensor parallel). Checkpoints stay as they are on disk; a
@@ -21,13 +23,15 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from agent.models.arch import read_config
 from agent.models.tensors import LayerRange, safetensor_files, stage_wants
+from agent.runtime import gpt_oss
+from agent.runtime.attention_window import sliding_layers
 
 DENSE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-MOE_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral")
+MOE_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss")
 SUPPORTED_ARCHITECTURES = (*DENSE_ARCHITECTURES, *MOE_ARCHITECTURES)
 # mlx-lm's defaults where a family's config is silent (its ModelArgs).
-_ROPE_THETA = {"qwen2_moe": 1e6, "mixtral": 1e6}
-_EPS = {"mixtral": 1e-5}
+_ROPE_THETA = {"qwen2_moe": 1e6, "mixtral": 1e6, "gpt_oss": gpt_oss.ROPE_THETA}
+_EPS = {"mixtral": 1e-5, "gpt_oss": gpt_oss.RMS_NORM_EPS}
 
 
 class UnsupportedModel(ValueError):
@@ -59,6 +63,9 @@ class DecoderConfig:
     norm_topk_prob: bool = False
     shared_expert_size: int = 0  # qwen2_moe's always-on expert, gated by a sigmoid
     dense_layers: frozenset[int] = frozenset()  # MoE models' layers that keep a dense MLP
+    # Sliding-window attention (runtime/attention_window.py): the window, and which layers.
+    sliding_window: int = 0
+    sliding_layers: frozenset[int] = frozenset()
 
     @property
     def moe_module(self) -> str:
@@ -87,6 +94,7 @@ class DecoderConfig:
             dense = frozenset(i for i in range(layers) if (i + 1) % step or
                               i in set(cfg.get("mlp_only_layers") or ()))
         head_dim = int(cfg.get("head_dim") or hidden // heads)
+        window, sliding = sliding_layers(cfg, arch, layers)
         if arch == "mixtral":
             head_dim = hidden // heads  # mlx-lm's mixtral ignores head_dim
         return cls(
@@ -103,11 +111,12 @@ class DecoderConfig:
             rope_traditional=bool(cfg.get("rope_traditional", False)),
             rope_scaling=cfg.get("rope_scaling"),
             max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings",
-                                             arch not in ("qwen2", "qwen2_moe", "mixtral"))),
-            # mlx-lm's qwen2_moe always has q/k/v biases, its mixtral and qwen3_moe never.
-            attention_bias=arch == "qwen2_moe" or (arch not in MOE_ARCHITECTURES and bool(
-                cfg.get("attention_bias", arch == "qwen2"))),
+            # mlx-lm's gpt_oss always has its own head.
+            tie_word_embeddings=arch != "gpt_oss" and bool(cfg.get(
+                "tie_word_embeddings", arch not in ("qwen2", "qwen2_moe", "mixtral"))),
+            # mlx-lm's qwen2_moe and gpt_oss always have q/k/v biases, mixtral, qwen3_moe never.
+            attention_bias=arch in ("qwen2_moe", "gpt_oss") or (
+                arch not in MOE_ARCHITECTURES and bool(cfg.get("attention_bias", arch == "qwen2"))),
             qk_norm=arch in ("qwen3", "qwen3_moe"),
             num_experts=experts,
             experts_per_token=int(cfg.get("num_experts_per_tok") or 0) if experts else 0,
@@ -118,6 +127,8 @@ class DecoderConfig:
             shared_expert_size=int(cfg.get("shared_expert_intermediate_size") or 0)
             if arch == "qwen2_moe" else 0,
             dense_layers=dense,
+            sliding_window=window,
+            sliding_layers=sliding,
         )
 
 
@@ -172,6 +183,7 @@ class Attention:
     o: Linear
     q_norm: mx.array | None = None  # qwen3 normalises q and k per head
     k_norm: mx.array | None = None
+    sinks: mx.array | None = None  # gpt_oss: a softmax sink logit per head (attention_sinks.py)
 
 
 @dataclass
@@ -214,6 +226,7 @@ class SparseMoe:
     top_from_negated: bool = True
     shared: Mlp | None = None  # qwen2_moe's shared expert, weighted by sigmoid(shared_gate)
     shared_gate: Linear | None = None
+    activation: str = "swiglu"  # or "swiglu_oai" (gpt_oss's clamped one, runtime/gpt_oss.py)
 
 
 @dataclass
@@ -318,6 +331,8 @@ def _stack(experts: list[Linear]) -> Linear:
 def quantization_of(raw: dict[str, Any]) -> dict[str, Any] | None:
     """The checkpoint's quantization entry (mlx-lm's `quantization`, or the older key)."""
     quant = raw.get("quantization") or raw.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4":
+        return dict(gpt_oss.MXFP4)  # OpenAI's gpt_oss checkpoints, as mlx-lm reads them
     return quant if isinstance(quant, dict) else None
 
 
@@ -329,7 +344,9 @@ def module_quantization(quant: dict[str, Any] | None, module: str) -> tuple[int,
               "mode": quant.get("mode", "affine")}
     override = quant.get(module)
     if isinstance(override, dict):
-        params.update(override)
+        # mlx-lm quantizes a module with its override's fields alone (the others default):
+        # an override without a mode is affine even in an mxfp4 model (gpt_oss's 8-bit router).
+        params.update({"mode": "affine", **override})
     return int(params["group_size"]), int(params["bits"]), str(params["mode"])
 
 
@@ -347,9 +364,11 @@ def float32_bytes(model_dir: Path) -> int:
         for name, value in tensors.items():
             module, _, kind = name.rpartition(".")
             quantized = module + ".scales" in tensors
-            if quantized and kind in ("scales", "biases"):
+            if (quantized and kind in ("scales", "biases")) or (
+                    name.endswith("_scales") and name[:-7] + "_blocks" in tensors):
                 continue
-            elements = value.size
+            # OpenAI's mxfp4 `_blocks` hold two 4-bit codes a byte.
+            elements = value.size * 2 if name.endswith("_blocks") else value.size
             if quantized and kind == "weight":
                 elements = value.size * 32 // module_quantization(quant, module)[1]
             total += 4 * elements
@@ -418,6 +437,8 @@ def load_decoder(
     embeds = layers.start == 0 if embeds is None else embeds
     projects = layers.stop == config.num_layers if projects is None else projects
     weights = load_weights(model_dir, config, layers, embeds=embeds, projects=projects)
+    if config.architecture == gpt_oss.ARCHITECTURE:
+        weights = gpt_oss.sanitize(weights)
     # The dtype hidden states are computed in. Kept on CPU it is float32 whatever the checkpoint
     # stores (MLX's CPU kernels are several times slower in float16/bfloat16; widening norms and
     # quantization scales is exact); elsewhere it is what the checkpoint stores.
@@ -502,8 +523,9 @@ def load_decoder(
 
     def experts(prefix: str, name: str, split: Callable[[mx.array], mx.array]) -> Linear:
         # mlx-lm's layout (switch_mlp, experts stacked), else the checkpoint's per-expert one.
-        if f"{prefix}switch_mlp.{name}.weight" in weights:
-            return linear(f"{prefix}switch_mlp.{name}", split)
+        for stacked in ("switch_mlp", "experts"):  # experts: gpt_oss's name for them
+            if f"{prefix}{stacked}.{name}.weight" in weights:
+                return linear(f"{prefix}{stacked}.{name}", split)
         own = _MIXTRAL_EXPERT_NAMES[name] if config.architecture == "mixtral" else name
         return _stack([linear(f"{prefix}experts.{e}.{own}", split)
                        for e in range(config.num_experts)])
@@ -511,13 +533,15 @@ def load_decoder(
     def sparse_moe(prefix: str) -> SparseMoe:
         gate, up = experts(prefix, "gate_proj", rows), experts(prefix, "up_proj", rows)
         shared = dense_mlp(prefix + "shared_expert.") if config.shared_expert_size else None
+        oss = config.architecture == gpt_oss.ARCHITECTURE
         return SparseMoe(
-            router=linear(prefix + "gate"), gate_up=gate_up_of(gate, up),
+            router=linear(prefix + ("router" if oss else "gate")), gate_up=gate_up_of(gate, up),
             down=experts(prefix, "down_proj", cols), top_k=config.experts_per_token,
-            routing="topk_softmax" if config.architecture == "mixtral" else "softmax_topk",
-            norm_topk=config.norm_topk_prob,
-            top_from_negated=config.architecture != "qwen3_moe", shared=shared,
-            shared_gate=linear(prefix + "shared_expert_gate") if shared else None)
+            routing="topk_softmax" if config.architecture in ("mixtral", "gpt_oss") else
+            "softmax_topk", norm_topk=config.norm_topk_prob,
+            top_from_negated=config.architecture not in ("qwen3_moe", "gpt_oss"), shared=shared,
+            shared_gate=linear(prefix + "shared_expert_gate") if shared else None,
+            activation="swiglu_oai" if oss else "swiglu")
 
     built: list[Layer] = []
     for index in range(layers.start, layers.stop):
@@ -529,12 +553,14 @@ def load_decoder(
             qkv = FusedQKV(fused_qkv)
         mlp = sparse_moe(p + config.moe_module + ".") if config.is_sparse(index) else \
             dense_mlp(p + "mlp.")
+        sinks = maybe(p + "self_attn.sinks")  # a head's sink goes with the head
+        sinks = part(sinks, 0) if sinks is not None and tp > 1 else sinks
         layer = Layer(
             attn_norm=cast(weights.pop(p + "input_layernorm.weight")),
             ffn_norm=cast(weights.pop(p + "post_attention_layernorm.weight")),
             attn=Attention(qkv=qkv, o=linear(p + "self_attn.o_proj", cols),
                            q_norm=maybe(p + "self_attn.q_norm.weight"),
-                           k_norm=maybe(p + "self_attn.k_norm.weight")),
+                           k_norm=maybe(p + "self_attn.k_norm.weight"), sinks=sinks),
             mlp=mlp,
         )
         mx.eval(arrays_of(layer))

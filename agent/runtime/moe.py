@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
+from agent.runtime import gpt_oss
 from agent.runtime.model import Dense, FusedGateUp, Linear, Mlp, SparseMoe
 
 # The (token, expert) pairs are sorted by expert whenever more than one token is routed, so
@@ -28,8 +29,9 @@ SORT_AT = 2
 def route(moe: SparseMoe, logits: mx.array) -> tuple[mx.array, mx.array]:
     """(expert indices, their weights), each (..., top_k), from the router's logits."""
     k = moe.top_k
-    if moe.routing == "topk_softmax":  # mixtral: the top k logits, then a softmax over them
-        inds = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+    if moe.routing == "topk_softmax":  # mixtral, gpt_oss: the top k logits, then a softmax
+        inds = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k] if moe.top_from_negated \
+            else mx.argpartition(logits, kth=-k, axis=-1)[..., -k:]
         return inds, mx.softmax(mx.take_along_axis(logits, inds, axis=-1), axis=-1,
                                 precise=True)
     gates = mx.softmax(logits, axis=-1, precise=True)
@@ -74,7 +76,9 @@ def experts(moe: SparseMoe, x: mx.array, inds: mx.array) -> mx.array:
     else:
         up = _gather(x, moe.gate_up.up, idx, sort)
         gate = _gather(x, moe.gate_up.gate, idx, sort)
-    out = _gather(gate * mx.sigmoid(gate) * up, moe.down, idx, sort)
+    act = gpt_oss.swiglu_oai(gate, up) if moe.activation == "swiglu_oai" else \
+        gate * mx.sigmoid(gate) * up
+    out = _gather(act, moe.down, idx, sort)
     if inv_order is not None:
         out = mx.unflatten(out[inv_order], 0, inds.shape)
     return out.squeeze(-2)

@@ -16,6 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from agent.runtime import attention_window
 from agent.runtime.kv import KvQuant
 from agent.runtime.model import Decoder
 from agent.runtime.step import (
@@ -61,7 +62,10 @@ def rows_decode_step(dec: Decoder, inputs: mx.array, positions: mx.array, keys: 
         v_rows = [c[first:stop] for c in v_cache]
         # The same attention as the whole-batch step (the fused kernel where it runs), so
         # splitting a batch into micro-batches never trades it for a slower path.
-        attn = one_token_attention(q, k_rows, v_rows, positions, mask, quant, group_size)
+        window = attention_window.window_of(dec, i)  # sliding layers mask behind the window
+        attn = one_token_attention(q, k_rows, v_rows, positions, attention_window.decode_mask(
+            positions, capacity, window, h.dtype) if window else mask, quant, group_size,
+            fused_ok=not window, sinks=layer.attn.sinks)
         h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
         h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))
     out = project_logits(dec, h[:, 0, :]) if project else h

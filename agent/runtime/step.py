@@ -15,22 +15,12 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from agent.runtime import kernels, moe
+from agent.runtime import attention_sinks, attention_window, kernels, moe
 from agent.runtime.kv import KvQuant
-from agent.runtime.model import Decoder, Dense, FusedGateUp, FusedQKV, Layer, Linear, Mlp, SparseMoe
+from agent.runtime.matmul import linear  # also imported from here by rowstep, verify
+from agent.runtime.model import Decoder, Dense, FusedGateUp, FusedQKV, Layer, Mlp, SparseMoe
 
 NEG_INF = -1e30  # large finite number: a fully masked row stays finite
-
-
-def linear(x: mx.array, proj: Linear) -> mx.array:
-    if isinstance(proj, Dense):
-        if proj.bias is not None:
-            return mx.addmm(proj.bias, x, proj.weight.T)
-        return x @ proj.weight.T
-    # As mlx-lm's QuantizedLinear computes it, so kept checkpoints give its logits.
-    out = mx.quantized_matmul(x, proj.weight, proj.scales, proj.biases, transpose=True,
-                              group_size=proj.group_size, bits=proj.bits, mode=proj.mode)
-    return out + proj.bias if proj.bias is not None else out
 
 
 def _all_sum(x: mx.array, group: Any) -> mx.array:
@@ -141,13 +131,15 @@ def new_layer_kv(dec: Decoder, layer: Layer, h: mx.array, angles: tuple[mx.array
 
 
 def cached_attention(qg: mx.array, k_cache: list[mx.array], v_cache: list[mx.array],
-                     mask: mx.array, quant: KvQuant | None) -> mx.array:
+                     mask: mx.array, quant: KvQuant | None, sinks: mx.array | None = None
+                     ) -> mx.array:
     """Grouped queries (rows, kv_heads, n, hd), already scaled, against a cache (float or
-    quantized): one matmul per KV head."""
+    quantized): one matmul per KV head. `sinks` (kv_heads, n, 1): gpt_oss's per-head sink
+    logits laid out as the queries are (`attention_sinks.grouped`)."""
     if quant is not None:
-        return _quantized_attention(qg, k_cache, v_cache, mask, quant)
+        return _quantized_attention(qg, k_cache, v_cache, mask, quant, sinks)
     scores = qg @ k_cache[0].transpose(0, 1, 3, 2) + mask
-    return mx.softmax(scores, axis=-1, precise=True) @ v_cache[0]
+    return attention_sinks.softmax(scores, sinks) @ v_cache[0]
 
 
 def write_layer_kv(k_cache: list[mx.array], v_cache: list[mx.array],
@@ -162,20 +154,25 @@ def write_layer_kv(k_cache: list[mx.array], v_cache: list[mx.array],
 
 def one_token_attention(q: mx.array, k_cache: list[mx.array], v_cache: list[mx.array],
                         positions: mx.array, mask: mx.array, quant: KvQuant | None,
-                        group_size: int) -> mx.array:
-    """One query a row (rows, heads, 1, hd) over its cache: the fused CPU kernel where it runs,
-    else grouped matmuls; (rows, 1, heads * hd)."""
+                        group_size: int, *, fused_ok: bool = True,
+                        sinks: mx.array | None = None) -> mx.array:
+    """One query a row (rows, heads, 1, hd) over its cache: the fused CPU kernel where it runs
+    (and `fused_ok`: it sees keys [0, position], not a sliding window's mask), else grouped
+    matmuls; (rows, 1, heads * hd). `sinks` (heads,): gpt_oss's, which the kernel lacks."""
     rows, heads, _, hd = q.shape
     scale = hd**-0.5
-    # The kernel reads a quantized cache's packed parts directly.
-    fused = kernels.decode_attention(q, k_cache if quant else k_cache[0],
-                                     v_cache if quant else v_cache[0], positions, scale=scale,
-                                     quant=quant)
+    # The kernel reads a quantized cache's packed parts directly; it knows neither a sliding
+    # window's mask nor sinks.
+    fused = None if not fused_ok or sinks is not None else kernels.decode_attention(
+        q, k_cache if quant else k_cache[0], v_cache if quant else v_cache[0], positions,
+        scale=scale, quant=quant)
     if fused is not None:
         return fused
     # (rows, kv, group, hd) @ (rows, kv, hd, capacity): one matmul per KV head.
     qg = q.reshape(rows, heads // group_size, group_size, hd) * scale
-    return cached_attention(qg, k_cache, v_cache, mask, quant).reshape(rows, 1, heads * hd)
+    grouped = None if sinks is None else attention_sinks.grouped(sinks, heads // group_size, 1)
+    return cached_attention(qg, k_cache, v_cache, mask, quant, grouped).reshape(
+        rows, 1, heads * hd)
 
 
 def decode_step(
@@ -209,6 +206,8 @@ def decode_step(
                                           (rows, kv_heads, 1, a.shape[3]))
               for a in keys[:parts]}
     angles = _rope_angles(dec, positions)
+    windows = {w: attention_window.decode_mask(positions, capacity, w, h.dtype)
+               for w in {attention_window.window_of(dec, i) for i in range(len(dec.layers))} if w}
     new_keys, new_values = [], []
     for i, layer in enumerate(dec.layers):
         k_cache, v_cache = keys[i * parts:(i + 1) * parts], values[i * parts:(i + 1) * parts]
@@ -216,7 +215,10 @@ def decode_step(
         k_cache, v_cache = write_layer_kv(k_cache, v_cache, wheres, k_new, v_new)
         new_keys.extend(k_cache)
         new_values.extend(v_cache)
-        attn = one_token_attention(q, k_cache, v_cache, positions, mask, quant, group_size)
+        window = attention_window.window_of(dec, i)
+        attn = one_token_attention(q, k_cache, v_cache, positions,
+                                   windows[window] if window else mask, quant, group_size,
+                                   fused_ok=not window, sinks=layer.attn.sinks)
         h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
         h = h + _mlp(dec, layer, kernels.rms_norm(h, layer.ffn_norm, eps))
     out = project_logits(dec, h[:, 0, :]) if project else h
@@ -231,7 +233,8 @@ def fused_layers(dec: Decoder) -> bool:
         return False
     return all(isinstance(layer.attn.qkv, FusedQKV) and layer.attn.q_norm is None
                and layer.attn.k_norm is None and layer.attn_norm.dtype == mx.float32
-               for layer in dec.layers)
+               and layer.attn.sinks is None and not attention_window.window_of(dec, i)
+               for i, layer in enumerate(dec.layers))
 
 
 def _fused_decode_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: list[mx.array],
@@ -279,13 +282,14 @@ def _fused_decode_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: l
 
 
 def _quantized_attention(qg: mx.array, k_cache: list[mx.array], v_cache: list[mx.array],
-                         mask: mx.array, quant: KvQuant) -> mx.array:
+                         mask: mx.array, quant: KvQuant, sinks: mx.array | None = None
+                         ) -> mx.array:
     """Decode attention over a quantized cache. The quantized matmuls read the packed codes
     directly; dequantizing the cache first and using plain matmuls was measured slower on
     SmolLM2 at 1K context (CPU, 8-bit: 275 ms vs 220-225 ms a step; 4-bit: 280-300 vs 225-250)."""
     scores = mx.quantized_matmul(qg, *k_cache, transpose=True, group_size=quant.group,
                                  bits=quant.bits) + mask
-    weights = mx.softmax(scores, axis=-1, precise=True)
+    weights = attention_sinks.softmax(scores, sinks)
     return mx.quantized_matmul(weights, *v_cache, transpose=False, group_size=quant.group,
                                bits=quant.bits)
 
@@ -337,8 +341,18 @@ def prefill(
             k_all = _store_quantized(keys, i * parts, row, start, k, quant)
             v_all = _store_quantized(values, i * parts, row, start, v, quant)
         # (1, n, heads * hd): the fused kernel where loaded (reading a quantized cache's parts
-        # directly), else MLX's causal SDPA.
-        attn = kernels.prefill_attention(q, k_all, v_all, scale=scale, offset=start, quant=quant)
+        # directly), else MLX's causal SDPA; a sliding layer masks what lies behind its window.
+        window = attention_window.window_of(dec, i)
+        if window or layer.attn.sinks is not None:  # the kernels know neither
+            if quant is not None:
+                k_all, v_all = (mx.dequantize(*parts_of, group_size=quant.group,
+                                              bits=quant.bits) for parts_of in (k_all, v_all))
+            attn = attention_window.prefill_attention(q, k_all, v_all, scale=scale,
+                                                      offset=start, window=window,
+                                                      sinks=layer.attn.sinks)
+        else:
+            attn = kernels.prefill_attention(q, k_all, v_all, scale=scale, offset=start,
+                                             quant=quant)
         h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
         h = h + _mlp(dec, layer, kernels.rms_norm(h, layer.ffn_norm, eps))
     if not project:

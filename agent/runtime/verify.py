@@ -24,10 +24,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from agent.runtime import attention_sinks, attention_window
 from agent.runtime.kv import KvQuant
 from agent.runtime.model import Decoder
 from agent.runtime.step import (
-    NEG_INF,
     _all_sum,
     _mlp,
     cached_attention,
@@ -89,11 +89,17 @@ def verify_step(
     scale = hd**-0.5
     eps = dec.config.rms_norm_eps
     positions = starts[:, None] + mx.arange(width)[None, :]  # (rows, width)
-    visible = mx.arange(capacity)[None, None, :] <= positions[:, :, None]
-    mask = mx.where(visible, 0.0, NEG_INF).astype(h.dtype)  # (rows, width, capacity)
-    # Queries are laid out (rows, kv_heads, group * width, hd): the mask repeats per group.
-    mask = mx.broadcast_to(mask[:, None, None], (rows, 1, group_size, width, capacity))
-    mask = mask.reshape(rows, 1, group_size * width, capacity)
+
+    def grouped_mask(window: int) -> mx.array:
+        # (rows, width, capacity); sliding layers also mask what lies behind their window.
+        mask = attention_window.additive(attention_window.visible(positions, capacity, window),
+                                         h.dtype)
+        # Queries are laid out (rows, kv_heads, group * width, hd): the mask repeats per group.
+        mask = mx.broadcast_to(mask[:, None, None], (rows, 1, group_size, width, capacity))
+        return mask.reshape(rows, 1, group_size * width, capacity)
+
+    masks = {w: grouped_mask(w) for w in {attention_window.window_of(dec, i)
+                                          for i in range(len(dec.layers))}}
     parts = 1 if quant is None else 3
     wheres = {a.shape[3]: mx.broadcast_to(positions[:, None, :, None],
                                           (rows, kv_heads, width, a.shape[3]))
@@ -120,7 +126,10 @@ def verify_step(
             v_cache = [c[first:first + rows] for c in v_cache]
         # q (rows, heads, width, hd) with heads = kv_heads * group: one matmul per KV head.
         qg = q.reshape(rows, kv_heads, group_size * width, hd) * scale
-        attn = cached_attention(qg, k_cache, v_cache, mask, quant)
+        sinks = layer.attn.sinks  # gpt_oss's, laid out as the grouped queries are
+        attn = cached_attention(qg, k_cache, v_cache, masks[attention_window.window_of(dec, i)],
+                                quant, None if sinks is None else
+                                attention_sinks.grouped(sinks, kv_heads, width))
         attn = attn.reshape(rows, kv_heads * group_size, width, hd).transpose(0, 2, 1, 3)
         attn = attn.reshape(rows, width, kv_heads * group_size * hd)
         h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
