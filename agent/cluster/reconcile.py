@@ -318,7 +318,8 @@ def _place_missing(wanted: list[tuple[str, DesiredInstance]], desired: DesiredSt
         shape = desired.shapes.get(entry.model)
         if instance_id in final or shape is None:
             continue
-        nodes = _with_commitments(_candidates(entry, eligible), final, desired, ready, freed)
+        nodes = _with_commitments(_candidates(entry, eligible), final, desired, ready,
+                                  _still_freed(freed, current, final))
         siblings = {n for other in entry.instance_ids() if other in final
                     for n in final[other].nodes()}
         tries = [nodes]
@@ -346,7 +347,7 @@ def _place_drafts(wanted: list[tuple[str, DesiredInstance]], desired: DesiredSta
     """Each placement's `draft_node` (see `draft_placement.choose_draft_node`)."""
     ready = {(s.instance_id, s.node_id) for s in observed.runners if s.state == "ready"}
     freed = _freed_by_replacing(desired, current, final, ready)
-    nodes = _with_commitments(eligible, final, desired, ready, freed)
+    nodes = _with_commitments(eligible, final, desired, ready, _still_freed(freed, current, final))
     for instance_id, entry in wanted:
         placement = final.get(instance_id)
         if placement is None:
@@ -367,15 +368,17 @@ def _place_drafts(wanted: list[tuple[str, DesiredInstance]], desired: DesiredSta
 
 
 def _freed_by_replacing(desired: DesiredState, current: dict[str, Placement],
-                        kept: dict[str, Placement], ready: set[tuple[str, str]]) -> dict[str, int]:
-    """Memory that ready runners of placements this plan drops or redoes will give back.
+                        kept: dict[str, Placement], ready: set[tuple[str, str]]
+                        ) -> dict[str, dict[str, int]]:
+    """Memory that ready runners of placements this plan drops or redoes will give back, by
+    instance, then node.
 
     Counting it lets a failed node's instance move onto survivors in the same plan, although
     the survivors still hold their old shares. Needs are estimated at the default KV headroom
     when the instance is no longer desired.
     """
     entries = {i: e for e in desired.instances for i in e.instance_ids()}
-    freed: dict[str, int] = {}
+    freed: dict[str, dict[str, int]] = {}
     for instance_id, placement in current.items():
         entry = entries.get(instance_id)
         shape = desired.shapes.get(entry.model if entry else placement.model)
@@ -387,8 +390,27 @@ def _freed_by_replacing(desired: DesiredState, current: dict[str, Placement],
                               kv_bits=entry.kv_bits if entry else None)
         for node_id, need in needs.items():
             if (instance_id, node_id) in ready:
-                freed[node_id] = freed.get(node_id, 0) + need
+                freed.setdefault(instance_id, {})[node_id] = need
     return freed
+
+
+def _still_freed(freed: dict[str, dict[str, int]], current: dict[str, Placement],
+                 final: dict[str, Placement]) -> dict[str, int]:
+    """What `freed` gives back per node, leaving out instances placed again exactly as they
+    run (their runners stay, and being ready they are not counted as loading either: counting
+    their memory as given back would promise it twice)."""
+    total: dict[str, int] = {}
+    for instance_id, per_node in freed.items():
+        again = final.get(instance_id)
+        if again is not None and _same_runners(again, current[instance_id]):
+            continue
+        for node_id, need in per_node.items():
+            total[node_id] = total.get(node_id, 0) + need
+    return total
+
+
+def _same_runners(a: Placement, b: Placement) -> bool:
+    return a.strategy == b.strategy and a.stages == b.stages and a.dtype == b.dtype
 
 
 def _with_commitments(nodes: list[NodeProfile], final: dict[str, Placement],
