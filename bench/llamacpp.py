@@ -2,7 +2,7 @@
 
 Run from the repository root: `python -m bench.llamacpp [--threads N] [--runs 3]`. The first run
 builds llama.cpp for the benchmark's own use from the `llama-cpp-python` sdist's vendored source
-(`pip download --no-binary :all:` into the bench cache, cmake with GGML_NATIVE, only the
+(`pip download --no-binary llama-cpp-python` into the bench cache, cmake with GGML_NATIVE, only the
 `llama-bench` and `llama-quantize` targets) and makes the f32 GGUF with
 `llama-quantize --allow-requantize <Q4_1 gguf> <out> F32`; later runs reuse both. Nothing is
 written under the repository. When llama.cpp cannot be built the figure reads
@@ -70,8 +70,10 @@ def _sdist() -> Path:
     if cached:
         return cached[-1]
     SDIST_DIR.mkdir(parents=True, exist_ok=True)
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-          "-d", str(SDIST_DIR), "llama-cpp-python"])
+    # Only llama-cpp-python itself as source: `--no-binary :all:` would also build its build
+    # backends (scikit-build-core, setuptools, hatchling...) from source, recursively, for minutes.
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+          "-q", "-d", str(SDIST_DIR), "llama-cpp-python"])
     cached = sorted(SDIST_DIR.glob("llama_cpp_python-*.tar.gz"))
     if not cached:
         raise LlamaCppUnavailable("pip download left no llama_cpp_python sdist")
