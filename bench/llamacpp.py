@@ -37,6 +37,9 @@ CMAKE_OPTIONS = (
 )
 
 
+BUILD_TIMEOUT_S = 3 * 3600
+
+
 class LlamaCppUnavailable(RuntimeError):
     """llama.cpp could not be fetched, built or run here; the message says why."""
 
@@ -104,8 +107,9 @@ def ensure_built(*, jobs: int | None = None) -> LlamaCpp:
             raise LlamaCppUnavailable(f"{sdist.name} has no vendor/llama.cpp")
     _run(["cmake", "-S", str(tree), "-B", str(build), *CMAKE_OPTIONS])
     jobs = jobs or len(os.sched_getaffinity(0))
+    # 30 minutes did not finish it on 2 cores shared with other work; a rerun resumes the build.
     _run(["cmake", "--build", str(build), "--config", "Release", "-j", str(jobs),
-          "--target", *TARGETS])
+          "--target", *TARGETS], timeout=BUILD_TIMEOUT_S)
     missing = [t for t in TARGETS if not built.tool(t).is_file()]
     if missing:
         raise LlamaCppUnavailable(f"the build produced no {', '.join(missing)}")

@@ -45,6 +45,7 @@ from agent.cluster.state import NodeProfile, Placement
 from agent.cluster.status import ClusterMetrics, status_report
 from agent.engine import ModelInfo, canonical_name
 from agent.models.store import ModelStore
+from agent.runtime.kernels import describe_kernels
 from agent.runtime.protocol import RunnerConfig
 from agent.serving.pool import RunnerPool
 from agent.serving.router import Router
@@ -71,6 +72,7 @@ class ClusterController:
         # The secret never travels: assignments carry the spec without it.
         self.assignment = Assignment(spec=VersionedSpec.first(spec)) if spec else Assignment()
         self.speed = ComputeSpeed("", 0.0, 0.0, "")  # measured in start()
+        self._kernels = describe_kernels(settings)  # looks for the built file; loads nothing
         self._addresses: list[str] = []
         self.client = PeerClient(node_id=self.node_id, secret=self.secret,
                                  timeout_s=settings.peer_timeout_s)
@@ -125,6 +127,7 @@ class ClusterController:
             probe_key=self.speed.key,
             links=self.link_meter.links(self.table.rtts_ms()) if hasattr(self, "table") else {},
             blas=self.speed.blas,
+            kernels=self._kernels,
             spec_generation=spec.generation if spec else 0,
             spec_hash=spec.hash if spec else "",
             models=sorted(m.name for m in self.store.list()),

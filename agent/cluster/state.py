@@ -43,6 +43,7 @@ class NodeProfile(Frozen):
     probe_key: str = ""  # what the speeds were measured under (hardware, backend, cores, quota)
     links: dict[str, Link] = Field(default_factory=dict)  # peer node id -> link as measured here
     blas: str = ""  # the BLAS its runners use (Linux: OpenBLAS through flock's shim)
+    kernels: str = ""  # the attention its runners use (flockattn on Linux CPUs, or pure MLX)
     labels: dict[str, str] = Field(default_factory=dict)
     spec_generation: int = 0
     spec_hash: str = ""

@@ -250,8 +250,10 @@ class RunnerPool:
             return False
         entry.state, entry.detail = "ready", ""
         entry.ready_at = time.monotonic()
-        log.info("runner %s (%s, layers %s-%s) ready in %.1fs", entry.key, config.role,
-                 config.layer_start, config.layer_stop, entry.ready_at - started)
+        ready = entry.runner.ready
+        log.info("runner %s (%s, layers %s-%s) ready in %.1fs; attention: %s", entry.key,
+                 config.role, config.layer_start, config.layer_stop, entry.ready_at - started,
+                 (ready.kernels if ready is not None else "") or "unknown")
         return True
 
     def _on_stats(self, model: str, key: str, stats: dict[str, float]) -> None:
