@@ -1,6 +1,7 @@
 """flock's fused CPU attention kernels against the pure-MLX path and llama.cpp (issue #16).
 
-Run from the repository root: `python -m bench.cpu_kernels [--threads N] [--quick]`.
+Run from the repository root:
+`python -m bench.cpu_kernels [--threads N] [--quick | --llamacpp-only] [--llamacpp-runs 2]`.
 SmolLM2-135M f32; every flock configuration runs in its own process with the environment real
 runners get (the BLAS shim preloaded, OPENBLAS_NUM_THREADS = the runner's share),
 FLOCK_KERNELS_LIB pointing at the built extension or "off". llama.cpp is built as
@@ -21,7 +22,7 @@ Each llama.cpp figure is also printed raw (`llamacpp_pp4096_tok_s`, `llamacpp_pp
 llama.cpp cannot be built or run (or its llama-bench lacks `-d`), those figures and the ratios
 read `unavailable (<reason>)`. Without the extension built, flock's pure-MLX figures stand in the
 ratios against llama.cpp and the kernels-vs-off figures read `unavailable`.
-`--quick` skips llama.cpp (its first build takes many minutes on 2 cores) and the 4K prefill
+`--quick` skips llama.cpp (its first build took ~70 minutes on 2 busy cores) and the 4K prefill
 without kernels is then the longest part (~1.5 min on a quiet 2-core machine);
 `--llamacpp-only` prints llama.cpp's figures alone. Asserts nothing.
 """
