@@ -1,6 +1,7 @@
 """flock's fused CPU attention kernels against the pure-MLX path and llama.cpp (issue #16).
 
-Run from the repository root: `python -m bench.cpu_kernels [--threads N] [--quick]`.
+Run from the repository root:
+`python -m bench.cpu_kernels [--threads N] [--quick | --llamacpp-only] [--llamacpp-runs 2]`.
 SmolLM2-135M f32; every flock configuration runs in its own process with the environment real
 runners get (the BLAS shim preloaded, OPENBLAS_NUM_THREADS = the runner's share),
 FLOCK_KERNELS_LIB pointing at the built extension or "off". llama.cpp is built as
@@ -16,8 +17,14 @@ Figures (`name: value` lines):
   after a 300-token prompt, kernels on and off), and with llama.cpp `prefill4k_vs_llamacpp`
   (/ `pp4096`), `prefill512_vs_llamacpp` (/ `pp512`), `decode200_vs_llamacpp` and
   `decode4k_vs_llamacpp` (/ `tg64` at depth 200 / 4,000).
-`--quick` skips llama.cpp (its first build takes many minutes on 2 cores) and the 4K prefill
-without kernels is then the longest part (~1.5 min on a quiet 2-core machine). Asserts nothing.
+Each llama.cpp figure is also printed raw (`llamacpp_pp4096_tok_s`, `llamacpp_pp512_tok_s`,
+`llamacpp_tg64_d200_tok_s`, `llamacpp_tg64_d4000_tok_s`, the mean of `--llamacpp-runs`); where
+llama.cpp cannot be built or run (or its llama-bench lacks `-d`), those figures and the ratios
+read `unavailable (<reason>)`. Without the extension built, flock's pure-MLX figures stand in the
+ratios against llama.cpp and the kernels-vs-off figures read `unavailable`.
+`--quick` skips llama.cpp (its first build took ~70 minutes on 2 busy cores) and the 4K prefill
+without kernels is then the longest part (~1.5 min on a quiet 2-core machine);
+`--llamacpp-only` prints llama.cpp's figures alone. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -91,48 +98,90 @@ def worker(model_dir: str, prefill_lengths: list[int], decode_contexts: list[int
     return out
 
 
-def llamacpp_figures(threads: int) -> dict[str, float] | str:
-    """pp4096, pp512 and tg64 at depth 200 / 4000 tok/s, or why llama.cpp is unavailable."""
-    from bench.llamacpp import LlamaCppUnavailable, _run, prepare
+LLAMACPP_RATIOS = (  # figure name, flock's measurement, llama-bench's test
+    ("prefill4k_vs_llamacpp", "prefill_4000", "pp4096"),
+    ("prefill512_vs_llamacpp", "prefill_512", "pp512"),
+    ("decode200_vs_llamacpp", "decode_200", "tg64_d200"),
+    ("decode4k_vs_llamacpp", "decode_4000", "tg64_d4000"),
+)
+
+
+def llamacpp_figures(threads: int, runs: int = 2) -> dict[str, float | str]:
+    """llama-bench's tok/s for pp512, pp4096 and tg64 at depth 200 / 4000 on the f32 GGUF, each
+    a number or the reason it is unavailable (a llama-bench without `-d` measures no depth)."""
+    from bench.llamacpp import LlamaCppUnavailable, _run, _supports_depth, prepare
 
     try:
         llama, model = prepare()
-        bench = str(llama.tool("llama-bench"))
-        common = ["-m", str(model), "-t", str(threads), "-r", "2", "-o", "json"]
-        figures: dict[str, float] = {}
-        report = json.loads(_run([bench, *common, "-p", "512,4096", "-n", "0"], timeout=1200))
+    except LlamaCppUnavailable as e:
+        return {test: str(e) for _, _, test in LLAMACPP_RATIOS}
+    bench = str(llama.tool("llama-bench"))
+    common = ["-m", str(model), "-t", str(threads), "-r", str(runs), "-o", "json"]
+    figures: dict[str, float | str] = {"source": llama.source}
+    try:
+        report = json.loads(_run([bench, *common, "-p", "512,4096", "-n", "0"], timeout=1800))
         for entry in report:
             figures[f"pp{entry['n_prompt']}"] = float(entry["avg_ts"])
-        for depth in (200, 4000):
+    except (LlamaCppUnavailable, KeyError, ValueError, TypeError) as e:
+        figures.update({"pp512": str(e), "pp4096": str(e)})
+    for depth in (200, 4000):
+        name = f"tg64_d{depth}"
+        if not _supports_depth(llama):
+            figures[name] = f"{llama.source}'s llama-bench has no -d/--n-depth"
+            continue
+        try:
             report = json.loads(_run([bench, *common, "-p", "0", "-n", "64", "-d", str(depth)],
                                      timeout=1200))
-            figures[f"tg64_d{depth}"] = float(report[0]["avg_ts"])
-        return figures
-    except (LlamaCppUnavailable, KeyError, IndexError, ValueError) as e:
-        return str(e)
+            figures[name] = float(report[0]["avg_ts"])
+        except (LlamaCppUnavailable, KeyError, IndexError, ValueError, TypeError) as e:
+            figures[name] = str(e)
+    for _, _, test in LLAMACPP_RATIOS:
+        figures.setdefault(test, "llama-bench did not report it")
+    return figures
+
+
+def emit_llamacpp(llama: dict[str, float | str]) -> None:
+    """llama.cpp's raw tok/s, each as a number or `unavailable (<reason>)`."""
+    if "source" in llama:
+        emit("llamacpp_source", llama["source"])
+    for _, _, test in LLAMACPP_RATIOS:
+        value = llama[test]
+        emit(f"llamacpp_{test}_tok_s",
+             value if isinstance(value, float) else f"unavailable ({value})", 1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, help="threads (default: what flock's runners use)")
     parser.add_argument("--quick", action="store_true", help="skip llama.cpp")
+    parser.add_argument("--llamacpp-only", action="store_true",
+                        help="only llama.cpp's figures (building it first if need be)")
     parser.add_argument("--steps", type=int, default=24, help="timed decode steps")
+    parser.add_argument("--llamacpp-runs", type=int, default=2,
+                        help="llama-bench repetitions per test (it reports their mean)")
     args = parser.parse_args()
     env, threads = runner_env(gemv=True, threads=args.threads)
     emit("threads", threads)
     pressure = cpu_pressure()
     emit("cpu_pressure_avg60", pressure if pressure is not None else "unknown")
+    if args.llamacpp_only:
+        emit_llamacpp(llamacpp_figures(threads, args.llamacpp_runs))
+        return
     model_dir = str(smollm2_f32_dir())
     from agent.runtime.kernels import ENV, resolve_kernels
 
     built = resolve_kernels()
-    if not hasattr(built, "is_file"):
+    # Without the extension flock still runs (MLX's attention): its figures against llama.cpp
+    # are then those of the pure-MLX path, and the on/off comparisons are unavailable.
+    modes: dict[str, str] = {"off": "off"}
+    if hasattr(built, "is_file"):
+        modes = {"on": str(built), **modes}
+    else:
         emit("kernels", f"unavailable ({built.reason})")  # type: ignore[union-attr]
-        return
     kwargs = {"model_dir": model_dir, "prefill_lengths": [512, 4000],
               "decode_contexts": [200, 4000], "batch_rows": 8, "steps": args.steps}
     got = {}
-    for mode, value in (("on", str(built)), ("off", "off")):
+    for mode, value in modes.items():
         got[mode] = call_in_subprocess("bench.cpu_kernels:worker", kwargs,
                                        {**env, ENV: value}, timeout=1800)
         emit(f"kernels_{mode}", got[mode]["kernels"])
@@ -140,24 +189,23 @@ def main() -> None:
                           ("decode_200", "decode200"), ("decode_4000", "decode4k"),
                           ("batch_8", "batch8")):
             emit(f"{name}_tok_s_{mode}", got[mode][key], 1)
-    on, off = got["on"], got["off"]
-    emit("prefill4k_kernels_vs_off", on["prefill_4000"] / off["prefill_4000"])
-    emit("prefill512_kernels_vs_off", on["prefill_512"] / off["prefill_512"])
-    emit("decode4k_kernels_vs_off", on["decode_4000"] / off["decode_4000"])
-    emit("batch8_kernels_vs_off", on["batch_8"] / off["batch_8"])
-    emit("greedy_ids_identical", on["greedy_ids"] == off["greedy_ids"])
+    off = got["off"]
+    on = got.get("on")
+    for name, key in (("prefill4k_kernels_vs_off", "prefill_4000"),
+                      ("prefill512_kernels_vs_off", "prefill_512"),
+                      ("decode4k_kernels_vs_off", "decode_4000"),
+                      ("batch8_kernels_vs_off", "batch_8")):
+        emit(name, on[key] / off[key] if on else "unavailable (no kernels built)")
+    emit("greedy_ids_identical",
+         on["greedy_ids"] == off["greedy_ids"] if on else "unavailable (no kernels built)")
     if args.quick:
         return
-    llama = llamacpp_figures(threads)
-    if isinstance(llama, str):
-        emit("llamacpp", f"unavailable ({llama})")
-        return
-    for key, value in llama.items():
-        emit(f"llamacpp_{key}_tok_s", value, 1)
-    emit("prefill4k_vs_llamacpp", on["prefill_4000"] / llama["pp4096"])
-    emit("prefill512_vs_llamacpp", on["prefill_512"] / llama["pp512"])
-    emit("decode200_vs_llamacpp", on["decode_200"] / llama["tg64_d200"])
-    emit("decode4k_vs_llamacpp", on["decode_4000"] / llama["tg64_d4000"])
+    llama = llamacpp_figures(threads, args.llamacpp_runs)
+    emit_llamacpp(llama)
+    flock = on or off
+    for name, key, test in LLAMACPP_RATIOS:
+        value = llama[test]
+        emit(name, flock[key] / value if isinstance(value, float) else f"unavailable ({value})")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Run from the repository root: `python -m bench.llamacpp [--threads N] [--runs 3]`. The first run
 builds llama.cpp for the benchmark's own use from the `llama-cpp-python` sdist's vendored source
-(`pip download --no-binary :all:` into the bench cache, cmake with GGML_NATIVE, only the
+(`pip download --no-binary llama-cpp-python` into the bench cache, cmake with GGML_NATIVE, only the
 `llama-bench` and `llama-quantize` targets) and makes the f32 GGUF with
 `llama-quantize --allow-requantize <Q4_1 gguf> <out> F32`; later runs reuse both. Nothing is
 written under the repository. When llama.cpp cannot be built the figure reads
@@ -35,6 +35,9 @@ CMAKE_OPTIONS = (
     "-DLLAMA_BUILD_SERVER=OFF",
     "-DBUILD_SHARED_LIBS=OFF",
 )
+
+
+BUILD_TIMEOUT_S = 3 * 3600
 
 
 class LlamaCppUnavailable(RuntimeError):
@@ -70,8 +73,10 @@ def _sdist() -> Path:
     if cached:
         return cached[-1]
     SDIST_DIR.mkdir(parents=True, exist_ok=True)
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-          "-d", str(SDIST_DIR), "llama-cpp-python"])
+    # Only llama-cpp-python itself as source: `--no-binary :all:` would also build its build
+    # backends (scikit-build-core, setuptools, hatchling...) from source, recursively, for minutes.
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+          "-q", "-d", str(SDIST_DIR), "llama-cpp-python"])
     cached = sorted(SDIST_DIR.glob("llama_cpp_python-*.tar.gz"))
     if not cached:
         raise LlamaCppUnavailable("pip download left no llama_cpp_python sdist")
@@ -102,8 +107,9 @@ def ensure_built(*, jobs: int | None = None) -> LlamaCpp:
             raise LlamaCppUnavailable(f"{sdist.name} has no vendor/llama.cpp")
     _run(["cmake", "-S", str(tree), "-B", str(build), *CMAKE_OPTIONS])
     jobs = jobs or len(os.sched_getaffinity(0))
+    # 30 minutes did not finish it on 2 cores shared with other work; a rerun resumes the build.
     _run(["cmake", "--build", str(build), "--config", "Release", "-j", str(jobs),
-          "--target", *TARGETS])
+          "--target", *TARGETS], timeout=BUILD_TIMEOUT_S)
     missing = [t for t in TARGETS if not built.tool(t).is_file()]
     if missing:
         raise LlamaCppUnavailable(f"the build produced no {', '.join(missing)}")

@@ -367,6 +367,22 @@ def _runner_environments(pid: int) -> list[dict[str, str]]:
     return envs
 
 
+def _shipped_kernels(pyz: Path) -> list[str]:
+    """The attention kernels in the archive for the clean machine's python3: those `make
+    native` built here for its CPython must be there (for other CPythons there are none, and
+    runners fall back to MLX's attention with a warning)."""
+    done = subprocess.run([_system_python3(), "-c", "import sys; print(*sys.version_info[:2], "
+                           "sep='')"], capture_output=True, text=True, check=True)
+    tag = f"-cp{done.stdout.strip()}-linux-"
+    built = [p.name for p in (REPO / "agent/runtime/native").glob("_flockattn-*.so")
+             if tag in p.name]
+    with zipfile.ZipFile(pyz) as zf:
+        shipped = [n.rpartition("/")[2] for n in zf.namelist()
+                   if "/agent/runtime/native/_flockattn-" in n and tag in n]
+    assert set(built) <= set(shipped), (built, shipped)
+    return shipped
+
+
 @pytest.mark.slow
 def test_linux_zipapp_serves_from_a_clean_environment(user_machine: dict[str, Path],
                                                       tmp_path: Path) -> None:
@@ -380,6 +396,11 @@ def test_linux_zipapp_serves_from_a_clean_environment(user_machine: dict[str, Pa
     rows = dict(line.split(None, 1) for line in version.stdout.splitlines())
     assert rows["flock:"] == __version__
     assert "OpenBLAS" in rows["blas:"], version.stdout  # the shipped shim: PATH has no compiler
+    # The attention kernels `make native` built for this MLX and the clean machine's CPython
+    # ship prebuilt too; runners must load them without a compiler (checked below).
+    kernels = _shipped_kernels(user_machine["pyz"])
+    if kernels:
+        assert rows["kernels:"].startswith("flockattn"), version.stdout
 
     model = make_tiny_model(tmp_path / "tiny")
     port = _free_port()
@@ -418,6 +439,11 @@ def test_linux_zipapp_serves_from_a_clean_environment(user_machine: dict[str, Pa
         extracted = str(user_machine["home"] / ".shiv")
         assert runners[0]["LD_PRELOAD"].startswith(extracted)
         assert runners[0]["PYTHONPATH"].startswith(extracted)
+        if kernels:
+            assert runners[0]["FLOCK_KERNELS_LIB"].startswith(extracted)
+            # The runner's Ready names what it loaded; the agent logs it with the runner.
+            text = log.read_text()
+            assert "attention: flockattn" in text and "kernels not loaded" not in text, text
     finally:
         agent.terminate()
         try:

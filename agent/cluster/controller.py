@@ -72,6 +72,7 @@ class ClusterController:
         # The secret never travels: assignments carry the spec without it.
         self.assignment = Assignment(spec=VersionedSpec.first(spec)) if spec else Assignment()
         self.speed = ComputeSpeed("", 0.0, 0.0, "")  # measured in start()
+        self._kernels = describe_kernels(settings)  # looks for the built file; loads nothing
         self._addresses: list[str] = []
         self.client = PeerClient(node_id=self.node_id, secret=self.secret,
                                  timeout_s=settings.peer_timeout_s)
@@ -126,7 +127,7 @@ class ClusterController:
             probe_key=self.speed.key,
             links=self.link_meter.links(self.table.rtts_ms()) if hasattr(self, "table") else {},
             blas=self.speed.blas,
-            kernels=describe_kernels(s),
+            kernels=self._kernels,
             spec_generation=spec.generation if spec else 0,
             spec_hash=spec.hash if spec else "",
             models=sorted(m.name for m in self.store.list()),

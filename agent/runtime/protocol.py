@@ -105,6 +105,7 @@ class Ready(msgspec.Struct, frozen=True, tag="ready", kw_only=True):
     blas: str = ""
     engine: str = "flock"  # which engine serves: "flock" (its own decoder) or "mlx-lm"
     dtype: str = ""  # what the weights were loaded as: "keep" or a float dtype's name
+    kernels: str = ""  # the attention it computes with (kernels.describe_kernels, decided at load)
 
 
 class Stats(msgspec.Struct, frozen=True, tag="stats"):

@@ -87,8 +87,10 @@ def join_tensor_group(config: RunnerConfig, scratch: Path) -> Any:
 
 def load(config: RunnerConfig, journal: Journal | None = None,
          group: Any = None) -> tuple[Any, Ready]:
+    import mlx.core as mx
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
+    from agent.runtime import kernels
     from agent.runtime.blas import describe_blas
     from agent.runtime.kv import KvGeometry, KvSlots
     from agent.runtime.model import LayerRange, load_decoder, serving_dtype
@@ -125,6 +127,12 @@ def load(config: RunnerConfig, journal: Journal | None = None,
     weights = decoder.weight_bytes()
     budget = kv_budget(config, weights, geometry.bytes_per_token, context)
     limits = SchedulerLimits.for_runner(config, context_length=context, kv_budget_bytes=budget)
+    # The extension is loaded (or refused, with its warning) now rather than at the first
+    # prompt, so Ready says what this runner really computes attention with.
+    loaded = kernels.enabled()
+    attention = kernels.describe_kernels()
+    if loaded and geometry.dtype != mx.float32:
+        attention = f"pure MLX ({geometry.dtype} KV cache; the kernels read float32)"
     ready = Ready(
         model_name=config.model_name,
         weight_bytes=weights,
@@ -134,6 +142,7 @@ def load(config: RunnerConfig, journal: Journal | None = None,
         load_seconds=time.perf_counter() - started,
         blas=describe_blas(),
         dtype="keep" if dtype is None else str(dtype).rpartition(".")[2],
+        kernels=attention,
     )
     kv = KvSlots(geometry, journal=journal, limit_bytes=budget)
     prefix = PrefixCache(prefix_cache_bytes(config.prefix_cache_bytes, budget), journal=journal)

@@ -264,8 +264,10 @@ class RunnerPool:
         if entry.draft_refusal is not None:
             entry.detail = f"draft model refused: {entry.draft_refusal}"
         entry.ready_at = time.monotonic()
-        log.info("runner %s (%s, layers %s-%s) ready in %.1fs", entry.key, config.role,
-                 config.layer_start, config.layer_stop, entry.ready_at - started)
+        ready = entry.runner.ready
+        log.info("runner %s (%s, layers %s-%s) ready in %.1fs; attention: %s", entry.key,
+                 config.role, config.layer_start, config.layer_stop, entry.ready_at - started,
+                 (ready.kernels if ready is not None else "") or "unknown")
         return True
 
     async def _with_draft(self, entry: _Entry, config: RunnerConfig, model_dir: Path
