@@ -20,8 +20,7 @@ configurations decode the same prompts, so their greedy ids are compared too. Ea
 configuration warms up (compiles its step shapes) on other prompts first. Decode tok/s counts
 the tokens after each stream's first one over the time from the first token to the last.
 
-  draft_*                      with --with-draft: a random draft model's figures (see
-                               bench/speculative_draft.py: the cost of a useless draft)
+Draft-model figures (draft_*) are `python -m bench.speculative_draft`'s.
 
   pipeline3_lookup_edit_vs_plain  the edit task on a 3-stage pipeline of local runner processes
                                (10/10/10 layers, TCP links, micro-batching on), prompt lookup /
@@ -307,8 +306,6 @@ def main() -> None:
                         help="skip the pipeline3_* figures")
     parser.add_argument("--only-pipeline", action="store_true",
                         help="only the pipeline3_* figures")
-    parser.add_argument("--with-draft", action="store_true",
-                        help="also the draft-model figures (bench.speculative_draft)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.tokens = 1, 64
@@ -324,11 +321,6 @@ def main() -> None:
     if not args.no_pipeline:
         identical &= _pipeline(args, model_dir, env)
     emit("lookup_greedy_ids_identical", identical)
-    if args.with_draft:
-        from bench.speculative_draft import draft_figures
-
-        draft_figures(model_dir, None, rounds=args.rounds, tokens=min(args.tokens, 96),
-                      prompts=3 if args.quick else 8, threads=args.threads)
     emit("cpu_pressure_avg60_end", cpu_pressure() or 0.0)
 
 

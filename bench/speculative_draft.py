@@ -128,7 +128,7 @@ def main() -> None:
 
 def draft_figures(model_dir: Path, draft_dir: Path | None, *, rounds: int, tokens: int,
                   prompts: int, threads: int | None = None) -> None:
-    """Measure and print the figures (also called by `bench.speculative --with-draft`)."""
+    """Measure and print the figures."""
     name = "draft"
     if draft_dir is None:
         import tempfile
