@@ -92,7 +92,23 @@ class Want:
     sampler: RowSampler | None
 
 
-class DraftModel:
+class PacedRows:
+    """Each drafting sequence's pace (`DraftRow`), fed back what the target kept: what a local
+    `DraftModel` and a `draft_remote.RemoteDraft` share."""
+
+    rows: dict[str, DraftRow]
+
+    def feedback(self, seq_id: str, drafted: int, accepted: int, tokens: int) -> None:
+        state = self.rows.get(seq_id)
+        if state is not None:
+            state.feedback(drafted, accepted, tokens)
+
+    def stats(self, seq_id: str) -> DraftStats | None:
+        state = self.rows.get(seq_id)
+        return state.stats if state is not None else None
+
+
+class DraftModel(PacedRows):
     """A loaded draft model and its cache. `vocab`: the target's vocabulary size (the draft's
     logits are cut or padded to it, so proposals are ids the target has)."""
 
@@ -124,15 +140,6 @@ class DraftModel:
         mapping = self.kv.compact({s.row: len(s.cached) for s in self.rows.values()})
         for state in self.rows.values():
             state.row = mapping.get(state.row, state.row)
-
-    def feedback(self, seq_id: str, drafted: int, accepted: int, tokens: int) -> None:
-        state = self.rows.get(seq_id)
-        if state is not None:
-            state.feedback(drafted, accepted, tokens)
-
-    def stats(self, seq_id: str) -> DraftStats | None:
-        state = self.rows.get(seq_id)
-        return state.stats if state is not None else None
 
     # ---- proposing ------------------------------------------------------------------------
     def propose(self, wants: list[Want]) -> dict[str, Proposal]:

@@ -23,8 +23,7 @@ import msgspec
 import numpy as np
 
 from agent.generation import SamplingParams
-from agent.runtime.draft_model import DraftModel, DraftRow, Proposal, Want
-from agent.runtime.drafting import DraftStats
+from agent.runtime.draft_model import DraftModel, DraftRow, PacedRows, Proposal, Want
 from agent.runtime.links import _LEN, StageLink, StageLinkError, _from_bytes, _to_bytes
 from agent.runtime.sampling import RowSampler
 
@@ -157,7 +156,7 @@ def serve_drafts(server: DraftServer, link: StageLink, control_fd: int) -> int:
 # ---- the head's client ------------------------------------------------------------------------
 
 
-class RemoteDraft:
+class RemoteDraft(PacedRows):
     """A draft model behind a link, as the speculator uses a local `DraftModel`."""
 
     def __init__(self, link: StageLink, *, vocab: int, name: str = "draft",
@@ -181,15 +180,6 @@ class RemoteDraft:
         for gone in [s for s in self.rows if s not in live]:
             self.rows.pop(gone, None)
             self.sent.pop(gone, None)
-
-    def feedback(self, seq_id: str, drafted: int, accepted: int, tokens: int) -> None:
-        state = self.rows.get(seq_id)
-        if state is not None:
-            state.feedback(drafted, accepted, tokens)
-
-    def stats(self, seq_id: str) -> DraftStats | None:
-        state = self.rows.get(seq_id)
-        return state.stats if state is not None else None
 
     def propose(self, wants: list[Want]) -> dict[str, Proposal]:
         if self.link is None:

@@ -78,12 +78,15 @@ def _write(cache: mx.array, at: tuple[mx.array, mx.array, mx.array], new: mx.arr
     return cache
 
 
-class RowsDecode:
-    """Decode-step functions over a row range, one compiled function per first row (and shape).
-    A step over every row should use the plain decode function (`make_decode_fn`)."""
+class RowRangeSteps:
+    """Step functions over a row range, one compiled function per first row (and shape), built
+    from `step_fn(dec, inputs, positions, keys, values, *, first, embed, project, quant)`:
+    `RowsDecode` (a micro-batch's decode step) and `verify.RowsVerify` (its verify step)."""
 
-    def __init__(self, dec: Decoder, *, compiled: bool, embed: bool | None = None,
+    def __init__(self, step_fn: Callable[..., tuple[mx.array, list[mx.array], list[mx.array]]],
+                 dec: Decoder, *, compiled: bool, embed: bool | None = None,
                  project: bool | None = None, quant: KvQuant | None = None) -> None:
+        self.step_fn = step_fn
         self.dec = dec
         self.embed = dec.embeds if embed is None else embed
         self.project = dec.projects if project is None else project
@@ -98,13 +101,22 @@ class RowsDecode:
         return fn
 
     def _build(self, first: int) -> Callable[..., Any]:
-        dec, embed, project, quant = self.dec, self.embed, self.project, self.quant
+        step_fn, dec, embed, project, quant = (self.step_fn, self.dec, self.embed, self.project,
+                                               self.quant)
 
         def step(inputs: mx.array, positions: mx.array, *kv: mx.array) -> tuple[mx.array, ...]:
             half = len(kv) // 2
-            out, keys, values = rows_decode_step(dec, inputs, positions, list(kv[:half]),
-                                                 list(kv[half:]), first=first, embed=embed,
-                                                 project=project, quant=quant)
+            out, keys, values = step_fn(dec, inputs, positions, list(kv[:half]),
+                                        list(kv[half:]), first=first, embed=embed,
+                                        project=project, quant=quant)
             return (out, *keys, *values)
 
         return mx.compile(step) if self.compiled else step
+
+
+class RowsDecode(RowRangeSteps):
+    """Decode-step functions over a row range. A step over every row should use the plain
+    decode function (`make_decode_fn`)."""
+
+    def __init__(self, dec: Decoder, **options: Any) -> None:
+        super().__init__(rows_decode_step, dec, **options)

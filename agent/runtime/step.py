@@ -319,12 +319,9 @@ def prefill(
     embed = dec.embeds if embed is None else embed
     project = dec.projects if project is None else project
     h = embed_tokens(dec, inputs)[None] if embed else inputs
-    n = h.shape[1]
     hd = dec.config.head_dim
     scale = hd**-0.5
     eps = dec.config.rms_norm_eps
-    end = start + n
-    parts = 1 if quant is None else 3
     fused = fused_layers(dec)
     if fused:
         h = _fused_prefill_layers(dec, h, start, row, keys, values, quant)
@@ -332,14 +329,7 @@ def prefill(
         q, k, v = _qkv(dec, layer, kernels.rms_norm(h, layer.attn_norm, eps))
         q = dec.rope(q, offset=start)
         k = dec.rope(k, offset=start)
-        if quant is None:
-            keys[i][row:row + 1, :, start:end] = k
-            values[i][row:row + 1, :, start:end] = v
-            k_all: mx.array | list[mx.array] = keys[i][row:row + 1, :, :end]
-            v_all: mx.array | list[mx.array] = values[i][row:row + 1, :, :end]
-        else:
-            k_all = _store_quantized(keys, i * parts, row, start, k, quant)
-            v_all = _store_quantized(values, i * parts, row, start, v, quant)
+        k_all, v_all = _store_prompt_kv(keys, values, i, row, start, k, v, quant)
         # (1, n, heads * hd): the fused kernel where loaded (reading a quantized cache's parts
         # directly), else MLX's causal SDPA; a sliding layer masks what lies behind its window.
         window = attention_window.window_of(dec, i)
@@ -358,6 +348,21 @@ def prefill(
     if not project:
         return h
     return project_logits(dec, h[0] if all_logits else h[0, -1:])
+
+
+def _store_prompt_kv(keys: list[mx.array], values: list[mx.array], layer: int, row: int,
+                     start: int, k: mx.array, v: mx.array, quant: KvQuant | None
+                     ) -> tuple[Any, Any]:
+    """Write a chunk's keys and values (1, kv_heads, n, head_dim) into the row's positions
+    [start, start + n) of a layer's cache; returns the layer's keys and values for positions
+    [0, start + n): arrays, or a quantized cache's parts (three a side)."""
+    end = start + k.shape[2]
+    if quant is None:
+        keys[layer][row:row + 1, :, start:end] = k
+        values[layer][row:row + 1, :, start:end] = v
+        return keys[layer][row:row + 1, :, :end], values[layer][row:row + 1, :, :end]
+    return (_store_quantized(keys, layer * 3, row, start, k, quant),
+            _store_quantized(values, layer * 3, row, start, v, quant))
 
 
 def _store_quantized(arrays: list[mx.array], first: int, row: int, start: int, x: mx.array,
@@ -380,7 +385,6 @@ def _fused_prefill_layers(dec: Decoder, h: mx.array, start: int, row: int,
     inv_freqs = _inv_freqs(dec)
     scale = dec.config.head_dim**-0.5
     end = start + h.shape[1]
-    parts = 1 if quant is None else 3
     positions = mx.arange(start, end, dtype=mx.int32)
     delta: mx.array | None = None
     for i, layer in enumerate(dec.layers):
@@ -391,14 +395,7 @@ def _fused_prefill_layers(dec: Decoder, h: mx.array, start: int, row: int,
         q, k, v = kernels.rope_qkv(linear(x, layer.attn.qkv.qkv), positions, inv_freqs,
                                    heads=dec.local_heads, kv_heads=dec.local_kv_heads,
                                    rope_scale=dec.rope.scale, traditional=dec.rope.traditional)
-        if quant is None:
-            keys[i][row:row + 1, :, start:end] = k
-            values[i][row:row + 1, :, start:end] = v
-            k_all: mx.array | list[mx.array] = keys[i][row:row + 1, :, :end]
-            v_all: mx.array | list[mx.array] = values[i][row:row + 1, :, :end]
-        else:
-            k_all = _store_quantized(keys, i * parts, row, start, k, quant)
-            v_all = _store_quantized(values, i * parts, row, start, v, quant)
+        k_all, v_all = _store_prompt_kv(keys, values, i, row, start, k, v, quant)
         attn = kernels.prefill_attention(q, k_all, v_all, scale=scale, offset=start, quant=quant)
         h, x = kernels.add_rms_norm(h, _all_sum(linear(attn, layer.attn.o), dec.group),
                                     layer.ffn_norm, eps)

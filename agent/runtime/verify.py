@@ -27,6 +27,7 @@ import mlx.nn as nn
 from agent.runtime import attention_sinks, attention_window
 from agent.runtime.kv import KvQuant
 from agent.runtime.model import Decoder
+from agent.runtime.rowstep import RowRangeSteps
 from agent.runtime.step import (
     _all_sum,
     _mlp,
@@ -162,33 +163,9 @@ def make_verify_fn(dec: Decoder, *, compiled: bool, embed: bool | None = None,
     return mx.compile(step) if compiled else step
 
 
-class RowsVerify:
-    """Verify-step functions over a row range, one compiled function per first row (and shape):
-    a verify micro-batch. A step over every row should use `make_verify_fn`'s."""
+class RowsVerify(RowRangeSteps):
+    """Verify-step functions over a row range: a verify micro-batch. A step over every row
+    should use `make_verify_fn`'s."""
 
-    def __init__(self, dec: Decoder, *, compiled: bool, embed: bool | None = None,
-                 project: bool | None = None, quant: KvQuant | None = None) -> None:
-        self.dec = dec
-        self.embed = dec.embeds if embed is None else embed
-        self.project = dec.projects if project is None else project
-        self.quant = quant
-        self.compiled = compiled
-        self.fns: dict[int, Callable[..., Any]] = {}
-
-    def __call__(self, first: int) -> Callable[..., Any]:
-        fn = self.fns.get(first)
-        if fn is None:
-            fn = self.fns[first] = self._build(first)
-        return fn
-
-    def _build(self, first: int) -> Callable[..., Any]:
-        dec, embed, project, quant = self.dec, self.embed, self.project, self.quant
-
-        def step(inputs: mx.array, starts: mx.array, *kv: mx.array) -> tuple[mx.array, ...]:
-            half = len(kv) // 2
-            out, keys, values = verify_step(dec, inputs, starts, list(kv[:half]),
-                                            list(kv[half:]), embed=embed, project=project,
-                                            quant=quant, first=first)
-            return (out, *keys, *values)
-
-        return mx.compile(step) if self.compiled else step
+    def __init__(self, dec: Decoder, **options: Any) -> None:
+        super().__init__(verify_step, dec, **options)
