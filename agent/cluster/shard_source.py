@@ -38,7 +38,10 @@ def selector_for(config: RunnerConfig, num_layers: int) -> StageSelector:
     start = config.layer_start if config.layer_start is not None else 0
     stop = config.layer_stop if config.layer_stop is not None else num_layers
     embeds = head or (config.role == "tp_follower" and start == 0)
-    return StageSelector(start, stop, embeds, head)
+    # A pipeline's last stage holds the head weights too: it projects part of the vocabulary
+    # for decode steps (`runtime/vocab_split.py`).
+    projects = head or (config.role == "follower" and stop == num_layers)
+    return StageSelector(start, stop, embeds, projects)
 
 
 class ShardSource:

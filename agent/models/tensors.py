@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,12 @@ class LayerRange:
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+
+def holds_head(names: Iterable[str], tied: bool) -> bool:
+    """Whether tensors `names` include the head's projection (the embedding, when tied)."""
+    wanted = is_embedding if tied else is_head
+    return any(wanted(name) for name in names)
 
 
 def stage_wants(name: str, layers: LayerRange, embeds: bool, projects: bool, tied: bool) -> bool:

@@ -22,7 +22,7 @@ import mlx.core as mx
 from mlx_lm.models.rope_utils import initialize_rope
 
 from agent.models.arch import read_config
-from agent.models.tensors import LayerRange, safetensor_files, stage_wants
+from agent.models.tensors import LayerRange, holds_head, safetensor_files, stage_wants
 from agent.runtime import gpt_oss
 from agent.runtime.attention_window import sliding_layers
 
@@ -435,8 +435,15 @@ def load_decoder(
     keep = dtype is None
     quant = quantization_of(raw)
     embeds = layers.start == 0 if embeds is None else embeds
+    auto_projects = projects is None
     projects = layers.stop == config.num_layers if projects is None else projects
     weights = load_weights(model_dir, config, layers, embeds=embeds, projects=projects)
+    if auto_projects and projects and not holds_head(weights, config.tie_word_embeddings):
+        # A last stage's shard fetched without the head weights: it does not project (the
+        # head projects the whole vocabulary, as before `vocab_split.py`).
+        projects = False
+        weights = {name: value for name, value in weights.items()
+                   if stage_wants(name, layers, embeds, False, config.tie_word_embeddings)}
     if config.architecture == gpt_oss.ARCHITECTURE:
         weights = gpt_oss.sanitize(weights)
     # The dtype hidden states are computed in. Kept on CPU it is float32 whatever the checkpoint
