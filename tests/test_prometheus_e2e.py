@@ -53,7 +53,9 @@ MAX_TOKENS = 8
 # with discovery off (so that other agents on this machine cannot join it). The dashboard test
 # leaves them out; the two-node test at the end checks them. Every other dashboard metric must
 # be present after one request.
-NEEDS_PEERS = {"flock_peer_rtt_seconds"}
+# Metrics only a node with peers exports: link round trips, and a pipeline head's stages.
+NEEDS_PEERS = {"flock_peer_rtt_seconds", "flock_stage_busy_seconds_total",
+               "flock_pipeline_microbatches_in_flight"}
 
 # Runner snapshots arrive about once a second; metrics fed by them appear after the first one.
 EXPOSITION_WAIT_S = 20.0
