@@ -23,13 +23,9 @@ import mlx.core as mx
 
 from agent.runtime.compute import LocalCompute
 from agent.runtime.drafting import (
-    FIRST_DRAFT,
-    FIRST_PAUSE,
     MAX_DRAFT,
-    MAX_PAUSE,
-    MISSES_TO_PAUSE,
+    DraftPace,
     DraftStats,
-    next_draft_len,
 )
 from agent.runtime.kv import KvGeometry, KvSlots
 from agent.runtime.sampling import RowSampler
@@ -38,38 +34,17 @@ from agent.runtime.verify import WIDTHS
 CATCH_UP_CHUNK = 512  # most tokens one prefill call of a row's catch-up feeds
 
 
-@dataclass
-class DraftRow:
+@dataclass(kw_only=True)
+class DraftRow(DraftPace):
     """One sequence's place in the draft's cache and its drafting pace."""
 
     row: int
     cached: list[int] = field(default_factory=list)  # the tokens whose KV the row holds
     known: int = 0  # of them, how many the sequence had when the row last drafted
-    draft_len: int = FIRST_DRAFT
-    stats: DraftStats = field(default_factory=DraftStats)
-    misses: int = 0
-    resume_at: int = 0  # drafting pauses until the sequence has this many tokens
-    pause_len: int = FIRST_PAUSE
 
     def feedback(self, drafted: int, accepted: int, tokens: int) -> None:
         """The target kept `accepted` of `drafted`; `tokens`: the sequence's length now."""
-        if drafted <= 0:
-            return
-        s = self.stats
-        s.passes += 1
-        s.drafted += drafted
-        s.accepted += accepted
-        self.draft_len = next_draft_len(self.draft_len, drafted, accepted, MAX_DRAFT)
-        if accepted == 0:
-            self.misses += 1
-            if self.misses >= MISSES_TO_PAUSE:
-                self.resume_at = tokens + self.pause_len
-                self.pause_len = min(2 * self.pause_len, MAX_PAUSE)
-                self.misses = 0
-        else:
-            self.misses = 0
-            if accepted == drafted:
-                self.pause_len = FIRST_PAUSE
+        self.record(drafted, accepted, tokens)
 
 
 @dataclass(frozen=True)
@@ -129,7 +104,7 @@ class DraftModel(PacedRows):
     # ---- which sequences have rows --------------------------------------------------------
     def paused(self, seq_id: str, tokens: int) -> bool:
         state = self.rows.get(seq_id)
-        return self.paced and state is not None and tokens < state.resume_at
+        return self.paced and state is not None and state.paused_at(tokens)
 
     def retain(self, live: set[str]) -> None:
         """Free the rows of sequences that are gone, and shrink the cache where it can."""

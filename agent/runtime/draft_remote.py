@@ -173,7 +173,7 @@ class RemoteDraft(PacedRows):
         if self.link is None:
             return True
         state = self.rows.get(seq_id)
-        return state is not None and tokens < state.resume_at
+        return state is not None and state.paused_at(tokens)
 
     def retain(self, live: set[str]) -> None:
         self.live = set(live)

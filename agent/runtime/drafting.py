@@ -34,7 +34,46 @@ class DraftStats:
 
 
 @dataclass
-class PromptLookup:
+class DraftPace:
+    """How far a sequence drafts, and when it stops for a while: the next draft's length follows
+    what the last one kept (`next_draft_len`); after MISSES_TO_PAUSE drafts in a row kept nothing,
+    drafting pauses for `pause_len` tokens (counted in tokens, not steps, so a pause runs out
+    however the steps that produce them are built), doubling each time up to MAX_PAUSE and back
+    to FIRST_PAUSE once a draft is kept whole. Shared by prompt lookup and the draft models."""
+
+    draft_len: int = FIRST_DRAFT
+    max_draft: int = MAX_DRAFT
+    stats: DraftStats = field(default_factory=DraftStats)
+    misses: int = 0
+    resume_at: int = 0  # drafting pauses until the sequence has this many tokens
+    pause_len: int = FIRST_PAUSE
+
+    def paused_at(self, tokens: int) -> bool:
+        return tokens < self.resume_at
+
+    def record(self, drafted: int, accepted: int, tokens: int) -> None:
+        """Verification kept `accepted` of `drafted` tokens; `tokens`: the sequence's length."""
+        if drafted <= 0:
+            return
+        s = self.stats
+        s.passes += 1
+        s.drafted += drafted
+        s.accepted += accepted
+        self.draft_len = next_draft_len(self.draft_len, drafted, accepted, self.max_draft)
+        if accepted == 0:
+            self.misses += 1
+            if self.misses >= MISSES_TO_PAUSE:
+                self.resume_at = tokens + self.pause_len
+                self.pause_len = min(2 * self.pause_len, MAX_PAUSE)
+                self.misses = 0
+        else:
+            self.misses = 0
+            if accepted == drafted:
+                self.pause_len = FIRST_PAUSE
+
+
+@dataclass
+class PromptLookup(DraftPace):
     """One sequence's drafter over `prompt + output` (and an optional predicted output).
 
     `extend(tokens)` feeds it the sequence's tokens as they become known (prompt first);
@@ -47,18 +86,10 @@ class PromptLookup:
     lookup_prompt: bool = True
     min_ngram: int = MIN_NGRAM
     max_ngram: int = MAX_NGRAM
-    draft_len: int = FIRST_DRAFT
-    max_draft: int = MAX_DRAFT
     tokens: list[int] = field(default_factory=list)
-    stats: DraftStats = field(default_factory=DraftStats)
     # n-gram -> where its latest earlier occurrence ends (the index its continuation starts at)
     _index: dict[tuple[int, ...], int] = field(default_factory=dict, repr=False)
     _predicted: dict[tuple[int, ...], int] = field(default_factory=dict, repr=False)
-    _misses: int = 0
-    # Drafting pauses until the sequence reaches this many tokens (counted in tokens, not
-    # steps, so a pause runs out however the steps that produce them are built).
-    _resume_at: int = 0
-    _pause_len: int = FIRST_PAUSE
     _from_prediction: int = 0  # leading tokens of the last proposal that came from `prediction`
 
     def __post_init__(self) -> None:
@@ -79,7 +110,7 @@ class PromptLookup:
 
     @property
     def paused(self) -> bool:
-        return len(self.tokens) < self._resume_at
+        return self.paused_at(len(self.tokens))
 
     def could_draft(self, output_start: int) -> bool:
         """Whether `propose` would find something now (no bookkeeping)."""
@@ -128,24 +159,10 @@ class PromptLookup:
         """Verification kept `accepted` of the `drafted` tokens last proposed."""
         if drafted <= 0:
             return
-        s = self.stats
-        s.passes += 1
-        s.drafted += drafted
-        s.accepted += accepted
         from_prediction = min(self._from_prediction, drafted)
-        s.predicted_accepted += min(accepted, from_prediction)
-        s.predicted_rejected += from_prediction - min(accepted, from_prediction)
-        self.draft_len = next_draft_len(self.draft_len, drafted, accepted, self.max_draft)
-        if accepted == 0:
-            self._misses += 1
-            if self._misses >= MISSES_TO_PAUSE:
-                self._resume_at = len(self.tokens) + self._pause_len
-                self._pause_len = min(2 * self._pause_len, MAX_PAUSE)
-                self._misses = 0
-        else:
-            self._misses = 0
-            if accepted == drafted:
-                self._pause_len = FIRST_PAUSE
+        self.stats.predicted_accepted += min(accepted, from_prediction)
+        self.stats.predicted_rejected += from_prediction - min(accepted, from_prediction)
+        self.record(drafted, accepted, len(self.tokens))
 
 
 def next_draft_len(current: int, drafted: int, accepted: int, most: int) -> int:
