@@ -237,6 +237,23 @@ def fused_layers(dec: Decoder) -> bool:
                for i, layer in enumerate(dec.layers))
 
 
+def _fused_layer_qkv(dec: Decoder, layer: Any, h: mx.array, delta: mx.array | None,
+                     positions: mx.array, inv_freqs: mx.array
+                     ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """A fused layer's entry: the previous layer's residual add (`delta`, None for the first
+    layer) with the attention norm, the qkv projection, then one kernel splitting the heads and
+    roping q and k. Returns the residual stream and q, k, v."""
+    eps = dec.config.rms_norm_eps
+    if delta is None:
+        x = kernels.rms_norm(h, layer.attn_norm, eps)
+    else:
+        h, x = kernels.add_rms_norm(h, delta, layer.attn_norm, eps)
+    q, k, v = kernels.rope_qkv(linear(x, layer.attn.qkv.qkv), positions, inv_freqs,
+                               heads=dec.local_heads, kv_heads=dec.local_kv_heads,
+                               rope_scale=dec.rope.scale, traditional=dec.rope.traditional)
+    return h, q, k, v
+
+
 def _fused_decode_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: list[mx.array],
                          values: list[mx.array], quant: KvQuant | None
                          ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
@@ -256,13 +273,7 @@ def _fused_decode_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: l
     new_keys, new_values = [], []
     delta: mx.array | None = None
     for i, layer in enumerate(dec.layers):
-        if delta is None:
-            x = kernels.rms_norm(h, layer.attn_norm, eps)
-        else:
-            h, x = kernels.add_rms_norm(h, delta, layer.attn_norm, eps)
-        q, k, v = kernels.rope_qkv(linear(x, layer.attn.qkv.qkv), positions, inv_freqs,
-                                   heads=dec.local_heads, kv_heads=kv_heads,
-                                   rope_scale=dec.rope.scale, traditional=dec.rope.traditional)
+        h, q, k, v = _fused_layer_qkv(dec, layer, h, delta, positions, inv_freqs)
         k_new, v_new = ([k], [v]) if quant is None else (
             list(mx.quantize(k, group_size=quant.group, bits=quant.bits)),
             list(mx.quantize(v, group_size=quant.group, bits=quant.bits)))
@@ -388,13 +399,7 @@ def _fused_prefill_layers(dec: Decoder, h: mx.array, start: int, row: int,
     positions = mx.arange(start, end, dtype=mx.int32)
     delta: mx.array | None = None
     for i, layer in enumerate(dec.layers):
-        if delta is None:
-            x = kernels.rms_norm(h, layer.attn_norm, eps)
-        else:
-            h, x = kernels.add_rms_norm(h, delta, layer.attn_norm, eps)
-        q, k, v = kernels.rope_qkv(linear(x, layer.attn.qkv.qkv), positions, inv_freqs,
-                                   heads=dec.local_heads, kv_heads=dec.local_kv_heads,
-                                   rope_scale=dec.rope.scale, traditional=dec.rope.traditional)
+        h, q, k, v = _fused_layer_qkv(dec, layer, h, delta, positions, inv_freqs)
         k_all, v_all = _store_prompt_kv(keys, values, i, row, start, k, v, quant)
         attn = kernels.prefill_attention(q, k_all, v_all, scale=scale, offset=start, quant=quant)
         h, x = kernels.add_rms_norm(h, _all_sum(linear(attn, layer.attn.o), dec.group),
