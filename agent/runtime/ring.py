@@ -46,9 +46,11 @@ if TYPE_CHECKING:
     from agent.runtime.speculation import Draft
 
 # A lone long prompt is cut into about this many slices per stage (so the ring fills and
-# drains in a small part of its prefill), none shorter than PIPELINE_MIN_SLICE tokens. From
-# per-stage CPU times, a 2,000-token prompt on 2 stages is estimated at 0.705x one node with six
-# slices a stage and 0.603x with four: each slice pays a fixed cost per hop.
+# drains in a small part of its prefill), none shorter than PIPELINE_MIN_SLICE tokens. Each
+# slice pays a fixed cost per layer, so fewer, larger slices: `bench.stage_balance --splits
+# 15:shared --slice N` estimated a 2,000-token prompt on 2 stages at 0.705x one node with six
+# slices a stage (167 tokens) and 0.603x with four (250); bench.cluster_throughput then measured
+# 0.706x with four (the estimate leaves out the hops).
 SLICES_PER_STAGE = 4
 PIPELINE_MIN_SLICE = 128
 # One stream with drafts: its verify step goes round alone, stop-and-wait (`_speculate`), rather
