@@ -1,7 +1,7 @@
 """The fused CPU attention kernels change speed, not answers, wherever runners compute: SmolLM2's
 greedy ids with the kernels on equal those of a single runner with them off (MLX's own attention),
 for a batch of 8 and a second turn that reuses the first's cached prefix, on one runner and on a
-2-stage pipeline (micro-batched row ranges), and for two prompts one at a time on a
+2-stage pipeline (micro-batched row ranges), and for two prompts together on a
 3-rank tensor-parallel group.
 
 Real runner processes with the environment the agent gives them (FLOCK_KERNELS_LIB set from the
@@ -149,13 +149,12 @@ def test_a_two_stage_pipeline(smollm2_dir: Path, tmp_path: Path,
 
 def test_a_three_rank_tensor_group(smollm2_dir: Path, tmp_path: Path,
                                    reference: dict[str, object]) -> None:
-    # Two prompts of the batch (the chat, and the one prefilled in three chunks), one at a time:
-    # the ring's collectives crawl on a busy 2-core machine, and concurrent requests on a tensor
-    # group give wrong ids with the kernels off too (a tensor-parallel bug, not the kernels').
+    # Two prompts of the batch (the chat, and the one prefilled in three chunks: the ring's
+    # collectives crawl on a 2-core machine), together, so one prompt's chunks are prefilled
+    # while the other decodes (what rank 0 once got wrong by dropping a chunk's collectives).
     prompts = [PROMPTS[0], PROMPTS[7]]
     got, attention = asyncio.run(serve(tensor(smollm2_dir, 3),
-                                       environment(tmp_path, on=True, ranks=3), prompts,
-                                       together=False))
+                                       environment(tmp_path, on=True, ranks=3), prompts))
     assert on_kernels(attention) and len(attention) == 3, attention
     batch: list[list[int]] = reference["batch"]  # type: ignore[assignment]
     assert got == {**reference, "batch": [batch[0], batch[7]]}
