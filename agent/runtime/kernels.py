@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 NATIVE_DIR = Path(__file__).resolve().parent / "native"
 SOURCE = NATIVE_DIR / "flockattn.cpp"
 # Compiled into the one extension with SOURCE (flockattn.h declares what they share).
-SOURCES = (SOURCE, NATIVE_DIR / "flockdecode.cpp", NATIVE_DIR / "flockops.cpp")
+SOURCES = (SOURCE, NATIVE_DIR / "flockdecode.cpp", NATIVE_DIR / "flockops.cpp",
+           NATIVE_DIR / "flockdense.cpp")
 MODULE = "_flockattn"  # the name NB_MODULE gives it: its PyInit__flockattn symbol
 ENV = "FLOCK_KERNELS_LIB"  # runner side: a file to load, or "off" (FLOCK_KERNELS is the setting)
 # MLX 0.32's Python module is built with nanobind's ABI v22 in the "mlx" domain; the extension
@@ -364,6 +365,22 @@ def swiglu(gate_up: mx.array) -> mx.array:
         return _module.swiglu(gate_up)
     gate, up = mx.split(gate_up, 2, axis=-1)
     return gate * mx.sigmoid(gate) * up
+
+
+# The most rows `dense` takes: decode batches; wider products (prompts, verify blocks of many
+# tokens) are the BLAS's blocked GEMM's.
+DENSE_MAX_ROWS = 16
+
+
+def dense(x: mx.array, weight: mx.array) -> mx.array | None:
+    """x (..., in) @ weight.T for a float32 weight (out, in) and at most DENSE_MAX_ROWS rows of
+    x, with the extension's bandwidth-bound kernel; None where it does not apply (the caller
+    keeps `matmul.linear`)."""
+    if not enabled() or not _f32(x, weight) or x.shape[-1] == 0:
+        return None
+    if x.size // x.shape[-1] > DENSE_MAX_ROWS:
+        return None
+    return _module.dense(x, weight)
 
 
 def rope_qkv(qkv: mx.array, positions: mx.array, inv_freqs: mx.array, *, heads: int,

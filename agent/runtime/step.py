@@ -27,16 +27,26 @@ def _all_sum(x: mx.array, group: Any) -> mx.array:
     return mx.distributed.all_sum(x, group=group) if group is not None else x
 
 
+def projection(x: mx.array, proj: Any) -> mx.array:
+    """`linear`, or for a float32 weight without bias and a decode's few rows the extension's
+    bandwidth-bound kernel (`kernels.dense`) where it is loaded."""
+    if isinstance(proj, Dense) and proj.bias is None:
+        out = kernels.dense(x, proj.weight)
+        if out is not None:
+            return out
+    return linear(x, proj)
+
+
 def _qkv(dec: Decoder, layer: Layer, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     """Projected q, k, v in (batch, heads, tokens, head_dim), normed where the model says."""
     batch, tokens, _ = x.shape
     heads, kv_heads, hd = dec.local_heads, dec.local_kv_heads, dec.config.head_dim
     attn = layer.attn
     if isinstance(attn.qkv, FusedQKV):
-        qkv = linear(x, attn.qkv.qkv)
+        qkv = projection(x, attn.qkv.qkv)
         q, k, v = mx.split(qkv, [heads * hd, (heads + kv_heads) * hd], axis=-1)
     else:
-        q, k, v = linear(x, attn.qkv.q), linear(x, attn.qkv.k), linear(x, attn.qkv.v)
+        q, k, v = (projection(x, p) for p in (attn.qkv.q, attn.qkv.k, attn.qkv.v))
     q = q.reshape(batch, tokens, heads, hd)
     k = k.reshape(batch, tokens, kv_heads, hd)
     v = v.reshape(batch, tokens, kv_heads, hd)
@@ -51,9 +61,9 @@ def _qkv(dec: Decoder, layer: Layer, x: mx.array) -> tuple[mx.array, mx.array, m
 def _dense_mlp(mlp: Mlp, x: mx.array) -> mx.array:
     if isinstance(mlp.gate_up, FusedGateUp):
         # One kernel where flockops is loaded, else MLX's split, sigmoid and products.
-        return linear(kernels.swiglu(linear(x, mlp.gate_up.gate_up)), mlp.down)
-    gate, up = linear(x, mlp.gate_up.gate), linear(x, mlp.gate_up.up)
-    return linear(gate * mx.sigmoid(gate) * up, mlp.down)
+        return projection(kernels.swiglu(projection(x, mlp.gate_up.gate_up)), mlp.down)
+    gate, up = projection(x, mlp.gate_up.gate), projection(x, mlp.gate_up.up)
+    return projection(gate * mx.sigmoid(gate) * up, mlp.down)
 
 
 def _mlp(dec: Decoder, layer: Layer, x: mx.array) -> mx.array:
@@ -75,7 +85,7 @@ def embed_tokens(dec: Decoder, tokens: mx.array) -> mx.array:
 
 def project_logits(dec: Decoder, h: mx.array) -> mx.array:
     assert dec.norm is not None
-    return linear(kernels.rms_norm(h, dec.norm, dec.config.rms_norm_eps), dec.head)
+    return projection(kernels.rms_norm(h, dec.norm, dec.config.rms_norm_eps), dec.head)
 
 
 def _plain_rope(dec: Decoder) -> bool:
@@ -219,7 +229,7 @@ def decode_step(
         attn = one_token_attention(q, k_cache, v_cache, positions,
                                    windows[window] if window else mask, quant, group_size,
                                    fused_ok=not window, sinks=layer.attn.sinks)
-        h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
+        h = h + _all_sum(projection(attn, layer.attn.o), dec.group)
         h = h + _mlp(dec, layer, kernels.rms_norm(h, layer.ffn_norm, eps))
     out = project_logits(dec, h[:, 0, :]) if project else h
     return out, new_keys, new_values
@@ -248,7 +258,7 @@ def _fused_layer_qkv(dec: Decoder, layer: Any, h: mx.array, delta: mx.array | No
         x = kernels.rms_norm(h, layer.attn_norm, eps)
     else:
         h, x = kernels.add_rms_norm(h, delta, layer.attn_norm, eps)
-    q, k, v = kernels.rope_qkv(linear(x, layer.attn.qkv.qkv), positions, inv_freqs,
+    q, k, v = kernels.rope_qkv(projection(x, layer.attn.qkv.qkv), positions, inv_freqs,
                                heads=dec.local_heads, kv_heads=dec.local_kv_heads,
                                rope_scale=dec.rope.scale, traditional=dec.rope.traditional)
     return h, q, k, v
@@ -285,7 +295,7 @@ def _fused_decode_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: l
                                         v_cache if quant else v_cache[0], positions,
                                         scale=hd**-0.5, quant=quant)
         assert attn is not None  # fused_layers checked the kernels are loaded
-        h, x = kernels.add_rms_norm(h, _all_sum(linear(attn, layer.attn.o), dec.group),
+        h, x = kernels.add_rms_norm(h, _all_sum(projection(attn, layer.attn.o), dec.group),
                                     layer.ffn_norm, eps)
         delta = _mlp(dec, layer, x)
     assert delta is not None

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
@@ -69,7 +70,10 @@ void sgemm(int transb, int m, int n, int k, float alpha, const float* a, int lda
 
 // ---------------------------------------------------------------------------------- threads
 
-// A persistent pool: decode calls the kernels once a layer per step, too often to spawn threads.
+// A persistent pool: decode calls the kernels several times a layer per step, too often to
+// spawn threads or to sleep between calls. Workers spin (with pause, yielding to other processes
+// now and then) for kSpin after a job before sleeping on the condition variable, so the next
+// call of the same step finds them awake: a futex wake-up costs ~10-50 us, ~150 a decode step.
 class Pool {
  public:
   ~Pool() {
@@ -94,46 +98,72 @@ class Pool {
         int index = static_cast<int>(workers_.size()) + 1;
         workers_.emplace_back([this, index] { loop(index); });
       }
-      job_ = &f;
-      active_ = threads;
-      pending_ = threads - 1;
-      ++generation_;
     }
-    wake_.notify_all();
+    job_ = &f;
+    pending_.store(threads - 1);
+    // The thread count travels in the generation's low byte: a worker sees both at once.
+    generation_.store(((generation_.load() >> 8) + 1) << 8 | static_cast<unsigned long>(threads));
+    if (sleepers_.load() > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      wake_.notify_all();
+    }
     f(0);
-    std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [this] { return pending_ == 0; });
+    for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+      if (spins < 4096)
+        pause();
+      else
+        std::this_thread::yield();
+    }
     job_ = nullptr;
   }
 
  private:
+  static constexpr auto kSpin = std::chrono::microseconds(300);
+
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+
   void loop(int index) {
     unsigned long seen = 0;
     for (;;) {
-      const std::function<void(int)>* job;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-        if (stop_) return;
-        seen = generation_;
-        if (index >= active_) continue;
-        job = job_;
+      // Spin a while for the next job, then sleep.
+      auto start = std::chrono::steady_clock::now();
+      for (int spins = 0; generation_.load(std::memory_order_acquire) == seen; ++spins) {
+        if ((spins & 255) != 255) {
+          pause();
+          continue;
+        }
+        if (std::chrono::steady_clock::now() - start > kSpin) {
+          std::unique_lock<std::mutex> lock(mu_);
+          sleepers_.fetch_add(1);
+          wake_.wait(lock, [&] { return stop_ || generation_.load() != seen; });
+          sleepers_.fetch_sub(1);
+          if (stop_) return;
+          break;
+        }
+        if ((spins & 4095) == 4095) std::this_thread::yield();
       }
-      (*job)(index);
       {
         std::lock_guard<std::mutex> lock(mu_);
-        --pending_;
+        if (stop_) return;
       }
-      done_.notify_one();
+      seen = generation_.load(std::memory_order_acquire);
+      if (index < static_cast<int>(seen & 255)) {
+        (*job_.load())(index);
+        pending_.fetch_sub(1, std::memory_order_release);
+      }
     }
   }
 
   std::mutex run_mu_, mu_;
-  std::condition_variable wake_, done_;
+  std::condition_variable wake_;
   std::vector<std::thread> workers_;
-  const std::function<void(int)>* job_ = nullptr;
-  unsigned long generation_ = 0;
-  int active_ = 0, pending_ = 0;
+  std::atomic<const std::function<void(int)>*> job_{nullptr};
+  std::atomic<unsigned long> generation_{0};
+  std::atomic<int> pending_{0}, sleepers_{0};
   bool stop_ = false;
 };
 
@@ -146,6 +176,8 @@ Pool& pool() {
 // calls sgemm, and OpenBLAS's own workers would oversubscribe the runner's cores (even with one
 // kernel thread, OpenBLAS splitting these small block products costs more than it gains: a 4K
 // prefill layer took 17.7 s of CPU instead of ~1).
+void run_threads(int threads, const std::function<void(int)>& f) { pool().run(threads, f); }
+
 void parallel(int threads, const std::function<void(int)>& f) {
   int previous = 0;
   bool restore = blas.set_threads && blas.get_threads && (previous = blas.get_threads()) > 1;
@@ -527,7 +559,7 @@ mx::array decode_attention(const mx::array& q, const std::vector<mx::array>& k,
 // Which BLAS the kernels call: the library at `path` (what FLOCK_BLAS_LIB names), or "" for
 // the process's own cblas_sgemm. Returns a description, or raises when the path does not load.
 std::string configure(const std::string& path, int threads) {
-  kernel_threads = std::max(1, threads);
+  kernel_threads = std::clamp(threads, 1, 255);  // the pool's generation carries it in a byte
   if (path.empty()) {
     blas = Blas{};
     return blas.origin;
@@ -564,4 +596,5 @@ NB_MODULE(_flockattn, m) {
   m.def("configure", &configure, nb::arg("blas_path"), nb::arg("threads"));
   m.def("threads", [] { return kernel_threads; });
   register_ops(m);
+  register_dense(m);
 }

@@ -31,6 +31,9 @@ extern int kernel_threads;
 // f(thread_index) on `threads` threads of a persistent pool (OpenBLAS on one thread meanwhile).
 void parallel(int threads, const std::function<void(int)>& f);
 
+// f(thread_index) on the pool without touching OpenBLAS's threads (for kernels that call no BLAS).
+void run_threads(int threads, const std::function<void(int)>& f);
+
 // Row-major sgemm through the configured BLAS: C = alpha * A @ op(B) + beta * C.
 void sgemm(int transb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
            int ldb, float beta, float* c, int ldc);
@@ -139,5 +142,15 @@ std::shared_ptr<mx::Primitive> make_decode_attention(mx::Stream s, float scale, 
 
 // The fused small ops (flockops.cpp), added to the module.
 void register_ops(nanobind::module_& m);
+
+// Few-row projections (flockdense.cpp): output rows [n0, n1) of y (rows x n, leading dimension
+// ldy) = x @ W.T, W (n, k) with leading dimension ldw, row r of x at x[r].
+void dense_range(const float* w, int64_t ldw, const float* const* x, int rows, int k, float* y,
+                 int64_t ldy, int n0, int n1);
+// Thread t's share [first, end) of n output rows split into `threads` multiples of `unit`.
+std::pair<int, int> split_rows(int n, int unit, int threads, int t);
+// Pointers to the rows (last axis) of a float32 array, through its view.
+std::vector<const float*> row_pointers(const mx::array& a, const View& v);
+void register_dense(nanobind::module_& m);
 
 }  // namespace fk
