@@ -43,7 +43,7 @@ NATIVE_DIR = Path(__file__).resolve().parent / "native"
 SOURCE = NATIVE_DIR / "flockattn.cpp"
 # Compiled into the one extension with SOURCE (flockattn.h declares what they share).
 SOURCES = (SOURCE, NATIVE_DIR / "flockdecode.cpp", NATIVE_DIR / "flockops.cpp",
-           NATIVE_DIR / "flockdense.cpp")
+           NATIVE_DIR / "flockdense.cpp", NATIVE_DIR / "flocklayer.cpp")
 MODULE = "_flockattn"  # the name NB_MODULE gives it: its PyInit__flockattn symbol
 ENV = "FLOCK_KERNELS_LIB"  # runner side: a file to load, or "off" (FLOCK_KERNELS is the setting)
 # MLX 0.32's Python module is built with nanobind's ABI v22 in the "mlx" domain; the extension
@@ -381,6 +381,22 @@ def dense(x: mx.array, weight: mx.array) -> mx.array | None:
     if x.size // x.shape[-1] > DENSE_MAX_ROWS:
         return None
     return _module.dense(x, weight)
+
+
+def layer_entry(h: mx.array, norm_w: mx.array, qkv_w: mx.array, positions: mx.array,
+                inv_freqs: mx.array, *, heads: int, kv_heads: int, eps: float, rope_scale: float,
+                traditional: bool) -> tuple[mx.array, mx.array, mx.array]:
+    """A dense layer's decode entry in one kernel: rms_norm(h) (h (R, 1, D)), the fused qkv
+    projection, q and k roped; q (R, H, 1, d), k, v (R, KV, 1, d). Only where `enabled()`."""
+    return _module.layer_entry(h, norm_w, qkv_w, positions, inv_freqs, heads, kv_heads, eps,
+                               rope_scale, traditional)
+
+
+def layer_block(h: mx.array, attn: mx.array, o_w: mx.array, norm_w: mx.array,
+                gate_up_w: mx.array, down_w: mx.array, eps: float) -> mx.array:
+    """The rest of a dense layer's decode in one kernel: s = h + attn @ o_w.T, then
+    s + down(swiglu(gate_up(rms_norm(s)))). Only where `enabled()`."""
+    return _module.layer_block(h, attn, o_w, norm_w, gate_up_w, down_w, eps)
 
 
 def rope_qkv(qkv: mx.array, positions: mx.array, inv_freqs: mx.array, *, heads: int,

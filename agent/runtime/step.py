@@ -264,6 +264,58 @@ def _fused_layer_qkv(dec: Decoder, layer: Any, h: mx.array, delta: mx.array | No
     return h, q, k, v
 
 
+def _whole_layers(dec: Decoder, rows: int) -> bool:
+    """Whether fused layers take the whole-layer kernels (`kernels.layer_entry` /
+    `layer_block`): a single node's dense SwiGLU layers, float32 weights without biases, a
+    decode's few rows."""
+    if dec.group is not None or rows > kernels.DENSE_MAX_ROWS:
+        return False
+
+    def plain(p: Any) -> bool:
+        return isinstance(p, Dense) and p.bias is None and p.weight.dtype == mx.float32
+
+    return all(isinstance(layer.mlp, Mlp) and isinstance(layer.mlp.gate_up, FusedGateUp)
+               and plain(layer.attn.qkv.qkv) and plain(layer.attn.o)
+               and plain(layer.mlp.gate_up.gate_up) and plain(layer.mlp.down)
+               for layer in dec.layers)
+
+
+def _whole_decode_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: list[mx.array],
+                         values: list[mx.array], quant: KvQuant | None
+                         ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+    """The fused decode layers as 3 kernels a layer around MLX's in-place cache writes: the
+    entry (norm, qkv, rope), the attention kernel, the block (o + residual, norm, MLP +
+    residual): 5 ops a layer instead of ~11."""
+    eps = dec.config.rms_norm_eps
+    inv_freqs = _inv_freqs(dec)
+    rows, kv_heads, hd = h.shape[0], dec.local_kv_heads, dec.config.head_dim
+    parts = 1 if quant is None else 3
+    wheres = {a.shape[3]: mx.broadcast_to(positions[:, None, None, None],
+                                          (rows, kv_heads, 1, a.shape[3]))
+              for a in keys[:parts]}
+    new_keys, new_values = [], []
+    for i, layer in enumerate(dec.layers):
+        q, k, v = kernels.layer_entry(h, layer.attn_norm, layer.attn.qkv.qkv.weight, positions,
+                                      inv_freqs, heads=dec.local_heads, kv_heads=kv_heads,
+                                      eps=eps, rope_scale=dec.rope.scale,
+                                      traditional=dec.rope.traditional)
+        k_new, v_new = ([k], [v]) if quant is None else (
+            list(mx.quantize(k, group_size=quant.group, bits=quant.bits)),
+            list(mx.quantize(v, group_size=quant.group, bits=quant.bits)))
+        k_cache, v_cache = write_layer_kv(keys[i * parts:(i + 1) * parts],
+                                          values[i * parts:(i + 1) * parts], wheres, k_new, v_new)
+        new_keys.extend(k_cache)
+        new_values.extend(v_cache)
+        attn = kernels.decode_attention(q, k_cache if quant else k_cache[0],
+                                        v_cache if quant else v_cache[0], positions,
+                                        scale=hd**-0.5, quant=quant)
+        assert attn is not None  # fused_layers checked the kernels are loaded
+        mlp = layer.mlp
+        h = kernels.layer_block(h, attn, layer.attn.o.weight, layer.ffn_norm,
+                                mlp.gate_up.gate_up.weight, mlp.down.weight, eps)
+    return h, new_keys, new_values
+
+
 def _fused_decode_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: list[mx.array],
                          values: list[mx.array], quant: KvQuant | None
                          ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
@@ -271,6 +323,8 @@ def _fused_decode_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: l
     residual add), the qkv projection, one kernel splitting and roping q, k, v, the cache
     writes (MLX's scatter, in place), the attention kernel (reading a quantized cache packed),
     the output projection, add + norm, the MLP: ~12 ops a layer instead of ~40."""
+    if _whole_layers(dec, h.shape[0]):
+        return _whole_decode_layers(dec, h, positions, keys, values, quant)
     eps = dec.config.rms_norm_eps
     inv_freqs = _inv_freqs(dec)
     rows = h.shape[0]

@@ -597,4 +597,5 @@ NB_MODULE(_flockattn, m) {
   m.def("threads", [] { return kernel_threads; });
   register_ops(m);
   register_dense(m);
+  register_layer(m);
 }

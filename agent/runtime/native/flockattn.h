@@ -152,5 +152,7 @@ std::pair<int, int> split_rows(int n, int unit, int threads, int t);
 // Pointers to the rows (last axis) of a float32 array, through its view.
 std::vector<const float*> row_pointers(const mx::array& a, const View& v);
 void register_dense(nanobind::module_& m);
+// The fused decode layer (flocklayer.cpp).
+void register_layer(nanobind::module_& m);
 
 }  // namespace fk
