@@ -12,7 +12,8 @@ Figures (`name: value` lines):
 - `prefill4k_tok_s_{on,off}`, `prefill512_tok_s_{on,off}`: prompt tok/s of an unseen prompt of
   4,000 / 512 tokens, prefilled in the runner's solo slices (2,048 tokens).
 - `decode200_tok_s_{on,off}`, `decode4k_tok_s_{on,off}`: one stream's compiled decode step with
-  200 / 4,000 tokens in its cache; `batch8_tok_s_{on,off}`: 8 streams at 200 tokens, aggregate.
+  200 / 4,000 tokens in its cache; `batch8_tok_s_{on,off}`: 8 streams at 200 tokens, aggregate
+  (each the median of 3 windows of `--steps` steps).
 - `prefill4k_kernels_vs_off`, `batch8_kernels_vs_off`, `greedy_ids_identical` (24 greedy tokens
   after a 300-token prompt, kernels on and off), and with llama.cpp `prefill4k_vs_llamacpp`
   (/ `pp4096`), `prefill512_vs_llamacpp` (/ `pp512`), `decode200_vs_llamacpp` and
@@ -37,6 +38,7 @@ from typing import Any
 from bench.common import call_in_subprocess, cpu_pressure, emit, runner_env, smollm2_f32_dir
 
 SOLO_CHUNK = 2048  # SchedulerLimits.solo_prefill_chunk: a prompt alone prefills in these slices
+DECODE_WINDOWS = 3  # each decode figure: the median of this many timed windows
 
 
 def worker(model_dir: str, prefill_lengths: list[int], decode_contexts: list[int],
@@ -82,14 +84,20 @@ def worker(model_dir: str, prefill_lengths: list[int], decode_contexts: list[int
         del kv, compute
 
     def decode_rate(rows: int, context: int) -> float:
-        _kv, compute = fresh(rows, context + steps + 8)
+        # The median of DECODE_WINDOWS windows of `steps` steps: one burst of the other work on
+        # a shared machine moves one window, not the figure.
+        _kv, compute = fresh(rows, context + DECODE_WINDOWS * steps + 8)
         tokens = [1] * rows
         for i in range(3):
             mx.eval(compute.decode(tokens, [context + i] * rows))
-        started = time.perf_counter()
-        for i in range(steps):
-            mx.eval(compute.decode(tokens, [context + 3 + i] * rows))
-        return rows * steps / (time.perf_counter() - started)
+        rates = []
+        for window in range(DECODE_WINDOWS):
+            first = context + 3 + window * steps
+            started = time.perf_counter()
+            for i in range(steps):
+                mx.eval(compute.decode(tokens, [first + i] * rows))
+            rates.append(rows * steps / (time.perf_counter() - started))
+        return sorted(rates)[len(rates) // 2]
 
     for context in decode_contexts:
         out[f"decode_{context}"] = decode_rate(1, context)

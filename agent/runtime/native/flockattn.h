@@ -4,6 +4,8 @@
 
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -149,6 +151,18 @@ void dense_range(const float* w, int64_t ldw, const float* const* x, int rows, i
                  int64_t ldy, int n0, int n1);
 // Thread t's share [first, end) of n output rows split into `threads` multiples of `unit`.
 std::pair<int, int> split_rows(int n, int unit, int threads, int t);
+// Work handed out in chunks of `chunk` rows of [0, n) to whichever thread asks next (an atomic
+// counter shared by the job's threads): on a busy machine a descheduled thread then delays the
+// job by one chunk, not by its whole static share. f(first, end) for each chunk taken.
+template <typename F>
+void take_chunks(std::atomic<int>& next, int n, int chunk, const F& f) {
+  for (;;) {
+    const int64_t first = static_cast<int64_t>(next.fetch_add(1, std::memory_order_relaxed)) * chunk;
+    if (first >= n) return;
+    f(static_cast<int>(first), static_cast<int>(std::min<int64_t>(first + chunk, n)));
+  }
+}
+
 // Pointers to the rows (last axis) of a float32 array, through its view.
 std::vector<const float*> row_pointers(const mx::array& a, const View& v);
 void register_dense(nanobind::module_& m);

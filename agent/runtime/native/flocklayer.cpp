@@ -148,7 +148,8 @@ class LayerEntry : public mx::Primitive {
           const float* inv = inputs[4].data<float>();
           std::vector<float> y(static_cast<size_t>(rows) * width);
           const int t = std::min(job_threads(threads, int64_t{width} * dim), units);
-          auto work = [&](int i) {
+          std::atomic<int> next{0};  // heads handed out one at a time
+          auto work = [&](int) {
             // Every thread norms the rows itself (a few hundred floats): no barrier.
             std::vector<float> xs(static_cast<size_t>(rows) * dim);
             std::vector<const float*> xp(rows);
@@ -157,7 +158,7 @@ class LayerEntry : public mx::Primitive {
               xp[r] = xs.data() + static_cast<size_t>(r) * dim;
             }
             const float* const* x = xp.data();
-            auto [u0, u1] = split_rows(units, 1, t, i);
+            take_chunks(next, units, 1, [&](int u0, int u1) {
             dense_range(w, ldw, x, rows, dim, y.data(), width, u0 * d, u1 * d);
             for (int r = 0; r < rows; ++r) {
               const float* yr = y.data() + static_cast<size_t>(r) * width;
@@ -177,6 +178,7 @@ class LayerEntry : public mx::Primitive {
                 }
               }
             }
+            });
           };
           if (t <= 1)
             work(0);
@@ -234,33 +236,39 @@ class LayerBlock : public mx::Primitive {
           }
           const int t = job_threads(threads, int64_t{2} * ffn * dim);
           SpinBarrier barrier(t);
+          std::atomic<int> next_o{0}, next_f{0}, next_d{0};
+          constexpr int kChunk = 64;  // output rows a thread takes at a time
           auto work = [&](int i) {
-            // s = h + a @ o.T, this thread's rows of it.
-            auto [o0, o1] = split_rows(dim, 8, t, i);
-            dense_range(wo.data<float>(), wo.strides()[0], as.data(), rows, attn, s.data(), dim,
-                        o0, o1);
-            for (int r = 0; r < rows; ++r)
-              for (int j = o0; j < o1; ++j) s[r * dim + j] += hs[r][j];
+            // s = h + a @ o.T, in chunks of rows.
+            take_chunks(next_o, dim, kChunk, [&](int o0, int o1) {
+              dense_range(wo.data<float>(), wo.strides()[0], as.data(), rows, attn, s.data(),
+                          dim, o0, o1);
+              for (int r = 0; r < rows; ++r)
+                for (int j = o0; j < o1; ++j) s[r * dim + j] += hs[r][j];
+            });
             if (t > 1) barrier.wait();
             if (i == 0)
               for (int r = 0; r < rows; ++r)
                 norm_into(s.data() + r * dim, norm_w, eps, dim, xs.data() + r * dim);
             if (t > 1) barrier.wait();
             // gate and up rows [f0, f1), then their SwiGLU.
-            auto [f0, f1] = split_rows(ffn, 8, t, i);
             const float* w = wgu.data<float>();
             const int64_t ldw = wgu.strides()[0];
-            dense_range(w, ldw, xp.data(), rows, dim, gu.data(), 2 * ffn, f0, f1);
-            dense_range(w, ldw, xp.data(), rows, dim, gu.data(), 2 * ffn, ffn + f0, ffn + f1);
-            for (int r = 0; r < rows; ++r) {
-              const float* g = gu.data() + static_cast<size_t>(r) * 2 * ffn;
-              swiglu_into(g + f0, g + ffn + f0, f1 - f0, act.data() + r * ffn + f0);
-            }
+            take_chunks(next_f, ffn, kChunk, [&](int f0, int f1) {
+              dense_range(w, ldw, xp.data(), rows, dim, gu.data(), 2 * ffn, f0, f1);
+              dense_range(w, ldw, xp.data(), rows, dim, gu.data(), 2 * ffn, ffn + f0, ffn + f1);
+              for (int r = 0; r < rows; ++r) {
+                const float* g = gu.data() + static_cast<size_t>(r) * 2 * ffn;
+                swiglu_into(g + f0, g + ffn + f0, f1 - f0, act.data() + r * ffn + f0);
+              }
+            });
             if (t > 1) barrier.wait();
-            dense_range(wd.data<float>(), wd.strides()[0], actp.data(), rows, ffn, out, dim, o0,
-                        o1);
-            for (int r = 0; r < rows; ++r)
-              for (int j = o0; j < o1; ++j) out[r * dim + j] += s[r * dim + j];
+            take_chunks(next_d, dim, kChunk, [&](int o0, int o1) {
+              dense_range(wd.data<float>(), wd.strides()[0], actp.data(), rows, ffn, out, dim,
+                          o0, o1);
+              for (int r = 0; r < rows; ++r)
+                for (int j = o0; j < o1; ++j) out[r * dim + j] += s[r * dim + j];
+            });
           };
           if (t <= 1)
             work(0);
