@@ -6,6 +6,9 @@ online softmax, block products through OpenBLAS, threads across heads and query 
 decode kernel reads each row's cache once up to that row's position. Runners call
 `prefill_attention` / `decode_attention`, which use the extension where it is loaded and MLX's
 own ops otherwise, so Metal, CUDA, float16 and a missing build all keep the pure-MLX path.
+A decode step's few-row float32 projections run through `dense` (native/flockdense.cpp: each
+weight row read once, rows handed to the kernel threads in chunks), and a single node's dense
+layers through `layer_entry` / `layer_block` (native/flocklayer.cpp: a layer is 5 ops).
 
 The agent process never imports MLX: `resolve_kernels` and `describe_kernels` only look for the
 built file. Runners learn from FLOCK_KERNELS_LIB (set by agent.runtime.environment) which file to
@@ -49,7 +52,8 @@ ENV = "FLOCK_KERNELS_LIB"  # runner side: a file to load, or "off" (FLOCK_KERNEL
 # MLX 0.32's Python module is built with nanobind's ABI v22 in the "mlx" domain; the extension
 # must match both for mx.array to cross the binding.
 NANOBIND = "nanobind==3.1.0"
-KERNELS = "fused prefill + decode attention, RMSNorm/RoPE/SwiGLU ops"
+KERNELS = ("fused prefill + decode attention, RMSNorm/RoPE/SwiGLU ops, few-row projections, "
+           "whole-layer decode")
 
 
 class KernelError(RuntimeError):
