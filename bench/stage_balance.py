@@ -30,6 +30,7 @@ PROMPT = 2000
 
 def worker(model_dir: str, splits: list[list[Any]], steps: int, slice_tokens: int
            ) -> dict[str, float]:
+    import json
     import time
     from pathlib import Path
 
@@ -37,7 +38,9 @@ def worker(model_dir: str, splits: list[list[Any]], steps: int, slice_tokens: in
 
     from agent.models.tensors import LayerRange
     from agent.runtime.kv import KvGeometry, KvSlots
-    from agent.runtime.model import load_decoder
+    from agent.runtime.model import DecoderConfig, load_decoder
+    from agent.runtime.pacing import equal_cost_slice, key_cost
+    from agent.runtime.ring import PIPELINE_MIN_SLICE, pipelined_slice
     from agent.runtime.rowstep import RowsDecode
     from agent.runtime.step import make_decode_fn, prefill
     from agent.runtime.vocab_split import decoder_bytes, head_vocab_rows, project_rows, rows_of
@@ -75,17 +78,32 @@ def worker(model_dir: str, splits: list[list[Any]], steps: int, slice_tokens: in
 
         return timed(step)
 
+    def plan() -> list[int]:
+        """Slice lengths: `slice_tokens` each, or (0) the ring's equal-work slices."""
+        if slice_tokens:
+            return [min(slice_tokens, PROMPT - s) for s in range(0, PROMPT, slice_tokens)]
+        slices = -(-PROMPT // pipelined_slice(PROMPT, 2, 2048))
+        per_key = key_cost(DecoderConfig.from_hf(
+            json.loads((directory / "config.json").read_text())))
+        sizes: list[int] = []
+        while sum(sizes) < PROMPT:
+            sizes.append(equal_cost_slice(PROMPT, sum(sizes), slices, per_key,
+                                          least=PIPELINE_MIN_SLICE, most=2048))
+        return sizes
+
     def slices_ms(dec: Any, kv: KvSlots, embed: bool) -> list[float]:
         hidden = dec.config.hidden_size
         tokens = list(range(1000, 1000 + PROMPT))
         out = []
-        for start in range(0, PROMPT, slice_tokens):
-            part = tokens[start:start + slice_tokens]
+        start = 0
+        for size in plan():
+            part = tokens[start:start + size]
             x = mx.array(part) if embed else mx.zeros((1, len(part), hidden))
             began = cpu()
             h = prefill(dec, x, start, 0, kv.keys, kv.values, embed=embed, project=False)
             mx.eval(h, kv.keys, kv.values)
             out.append(1000 * (cpu() - began))
+            start += size
         return out
 
     figures: dict[str, float] = {}
@@ -133,8 +151,9 @@ def main() -> None:
     parser.add_argument("--splits", default="13:head,15:shared",
                         help="head layers:head|shared (who projects decode's vocabulary), ...")
     parser.add_argument("--steps", type=int, default=8, help="timed decode steps")
-    parser.add_argument("--slice", type=int, default=167,
-                        help="prefill slice (the ring's for a lone 2,000-token prompt)")
+    parser.add_argument("--slice", type=int, default=0,
+                        help="prefill slice tokens (0: the ring's equal-work slices for a lone "
+                             "2,000-token prompt on 2 stages)")
     args = parser.parse_args()
     splits = [[int(h), mode] for h, _, mode in (s.partition(":") for s in args.splits.split(","))]
     env, _ = runner_env(gemv=True, threads=1)

@@ -31,6 +31,7 @@ from agent.runtime.journal import Journal
 from agent.runtime.kv import KvSlots
 from agent.runtime.links import StageLink, StepMessage, as_stage_dtype
 from agent.runtime.model import Decoder
+from agent.runtime.pacing import key_cost
 from agent.runtime.rowstep import RowsDecode
 from agent.runtime.seam import DecodeWork, PrefillWork, Work
 from agent.runtime.step import make_decode_fn, make_project_fn, prefill
@@ -163,6 +164,8 @@ class HeadCompute(LocalCompute):
         self.follower_busy_s: list[float] = []  # each follower's, as the last step brought back
         self.vocab = decoder.head.weight.shape[0]
         self.vocab_rows = self.vocab  # rows of the vocabulary the head projects in decode
+        # How a lone prompt's slices round the ring are cut (ring.py, `pacing.equal_cost_slice`).
+        self.prefill_key_cost = key_cost(decoder.config)
         if downstream is not None:
             self.decode_fn = make_decode_fn(decoder, compiled=compiled, embed=True,
                                             project=False, quant=self.quant)

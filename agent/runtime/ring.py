@@ -37,7 +37,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.runtime.pacing import moving_average, prefill_slice
+from agent.runtime.pacing import equal_cost_slice, moving_average, prefill_slice
 from agent.runtime.seam import DecodeWork, PipelinedCompute, PrefillWork, Work
 from agent.runtime.sequences import SchedulerView, Sequence
 from agent.runtime.verify import step_width
@@ -50,7 +50,9 @@ if TYPE_CHECKING:
 # slice pays a fixed cost per layer, so fewer, larger slices: `bench.stage_balance --splits
 # 15:shared --slice N` estimated a 2,000-token prompt on 2 stages at 0.705x one node with six
 # slices a stage (167 tokens) and 0.603x with four (250); bench.cluster_throughput then measured
-# 0.706x with four (the estimate leaves out the hops).
+# 0.706x with four (the estimate leaves out the hops). The slices are of equal work rather than
+# equal length (`pacing.equal_cost_slice`): a prompt's last slices attend over the most keys,
+# and the dearest slice is what filling and draining the ring adds.
 SLICES_PER_STAGE = 4
 PIPELINE_MIN_SLICE = 128
 # One stream with drafts: its verify step goes round alone, stop-and-wait (`_speculate`), rather
@@ -98,6 +100,12 @@ class Ring:
         self.overlapped_steps_total = 0  # steps submitted while another was in flight
         self.in_flight_max = 0
         self.verify_microbatches_total = 0  # micro-batches that carried drafts round the ring
+
+    @property
+    def key_cost(self) -> float:
+        """A prompt's attention work per (query, key) pair relative to a token's matmuls
+        (`pacing.key_cost`); 0 (equal-token slices) when the compute does not say."""
+        return float(getattr(self.compute, "prefill_key_cost", 0.0))
 
     @property
     def stages(self) -> int:
@@ -173,11 +181,18 @@ class Ring:
                 return None
             chunk = prefill_slice(limits.prefill_chunk, limits.prefill_gap_steps,
                                   sched.decode_step_s, sched.prefill_s_per_token)
+            start = seq.prefilled
+            sched.kv.ensure_capacity(min(start + chunk, len(seq.prompt)) + 1)
         else:
-            chunk = pipelined_slice(len(seq.prompt), self.stages, limits.solo_prefill_chunk)
-        start = seq.prefilled
+            start, prompt = seq.prefilled, len(seq.prompt)
+            most = limits.solo_prefill_chunk
+            slices = -(-prompt // pipelined_slice(prompt, self.stages, most))
+            chunk = equal_cost_slice(prompt, start, slices, self.key_cost,
+                                     least=PIPELINE_MIN_SLICE, most=most)
+            # Room for the whole prompt at once: growing the cache slice by slice copied it
+            # at every stage before each slice (6-14 ms a slice at 2,000 tokens on SmolLM2).
+            sched.kv.ensure_capacity(prompt + 1)
         tokens = seq.prompt[start:start + chunk]
-        sched.kv.ensure_capacity(start + len(tokens) + 1)
         seq.prefilled = seq.length = start + len(tokens)
         work = PrefillWork(seq.row, start, tokens, logits=not seq.in_prefill)
         began = time.perf_counter()
