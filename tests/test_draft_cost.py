@@ -82,8 +82,8 @@ def test_match_prior_and_length() -> None:
 def test_lookup_prior_grows_with_the_copied_span() -> None:
     passage = list(range(100, 140))
     short, long = PromptLookup(), PromptLookup()
-    short.extend(passage + [7, 100, 101])  # a two-token echo of the passage's start
-    long.extend(passage + [7] + passage[:20])  # copying the passage from its start
+    short.extend([*passage, 7, 100, 101])  # a two-token echo of the passage's start
+    long.extend([*passage, 7, *passage[:20]])  # copying the passage from its start
     assert long.propose(4, 0) == passage[20:24]
     assert short.propose(4, 0) == passage[2:6]
     assert short.expected_acceptance() < 0.6 < 0.85 < long.expected_acceptance()
