@@ -3,8 +3,10 @@
 Each sequence may have a drafter (`drafting.PromptLookup`: the prompt, the output so far and a
 predicted output), and a runner may hold a draft model (`draft_model.DraftModel`), which drafts
 for every sequence the lookup has nothing for (a prediction or a copied span comes first: it is
-free). When some decoding row has a draft, the step is a verification step instead
-of a plain decode: every row feeds its pending token plus its draft (rows without one just
+free). When some decoding row has a draft and the cost model (`draft_cost.py`) says the wider
+step pays (each row's estimated acceptance against what `rows x width` positions cost here;
+a prediction's or a draft model's draft always goes in), the step is a verification step,
+as wide as pays best, instead of a plain decode: every row feeds its pending token plus its draft (rows without one just
 their pending token, padded), one forward pass scores every position, and each row keeps the
 longest prefix of its draft that the acceptance rule (`acceptance.py`) allows, plus the model's
 own next token (a draft model's sampled drafts carry their distribution q, for the min(1, p/q)
@@ -206,6 +208,11 @@ class Speculator:
         """The verify step's width by the cost model (1: a plain step pays better). A draft
         model's or a prediction's draft is verified whenever there is one (the request or the
         node asked for it); prompt lookup's only where its expected yield pays."""
+        compute = self.scheduler.compute
+        if max(getattr(compute, "stages", 1), getattr(compute, "ring_stages", 1)) > 1:
+            # A pipeline step's time is mostly its trips between stages, which a wider step
+            # does not lengthen: every draft goes in, whole (the cost model is one node's).
+            return step_width(1 + max(len(d.tokens) for d in plan.values()))
         rows, forced = [], False
         for seq in decoding:
             draft = plan.get(seq.request.id)
