@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from agent.runtime.draft_cost import DECAY, acceptance, match_prior
+
 MIN_NGRAM = 2  # a single repeated token predicts little; two already find copied spans
 MAX_NGRAM = 4
 FIRST_DRAFT = 4  # tokens proposed before any acceptance has been seen
@@ -20,6 +22,8 @@ MAX_DRAFT = 12
 MISSES_TO_PAUSE = 3  # consecutive drafts with nothing accepted before drafting pauses
 FIRST_PAUSE = 16  # steps drafting stays off the first time; doubles each time after
 MAX_PAUSE = 512
+MATCH_CAP = 32  # how far back a lookup match is measured (its length sets the prior)
+PREDICTION_PRIOR = 0.9  # per-token acceptance expected of a request's own prediction
 
 
 @dataclass
@@ -47,6 +51,13 @@ class DraftPace:
     misses: int = 0
     resume_at: int = 0  # drafting pauses until the sequence has this many tokens
     pause_len: int = FIRST_PAUSE
+    # Recent verification outcomes, decayed: drafted tokens kept, and drafts cut short.
+    kept_recent: float = 0.0
+    failed_recent: float = 0.0
+
+    def acceptance(self, prior: float) -> float:
+        """Estimated chance that the next drafted token is kept (given the ones before it)."""
+        return acceptance(self.kept_recent, self.failed_recent, prior)
 
     def paused_at(self, tokens: int) -> bool:
         return tokens < self.resume_at
@@ -59,6 +70,8 @@ class DraftPace:
         s.passes += 1
         s.drafted += drafted
         s.accepted += accepted
+        self.kept_recent = DECAY * self.kept_recent + accepted
+        self.failed_recent = DECAY * self.failed_recent + (accepted < drafted)
         self.draft_len = next_draft_len(self.draft_len, drafted, accepted, self.max_draft)
         if accepted == 0:
             self.misses += 1
@@ -91,6 +104,20 @@ class PromptLookup(DraftPace):
     _index: dict[tuple[int, ...], int] = field(default_factory=dict, repr=False)
     _predicted: dict[tuple[int, ...], int] = field(default_factory=dict, repr=False)
     _from_prediction: int = 0  # leading tokens of the last proposal that came from `prediction`
+    match: int = 0  # tokens of the text so far that the last lookup's source matched
+
+    @property
+    def from_prediction(self) -> int:
+        """Leading tokens of the last proposal that came from the request's prediction."""
+        return self._from_prediction
+
+    def prior(self) -> float:
+        """Per-token acceptance expected of the last proposal before any outcome is known."""
+        return PREDICTION_PRIOR if self._from_prediction else match_prior(self.match)
+
+    def expected_acceptance(self) -> float:
+        """The last proposal's per-token acceptance: its prior, moved by recent outcomes."""
+        return self.acceptance(self.prior())
 
     def __post_init__(self) -> None:
         for end in range(1, len(self.prediction)):
@@ -132,12 +159,14 @@ class PromptLookup(DraftPace):
             draft = self._from_predicted(want, output_start)
             if draft:
                 return draft, True
+        self.match = 0
         if not self.lookup_prompt:
             return [], False
         end = len(self.tokens)
         for n in range(min(self.max_ngram, end - 1), self.min_ngram - 1, -1):
             at = self._index.get(tuple(self.tokens[end - n:end]))
             if at is not None:
+                self.match = match_length(self.tokens, at, n, MATCH_CAP)
                 return continuation(self.tokens, at, want), False
         return [], False
 
@@ -182,3 +211,13 @@ def continuation(tokens: list[int], at: int, want: int) -> list[int]:
         j = at + i
         draft.append(tokens[j] if j < end else draft[j - end])
     return draft
+
+
+def match_length(tokens: list[int], at: int, n: int, cap: int) -> int:
+    """How many tokens before `at` equal the last ones of `tokens` (at least the `n` of the
+    n-gram found there), up to `cap`: a long match is a copied span, a short one may be chance."""
+    end = len(tokens)
+    m = n
+    while m < cap and at - m - 1 >= 0 and tokens[at - m - 1] == tokens[end - m - 1]:
+        m += 1
+    return m

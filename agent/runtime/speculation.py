@@ -3,8 +3,10 @@
 Each sequence may have a drafter (`drafting.PromptLookup`: the prompt, the output so far and a
 predicted output), and a runner may hold a draft model (`draft_model.DraftModel`), which drafts
 for every sequence the lookup has nothing for (a prediction or a copied span comes first: it is
-free). When some decoding row has a draft, the step is a verification step instead
-of a plain decode: every row feeds its pending token plus its draft (rows without one just
+free). When some decoding row has a draft and the cost model (`draft_cost.py`) says the wider
+step pays (each row's estimated acceptance against what `rows x width` positions cost here;
+a prediction's or a draft model's draft always goes in), the step is a verification step,
+as wide as pays best, instead of a plain decode: every row feeds its pending token plus its draft (rows without one just
 their pending token, padded), one forward pass scores every position, and each row keeps the
 longest prefix of its draft that the acceptance rule (`acceptance.py`) allows, plus the model's
 own next token (a draft model's sampled drafts carry their distribution q, for the min(1, p/q)
@@ -23,6 +25,7 @@ from typing import Any, Literal
 import mlx.core as mx
 
 from agent.runtime.acceptance import greedy_kept, verified_tokens
+from agent.runtime.draft_cost import RowDraft, accelerator_step_cost, choose_width, cpu_step_cost
 from agent.runtime.draft_model import DraftModel, Proposal, Want
 from agent.runtime.drafting import MAX_DRAFT, PromptLookup
 from agent.runtime.sampling import top_logprobs
@@ -57,6 +60,9 @@ class Draft:
 # than they save. Measured here: 150 schema-constrained requests, 48 at a time, took 238 s with
 # drafting in every step and 114 s without. Batches up to this many rows draft.
 MAX_VERIFY_ROWS = 8
+# A draft model's per-token acceptance as the cost model sees it (its drafts are verified
+# anyway; this only weighs how wide the step is).
+MODEL_DRAFT_ACCEPTANCE = 0.5
 
 
 class Speculator:
@@ -74,6 +80,8 @@ class Speculator:
         self.enabled = enabled
         self.draft_model = draft_model if self.supported else None
         self.stats = SpeculationStats()
+        # What a step of (rows, width) costs here, in one-row plain steps (`draft_cost.py`).
+        self.step_cost = cpu_step_cost if mx.default_device() == mx.cpu else accelerator_step_cost
 
     def drafter_for(self, prompt: list[int], prediction: list[int] | None
                     ) -> PromptLookup | None:
@@ -101,10 +109,11 @@ class Speculator:
         if self.scheduler.kv.rows > MAX_VERIFY_ROWS:
             return False
         model = self.draft_model
+        lookup = {s.request.id: Draft(d) for s in decoding if (d := self._draft(s))}
+        if lookup and self._width(decoding, lookup) > 1:
+            return True
         for seq in decoding:
             drafter = self._sync(seq)
-            if drafter is not None and drafter.could_draft(len(seq.prompt)):
-                return True
             if (model is not None and drafter is not None and self._room(seq) > 0
                     and not model.paused(seq.request.id, len(drafter.tokens))):
                 return True
@@ -169,6 +178,10 @@ class Speculator:
         plan = self._plan(decoding)
         if not plan:
             return False
+        chosen = self._width(decoding, plan)
+        if chosen <= 1:
+            return False
+        plan = {rid: _cut(d, chosen - 1) for rid, d in plan.items()}
         sched, kv = self.scheduler, self.scheduler.kv
         width = step_width(1 + max(len(d.tokens) for d in plan.values()))
         longest = max(s.length for s in sched.running.values())
@@ -190,6 +203,30 @@ class Speculator:
         self._take(decoding, plan, logits)
         self.stats.verify_steps += 1
         return True
+
+    def _width(self, decoding: list[Sequence], plan: dict[str, Draft]) -> int:
+        """The verify step's width by the cost model (1: a plain step pays better). A draft
+        model's or a prediction's draft is verified whenever there is one (the request or the
+        node asked for it); prompt lookup's only where its expected yield pays."""
+        compute = self.scheduler.compute
+        if max(getattr(compute, "stages", 1), getattr(compute, "ring_stages", 1)) > 1:
+            # A pipeline step's time is mostly its trips between stages, which a wider step
+            # does not lengthen: every draft goes in, whole (the cost model is one node's).
+            return step_width(1 + max(len(d.tokens) for d in plan.values()))
+        rows, forced = [], False
+        for seq in decoding:
+            draft = plan.get(seq.request.id)
+            drafter = seq.drafter
+            if draft is None:
+                rows.append(RowDraft(0, 0.0))
+            elif draft.source == "model" or drafter is None:
+                forced = True
+                rows.append(RowDraft(len(draft.tokens), MODEL_DRAFT_ACCEPTANCE))
+            else:
+                forced |= drafter.from_prediction > 0
+                rows.append(RowDraft(len(draft.tokens), drafter.expected_acceptance()))
+        return choose_width(self.scheduler.kv.rows, rows, WIDTHS, forced=forced,
+                            cost=self.step_cost)
 
     # ---- a pipeline's verify micro-batches (ring.py) --------------------------------------
     def drafts_for(self, seqs: list[Sequence]) -> dict[str, Draft]:
@@ -281,6 +318,14 @@ class Speculator:
                     "draft_model_drafted_tokens_total": float(s.model_drafted_tokens),
                     "draft_model_accepted_tokens_total": float(s.model_accepted_tokens)}
                    if self.draft_model is not None else {})}
+
+
+def _cut(draft: Draft, most: int) -> Draft:
+    """The draft's first `most` tokens."""
+    if len(draft.tokens) <= most:
+        return draft
+    q = draft.q[:most] if draft.q is not None else None
+    return Draft(draft.tokens[:most], q, draft.source)
 
 
 def prediction_usage(seq: Sequence) -> dict[str, int]:

@@ -1,0 +1,106 @@
+"""Whether a verification step pays, and how wide it should be: drafting's value (the tokens a
+step is expected to yield) against what the wider step costs. Pure Python: no MLX.
+
+A verification step computes `width` positions for every KV row, drafted or not. On a CPU that
+is far from free: a one-row decode step's projections are sgemv, and any second position turns
+them into a GEMM, which OpenBLAS runs at a third of sgemv's speed for so few columns (measured
+by `bench.speculative_cost`: a one-row verify step of 2 positions costs ~2.3 plain steps, of
+13 ~4.1; eight rows of 13 positions ~4.6 eight-row plain steps). A draft that the model then
+rejects makes the stream slower, so a lookup draft is verified only when the expected yield,
+from each row's estimated per-token acceptance, beats a plain step's one token a row by
+`MARGIN` per unit of cost. Drafts the caller must verify (a request's prediction, a configured
+draft model) still get the width that pays best among the verifying ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+# A verify step must beat the plain step by this much: plain steps keep the scheduler's
+# lookahead (the next step overlaps reading this one's tokens back), and acceptance is an
+# estimate.
+MARGIN = 0.1
+
+
+def expected_tokens(drafted: int, p: float) -> float:
+    """Tokens a row's verification yields when each drafted token is kept with probability `p`
+    given the ones before it were: the kept prefix plus the model's own next token,
+    1 + p + p^2 + ... + p^drafted."""
+    if drafted <= 0:
+        return 1.0
+    if p >= 1.0:
+        return float(drafted + 1)
+    return (1.0 - p ** (drafted + 1)) / (1.0 - p)
+
+
+def cpu_step_cost(rows: int, width: int) -> float:
+    """A CPU step of `rows` KV rows, `width` positions each, in one-row plain steps.
+
+    Fitted to `bench.speculative_cost`'s SmolLM2 figures (2 OpenBLAS threads, ~400 positions
+    of context): a plain step of 1 row costs 1, of 8 rows 2.5; a verify step of 1 row 2.3 at
+    width 2 and 4.1 at 13, of 8 rows 3.4 at width 2 and 11.5 at 13. The fixed part is the
+    switch from sgemv to GEMM, the rest grows with the positions and, a little, the width."""
+    if width <= 1:
+        return 0.79 + 0.21 * rows
+    return 1.93 + 0.082 * rows * width + 0.084 * width
+
+
+def accelerator_step_cost(rows: int, width: int) -> float:
+    """A GPU step: memory-bound until the positions reach the hundreds, so a wider step costs
+    little more (an assumption of the usual GPU regime, not a figure measured here)."""
+    return 1.0 + (rows * width - 1) / 256
+
+
+@dataclass(frozen=True)
+class RowDraft:
+    """One decoding row's offer to a verify step: how many tokens it drafted (0: none) and the
+    estimated chance each is kept."""
+
+    drafted: int
+    p: float
+
+
+def choose_width(kv_rows: int, rows: Sequence[RowDraft], widths: Sequence[int], *,
+                 forced: bool = False,
+                 cost: Callable[[int, int], float] = cpu_step_cost,
+                 margin: float = MARGIN) -> int:
+    """The step's width: 1 (a plain decode step, nobody's draft verified) or one of `widths`,
+    whichever yields the most expected tokens per unit of cost. Every one of the `kv_rows` KV
+    rows computes `width` positions; `rows` are the decoding rows (the others yield nothing).
+    `forced`: some draft must be verified (width 1 is not a choice)."""
+    if not rows:
+        return 1
+    best, best_rate = 1, -1.0
+    if not forced:
+        best_rate = len(rows) / cost(kv_rows, 1) * (1.0 + margin)
+    longest = max(r.drafted for r in rows)
+    for width in widths:
+        if width < 2:
+            continue
+        value = sum(expected_tokens(min(r.drafted, width - 1), r.p) for r in rows)
+        rate = value / cost(kv_rows, width)
+        if rate > best_rate:
+            best, best_rate = width, rate
+        if width - 1 >= longest:  # wider only pads
+            break
+    return best
+
+
+# Prior per-token acceptance of a lookup draft, by how many tokens of the text so far match
+# where its continuation was found: a two-token echo is a coincidence as often as not, a
+# dozen-token match is a copied span.
+def match_prior(match: int) -> float:
+    if match <= 0:
+        return 0.0
+    return match / (match + 2.0)
+
+
+PRIOR_WEIGHT = 2.0  # the prior counts as this many observed draft tokens
+DECAY = 0.7  # a row's older verification outcomes fade: acceptance follows the text
+
+
+def acceptance(kept: float, failed: float, prior: float, weight: float = PRIOR_WEIGHT) -> float:
+    """Per-token acceptance from a row's (decayed) kept tokens and rejections, shrunk toward
+    `prior`: each draft is a run of kept tokens ended by a rejection (or by the draft's end)."""
+    return (kept + weight * prior) / (kept + failed + weight)
