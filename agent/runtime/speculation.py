@@ -4,17 +4,17 @@ Each sequence may have a drafter (`drafting.PromptLookup`: the prompt, the outpu
 predicted output), and a runner may hold a draft model (`draft_model.DraftModel`), which drafts
 for every sequence the lookup has nothing for (a prediction or a copied span comes first: it is
 free). When some decoding row has a draft and the cost model (`draft_cost.py`) says the wider
-step pays (each row's estimated acceptance against what `rows x width` positions cost here;
-a prediction's or a draft model's draft always goes in), the step is a verification step,
-as wide as pays best, instead of a plain decode: every row feeds its pending token plus its draft (rows without one just
-their pending token, padded), one forward pass scores every position, and each row keeps the
-longest prefix of its draft that the acceptance rule (`acceptance.py`) allows, plus the model's
-own next token (a draft model's sampled drafts carry their distribution q, for the min(1, p/q)
-rule). Tokens go out through the scheduler's ordinary `_accept`, one by one, so stop
-strings, EOS, max tokens, logprobs and constraints behave as in plain decoding; a sequence that
-ends inside its draft ignores the rest. KV of rejected positions needs no undo: a row's length
-says where its next token is written, and the positions past it are overwritten before any
-query can see them (on every rank alike, since all ranks compute the same step).
+step pays (each row's estimated acceptance against what `rows x width` positions cost here; a
+prediction's or a draft model's draft always goes in), the step is a verification step, as wide
+as pays best, instead of a plain decode: every row feeds its pending token plus its draft (rows
+without one just their pending token, padded), one forward pass scores every position, and each
+row keeps the longest prefix of its draft that the acceptance rule (`acceptance.py`) allows,
+plus the model's own next token (a draft model's sampled drafts carry their distribution q, for
+the min(1, p/q) rule). Tokens go out through the scheduler's ordinary `_accept`, one by one, so
+stop strings, EOS, max tokens, logprobs and constraints behave as in plain decoding; a sequence
+that ends inside its draft ignores the rest. KV of rejected positions needs no undo: a row's
+length says where its next token is written, and the positions past it are overwritten before
+any query can see them (on every rank alike, since all ranks compute the same step).
 """
 
 from __future__ import annotations
