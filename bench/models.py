@@ -29,9 +29,10 @@ fast path on, flock's and mlx-lm's processes alike).
   drafting off, as mlx-lm's loop does not draft) over mlx-lm in-process, and 8 concurrent
   streams' aggregate decode over one stream's. `--skip-moe` leaves them out.
   `moe_step_vs_mlxlm_interleaved`, `moe_batch8_step_vs_1_interleaved`: the same model's
-  decode steps timed in one process, flock's compiled step (1 row, 8 rows) and mlx-lm's model
-  call taking turns step by step (median of each), so load that comes and goes on a shared
-  machine falls on both alike (see `moe_interleaved_worker`).
+  decode steps timed in one process, flock's compiled step (1 row, 8 rows; KV written in place
+  as the runner writes it) and mlx-lm's model call taking turns step by step (median of each),
+  so load that comes and goes on a shared machine falls on both alike (see
+  `moe_interleaved_worker`).
 
 Prints `name: value` lines (and `#` comments); asserts nothing.
 """
@@ -389,10 +390,9 @@ def moe_interleaved_worker(model_dir: str, steps: int) -> dict[str, float]:
         position = len(MOE_PROMPT) + index
         for name, (step, kv, tokens) in runs.items():
             began = time.perf_counter()
-            out = step(tokens, mx.full(tokens.shape, position), *kv.keys, *kv.values)
-            mx.eval(out)
-            n = len(kv.keys)
-            kv.keys, kv.values = list(out[1:1 + n]), list(out[1 + n:])
+            # Handing the KV arrays over, as the runner does (LocalCompute): the step writes
+            # the new keys and values in place instead of copying every layer's cache.
+            mx.eval(kv.step_in_place(step, tokens, mx.full(tokens.shape, position)))
             times[name].append(time.perf_counter() - began)
         began = time.perf_counter()
         mx.eval(model(mx.array([[100]]), cache=cache))

@@ -130,7 +130,11 @@ def _counted_bytes(tensors: dict[str, tuple[str, list[int]]],
             size = count * arch.SAFETENSORS_BYTES.get(dtype, 4)
         elif tensor.endswith((".scales", ".biases")) and _is_quant_side(tensor, tensors):
             continue  # dropped once the weight is dequantized
+        elif tensor.endswith("_scales") and tensor[:-7] + "_blocks" in tensors:
+            continue  # OpenAI's mxfp4 scales, likewise
         else:
+            if tensor.endswith("_blocks") and dtype == "U8":
+                count *= 2  # OpenAI's mxfp4 blocks: two 4-bit values a byte
             if quant is not None and dtype == "U32" and _stem(tensor) + ".scales" in tensors:
                 count = count * 32 // quant.bits  # packed: 32 / bits values per uint32
             size = count * element

@@ -30,6 +30,13 @@ from agent.models.tensors import (  # noqa: F401 - re-exported as the registry's
     stage_wants,
 )
 
+# How weights are held (float dtypes, affine and mxfp4 quantization): kept in weight_format.py.
+from agent.models.weight_format import (
+    WEIGHT_DTYPES,
+    WeightFormat,
+    quantization,
+)
+
 Engine = Literal["flock", "mlx-lm"]
 Strategy = Literal["single", "pipeline", "tensor"]
 LayerKind = Literal["full", "sliding", "latent", "recurrent", "none"]
@@ -51,8 +58,6 @@ MLX_LM_PIPELINE_MODULES = frozenset({
     "phi3", "qwen2_moe", "qwen3_moe", "qwen3_next", "smollm3", "starcoder2",
 })
 
-WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Safetensors element sizes, for the bytes a checkpoint holds as stored.
 SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4,
                      "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -291,38 +296,6 @@ def read_config(model_dir: Path) -> dict[str, Any]:
 # --- weights: formats and names ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class WeightFormat:
-    """How weights are held in memory: a float dtype, or affine-quantized matrices."""
-
-    dtype: str  # float32, float16, bfloat16, or "affine"
-    bits: int = 0  # affine only
-    group_size: int = 0  # affine only
-
-    def matrix_bytes(self, values: int) -> int:
-        if self.dtype == "affine":
-            # Packed values plus one float16 scale and bias per group.
-            return values * self.bits // 8 + (values // self.group_size) * 4
-        return values * _DTYPE_BYTES[self.dtype]
-
-    def vector_bytes(self, values: int) -> int:
-        # Norms and biases are never quantized: float16 beside quantized weights.
-        return values * (2 if self.dtype == "affine" else _DTYPE_BYTES[self.dtype])
-
-    @property
-    def element_bytes(self) -> int:
-        """Bytes of one activation / KV element next to these weights."""
-        return 2 if self.dtype == "affine" else _DTYPE_BYTES[self.dtype]
-
-
-def quantization(config: dict[str, Any]) -> WeightFormat | None:
-    """The checkpoint's affine quantization (mlx-community layout), or None."""
-    quant = config.get("quantization") or config.get("quantization_config")
-    if not isinstance(quant, dict) or not quant.get("bits"):
-        return None
-    return WeightFormat("affine", int(quant["bits"]), int(quant.get("group_size", 64)))
-
-
 def weight_format(config: dict[str, Any], dtype: str) -> WeightFormat:
     """What a runner holds for `dtype`: a float dtype, or "keep"/"native" (as stored)."""
     if dtype in WEIGHT_DTYPES:
@@ -422,9 +395,18 @@ class Shape:
             vectors += (2 * self.intermediate + h) if self.mlp_bias else 0
         return matrices, vectors
 
+    def routed_expert_params(self, index: int) -> int:
+        """The values of layer `index`'s routed experts' matrices (part of `layer_params`)."""
+        if not self.experts or index in self.dense_layers or self.extra.get("blocks"):
+            return 0
+        return self.experts * 3 * self.hidden * self.moe_intermediate
+
     def layer_bytes(self, index: int, fmt: WeightFormat) -> int:
         matrices, vectors = self.layer_params(index)
-        return fmt.matrix_bytes(matrices) + fmt.vector_bytes(vectors)
+        # OpenAI's mxfp4 layout quantizes the routed experts alone.
+        experts = self.routed_expert_params(index) if fmt.experts_only else 0
+        return fmt.matrix_bytes(matrices - experts) + fmt.matrix_bytes(experts, experts=True) \
+            + fmt.vector_bytes(vectors)
 
     def embedding_params(self) -> int:
         embed = self.vocab * self.hidden

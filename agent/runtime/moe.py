@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from agent.runtime import gpt_oss
+from agent.runtime import gpt_oss, kernels
 from agent.runtime.model import Dense, FusedGateUp, Linear, Mlp, SparseMoe
 
 # The (token, expert) pairs are sorted by expert whenever more than one token is routed, so
@@ -45,11 +45,13 @@ def route(moe: SparseMoe, logits: mx.array) -> tuple[mx.array, mx.array]:
     return inds, scores
 
 
-def _gather(x: mx.array, proj: Linear, inds: mx.array, sort: bool) -> mx.array:
-    """x (..., 1, in) times the selected experts' matrices: (..., 1, out)."""
+def _gather(x: mx.array, proj: Linear, inds: mx.array, sort: bool,
+            transposed: bool = False) -> mx.array:
+    """x (..., 1, in) times the selected experts' matrices: (..., 1, out). A dense `proj` is
+    (experts, out, in), or (experts, in, out) when `transposed` (the down projections)."""
     if isinstance(proj, Dense):
-        out = mx.gather_mm(x, proj.weight.swapaxes(-1, -2), rhs_indices=inds,
-                           sorted_indices=sort)
+        weight = proj.weight if transposed else proj.weight.swapaxes(-1, -2)
+        out = mx.gather_mm(x, weight, rhs_indices=inds, sorted_indices=sort)
     else:
         out = mx.gather_qmm(x, proj.weight, proj.scales, proj.biases, rhs_indices=inds,
                             transpose=True, group_size=proj.group_size, bits=proj.bits,
@@ -71,14 +73,18 @@ def experts(moe: SparseMoe, x: mx.array, inds: mx.array) -> mx.array:
         order = mx.argsort(flat)
         inv_order = mx.argsort(order)
         x, idx = x.flatten(0, -3)[order // k], flat[order]
-    if isinstance(moe.gate_up, FusedGateUp):
-        gate, up = mx.split(_gather(x, moe.gate_up.gate_up, idx, sort), 2, axis=-1)
+    if isinstance(moe.gate_up, FusedGateUp) and moe.activation == "swiglu":
+        # One kernel where flockops is loaded (as the dense MLP), else MLX's split and products.
+        act = kernels.swiglu(_gather(x, moe.gate_up.gate_up, idx, sort))
     else:
-        up = _gather(x, moe.gate_up.up, idx, sort)
-        gate = _gather(x, moe.gate_up.gate, idx, sort)
-    act = gpt_oss.swiglu_oai(gate, up) if moe.activation == "swiglu_oai" else \
-        gate * mx.sigmoid(gate) * up
-    out = _gather(act, moe.down, idx, sort)
+        if isinstance(moe.gate_up, FusedGateUp):
+            gate, up = mx.split(_gather(x, moe.gate_up.gate_up, idx, sort), 2, axis=-1)
+        else:
+            up = _gather(x, moe.gate_up.up, idx, sort)
+            gate = _gather(x, moe.gate_up.gate, idx, sort)
+        act = gpt_oss.swiglu_oai(gate, up) if moe.activation == "swiglu_oai" else \
+            gate * mx.sigmoid(gate) * up
+    out = _gather(act, moe.down, idx, sort, transposed=True)  # model.experts_down's layout
     if inv_order is not None:
         out = mx.unflatten(out[inv_order], 0, inds.shape)
     return out.squeeze(-2)
