@@ -16,19 +16,22 @@ from typing import Any
 
 import mlx.core as mx
 
-from agent.runtime import attention_window
+from agent.runtime import attention_window, kernels
 from agent.runtime.kv import KvQuant
 from agent.runtime.model import Decoder
 from agent.runtime.step import (
     NEG_INF,
     _all_sum,
+    _fused_layer_qkv,
+    _inv_freqs,
     _mlp,
     _rope_angles,
     embed_tokens,
-    linear,
+    fused_layers,
     new_layer_kv,
     one_token_attention,
     project_logits,
+    projection,
 )
 
 
@@ -38,6 +41,9 @@ def rows_decode_step(dec: Decoder, inputs: mx.array, positions: mx.array, keys: 
                      ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
     """`decode_step` for rows [first, first + len(positions)) of caches holding more rows."""
     h = embed_tokens(dec, inputs)[:, None, :] if embed else inputs
+    if fused_layers(dec):
+        h, new_keys, new_values = _fused_rows_layers(dec, h, positions, keys, values, first, quant)
+        return (project_logits(dec, h[:, 0, :]) if project else h), new_keys, new_values
     rows = h.shape[0]
     stop = first + rows
     capacity = keys[0].shape[2]
@@ -66,10 +72,51 @@ def rows_decode_step(dec: Decoder, inputs: mx.array, positions: mx.array, keys: 
         attn = one_token_attention(q, k_rows, v_rows, positions, attention_window.decode_mask(
             positions, capacity, window, h.dtype) if window else mask, quant, group_size,
             fused_ok=not window, sinks=layer.attn.sinks)
-        h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
+        h = h + _all_sum(projection(attn, layer.attn.o), dec.group)
         h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))
     out = project_logits(dec, h[:, 0, :]) if project else h
     return out, new_keys, new_values
+
+
+def _fused_rows_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: list[mx.array],
+                       values: list[mx.array], first: int, quant: KvQuant | None
+                       ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+    """The layers of `step._fused_decode_layers` (norm with the residual add, qkv, one kernel
+    splitting and roping q, k, v, the attention kernel) for a row range: a micro-batch's step
+    was op by op (~40 ops a layer instead of ~12), which made two micro-batches cost their
+    stages far more than one whole-batch step."""
+    eps = dec.config.rms_norm_eps
+    inv_freqs = _inv_freqs(dec)
+    rows = h.shape[0]
+    stop = first + rows
+    kv_heads = dec.local_kv_heads
+    hd = dec.config.head_dim
+    parts = 1 if quant is None else 3
+    at = ((mx.arange(rows) + first)[:, None], mx.arange(kv_heads)[None, :], positions[:, None])
+    new_keys, new_values = [], []
+    delta: mx.array | None = None
+    for i, layer in enumerate(dec.layers):
+        h, q, k, v = _fused_layer_qkv(dec, layer, h, delta, positions, inv_freqs)
+        k_new, v_new = ([k], [v]) if quant is None else (
+            list(mx.quantize(k, group_size=quant.group, bits=quant.bits)),
+            list(mx.quantize(v, group_size=quant.group, bits=quant.bits)))
+        k_cache = [_write(c, at, n) for c, n in
+                   zip(keys[i * parts:(i + 1) * parts], k_new, strict=True)]
+        v_cache = [_write(c, at, n) for c, n in
+                   zip(values[i * parts:(i + 1) * parts], v_new, strict=True)]
+        new_keys.extend(k_cache)
+        new_values.extend(v_cache)
+        k_rows = [c[first:stop] for c in k_cache]
+        v_rows = [c[first:stop] for c in v_cache]
+        attn = kernels.decode_attention(q, k_rows if quant else k_rows[0],
+                                        v_rows if quant else v_rows[0], positions,
+                                        scale=hd**-0.5, quant=quant)
+        assert attn is not None  # fused_layers checked the kernels are loaded
+        h, x = kernels.add_rms_norm(h, _all_sum(projection(attn, layer.attn.o), dec.group),
+                                    layer.ffn_norm, eps)
+        delta = _mlp(dec, layer, x)
+    assert delta is not None
+    return h + delta, new_keys, new_values
 
 
 def _write(cache: mx.array, at: tuple[mx.array, mx.array, mx.array], new: mx.array) -> mx.array:
