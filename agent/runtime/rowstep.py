@@ -28,6 +28,7 @@ from agent.runtime.step import (
     _rope_angles,
     embed_tokens,
     fused_layers,
+    kernel_layer_attention,
     new_layer_kv,
     one_token_attention,
     project_logits,
@@ -93,25 +94,21 @@ def _fused_rows_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: lis
     hd = dec.config.head_dim
     parts = 1 if quant is None else 3
     at = ((mx.arange(rows) + first)[:, None], mx.arange(kv_heads)[None, :], positions[:, None])
+
+    def write(ks: list[mx.array], vs: list[mx.array], k_new: list[mx.array],
+              v_new: list[mx.array]) -> tuple[list[mx.array], list[mx.array]]:
+        return ([_write(c, at, n) for c, n in zip(ks, k_new, strict=True)],
+                [_write(c, at, n) for c, n in zip(vs, v_new, strict=True)])
+
     new_keys, new_values = [], []
     delta: mx.array | None = None
     for i, layer in enumerate(dec.layers):
         h, q, k, v = _fused_layer_qkv(dec, layer, h, delta, positions, inv_freqs)
-        k_new, v_new = ([k], [v]) if quant is None else (
-            list(mx.quantize(k, group_size=quant.group, bits=quant.bits)),
-            list(mx.quantize(v, group_size=quant.group, bits=quant.bits)))
-        k_cache = [_write(c, at, n) for c, n in
-                   zip(keys[i * parts:(i + 1) * parts], k_new, strict=True)]
-        v_cache = [_write(c, at, n) for c, n in
-                   zip(values[i * parts:(i + 1) * parts], v_new, strict=True)]
+        attn, k_cache, v_cache = kernel_layer_attention(
+            q, k, v, keys[i * parts:(i + 1) * parts], values[i * parts:(i + 1) * parts],
+            positions, hd, quant, write, lambda c: c[first:stop])
         new_keys.extend(k_cache)
         new_values.extend(v_cache)
-        k_rows = [c[first:stop] for c in k_cache]
-        v_rows = [c[first:stop] for c in v_cache]
-        attn = kernels.decode_attention(q, k_rows if quant else k_rows[0],
-                                        v_rows if quant else v_rows[0], positions,
-                                        scale=hd**-0.5, quant=quant)
-        assert attn is not None  # fused_layers checked the kernels are loaded
         h, x = kernels.add_rms_norm(h, _all_sum(projection(attn, layer.attn.o), dec.group),
                                     layer.ffn_norm, eps)
         delta = _mlp(dec, layer, x)

@@ -280,6 +280,26 @@ def _whole_layers(dec: Decoder, rows: int) -> bool:
                for layer in dec.layers)
 
 
+def kernel_layer_attention(q: mx.array, k: mx.array, v: mx.array, layer_keys: list[mx.array],
+                           layer_values: list[mx.array], positions: mx.array, hd: int,
+                           quant: KvQuant | None, write: Callable[..., Any],
+                           view: Callable[[mx.array], mx.array] | None = None
+                           ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+    """A fused layer's new keys and values packed as the cache holds them, put in the layer's
+    caches by `write(keys, values, k_new, v_new)`, and the decode-attention kernel over the
+    caches (or over `view` of each: a micro-batch's rows). Returns attention, keys, values."""
+    k_new, v_new = ([k], [v]) if quant is None else (
+        list(mx.quantize(k, group_size=quant.group, bits=quant.bits)),
+        list(mx.quantize(v, group_size=quant.group, bits=quant.bits)))
+    k_cache, v_cache = write(layer_keys, layer_values, k_new, v_new)
+    ks, vs = (k_cache, v_cache) if view is None else ([view(c) for c in k_cache],
+                                                       [view(c) for c in v_cache])
+    attn = kernels.decode_attention(q, ks if quant else ks[0], vs if quant else vs[0], positions,
+                                    scale=hd**-0.5, quant=quant)
+    assert attn is not None  # fused_layers checked the kernels are loaded
+    return attn, k_cache, v_cache
+
+
 def _whole_decode_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: list[mx.array],
                          values: list[mx.array], quant: KvQuant | None
                          ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
@@ -293,23 +313,22 @@ def _whole_decode_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: l
     wheres = {a.shape[3]: mx.broadcast_to(positions[:, None, None, None],
                                           (rows, kv_heads, 1, a.shape[3]))
               for a in keys[:parts]}
+
+    def write(ks: list[mx.array], vs: list[mx.array], k_new: list[mx.array],
+              v_new: list[mx.array]) -> tuple[list[mx.array], list[mx.array]]:
+        return write_layer_kv(ks, vs, wheres, k_new, v_new)
+
     new_keys, new_values = [], []
     for i, layer in enumerate(dec.layers):
         q, k, v = kernels.layer_entry(h, layer.attn_norm, layer.attn.qkv.qkv.weight, positions,
                                       inv_freqs, heads=dec.local_heads, kv_heads=kv_heads,
                                       eps=eps, rope_scale=dec.rope.scale,
                                       traditional=dec.rope.traditional)
-        k_new, v_new = ([k], [v]) if quant is None else (
-            list(mx.quantize(k, group_size=quant.group, bits=quant.bits)),
-            list(mx.quantize(v, group_size=quant.group, bits=quant.bits)))
-        k_cache, v_cache = write_layer_kv(keys[i * parts:(i + 1) * parts],
-                                          values[i * parts:(i + 1) * parts], wheres, k_new, v_new)
+        attn, k_cache, v_cache = kernel_layer_attention(
+            q, k, v, keys[i * parts:(i + 1) * parts], values[i * parts:(i + 1) * parts],
+            positions, hd, quant, write)
         new_keys.extend(k_cache)
         new_values.extend(v_cache)
-        attn = kernels.decode_attention(q, k_cache if quant else k_cache[0],
-                                        v_cache if quant else v_cache[0], positions,
-                                        scale=hd**-0.5, quant=quant)
-        assert attn is not None  # fused_layers checked the kernels are loaded
         mlp = layer.mlp
         h = kernels.layer_block(h, attn, layer.attn.o.weight, layer.ffn_norm,
                                 mlp.gate_up.gate_up.weight, mlp.down.weight, eps)
@@ -334,21 +353,20 @@ def _fused_decode_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: l
     wheres = {a.shape[3]: mx.broadcast_to(positions[:, None, None, None],
                                           (rows, kv_heads, 1, a.shape[3]))
               for a in keys[:parts]}
+
+    def write(ks: list[mx.array], vs: list[mx.array], k_new: list[mx.array],
+              v_new: list[mx.array]) -> tuple[list[mx.array], list[mx.array]]:
+        return write_layer_kv(ks, vs, wheres, k_new, v_new)
+
     new_keys, new_values = [], []
     delta: mx.array | None = None
     for i, layer in enumerate(dec.layers):
         h, q, k, v = _fused_layer_qkv(dec, layer, h, delta, positions, inv_freqs)
-        k_new, v_new = ([k], [v]) if quant is None else (
-            list(mx.quantize(k, group_size=quant.group, bits=quant.bits)),
-            list(mx.quantize(v, group_size=quant.group, bits=quant.bits)))
-        k_cache, v_cache = write_layer_kv(keys[i * parts:(i + 1) * parts],
-                                          values[i * parts:(i + 1) * parts], wheres, k_new, v_new)
+        attn, k_cache, v_cache = kernel_layer_attention(
+            q, k, v, keys[i * parts:(i + 1) * parts], values[i * parts:(i + 1) * parts],
+            positions, hd, quant, write)
         new_keys.extend(k_cache)
         new_values.extend(v_cache)
-        attn = kernels.decode_attention(q, k_cache if quant else k_cache[0],
-                                        v_cache if quant else v_cache[0], positions,
-                                        scale=hd**-0.5, quant=quant)
-        assert attn is not None  # fused_layers checked the kernels are loaded
         h, x = kernels.add_rms_norm(h, _all_sum(projection(attn, layer.attn.o), dec.group),
                                     layer.ffn_norm, eps)
         delta = _mlp(dec, layer, x)
