@@ -30,12 +30,15 @@ from agent.runtime.model import Decoder
 from agent.runtime.rowstep import RowRangeSteps
 from agent.runtime.step import (
     _all_sum,
+    _fused_layer_qkv,
+    _inv_freqs,
     _mlp,
     cached_attention,
     embed_tokens,
-    linear,
+    fused_layers,
     new_layer_kv,
     project_logits,
+    projection,
     write_layer_kv,
 )
 
@@ -83,6 +86,10 @@ def verify_step(
     `first`: the inputs are rows [first, first + rows) of caches holding more rows (a
     micro-batch); None: one input row per cache row."""
     h = embed_tokens(dec, inputs) if embed else inputs
+    if fused_layers(dec):
+        h, new_keys, new_values = _fused_verify_layers(dec, h, starts, keys, values, first,
+                                                       quant)
+        return (project_logits(dec, h) if project else h), new_keys, new_values
     rows, width = h.shape[0], h.shape[1]
     capacity = keys[0].shape[2]
     kv_heads, hd = dec.local_kv_heads, dec.config.head_dim
@@ -138,10 +145,64 @@ def verify_step(
                                     attention_sinks.grouped(sinks, kv_heads, width))
             attn = attn.reshape(rows, kv_heads * group_size, width, hd).transpose(0, 2, 1, 3)
             attn = attn.reshape(rows, width, kv_heads * group_size * hd)
-        h = h + _all_sum(linear(attn, layer.attn.o), dec.group)
+        h = h + _all_sum(projection(attn, layer.attn.o), dec.group)
         h = h + _mlp(dec, layer, mx.fast.rms_norm(h, layer.ffn_norm, eps))
     out = project_logits(dec, h) if project else h
     return out, new_keys, new_values
+
+
+def _fused_verify_layers(dec: Decoder, h: mx.array, starts: mx.array, keys: list[mx.array],
+                         values: list[mx.array], first: int | None, quant: KvQuant | None
+                         ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+    """The decode step's fused layers (`step._fused_decode_layers`: norm with the previous
+    residual add, the qkv projection, one kernel splitting and roping q, k, v, the cache writes,
+    the attention kernel, the projections through `step.projection`) for `width` positions a
+    row: the row's positions fold into the projections' row dimension (`projection` takes the
+    few-row kernel up to `kernels.DENSE_MAX_ROWS` of them and the BLAS GEMM beyond), and the
+    attention is one decode-kernel call per position (`_kernel_attention`). The op-by-op path
+    cost ~40 ops a layer instead of ~12 and its output projection bypassed the few-row kernel.
+    `first`: as `verify_step`'s (a micro-batch's rows of a larger cache)."""
+    eps = dec.config.rms_norm_eps
+    inv_freqs = _inv_freqs(dec)
+    rows, width = h.shape[0], h.shape[1]
+    kv_heads, hd = dec.local_kv_heads, dec.config.head_dim
+    scale = hd**-0.5
+    parts = 1 if quant is None else 3
+    positions = starts[:, None] + mx.arange(width)[None, :]  # (rows, width)
+    flat = positions.reshape(-1)  # token t of row r at flat[r * width + t], as rope_qkv reads
+    wheres = {a.shape[3]: mx.broadcast_to(positions[:, None, :, None],
+                                          (rows, kv_heads, width, a.shape[3]))
+              for a in keys[:parts]}
+    at = None if first is None else (
+        (mx.arange(rows) + first)[:, None, None], mx.arange(kv_heads)[None, :, None],
+        positions[:, None, :])
+    new_keys, new_values = [], []
+    delta: mx.array | None = None
+    for i, layer in enumerate(dec.layers):
+        h, q, k, v = _fused_layer_qkv(dec, layer, h, delta, flat, inv_freqs)
+        k_new, v_new = ([k], [v]) if quant is None else (
+            list(mx.quantize(k, group_size=quant.group, bits=quant.bits)),
+            list(mx.quantize(v, group_size=quant.group, bits=quant.bits)))
+        k_cache, v_cache = keys[i * parts:(i + 1) * parts], values[i * parts:(i + 1) * parts]
+        if at is None:
+            k_cache, v_cache = write_layer_kv(k_cache, v_cache, wheres, k_new, v_new)
+            new_keys.extend(k_cache)
+            new_values.extend(v_cache)
+        else:
+            k_cache = [_write_rows(c, at, n) for c, n in zip(k_cache, k_new, strict=True)]
+            v_cache = [_write_rows(c, at, n) for c, n in zip(v_cache, v_new, strict=True)]
+            new_keys.extend(k_cache)
+            new_values.extend(v_cache)
+            assert first is not None
+            k_cache = [c[first:first + rows] for c in k_cache]
+            v_cache = [c[first:first + rows] for c in v_cache]
+        attn = _kernel_attention(q, k_cache, v_cache, starts, scale, quant)
+        assert attn is not None  # fused_layers checked the kernels are loaded
+        h, x = kernels.add_rms_norm(h, _all_sum(projection(attn, layer.attn.o), dec.group),
+                                    layer.ffn_norm, eps)
+        delta = _mlp(dec, layer, x)
+    assert delta is not None
+    return h + delta, new_keys, new_values
 
 
 def _kernel_attention(q: mx.array, k_cache: list[mx.array], v_cache: list[mx.array],
