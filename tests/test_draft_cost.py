@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 from agent.runtime.draft_cost import (
+    MEASURED_MIN_SAMPLES,
+    MeasuredCost,
     RowDraft,
     acceptance,
     choose_width,
@@ -90,3 +92,52 @@ def test_lookup_prior_grows_with_the_copied_span() -> None:
     long.feedback(4, 0)
     long.feedback(4, 0)
     assert long.expected_acceptance() < 0.7  # it failed: the estimate follows
+
+
+def _measured(samples: dict[tuple[int, int], float], count: int = MEASURED_MIN_SAMPLES + 2
+              ) -> MeasuredCost:
+    costs = MeasuredCost()
+    for _ in range(count):
+        for (rows, width), seconds in samples.items():
+            costs.record(rows, width, seconds)
+    return costs
+
+
+def test_measured_costs_start_from_the_prior() -> None:
+    costs = MeasuredCost()
+    assert costs(8, 13) == cpu_step_cost(8, 13)
+    # The first samples of a shape (its compilation) are not averaged in.
+    for _ in range(MEASURED_MIN_SAMPLES - 1):
+        costs.record(8, 1, 5.0)
+        costs.record(8, 13, 50.0)
+    assert costs.measured(8, 1) is None
+    assert costs(8, 13) == cpu_step_cost(8, 13)
+
+
+def test_measured_costs_are_ratios_to_the_plain_step() -> None:
+    costs = _measured({(8, 1): 0.05, (8, 13): 0.5, (1, 13): 0.2})
+    assert costs.measured(8, 1) == pytest.approx(0.05)
+    assert costs(8, 1) == cpu_step_cost(8, 1)  # the unit stays the prior's
+    assert costs(8, 13) == pytest.approx(cpu_step_cost(8, 1) * 10)
+    # A width without samples, or rows without a measured plain step: the prior.
+    assert costs(8, 5) == cpu_step_cost(8, 5)
+    assert costs(1, 13) == cpu_step_cost(1, 13)
+
+
+def test_measured_average_follows_the_steps() -> None:
+    costs = _measured({(1, 1): 0.02, (1, 5): 0.04})
+    for _ in range(30):
+        costs.record(1, 5, 0.08)  # the machine got busier for wide steps
+    assert costs(1, 5) == pytest.approx(4.0, rel=0.01)
+
+
+def test_a_measured_expensive_width_gives_way_to_a_narrower_one() -> None:
+    rows = [RowDraft(12, 0.95)] * 8
+    assert choose_width(8, rows, WIDTHS) == 9  # the prior's choice
+    # Measured: 9 and 13 positions a row cost 6 and 9 plain steps, 5 only 2.2.
+    costs = _measured({(8, 1): 0.05, (8, 5): 0.11, (8, 9): 0.3, (8, 13): 0.45})
+    assert choose_width(8, rows, WIDTHS, cost=costs) == 5
+    # Measured so dear that nothing pays: plain steps.
+    dear = _measured({(8, 1): 0.05, (8, 2): 0.2, (8, 3): 0.3, (8, 5): 0.5, (8, 9): 0.9,
+                      (8, 13): 1.3})
+    assert choose_width(8, rows, WIDTHS, cost=dear) == 1

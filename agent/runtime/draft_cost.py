@@ -15,7 +15,7 @@ draft model) still get the width that pays best among the verifying ones.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # A verify step must beat the plain step by this much: plain steps keep the scheduler's
 # lookahead (the next step overlaps reading this one's tokens back), and acceptance is an
@@ -50,6 +50,55 @@ def accelerator_step_cost(rows: int, width: int) -> float:
     """A GPU step: memory-bound until the positions reach the hundreds, so a wider step costs
     little more (an assumption of the usual GPU regime, not a figure measured here)."""
     return 1.0 + (rows * width - 1) / 256
+
+
+# A step time's moving average: this weight on the newest sample.
+MEASURED_WEIGHT = 0.3
+# Samples of a (rows, width) shape (and of the plain step of as many rows) before its measured
+# time replaces the prior: a shape's first step or two also pay its compilation.
+MEASURED_MIN_SAMPLES = 3
+
+
+@dataclass
+class MeasuredCost:
+    """Step costs from the scheduler's own steps: a moving average of the seconds a step of
+    (rows, width) took (width 1: a plain decode step), fed by `record`. As a cost function
+    (`cost(rows, width)`, what `choose_width` takes) it returns the prior's plain-step cost
+    times the measured ratio of the width's step to the plain step of as many rows, so only
+    measured ratios decide; a shape without enough samples (or without a measured plain step
+    beside it) keeps the prior's figure. The prior is optimistic about wide steps, so an
+    unmeasured width gets tried, and then judged by what it cost. No clock in here: the
+    caller times its steps."""
+
+    prior: Callable[[int, int], float] = cpu_step_cost
+    weight: float = MEASURED_WEIGHT
+    min_samples: int = MEASURED_MIN_SAMPLES
+    seconds: dict[tuple[int, int], float] = field(default_factory=dict)
+    samples: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def record(self, rows: int, width: int, seconds: float) -> None:
+        key = (rows, max(1, width))
+        n = self.samples.get(key, 0)
+        # The first samples (compilation, a cold cache) are dropped from the average: the
+        # average starts at the sample that makes the count reach `min_samples`.
+        self.samples[key] = n + 1
+        if n + 1 < self.min_samples:
+            return
+        old = self.seconds.get(key)
+        self.seconds[key] = seconds if old is None else old + self.weight * (seconds - old)
+
+    def measured(self, rows: int, width: int) -> float | None:
+        """The average seconds of a (rows, width) step, None before enough samples."""
+        return self.seconds.get((rows, max(1, width)))
+
+    def __call__(self, rows: int, width: int) -> float:
+        base = self.prior(rows, 1)
+        if width <= 1:
+            return base
+        plain, wide = self.measured(rows, 1), self.measured(rows, width)
+        if plain is None or wide is None or plain <= 0.0:
+            return self.prior(rows, width)
+        return base * wide / plain
 
 
 @dataclass(frozen=True)

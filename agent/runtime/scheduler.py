@@ -102,6 +102,9 @@ class Scheduler:
         # a constraint that cannot be compiled, which fails that request as a bad request.
         self.constraint_factory = constraint_factory
         self._ahead: Lookahead | None = None
+        # The last decode step's (start, KV rows, width) while decode steps follow each other
+        # (`_time_period`): the speculator's measured step costs.
+        self._period: tuple[float, int, int] | None = None
         # Moving averages that size prefill slices: seconds a decode step takes, and seconds
         # per prompt token of the latest prefill slices.
         self.decode_step_s: float | None = None
@@ -274,11 +277,13 @@ class Scheduler:
         self._drop_cancelled()
         self._admit()
         if not self.running:
+            self._period = None  # idle: no step follows the last one
             return
         decoding = [s for s in self.running.values()
                     if not s.in_prefill and s.next_token is not None]
         prefilling = [s for s in self.running.values() if s.in_prefill]
         if prefilling:
+            self._period = None  # this round's prefill chunk is no decode step's cost
             if decoding:
                 chunk = prefill_slice(self.limits.prefill_chunk, self.limits.prefill_gap_steps,
                                       self.decode_step_s, self.prefill_s_per_token)
@@ -312,10 +317,14 @@ class Scheduler:
 
     def _decode(self, decoding: list[Sequence]) -> None:
         started = time.perf_counter()
+        self._time_period(started)
+        kv_rows = self.kv.rows
         logits = self._take_lookahead(decoding)
         if logits is None and self.speculator.try_verify(decoding):
+            self._period = (started, kv_rows, self.speculator.last_width)
             self._count_step(decoding, started)
             return
+        self._period = (started, kv_rows, 1)
         if logits is None:
             self.kv.ensure_capacity(max(s.length for s in self.running.values()) + 1)
             rows = self.kv.rows
@@ -338,6 +347,17 @@ class Scheduler:
         else:
             self._sample_and_emit(decoding, logits, rows_of=[s.row for s in decoding])
         self._count_step(decoding, started)
+
+    def _time_period(self, now: float) -> None:
+        """The previous decode step's period (from its start to this one's, the scheduling
+        round around it included) goes to the speculator's measured step costs as a step of
+        its (rows, width). A period, not the step's own span: a plain step overlaps the next
+        one's compute (lookahead), so its own span swings between a whole step and almost
+        nothing, while the period is what each step really costs the streams."""
+        period, self._period = self._period, None
+        if period is not None:
+            began, rows, width = period
+            self.speculator.record_step(rows, width, now - began)
 
     def _count_step(self, decoding: list[Sequence], started: float) -> None:
         self.stats.decode_rows_max = max(self.stats.decode_rows_max, len(decoding))

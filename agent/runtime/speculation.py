@@ -25,7 +25,13 @@ from typing import Any, Literal
 import mlx.core as mx
 
 from agent.runtime.acceptance import greedy_kept, verified_tokens
-from agent.runtime.draft_cost import RowDraft, accelerator_step_cost, choose_width, cpu_step_cost
+from agent.runtime.draft_cost import (
+    MeasuredCost,
+    RowDraft,
+    accelerator_step_cost,
+    choose_width,
+    cpu_step_cost,
+)
 from agent.runtime.draft_model import DraftModel, Proposal, Want
 from agent.runtime.drafting import MAX_DRAFT, PromptLookup
 from agent.runtime.sampling import top_logprobs
@@ -80,8 +86,11 @@ class Speculator:
         self.enabled = enabled
         self.draft_model = draft_model if self.supported else None
         self.stats = SpeculationStats()
-        # What a step of (rows, width) costs here, in one-row plain steps (`draft_cost.py`).
-        self.step_cost = cpu_step_cost if mx.default_device() == mx.cpu else accelerator_step_cost
+        # What a step of (rows, width) costs here (`draft_cost.py`): the scheduler's own step
+        # times where it has them, the prior (in one-row plain steps) until then.
+        prior = cpu_step_cost if mx.default_device() == mx.cpu else accelerator_step_cost
+        self.costs = MeasuredCost(prior)
+        self.last_width = 1  # the width of the verify step `try_verify` ran last
 
     def drafter_for(self, prompt: list[int], prediction: list[int] | None
                     ) -> PromptLookup | None:
@@ -202,14 +211,28 @@ class Speculator:
         logits = sched.compute.verify(tokens, starts)  # type: ignore[attr-defined]
         self._take(decoding, plan, logits)
         self.stats.verify_steps += 1
+        self.last_width = width
         return True
+
+    def record_step(self, kv_rows: int, width: int, seconds: float) -> None:
+        """A local step's time (width 1: a plain decode step) for the measured costs; a
+        pipeline's steps are not one node's (`_width` does not weigh them)."""
+        if self._pipelined():
+            return
+        self.costs.record(kv_rows, width, seconds)
+
+    def _pipelined(self) -> bool:
+        compute = self.scheduler.compute
+        return max(getattr(compute, "stages", 1), getattr(compute, "ring_stages", 1)) > 1
 
     def _width(self, decoding: list[Sequence], plan: dict[str, Draft]) -> int:
         """The verify step's width by the cost model (1: a plain step pays better). A draft
         model's or a prediction's draft is verified whenever there is one (the request or the
-        node asked for it); prompt lookup's only where its expected yield pays."""
-        compute = self.scheduler.compute
-        if max(getattr(compute, "stages", 1), getattr(compute, "ring_stages", 1)) > 1:
+        node asked for it); prompt lookup's only where its expected yield pays. The costs are
+        the measured ones when every decoding row is greedy (whose output no width changes);
+        a sampling row's tokens depend on which drafts are verified, so there the prior alone
+        decides, and a seeded request stays reproducible whatever the step times were."""
+        if self._pipelined():
             # A pipeline step's time is mostly its trips between stages, which a wider step
             # does not lengthen: every draft goes in, whole (the cost model is one node's).
             return step_width(1 + max(len(d.tokens) for d in plan.values()))
@@ -225,8 +248,9 @@ class Speculator:
             else:
                 forced |= drafter.from_prediction > 0
                 rows.append(RowDraft(len(draft.tokens), drafter.expected_acceptance()))
+        greedy = all(s.sampler.params.greedy for s in decoding)
         return choose_width(self.scheduler.kv.rows, rows, WIDTHS, forced=forced,
-                            cost=self.step_cost)
+                            cost=self.costs if greedy else self.costs.prior)
 
     # ---- a pipeline's verify micro-batches (ring.py) --------------------------------------
     def drafts_for(self, seqs: list[Sequence]) -> dict[str, Draft]:
