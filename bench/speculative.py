@@ -7,18 +7,29 @@ Prints `name: value` lines:
                                passage with one word changed), prompt lookup / plain, greedy
   lookup_greedy_ids_identical  every drafted run produced the plain run's ids (every task, round)
   lookup_chat_vs_plain         the same ratio over 8 fixed free chat prompts (run one by one)
-  lookup_batch8_edit_vs_plain  8 concurrent edit streams (8 passages), aggregate decode tok/s
+  lookup_batch8_edit_vs_plain  8 concurrent edit streams (8 passages), aggregate decode tok/s:
+                               their prompts are prefilled first (untimed, into a prefix cache
+                               of the run's own), and the window runs from the moment every
+                               stream is decoding to the last token, counting the tokens in it.
+                               (Timed from the first stream's first token, as before session 7
+                               and with --batch-with-prefill, the window held most of the
+                               other seven prompts' prefill, one chunk a step beside the
+                               decoding rows: the figure measured prefill as much as decode,
+                               and streams that finished before the last one started.)
+  batch8_edit_ramp_share       of the window from the first stream's first token to the last
+                               token, the share before every stream was decoding
   lookup_acceptance_edit       mean drafted tokens kept per verification pass that carried a
                                draft (the model's own next token not counted), edit task
   *_tok_s                      the medians behind the ratios; *_runs the per-round ratios
 
 Both configurations run flock's scheduler in one worker process with the environment a real
 runner gets (the BLAS shim preloaded, `runner_environment`), over the same loaded decoder, and
-alternate which goes first each round. There is no prefix cache, and every timed prompt starts
-with a tag made for its round, so nothing is served from a cache: the figures are decode. Both
-configurations decode the same prompts, so their greedy ids are compared too. Each
-configuration warms up (compiles its step shapes) on other prompts first. Decode tok/s counts
-the tokens after each stream's first one over the time from the first token to the last.
+alternate which goes first each round. Every timed prompt starts with a tag made for its round,
+so nothing is served from an earlier round (the batch8 task prefills its own prompts first, see
+above): the figures are decode. Both configurations decode the same prompts, so their greedy ids
+are compared too. Each configuration warms up (compiles its step shapes) on other prompts first.
+Decode tok/s counts the tokens after each stream's first one over the time from the first token
+to the last (batch8: from the moment every stream is decoding).
 
 Draft-model figures (draft_*) are `python -m bench.speculative_draft`'s.
 
@@ -30,8 +41,8 @@ Draft-model figures (draft_*) are `python -m bench.speculative_draft`'s.
   pipeline3_lookup_batch4_edit_vs_plain  4 concurrent edit streams (the 2 passages, each twice
                                with a tag of its own) on the same
                                pipelines, aggregate decode tok/s: micro-batches in flight carry
-                               their drafts round the ring (verify micro-batches). As for
-                               lookup_batch8_edit_vs_plain, the window runs from the first
+                               their drafts round the ring (verify micro-batches). Unlike
+                               lookup_batch8_edit_vs_plain's, the window runs from the first
                                stream's first token to the last one's last, so it holds the later
                                streams' prefill too (which drafting does not speed up).
 Both pipeline figures are skipped with --no-pipeline; --only-pipeline runs nothing else.
@@ -110,13 +121,15 @@ def chat_messages(index: int, tag: str) -> list[dict[str, str]]:
             {"role": "user", "content": CHAT_PROMPTS[index % len(CHAT_PROMPTS)]}]
 
 
-def worker(model_dir: str, rounds: int, tokens: int, quick: bool) -> dict[str, Any]:
+def worker(model_dir: str, rounds: int, tokens: int, quick: bool, primed_batch: bool = True
+           ) -> dict[str, Any]:
     """Every task, both configurations, `rounds` interleaved rounds in this process."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     from agent.generation import GenerationRequest, SamplingParams
     from agent.runtime.kv import KvGeometry, KvSlots
     from agent.runtime.model import load_decoder
+    from agent.runtime.prefix import PrefixCache
     from agent.runtime.scheduler import Scheduler, SchedulerLimits
 
     path = Path(model_dir)
@@ -131,18 +144,35 @@ def worker(model_dir: str, rounds: int, tokens: int, quick: bool) -> dict[str, A
     def encode(messages: list[dict[str, str]]) -> list[int]:
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
-    def run(lookup: bool, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-        sched = schedulers[lookup]
-        stats = sched.speculator.stats
-        passes0, kept0 = stats.draft_passes, stats.accepted_tokens
+    def submit(sched: Any, prompts: list[list[int]], max_tokens: int) -> list[str]:
         ids = [f"r{secrets.token_hex(4)}" for _ in prompts]
         for rid, prompt in zip(ids, prompts, strict=True):
             sched.submit(GenerationRequest(id=rid, model="smollm2", prompt_tokens=prompt,
                                            sampling=SamplingParams(max_tokens=max_tokens,
                                                                    temperature=0.0)))
+        return ids
+
+    def run(lookup: bool, prompts: list[list[int]], max_tokens: int, *,
+            primed: bool = False) -> dict[str, Any]:
+        """Decode tok/s of `prompts` run together. `primed`: their prompts are prefilled first
+        (untimed, one token each, into a prefix cache of this run's own), so that the timed
+        streams start decoding together and the window holds decode only."""
+        sched = schedulers[lookup]
+        if primed:
+            sched.prefix = PrefixCache(1 << 31)
+            submit(sched, prompts, 1)
+            while not sched.idle:
+                sched.step()
+        stats = sched.speculator.stats
+        passes0, kept0 = stats.draft_passes, stats.accepted_tokens
+        ids = submit(sched, prompts, max_tokens)
         seqs: dict[str, Any] = {}
         first: dict[str, tuple[float, int]] = {}
         last: dict[str, tuple[float, int]] = {}
+        # Each stream's token count when the last one got its first token: the window starts
+        # there, when every stream is decoding.
+        at_all: dict[str, int] = {}
+        all_decoding = 0.0
         while not sched.idle:
             sched.step()
             now = time.perf_counter()
@@ -155,12 +185,21 @@ def worker(model_dir: str, rounds: int, tokens: int, quick: bool) -> dict[str, A
                     first[rid] = (now, seq.generated)
                 if rid in first and seq.generated > last.get(rid, (0.0, 0))[1]:
                     last[rid] = (now, seq.generated)
-        start = min(first[rid][0] for rid in ids)
+            if not at_all and len(first) == len(ids):
+                all_decoding = now
+                at_all = {rid: seqs[rid].generated for rid in ids}
+        sched.prefix = None
+        start = all_decoding if primed else min(first[rid][0] for rid in ids)
         end = max(last[rid][0] for rid in ids)
-        decoded = sum(last[rid][1] - first[rid][1] for rid in ids)
+        counted = at_all if primed else {rid: first[rid][1] for rid in ids}
+        decoded = sum(last[rid][1] - counted[rid] for rid in ids)
         return {"tok_s": decoded / max(end - start, 1e-9),
                 "ids": [seqs[rid].sampler.history for rid in ids],
-                "passes": stats.draft_passes - passes0, "kept": stats.accepted_tokens - kept0}
+                "passes": stats.draft_passes - passes0, "kept": stats.accepted_tokens - kept0,
+                # Of the window from the first stream's first token to the last token, the
+                # share before every stream was decoding (other streams' prefill).
+                "ramp": (all_decoding - min(first[rid][0] for rid in ids))
+                        / max(end - min(first[rid][0] for rid in ids), 1e-9)}
 
     tasks = {
         "edit": lambda tag: [encode(edit_messages(0, tag))],
@@ -172,9 +211,10 @@ def worker(model_dir: str, rounds: int, tokens: int, quick: bool) -> dict[str, A
     # Warm-up: every step shape (batch sizes, verification widths) compiles on other prompts.
     for lookup in (True, False):
         run(lookup, [encode(edit_messages(1, "warm"))], tokens)
-        run(lookup, [encode(edit_messages(i, f"warm{i}")) for i in range(8)], 48)
+        run(lookup, [encode(edit_messages(i, f"warm{i}")) for i in range(8)], 48,
+            primed=True)
     results: dict[str, Any] = {name: {"on": [], "off": [], "passes": 0, "kept": 0,
-                                      "identical": True}
+                                      "identical": True, "ramp": []}
                                for name in tasks}
     for r in range(rounds):
         for name, prompts_for in tasks.items():
@@ -192,7 +232,9 @@ def worker(model_dir: str, rounds: int, tokens: int, quick: bool) -> dict[str, A
                                    "passes": sum(o["passes"] for o in outs),
                                    "kept": sum(o["kept"] for o in outs)}
                 else:
-                    got[lookup] = run(lookup, prompts, tokens)
+                    primed = primed_batch and name == "batch8_edit"
+                    got[lookup] = run(lookup, prompts, tokens, primed=primed)
+                    results[name]["ramp"].append(got[lookup]["ramp"])
             res = results[name]
             res["on"].append(got[True]["tok_s"])
             res["off"].append(got[False]["tok_s"])
@@ -302,6 +344,9 @@ def main() -> None:
     parser.add_argument("--models-dir", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=None,
                         help="OpenBLAS threads of the in-process worker (default: a runner's)")
+    parser.add_argument("--batch-with-prefill", action="store_true",
+                        help="time the batch8 streams from the first one's first token, the "
+                             "other streams' prefill included (the figure before session 7)")
     parser.add_argument("--no-pipeline", action="store_true",
                         help="skip the pipeline3_* figures")
     parser.add_argument("--only-pipeline", action="store_true",
@@ -328,7 +373,8 @@ def _single_node(args: argparse.Namespace, model_dir: Path, env: dict[str, str])
     """The one-node figures; whether every drafted run gave the plain run's ids."""
     results = call_in_subprocess("bench.speculative:worker",
                                  {"model_dir": str(model_dir), "rounds": args.rounds,
-                                  "tokens": args.tokens, "quick": args.quick}, env,
+                                  "tokens": args.tokens, "quick": args.quick,
+                                  "primed_batch": not args.batch_with_prefill}, env,
                                  timeout=1800)
     for name, figure in (("edit", "lookup_edit_vs_plain"), ("chat", "lookup_chat_vs_plain"),
                          ("batch8_edit", "lookup_batch8_edit_vs_plain")):
@@ -338,6 +384,7 @@ def _single_node(args: argparse.Namespace, model_dir: Path, env: dict[str, str])
         emit(f"{figure}_runs", ", ".join(f"{x:.2f}" for x in ratios))
         emit(f"{name}_lookup_tok_s", median(res["on"]), 1)
         emit(f"{name}_plain_tok_s", median(res["off"]), 1)
+    emit("batch8_edit_ramp_share", median(results["batch8_edit"]["ramp"]))
     edit = results["edit"]
     emit("lookup_acceptance_edit", edit["kept"] / max(edit["passes"], 1))
     return all(results[name]["identical"] for name in results)
