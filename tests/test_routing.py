@@ -13,6 +13,7 @@ from agent.serving.balance import (
     Candidate,
     LoadBook,
     PrefixIndex,
+    RateMeter,
     ReplicaLoad,
     choose_replica,
     expected_wait_s,
@@ -94,6 +95,37 @@ def test_requests_spread_evenly_over_equal_replicas() -> None:
         book.open(choice.instance_id, prompt_tokens=40, max_tokens=64)
         counts[choice.instance_id] += 1
     assert counts == {"a": 8, "b": 8}
+
+
+def _burst(rates: dict[str, float], requests: int = 16) -> dict[str, int]:
+    book = LoadBook()
+    counts = dict.fromkeys(rates, 0)
+    for _ in range(requests):
+        candidates = [Candidate(i, False, load(i, decode_tps=r), *reversed(book.since(i, 0.0)))
+                      for i, r in rates.items()]
+        choice = choose_replica(candidates)
+        book.open(choice.instance_id, prompt_tokens=40, max_tokens=64)
+        counts[choice.instance_id] += 1
+    return counts
+
+
+def test_nearly_equal_measured_rates_split_a_burst_evenly() -> None:
+    """Rates measured 1.2x apart (a burst's tail on one, a fuller batch on the other) are one
+    speed: a burst splits 8/8, not 9/7; a replica twice as fast still takes more."""
+    assert _burst({"a": 14.9, "b": 12.4}) == {"a": 8, "b": 8}
+    fast = _burst({"a": 200.0, "b": 100.0})
+    assert fast["a"] > fast["b"]
+
+
+def test_a_rate_meter_measures_its_last_window_of_decode_time() -> None:
+    meter = RateMeter(window_s=10.0)
+    assert meter.feed(0.0, 0.0) == 0.0
+    assert meter.feed(400.0, 10.0) == 40.0  # a full batch: 40 tokens/s of decode time
+    # A burst's tail (2 s at 10 tokens/s) barely moves it; a tail-only measure would say 10.
+    assert meter.feed(420.0, 12.0) == 35.0
+    assert meter.feed(420.0, 12.0) == 35.0  # idle: the totals stand still, so does the rate
+    assert meter.feed(1400.0, 32.0) == 49.0  # the window moved on: (1400 - 420) / (32 - 12)
+    assert meter.feed(5.0, 1.0) == 5.0  # the runner restarted: counted from zero again
 
 
 def test_the_prefix_index_finds_the_longest_known_prefix() -> None:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from agent.generation import Failed
+from agent.generation import Failed, Finished, TokenChunk
 from agent.runtime.journal import Journal
 from agent.runtime.links import StageLinkError
 from agent.runtime.protocol import (
@@ -38,11 +38,38 @@ WEIGHT_HEADROOM = 0.8  # share of free memory (after weights) the KV cache may t
 
 
 class Outbox:
+    """Frames to the agent. While `batching`, `send` only queues a frame and `flush` writes every
+    queued one in one `os.write`: the serve loop flushes once per scheduling round, so the agent
+    reads one step's tokens for all rows in one wake-up (on a core the runner shares, each
+    wake-up also costs the runner its cache), rather than one per row. A request's first token
+    goes out at once (time to first token does not wait for the rest of the round)."""
+
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.batching = False
+        self._pending: list[bytes] = []
+        self._started: set[str] = set()  # requests that have sent a token
 
     def send(self, message: Any) -> None:
-        data = frame(message)
+        self._pending.append(frame(message))
+        if not self.batching or self._first_token(message):
+            self.flush()
+
+    def _first_token(self, message: Any) -> bool:
+        if isinstance(message, TokenChunk):
+            if message.id in self._started:
+                return False
+            self._started.add(message.id)
+            return True
+        if isinstance(message, Finished | Failed):
+            self._started.discard(message.id)
+        return False
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending.clear()
         view = memoryview(data)
         while view:
             written = os.write(self.fd, view)
@@ -332,9 +359,21 @@ def _serve_drafts(config: RunnerConfig, inbox_fd: int, outbox: Outbox) -> int:
 
 def _serve_loop(config: RunnerConfig, scheduler: Any, inbox_fd: int, outbox: Outbox,
                 watchdog: Watchdog | None) -> int:
+    outbox.batching = True
+    try:
+        return _serve_rounds(config, scheduler, inbox_fd, outbox, watchdog)
+    finally:
+        outbox.flush()
+        outbox.batching = False
+
+
+def _serve_rounds(config: RunnerConfig, scheduler: Any, inbox_fd: int, outbox: Outbox,
+                  watchdog: Watchdog | None) -> int:
+    """The serve loop proper; what a round sends goes out at its end (`Outbox.flush`)."""
     frames = FrameBuffer()
     next_stats = 0.0
     while True:
+        outbox.flush()
         timeout = config.stats_interval_s if scheduler.idle else 0.0
         readable, _, _ = select.select([inbox_fd], [], [], timeout)
         if readable:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -33,6 +33,13 @@ PREFIX_SLACK = 1.25
 PREFIX_SLACK_S = 0.25
 # Throughput assumed for a replica that has not decoded yet (tokens/s); any measured one wins.
 UNMEASURED_RATE = 50.0
+# Measured decode rates this close (larger / smaller) are one speed: they were measured at
+# different batch sizes and moments, so their difference is noise, and trusting it would send
+# a burst unevenly to equal replicas (a 1.2x gap split 16 requests 9/7).
+RATE_TOLERANCE = 1.25
+# A head's decode rate is its tokens over its last this many seconds of decode-step time, not
+# over the last stats interval (which, after a burst, is its tail: few rows, a low rate).
+RATE_WINDOW_S = 10.0
 # KV room below this fraction of capacity: a new request may wait for room.
 KV_LOW_FRACTION = 0.05
 PREFIX_BLOCK = 32  # prompt tokens per prefix-index block
@@ -90,14 +97,24 @@ def request_tokens(prompt_tokens: int, max_tokens: int) -> int:
     return prompt_tokens + min(max_tokens, DECODE_HORIZON_TOKENS)
 
 
+def comparable_rate(rate: float, rates: Sequence[float],
+                    tolerance: float = RATE_TOLERANCE) -> float:
+    """`rate` as routing compares it: the mean of the measured `rates` (every replica's, its
+    own among them) within `tolerance` of it, so replicas measured at nearly the same speed
+    count as equally fast; a clearly faster one stays faster."""
+    near = [r for r in rates if r > 0 and max(r, rate) <= tolerance * min(r, rate)]
+    return sum(near) / len(near) if rate > 0 and near else rate
+
+
 def expected_wait_s(candidate: Candidate, rates: Sequence[float] = ()) -> float:
     """How long a new request sent to `candidate` would wait for its answer: the work ahead of
     it at the replica's measured rate, longer when no batch slot or KV room is free.
 
-    `rates` are the other replicas' measured rates, the stand-in for one never measured."""
+    `rates` are the replicas' measured rates: the stand-in for one never measured, and what a
+    measured one is compared with (`comparable_rate`)."""
     load = candidate.load or ReplicaLoad(instance_id=candidate.instance_id)
     measured = [r for r in rates if r > 0]
-    rate = load.decode_tps if load.decode_tps > 0 else (
+    rate = comparable_rate(load.decode_tps, measured) if load.decode_tps > 0 else (
         sorted(measured)[len(measured) // 2] if measured else UNMEASURED_RATE)
     work = load.outstanding_tokens + candidate.unreported_tokens
     wait = work / rate
@@ -244,6 +261,30 @@ class LoadBook:
         for book in (self._last_start, self._started, self._first_seen):
             for instance_id in [i for i in book if i not in kept and not self._open.get(i)]:
                 del book[instance_id]
+
+
+class RateMeter:
+    """A head's decode rate over its last `window_s` seconds of decode-step time, from its
+    runner's cumulative totals (generated tokens, decode seconds). An idle head keeps the rate
+    of its last window; a runner that restarted (totals going back) starts over."""
+
+    def __init__(self, window_s: float = RATE_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._marks: deque[tuple[float, float]] = deque([(0.0, 0.0)])  # (seconds, tokens)
+
+    def feed(self, tokens_total: float, seconds_total: float) -> float:
+        last_seconds, last_tokens = self._marks[-1]
+        if seconds_total < last_seconds or tokens_total < last_tokens:
+            self._marks = deque([(0.0, 0.0)])
+        if seconds_total > self._marks[-1][0]:
+            self._marks.append((seconds_total, tokens_total))
+        # Keep one mark at or before the window's start.
+        while len(self._marks) > 2 and self._marks[1][0] <= seconds_total - self.window_s:
+            self._marks.popleft()
+        (old_seconds, old_tokens), (new_seconds, new_tokens) = self._marks[0], self._marks[-1]
+        if new_seconds <= old_seconds:
+            return 0.0
+        return (new_tokens - old_tokens) / (new_seconds - old_seconds)
 
 
 def measured_load(instance_id: str, node_id: str, stats: Mapping[str, float], max_batch: int,

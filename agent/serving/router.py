@@ -27,6 +27,7 @@ from agent.serving.balance import (
     Choice,
     LoadBook,
     PrefixIndex,
+    RateMeter,
     ReplicaLoad,
     choose_replica,
     measured_load,
@@ -120,6 +121,7 @@ class Router:
         self.prefixes = PrefixIndex()
         self._reports: dict[str, _Report] = {}
         self._rates: dict[str, float] = {}  # last measured decode rate per local head
+        self._meters: dict[str, RateMeter] = {}  # windowed decode rate per local head
         self.decisions: deque[RouteDecision] = deque(maxlen=20)
 
     # ---- fed by the controller ----------------------------------------------------------------
@@ -127,8 +129,9 @@ class Router:
         self._table = table
         served = {r.instance_id for routes in table.routes.values()
                   for r in (routes if isinstance(routes, tuple) else (routes,))}
-        for instance_id in [i for i in self._reports if i not in served]:
-            del self._reports[instance_id]
+        for book in (self._reports, self._meters, self._rates):
+            for instance_id in [i for i in book if i not in served]:
+                del book[instance_id]
         self.serving.forget(served)
         self.outgoing.forget(served)
 
@@ -155,6 +158,10 @@ class Router:
         runner = self.pool.serving(route.local_key)
         stats = dict(runner.last_stats) if runner is not None else {}
         rate = stats.get("decode_tokens_per_second", 0.0)
+        if "decode_seconds_total" in stats and "generated_tokens_total" in stats:
+            # Over the last window of decode time: the last interval alone is a burst's tail.
+            meter = self._meters.setdefault(route.instance_id, RateMeter())
+            rate = meter.feed(stats["generated_tokens_total"], stats["decode_seconds_total"])
         if rate > 0:
             self._rates[route.instance_id] = rate
         # An idle runner reports a rate of 0; its last measured one says how fast it will go.
