@@ -128,3 +128,36 @@ def test_a_lone_long_prompt_goes_round_in_slices(tiny_dir: Path) -> None:
 def test_kv_bits_8_in_micro_batches(tiny_dir: Path) -> None:
     expected = streams(*make_scheduler(tiny_dir, 1, bits=8))
     assert streams(*make_scheduler(tiny_dir, 2, bits=8)) == expected
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_a_micro_batch_step_gives_the_whole_batch_steps_logits(tiny_dir: Path,
+                                                              bits: int | None) -> None:
+    """Two row ranges stepped apart give, row for row, the logits of one step over every row
+    (the ring's micro-batches and the synchronous round compute the same sums)."""
+    import mlx.core as mx
+
+    from agent.runtime.rowstep import RowsDecode
+    from agent.runtime.step import make_decode_fn
+
+    dec = load_decoder(tiny_dir)
+
+    def cache() -> KvSlots:
+        kv = KvSlots(KvGeometry(len(dec.layers), dec.local_kv_heads, dec.config.head_dim,
+                                bits=bits), chunk=32)
+        for row in range(8):
+            kv.acquire(f"r{row}", 40)
+        kv.ensure_capacity(40)
+        return kv
+
+    whole_kv, rows_kv = cache(), cache()
+    whole = make_decode_fn(dec, compiled=True, quant=whole_kv.geometry.quant)
+    rows = RowsDecode(dec, compiled=True, quant=rows_kv.geometry.quant)
+    for step in range(4):
+        tokens = [(3 * r + step) % 100 + 3 for r in range(8)]
+        positions = [step + r for r in range(8)]
+        full = whole_kv.step_in_place(whole, mx.array(tokens), mx.array(positions))
+        parts = [rows_kv.step_in_place(rows(first), mx.array(tokens[first:first + 4]),
+                                       mx.array(positions[first:first + 4]))
+                 for first in (0, 4)]
+        assert mx.array_equal(full, mx.concatenate(parts)).item(), f"step {step}"

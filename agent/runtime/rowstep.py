@@ -26,6 +26,7 @@ from agent.runtime.step import (
     _inv_freqs,
     _mlp,
     _rope_angles,
+    _whole_layers,
     embed_tokens,
     fused_layers,
     kernel_layer_attention,
@@ -85,7 +86,9 @@ def _fused_rows_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: lis
     """The layers of `step._fused_decode_layers` (norm with the residual add, qkv, one kernel
     splitting and roping q, k, v, the attention kernel) for a row range: a micro-batch's step
     was op by op (~40 ops a layer instead of ~12), which made two micro-batches cost their
-    stages far more than one whole-batch step."""
+    stages far more than one whole-batch step. Where the whole-batch step takes the whole-layer
+    kernels (`step._whole_layers`: a single stage's dense float32 layers, at most
+    `kernels.DENSE_MAX_ROWS` rows) so does this one, over the range's rows."""
     eps = dec.config.rms_norm_eps
     inv_freqs = _inv_freqs(dec)
     rows = h.shape[0]
@@ -100,13 +103,33 @@ def _fused_rows_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: lis
         return ([_write(c, at, n) for c, n in zip(ks, k_new, strict=True)],
                 [_write(c, at, n) for c, n in zip(vs, v_new, strict=True)])
 
+    def view(c: mx.array) -> mx.array:
+        return c[first:stop]
+
     new_keys, new_values = [], []
+    if _whole_layers(dec, rows):
+        # As `step._whole_decode_layers`, which the whole-batch step takes at these few rows:
+        # entry and block kernels, 5 ops a layer instead of ~12 (each op a pass over its rows).
+        for i, layer in enumerate(dec.layers):
+            q, k, v = kernels.layer_entry(h, layer.attn_norm, layer.attn.qkv.qkv.weight,
+                                          positions, inv_freqs, heads=dec.local_heads,
+                                          kv_heads=kv_heads, eps=eps, rope_scale=dec.rope.scale,
+                                          traditional=dec.rope.traditional)
+            attn, k_cache, v_cache = kernel_layer_attention(
+                q, k, v, keys[i * parts:(i + 1) * parts], values[i * parts:(i + 1) * parts],
+                positions, hd, quant, write, view)
+            new_keys.extend(k_cache)
+            new_values.extend(v_cache)
+            mlp = layer.mlp
+            h = kernels.layer_block(h, attn, layer.attn.o.weight, layer.ffn_norm,
+                                    mlp.gate_up.gate_up.weight, mlp.down.weight, eps)
+        return h, new_keys, new_values
     delta: mx.array | None = None
     for i, layer in enumerate(dec.layers):
         h, q, k, v = _fused_layer_qkv(dec, layer, h, delta, positions, inv_freqs)
         attn, k_cache, v_cache = kernel_layer_attention(
             q, k, v, keys[i * parts:(i + 1) * parts], values[i * parts:(i + 1) * parts],
-            positions, hd, quant, write, lambda c: c[first:stop])
+            positions, hd, quant, write, view)
         new_keys.extend(k_cache)
         new_values.extend(v_cache)
         h, x = kernels.add_rms_norm(h, _all_sum(projection(attn, layer.attn.o), dec.group),

@@ -81,13 +81,14 @@ def describe(proj: Linear | None) -> str:
 
 def project_rows(dec: Decoder, proj: Linear, h: mx.array) -> mx.array:
     """Logits of `proj`'s rows for hidden states (rows, hidden), as `project_logits` computes
-    them for the whole vocabulary."""
-    import mlx.core as mx
-
-    from agent.runtime.step import linear
+    them for the whole vocabulary: the same norm and projection (a decode's few rows take the
+    extension's bandwidth-bound kernel where it is loaded; through MLX's matmul each call
+    packed the half-vocabulary matrix first, ~40% dearer), so each logit is the same sum."""
+    from agent.runtime import kernels
+    from agent.runtime.step import projection
 
     assert dec.norm is not None
-    return linear(mx.fast.rms_norm(h, dec.norm, dec.config.rms_norm_eps), proj)
+    return projection(kernels.rms_norm(h, dec.norm, dec.config.rms_norm_eps), proj)
 
 
 def decoder_bytes(dec: Decoder) -> tuple[float, float]:
