@@ -422,12 +422,24 @@ def layer_block(h: mx.array, attn: mx.array, o_w: mx.array, norm_w: mx.array,
 
 
 def rope_qkv(qkv: mx.array, positions: mx.array, inv_freqs: mx.array, *, heads: int,
-             kv_heads: int, rope_scale: float, traditional: bool
+             kv_heads: int, rope_scale: float, traditional: bool,
+             norms: tuple[mx.array, mx.array] | None = None, eps: float = 0.0
              ) -> tuple[mx.array, mx.array, mx.array]:
     """The fused qkv projection's output (R, n, (H + 2 KV) d) as q (R, H, n, d), k, v
     (R, KV, n, d), q and k roped at angles (position * rope_scale) * inv_freqs, token t of row r
-    at positions[r * n + t]. Callers check `enabled()` and float32 first (step.fused_layers)."""
+    at positions[r * n + t]; with `norms` (q_norm, k_norm), each (d,), every q and k head is
+    RMS-normed (eps) before its rotation, as qwen3 does. Callers check `enabled()`, float32 and
+    (for norms) `norm_rope()` first (step.fused_layers)."""
+    if norms is not None:
+        return _module.rope_norm_qkv(qkv, positions, inv_freqs, heads, kv_heads, rope_scale,
+                                     traditional, norms[0], norms[1], eps)
     return _module.rope_qkv(qkv, positions, inv_freqs, heads, kv_heads, rope_scale, traditional)
+
+
+def norm_rope() -> bool:
+    """Whether the loaded extension norms q and k heads in `rope_qkv` (builds before it do
+    not: qwen3's attention then keeps MLX's ops)."""
+    return enabled() and hasattr(_module, "rope_norm_qkv")
 
 
 def main(argv: list[str] | None = None) -> int:
