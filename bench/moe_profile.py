@@ -10,8 +10,11 @@ runners' environment (the flockblas shim with its sgemv path, the OpenBLAS threa
   `flock_no_head_step_ms` without the head projection, so `flock_moe_ms` and `flock_head_ms`
   are the differences and `flock_rest_ms` (embedding, attention, norms) what is left.
 - `mlxlm_step_ms`, `mlxlm_no_moe_step_ms`, `mlxlm_moe_ms`: mlx-lm's model call alike.
+- `flock_gather_step_ms`: flock's step with the experts on the gather matmuls (as without the
+  experts kernel, `kernels.moe_experts`).
 - `flock_moe8_route_ms`, `flock_moe8_gate_up_ms`, `flock_moe8_down_ms`: the 8 layers' router
-  and top-k, and the experts' gathered matmuls alone (fixed experts per layer).
+  and top-k, and the experts' gathered matmuls alone (fixed experts per layer);
+  `flock_moe8_kernel_ms` the experts kernel on the same experts (gate_up, SwiGLU, down, sum).
 Prints `name: value` lines (median ms, and `_min` ones); asserts nothing.
 """
 
@@ -33,7 +36,7 @@ def worker(rounds: int) -> None:
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.utils import load_model
 
-    from agent.runtime import moe, step
+    from agent.runtime import kernels, moe, step
     from agent.runtime.kv import KvGeometry, KvSlots
     from agent.runtime.matmul import linear
     from agent.runtime.model import load_decoder
@@ -43,9 +46,14 @@ def worker(rounds: int) -> None:
     dec = load_decoder(directory, dtype=mx.float32)
     sparse_mlp = moe.sparse_mlp
 
-    def flock(project: bool, mlp: Callable[..., Any] | None) -> Callable[[], mx.array]:
+    kernel_experts = moe._kernel_experts
+
+    def flock(project: bool, mlp: Callable[..., Any] | None,
+              gather: bool = False) -> Callable[[], mx.array]:
         def fn(inputs: mx.array, positions: mx.array, *kv: mx.array) -> tuple[mx.array, ...]:
             moe.sparse_mlp = mlp or sparse_mlp  # swapped while tracing only
+            if gather:
+                moe._kernel_experts = lambda *a: None
             try:
                 half = len(kv) // 2
                 out, keys, values = step.decode_step(dec, inputs, positions, list(kv[:half]),
@@ -53,6 +61,7 @@ def worker(rounds: int) -> None:
                                                      project=project)
             finally:
                 moe.sparse_mlp = sparse_mlp
+                moe._kernel_experts = kernel_experts
             return (out, *keys, *values)
 
         compiled = mx.compile(fn)
@@ -98,16 +107,27 @@ def worker(rounds: int) -> None:
         return [mx.gather_mm(act, layer.mlp.down.weight, rhs_indices=c)
                 for layer, c in zip(dec.layers, chosen, strict=True)]
 
+    scores = mx.full((1, 1, 4), 0.25)
+
+    def kernel() -> list[mx.array]:
+        return [kernels.moe_experts(x, c[None], scores, layer.mlp.gate_up.gate_up.weight,
+                                    layer.mlp.down.weight)
+                for layer, c in zip(dec.layers, chosen, strict=True)]
+
     cases: dict[str, Callable[[], Any]] = {
         "flock_step_ms": flock(True, None),
         "flock_no_moe_step_ms": flock(True, lambda m, h, lin, dense: h * 0.5),
         "flock_no_head_step_ms": flock(False, None),
+        "flock_gather_step_ms": flock(True, None, gather=True),
         "mlxlm_step_ms": lambda: mlxlm(True),
         "mlxlm_no_moe_step_ms": lambda: mlxlm(False),
         "flock_moe8_route_ms": mx.compile(route),
         "flock_moe8_gate_up_ms": mx.compile(gate_up),
         "flock_moe8_down_ms": mx.compile(down),
     }
+    if kernels.moe_experts(x, chosen[0][None], scores, dec.layers[0].mlp.gate_up.gate_up.weight,
+                           dec.layers[0].mlp.down.weight) is not None:
+        cases["flock_moe8_kernel_ms"] = mx.compile(kernel)
     times: dict[str, list[float]] = {name: [] for name in cases}
     for index in range(rounds + 3):  # three rounds to compile and warm up
         for name, case in cases.items():

@@ -109,6 +109,37 @@ def test_rope_qkv_matches_the_split_and_rope_it_replaces(threads: int, tradition
     assert mx.array_equal(v, rv).item()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("rows", "n", "heads", "kv_heads", "head_dim"),
+                         [(5, 1, 16, 4, 64), (1, 37, 4, 4, 128)])
+def test_rope_norm_qkv_norms_each_q_and_k_head_before_rope(threads: int, rows: int, n: int,
+                                                           heads: int, kv_heads: int,
+                                                           head_dim: int) -> None:
+    # qwen3's attention: mx.fast.rms_norm over each q and k head, then RoPE.
+    kernels.set_threads(threads)
+    dec = _Dec(head_dim, False)
+    inv = st._inv_freqs(dec)  # type: ignore[arg-type]
+    qkv = mx.random.normal((rows, n, (heads + 2 * kv_heads) * head_dim)) * 3
+    q_norm, k_norm = mx.random.uniform(0.5, 1.5, (head_dim,)), mx.random.normal((head_dim,))
+    positions = mx.arange(200, 200 + rows * n, dtype=mx.int32)
+    q, k, v = kernels.rope_qkv(qkv, positions, inv, heads=heads, kv_heads=kv_heads,
+                               rope_scale=1.0, traditional=False, norms=(q_norm, k_norm),
+                               eps=1e-6)
+    rq, rk, rv = mx.split(qkv.reshape(rows, n, heads + 2 * kv_heads, head_dim),
+                          [heads, heads + kv_heads], axis=2)
+    rq, rk = mx.fast.rms_norm(rq, q_norm, 1e-6), mx.fast.rms_norm(rk, k_norm, 1e-6)
+    for got, want in ((q, rq), (k, rk)):
+        want = want.transpose(0, 2, 1, 3)
+        if n == 1:
+            angles = st._rope_angles(dec, positions)  # type: ignore[arg-type]
+            assert angles is not None
+            want = st._apply_rope(dec, want, angles)  # type: ignore[arg-type]
+        else:
+            want = dec.rope(want, offset=200)
+        assert mx.allclose(got, want, atol=1e-4).item()
+    assert mx.array_equal(v, rv.transpose(0, 2, 1, 3)).item()
+
+
 def _quantized(x: mx.array, quant: KvQuant) -> list[mx.array]:
     return list(mx.quantize(x, group_size=quant.group, bits=quant.bits))
 

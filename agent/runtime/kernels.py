@@ -8,7 +8,9 @@ decode kernel reads each row's cache once up to that row's position. Runners cal
 own ops otherwise, so Metal, CUDA, float16 and a missing build all keep the pure-MLX path.
 A decode step's few-row float32 projections run through `dense` (native/flockdense.cpp: each
 weight row read once, rows handed to the kernel threads in chunks), and a single node's dense
-layers through `layer_entry` / `layer_block` (native/flocklayer.cpp: a layer is 5 ops).
+layers through `layer_entry` / `layer_block` (native/flocklayer.cpp: a layer is 5 ops), and a
+decode step's mixture-of-experts MLP through `moe_experts` (native/flockmoe.cpp: the selected
+experts' SwiGLU, down projections and weighted sum in one op).
 
 The agent process never imports MLX: `resolve_kernels` and `describe_kernels` only look for the
 built file. Runners learn from FLOCK_KERNELS_LIB (set by agent.runtime.environment) which file to
@@ -46,14 +48,15 @@ NATIVE_DIR = Path(__file__).resolve().parent / "native"
 SOURCE = NATIVE_DIR / "flockattn.cpp"
 # Compiled into the one extension with SOURCE (flockattn.h declares what they share).
 SOURCES = (SOURCE, NATIVE_DIR / "flockdecode.cpp", NATIVE_DIR / "flockops.cpp",
-           NATIVE_DIR / "flockdense.cpp", NATIVE_DIR / "flocklayer.cpp")
+           NATIVE_DIR / "flockdense.cpp", NATIVE_DIR / "flocklayer.cpp",
+           NATIVE_DIR / "flockmoe.cpp")
 MODULE = "_flockattn"  # the name NB_MODULE gives it: its PyInit__flockattn symbol
 ENV = "FLOCK_KERNELS_LIB"  # runner side: a file to load, or "off" (FLOCK_KERNELS is the setting)
 # MLX 0.32's Python module is built with nanobind's ABI v22 in the "mlx" domain; the extension
 # must match both for mx.array to cross the binding.
 NANOBIND = "nanobind==3.1.0"
 KERNELS = ("fused prefill + decode attention, RMSNorm/RoPE/SwiGLU ops, few-row projections, "
-           "whole-layer decode")
+           "whole-layer decode, few-row experts")
 
 
 class KernelError(RuntimeError):
@@ -387,6 +390,21 @@ def dense(x: mx.array, weight: mx.array) -> mx.array | None:
     return _module.dense(x, weight)
 
 
+def moe_experts(x: mx.array, inds: mx.array, scores: mx.array, gate_up: mx.array,
+                down: mx.array) -> mx.array | None:
+    """A decode step's mixture-of-experts output for x (..., D) in one kernel: for each row the
+    sum over its top-k experts e_j = inds[..., j] of scores[..., j] * down[e_j] @
+    swiglu(gate_up[e_j] @ x), gate_up (E, 2W, D) with the gate rows first and down (E, W, D)
+    (`model.experts_down`'s layout), all float32. None where it does not apply (kernels off, an
+    extension built without it, other dtypes, more than DENSE_MAX_ROWS rows): the caller keeps
+    the gather matmuls."""
+    if not enabled() or not _f32(x, gate_up, down) or x.shape[-1] == 0:
+        return None
+    if x.size // x.shape[-1] > DENSE_MAX_ROWS or not hasattr(_module, "moe_experts"):
+        return None
+    return _module.moe_experts(x, inds, scores, gate_up, down)
+
+
 def layer_entry(h: mx.array, norm_w: mx.array, qkv_w: mx.array, positions: mx.array,
                 inv_freqs: mx.array, *, heads: int, kv_heads: int, eps: float, rope_scale: float,
                 traditional: bool) -> tuple[mx.array, mx.array, mx.array]:
@@ -404,12 +422,24 @@ def layer_block(h: mx.array, attn: mx.array, o_w: mx.array, norm_w: mx.array,
 
 
 def rope_qkv(qkv: mx.array, positions: mx.array, inv_freqs: mx.array, *, heads: int,
-             kv_heads: int, rope_scale: float, traditional: bool
+             kv_heads: int, rope_scale: float, traditional: bool,
+             norms: tuple[mx.array, mx.array] | None = None, eps: float = 0.0
              ) -> tuple[mx.array, mx.array, mx.array]:
     """The fused qkv projection's output (R, n, (H + 2 KV) d) as q (R, H, n, d), k, v
     (R, KV, n, d), q and k roped at angles (position * rope_scale) * inv_freqs, token t of row r
-    at positions[r * n + t]. Callers check `enabled()` and float32 first (step.fused_layers)."""
+    at positions[r * n + t]; with `norms` (q_norm, k_norm), each (d,), every q and k head is
+    RMS-normed (eps) before its rotation, as qwen3 does. Callers check `enabled()`, float32 and
+    (for norms) `norm_rope()` first (step.fused_layers)."""
+    if norms is not None:
+        return _module.rope_norm_qkv(qkv, positions, inv_freqs, heads, kv_heads, rope_scale,
+                                     traditional, norms[0], norms[1], eps)
     return _module.rope_qkv(qkv, positions, inv_freqs, heads, kv_heads, rope_scale, traditional)
+
+
+def norm_rope() -> bool:
+    """Whether the loaded extension norms q and k heads in `rope_qkv` (builds before it do
+    not: qwen3's attention then keeps MLX's ops)."""
+    return enabled() and hasattr(_module, "rope_norm_qkv")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """The mixture-of-experts MLP of flock's decoder: route each token to its top-k experts and
-run them on MLX's gather matmuls, as mlx-lm's SwitchGLU does.
+run them on MLX's gather matmuls, as mlx-lm's SwitchGLU does (a decode step's few rows of dense
+float32 experts on one kernel instead, `kernels.moe_experts`, where the extension is loaded).
 
 The experts are stacked Linears (a leading expert axis, see `SparseMoe` in model.py); dense ones
 go through `mx.gather_mm`, quantized ones through `mx.gather_qmm` at their stored bits, so a kept
@@ -90,14 +91,28 @@ def experts(moe: SparseMoe, x: mx.array, inds: mx.array) -> mx.array:
     return out.squeeze(-2)
 
 
+def _kernel_experts(moe: SparseMoe, x: mx.array, inds: mx.array, scores: mx.array
+                    ) -> mx.array | None:
+    """The weighted sum of the selected experts' outputs in one kernel (`kernels.moe_experts`:
+    a decode's few rows, dense float32 SwiGLU experts without biases), else None."""
+    gate_up, down = moe.gate_up, moe.down
+    if moe.activation != "swiglu" or not isinstance(gate_up, FusedGateUp) or \
+            not isinstance(gate_up.gate_up, Dense) or not isinstance(down, Dense) or \
+            gate_up.gate_up.bias is not None or down.bias is not None:
+        return None
+    return kernels.moe_experts(x, inds, scores, gate_up.gate_up.weight, down.weight)
+
+
 def sparse_mlp(moe: SparseMoe, x: mx.array, linear: Callable[[mx.array, Linear], mx.array],
                dense_mlp: Callable[[Mlp, mx.array], mx.array]) -> mx.array:
     """The layer's MLP output for x (..., hidden), before any tensor-parallel sum: under tensor
     parallel each rank holds a slice of every expert's width (and of the shared expert's), so
     its output is a partial sum, like a dense MLP's; the router is whole on every rank."""
     inds, scores = route(moe, linear(x, moe.router))
-    y = experts(moe, x, inds)
-    y = (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
+    y = _kernel_experts(moe, x, inds, scores)
+    if y is None:
+        y = experts(moe, x, inds)
+        y = (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
     if moe.shared is not None and moe.shared_gate is not None:
         y = y + mx.sigmoid(linear(x, moe.shared_gate)) * dense_mlp(moe.shared, x)
     return y

@@ -236,13 +236,21 @@ def decode_step(
 
 
 def fused_layers(dec: Decoder) -> bool:
-    """Whether a layer's small ops run as flockops kernels (norm + residual add, the qkv split +
-    rope): float32 weights, one fused qkv projection, plain RoPE, no q/k norms. Everything else
-    keeps the op-by-op path."""
+    """Whether a layer's small ops run as flockops kernels (norm + residual add, the qkv split,
+    q/k head norms where the model has them (qwen3) and rope): float32 weights, one fused qkv
+    projection, plain RoPE, no sinks or sliding window. Everything else keeps the op-by-op
+    path."""
     if not kernels.enabled() or not _plain_rope(dec):
         return False
-    return all(isinstance(layer.attn.qkv, FusedQKV) and layer.attn.q_norm is None
-               and layer.attn.k_norm is None and layer.attn_norm.dtype == mx.float32
+
+    def norms_ok(attn: Any) -> bool:
+        if attn.q_norm is None and attn.k_norm is None:
+            return True
+        return attn.q_norm is not None and attn.k_norm is not None and kernels.norm_rope() \
+            and attn.q_norm.dtype == mx.float32 and attn.k_norm.dtype == mx.float32
+
+    return all(isinstance(layer.attn.qkv, FusedQKV) and norms_ok(layer.attn)
+               and layer.attn_norm.dtype == mx.float32
                and layer.attn.sinks is None and not attention_window.window_of(dec, i)
                for i, layer in enumerate(dec.layers))
 
@@ -258,16 +266,19 @@ def _fused_layer_qkv(dec: Decoder, layer: Any, h: mx.array, delta: mx.array | No
         x = kernels.rms_norm(h, layer.attn_norm, eps)
     else:
         h, x = kernels.add_rms_norm(h, delta, layer.attn_norm, eps)
-    q, k, v = kernels.rope_qkv(projection(x, layer.attn.qkv.qkv), positions, inv_freqs,
+    attn = layer.attn
+    q, k, v = kernels.rope_qkv(projection(x, attn.qkv.qkv), positions, inv_freqs,
                                heads=dec.local_heads, kv_heads=dec.local_kv_heads,
-                               rope_scale=dec.rope.scale, traditional=dec.rope.traditional)
+                               rope_scale=dec.rope.scale, traditional=dec.rope.traditional,
+                               norms=None if attn.q_norm is None else (attn.q_norm, attn.k_norm),
+                               eps=eps)
     return h, q, k, v
 
 
 def _whole_layers(dec: Decoder, rows: int) -> bool:
     """Whether fused layers take the whole-layer kernels (`kernels.layer_entry` /
-    `layer_block`): a single node's dense SwiGLU layers, float32 weights without biases, a
-    decode's few rows."""
+    `layer_block`): a single node's dense SwiGLU layers, float32 weights without biases or q/k
+    norms, a decode's few rows."""
     if dec.group is not None or rows > kernels.DENSE_MAX_ROWS:
         return False
 
@@ -275,7 +286,7 @@ def _whole_layers(dec: Decoder, rows: int) -> bool:
         return isinstance(p, Dense) and p.bias is None and p.weight.dtype == mx.float32
 
     return all(isinstance(layer.mlp, Mlp) and isinstance(layer.mlp.gate_up, FusedGateUp)
-               and plain(layer.attn.qkv.qkv) and plain(layer.attn.o)
+               and layer.attn.q_norm is None and plain(layer.attn.qkv.qkv) and plain(layer.attn.o)
                and plain(layer.mlp.gate_up.gate_up) and plain(layer.mlp.down)
                for layer in dec.layers)
 

@@ -598,4 +598,5 @@ NB_MODULE(_flockattn, m) {
   register_ops(m);
   register_dense(m);
   register_layer(m);
+  register_moe(m);
 }

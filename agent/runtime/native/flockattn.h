@@ -168,5 +168,7 @@ std::vector<const float*> row_pointers(const mx::array& a, const View& v);
 void register_dense(nanobind::module_& m);
 // The fused decode layer (flocklayer.cpp).
 void register_layer(nanobind::module_& m);
+// A few rows' mixture-of-experts MLP (flockmoe.cpp).
+void register_moe(nanobind::module_& m);
 
 }  // namespace fk

@@ -7,7 +7,8 @@
 // - swiglu: silu(gate) * up over the fused gate_up projection's output;
 // - rope_qkv: the fused qkv projection's output split into q, k, v in the heads-first layout
 //   the caches take, q and k roped (one pass instead of split, reshape, transpose, and rope's
-//   slices, products and concatenation for each). The KV write itself stays MLX's scatter /
+//   slices, products and concatenation for each); rope_norm_qkv also RMS-norms each q and k
+//   head first (qwen3's q_norm / k_norm). The KV write itself stays MLX's scatter /
 //   slice update, which writes the cache in place: an extension primitive that outputs the cache
 //   could not take over its buffer (the input was never donatable), so it copied the cache.
 // Rows (tokens) are split across the kernel threads when there are enough of them.
@@ -193,6 +194,8 @@ struct RopeSpec {
   int heads, kv_heads, head_dim;
   float scale;  // the positions' scale (nn.RoPE's `scale`)
   bool traditional;
+  bool norms = false;  // qwen3: each q and k head RMS-normed (weights q_norm, k_norm) first
+  float eps = 0.f;
 };
 
 // cos and sin of (position * scale) * inv_freq[i], as step._rope_angles / MLX's rope compute.
@@ -224,12 +227,23 @@ void rope(const float* x, const float* c, const float* s, int d, bool traditiona
 
 // One token's qkv row (heads + 2 * kv_heads vectors of head_dim): q roped into q_out (heads *
 // head_dim, contiguous), k roped and v copied to k_out / v_out (kv head g at + g * kv_stride).
+// With sp.norms each q and k head is first RMS-normed with q_norm / k_norm (as mx.fast.rms_norm
+// over head_dim), into `scratch` (head_dim floats).
 void rope_token(const RopeSpec& sp, const float* qkv, const float* c, const float* s,
-                float* q_out, int64_t q_head, float* k_out, float* v_out, int64_t kv_stride) {
+                float* q_out, int64_t q_head, float* k_out, float* v_out, int64_t kv_stride,
+                const float* q_norm = nullptr, const float* k_norm = nullptr,
+                float* scratch = nullptr) {
   const int d = sp.head_dim;
-  for (int h = 0; h < sp.heads; ++h) rope(qkv + h * d, c, s, d, sp.traditional, q_out + h * q_head);
+  auto normed = [&](const float* x, const float* w) {
+    if (!sp.norms) return x;
+    norm_row(x, w, sp.eps, d, scratch);
+    return const_cast<const float*>(scratch);
+  };
+  for (int h = 0; h < sp.heads; ++h)
+    rope(normed(qkv + h * d, q_norm), c, s, d, sp.traditional, q_out + h * q_head);
   for (int g = 0; g < sp.kv_heads; ++g) {
-    rope(qkv + (sp.heads + g) * d, c, s, d, sp.traditional, k_out + g * kv_stride);
+    rope(normed(qkv + (sp.heads + g) * d, k_norm), c, s, d, sp.traditional,
+         k_out + g * kv_stride);
     std::memcpy(v_out + g * kv_stride, qkv + (sp.heads + sp.kv_heads + g) * d, sizeof(float) * d);
   }
 }
@@ -240,8 +254,9 @@ class RopeQkv : public mx::Primitive {
       : mx::Primitive(s), spec_(spec), threads_(threads) {}
 
   // Inputs qkv (R, n, (H + 2 KV) d), positions (R * n,) int32 (token t of row r at
-  // positions[r * n + t]), inv_freqs (d / 2,); outputs q (R, H, n, d), k, v (R, KV, n, d),
-  // q and k roped: the layout the caches and the attention kernels take.
+  // positions[r * n + t]), inv_freqs (d / 2,), with spec.norms q_norm (d,) and k_norm (d,);
+  // outputs q (R, H, n, d), k, v (R, KV, n, d), q and k (normed and) roped: the layout the
+  // caches and the attention kernels take.
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
     auto& encoder = mx::cpu::get_command_encoder(stream());
@@ -258,16 +273,18 @@ class RopeQkv : public mx::Primitive {
       const int32_t* pos = inputs[1].data<int32_t>();
       const int64_t pos_stride = inputs[1].strides()[0];
       const float* inv = inputs[2].data<float>();
+      Rows qn = sp.norms ? rows_of(inputs[3]) : Rows{nullptr, {}};
+      Rows kn = sp.norms ? rows_of(inputs[4]) : Rows{nullptr, {}};
       const int64_t tokens = static_cast<int64_t>(rows) * n;
       for_rows(tokens, width, threads, [&](int64_t t0, int64_t t1) {
-        std::vector<float> c(half), s(half);
+        std::vector<float> c(half), s(half), scratch(d);
         for (int64_t i = t0; i < t1; ++i) {
           const int64_t r = i / n, t = i % n;
           angles(inv, half, pos[i * pos_stride], sp.scale, c.data(), s.data());
           rope_token(sp, x.data + i * width, c.data(), s.data(),
                      qd + (r * sp.heads * n + t) * d, static_cast<int64_t>(n) * d,
                      kd + (r * sp.kv_heads * n + t) * d, vd + (r * sp.kv_heads * n + t) * d,
-                     static_cast<int64_t>(n) * d);
+                     static_cast<int64_t>(n) * d, qn.data, kn.data, scratch.data());
         }
       });
     });
@@ -283,7 +300,8 @@ class RopeQkv : public mx::Primitive {
     auto& o = static_cast<const RopeQkv&>(other);
     return spec_.heads == o.spec_.heads && spec_.kv_heads == o.spec_.kv_heads &&
            spec_.head_dim == o.spec_.head_dim && spec_.scale == o.spec_.scale &&
-           spec_.traditional == o.spec_.traditional && threads_ == o.threads_;
+           spec_.traditional == o.spec_.traditional && spec_.norms == o.spec_.norms &&
+           spec_.eps == o.spec_.eps && threads_ == o.threads_;
   }
 
  private:
@@ -325,11 +343,10 @@ mx::array swiglu(const mx::array& gate_up) {
                    {gate_up});
 }
 
-std::tuple<mx::array, mx::array, mx::array> rope_qkv(const mx::array& qkv,
-                                                     const mx::array& positions,
-                                                     const mx::array& inv_freqs, int heads,
-                                                     int kv_heads, float rope_scale,
-                                                     bool traditional) {
+std::tuple<mx::array, mx::array, mx::array> rope_qkv_impl(
+    const mx::array& qkv, const mx::array& positions, const mx::array& inv_freqs, int heads,
+    int kv_heads, float rope_scale, bool traditional, const mx::array* q_norm,
+    const mx::array* k_norm, float eps) {
   check_float(qkv, "qkv");
   check_float(inv_freqs, "inv_freqs");
   if (qkv.ndim() != 3 || heads <= 0 || kv_heads <= 0 || heads % kv_heads ||
@@ -342,12 +359,40 @@ std::tuple<mx::array, mx::array, mx::array> rope_qkv(const mx::array& qkv,
   if (positions.ndim() != 1 || positions.shape(0) != rows * n)
     throw std::invalid_argument("rope_qkv: one position per token (rows * n,)");
   auto pos = mx::astype(positions, mx::int32);
+  std::vector<mx::array> inputs{qkv, pos, inv_freqs};
+  if (q_norm != nullptr) {
+    for (const mx::array* w : {q_norm, k_norm}) {
+      check_float(*w, "q_norm / k_norm");
+      if (w->ndim() != 1 || w->shape(0) != sp.head_dim)
+        throw std::invalid_argument("rope_norm_qkv: q_norm and k_norm must be (head_dim,)");
+      inputs.push_back(*w);
+    }
+    sp.norms = true;
+    sp.eps = eps;
+  }
   auto out = mx::array::make_arrays(
       {{rows, heads, n, sp.head_dim}, {rows, kv_heads, n, sp.head_dim},
        {rows, kv_heads, n, sp.head_dim}},
       {mx::float32, mx::float32, mx::float32},
-      std::make_shared<RopeQkv>(cpu_stream(), sp, kernel_threads), {qkv, pos, inv_freqs});
+      std::make_shared<RopeQkv>(cpu_stream(), sp, kernel_threads), inputs);
   return {out[0], out[1], out[2]};
+}
+
+std::tuple<mx::array, mx::array, mx::array> rope_qkv(const mx::array& qkv,
+                                                     const mx::array& positions,
+                                                     const mx::array& inv_freqs, int heads,
+                                                     int kv_heads, float rope_scale,
+                                                     bool traditional) {
+  return rope_qkv_impl(qkv, positions, inv_freqs, heads, kv_heads, rope_scale, traditional,
+                       nullptr, nullptr, 0.f);
+}
+
+std::tuple<mx::array, mx::array, mx::array> rope_norm_qkv(
+    const mx::array& qkv, const mx::array& positions, const mx::array& inv_freqs, int heads,
+    int kv_heads, float rope_scale, bool traditional, const mx::array& q_norm,
+    const mx::array& k_norm, float eps) {
+  return rope_qkv_impl(qkv, positions, inv_freqs, heads, kv_heads, rope_scale, traditional,
+                       &q_norm, &k_norm, eps);
 }
 
 }  // namespace
@@ -363,6 +408,11 @@ void register_ops(nb::module_& m) {
         nb::arg("heads"), nb::arg("kv_heads"), nb::arg("rope_scale"), nb::arg("traditional"),
         "The fused qkv projection's output (R, n, (H + 2 KV) d) split into q (R, H, n, d), k, v "
         "(R, KV, n, d), q and k roped at angles (position * rope_scale) * inv_freqs.");
+  m.def("rope_norm_qkv", &rope_norm_qkv, nb::arg("qkv"), nb::arg("positions"),
+        nb::arg("inv_freqs"), nb::arg("heads"), nb::arg("kv_heads"), nb::arg("rope_scale"),
+        nb::arg("traditional"), nb::arg("q_norm"), nb::arg("k_norm"), nb::arg("eps"),
+        "rope_qkv with each q and k head RMS-normed (weights q_norm, k_norm (head_dim,)) before "
+        "its rotation, as qwen3's attention does.");
 }
 
 }  // namespace fk
