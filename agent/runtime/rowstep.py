@@ -34,6 +34,7 @@ from agent.runtime.step import (
     one_token_attention,
     project_logits,
     projection,
+    whole_kernel_layers,
 )
 
 
@@ -110,20 +111,7 @@ def _fused_rows_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: lis
     if _whole_layers(dec, rows):
         # As `step._whole_decode_layers`, which the whole-batch step takes at these few rows:
         # entry and block kernels, 5 ops a layer instead of ~12 (each op a pass over its rows).
-        for i, layer in enumerate(dec.layers):
-            q, k, v = kernels.layer_entry(h, layer.attn_norm, layer.attn.qkv.qkv.weight,
-                                          positions, inv_freqs, heads=dec.local_heads,
-                                          kv_heads=kv_heads, eps=eps, rope_scale=dec.rope.scale,
-                                          traditional=dec.rope.traditional)
-            attn, k_cache, v_cache = kernel_layer_attention(
-                q, k, v, keys[i * parts:(i + 1) * parts], values[i * parts:(i + 1) * parts],
-                positions, hd, quant, write, view)
-            new_keys.extend(k_cache)
-            new_values.extend(v_cache)
-            mlp = layer.mlp
-            h = kernels.layer_block(h, attn, layer.attn.o.weight, layer.ffn_norm,
-                                    mlp.gate_up.gate_up.weight, mlp.down.weight, eps)
-        return h, new_keys, new_values
+        return whole_kernel_layers(dec, h, positions, keys, values, quant, write, view)
     delta: mx.array | None = None
     for i, layer in enumerate(dec.layers):
         h, q, k, v = _fused_layer_qkv(dec, layer, h, delta, positions, inv_freqs)

@@ -317,9 +317,7 @@ def _whole_decode_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: l
     """The fused decode layers as 3 kernels a layer around MLX's in-place cache writes: the
     entry (norm, qkv, rope), the attention kernel, the block (o + residual, norm, MLP +
     residual): 5 ops a layer instead of ~11."""
-    eps = dec.config.rms_norm_eps
-    inv_freqs = _inv_freqs(dec)
-    rows, kv_heads, hd = h.shape[0], dec.local_kv_heads, dec.config.head_dim
+    rows, kv_heads = h.shape[0], dec.local_kv_heads
     parts = 1 if quant is None else 3
     wheres = {a.shape[3]: mx.broadcast_to(positions[:, None, None, None],
                                           (rows, kv_heads, 1, a.shape[3]))
@@ -329,15 +327,30 @@ def _whole_decode_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: l
               v_new: list[mx.array]) -> tuple[list[mx.array], list[mx.array]]:
         return write_layer_kv(ks, vs, wheres, k_new, v_new)
 
+    return whole_kernel_layers(dec, h, positions, keys, values, quant, write)
+
+
+def whole_kernel_layers(dec: Decoder, h: mx.array, positions: mx.array, keys: list[mx.array],
+                        values: list[mx.array], quant: KvQuant | None, write: Callable[..., Any],
+                        view: Callable[[mx.array], mx.array] | None = None
+                        ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+    """The whole-layer kernel loop: per layer the entry kernel (norm, qkv, rope), the cache
+    writes by `write` and the attention kernel (over `view` of each cache where given: a
+    micro-batch's rows), the block kernel (o + residual, norm, MLP + residual)."""
+    eps = dec.config.rms_norm_eps
+    inv_freqs = _inv_freqs(dec)
+    hd = dec.config.head_dim
+    parts = 1 if quant is None else 3
     new_keys, new_values = [], []
     for i, layer in enumerate(dec.layers):
         q, k, v = kernels.layer_entry(h, layer.attn_norm, layer.attn.qkv.qkv.weight, positions,
-                                      inv_freqs, heads=dec.local_heads, kv_heads=kv_heads,
-                                      eps=eps, rope_scale=dec.rope.scale,
+                                      inv_freqs, heads=dec.local_heads,
+                                      kv_heads=dec.local_kv_heads, eps=eps,
+                                      rope_scale=dec.rope.scale,
                                       traditional=dec.rope.traditional)
         attn, k_cache, v_cache = kernel_layer_attention(
             q, k, v, keys[i * parts:(i + 1) * parts], values[i * parts:(i + 1) * parts],
-            positions, hd, quant, write)
+            positions, hd, quant, write, view)
         new_keys.extend(k_cache)
         new_values.extend(v_cache)
         mlp = layer.mlp

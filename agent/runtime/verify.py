@@ -121,17 +121,8 @@ def verify_step(
     for i, layer in enumerate(dec.layers):
         k_cache, v_cache = keys[i * parts:(i + 1) * parts], values[i * parts:(i + 1) * parts]
         q, k_new, v_new = new_layer_kv(dec, layer, h, angles, starts, quant)
-        if at is None:
-            k_cache, v_cache = write_layer_kv(k_cache, v_cache, wheres, k_new, v_new)
-            new_keys.extend(k_cache)
-            new_values.extend(v_cache)
-        else:
-            k_cache = [_write_rows(c, at, n) for c, n in zip(k_cache, k_new, strict=True)]
-            v_cache = [_write_rows(c, at, n) for c, n in zip(v_cache, v_new, strict=True)]
-            new_keys.extend(k_cache)
-            new_values.extend(v_cache)
-            k_cache = [c[first:first + rows] for c in k_cache]
-            v_cache = [c[first:first + rows] for c in v_cache]
+        k_cache, v_cache = _write_layer(k_cache, v_cache, k_new, v_new, wheres, at, first, rows,
+                                        new_keys, new_values)
         window = attention_window.window_of(dec, i)
         sinks = layer.attn.sinks  # gpt_oss's, laid out as the grouped queries are
         attn = None
@@ -184,18 +175,8 @@ def _fused_verify_layers(dec: Decoder, h: mx.array, starts: mx.array, keys: list
             list(mx.quantize(k, group_size=quant.group, bits=quant.bits)),
             list(mx.quantize(v, group_size=quant.group, bits=quant.bits)))
         k_cache, v_cache = keys[i * parts:(i + 1) * parts], values[i * parts:(i + 1) * parts]
-        if at is None:
-            k_cache, v_cache = write_layer_kv(k_cache, v_cache, wheres, k_new, v_new)
-            new_keys.extend(k_cache)
-            new_values.extend(v_cache)
-        else:
-            k_cache = [_write_rows(c, at, n) for c, n in zip(k_cache, k_new, strict=True)]
-            v_cache = [_write_rows(c, at, n) for c, n in zip(v_cache, v_new, strict=True)]
-            new_keys.extend(k_cache)
-            new_values.extend(v_cache)
-            assert first is not None
-            k_cache = [c[first:first + rows] for c in k_cache]
-            v_cache = [c[first:first + rows] for c in v_cache]
+        k_cache, v_cache = _write_layer(k_cache, v_cache, k_new, v_new, wheres, at, first, rows,
+                                        new_keys, new_values)
         attn = _kernel_attention(q, k_cache, v_cache, starts, scale, quant)
         assert attn is not None  # fused_layers checked the kernels are loaded
         h, x = kernels.add_rms_norm(h, _all_sum(projection(attn, layer.attn.o), dec.group),
@@ -203,6 +184,28 @@ def _fused_verify_layers(dec: Decoder, h: mx.array, starts: mx.array, keys: list
         delta = _mlp(dec, layer, x)
     assert delta is not None
     return h + delta, new_keys, new_values
+
+
+def _write_layer(k_cache: list[mx.array], v_cache: list[mx.array], k_new: list[mx.array],
+                 v_new: list[mx.array], wheres: dict[int, mx.array],
+                 at: tuple[mx.array, mx.array, mx.array] | None, first: int | None, rows: int,
+                 new_keys: list[mx.array], new_values: list[mx.array]
+                 ) -> tuple[list[mx.array], list[mx.array]]:
+    """Write one layer's new keys and values into its cache arrays, append the written arrays
+    to `new_keys` / `new_values` (the step's outputs), and return what attention reads: the
+    whole cache, or with `at` (a micro-batch's rows of a larger cache) its rows
+    `first:first + rows`."""
+    if at is None:
+        k_cache, v_cache = write_layer_kv(k_cache, v_cache, wheres, k_new, v_new)
+        new_keys.extend(k_cache)
+        new_values.extend(v_cache)
+        return k_cache, v_cache
+    k_cache = [_write_rows(c, at, n) for c, n in zip(k_cache, k_new, strict=True)]
+    v_cache = [_write_rows(c, at, n) for c, n in zip(v_cache, v_new, strict=True)]
+    new_keys.extend(k_cache)
+    new_values.extend(v_cache)
+    assert first is not None
+    return [c[first:first + rows] for c in k_cache], [c[first:first + rows] for c in v_cache]
 
 
 def _kernel_attention(q: mx.array, k_cache: list[mx.array], v_cache: list[mx.array],
