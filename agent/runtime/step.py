@@ -134,9 +134,17 @@ def new_layer_kv(dec: Decoder, layer: Layer, h: mx.array, angles: tuple[mx.array
         q, k = _apply_rope(dec, q, angles), _apply_rope(dec, k, angles)
     else:
         q, k = dec.rope(q, offset=offsets), dec.rope(k, offset=offsets)
+    k_new, v_new = packed_kv(k, v, quant)
+    return q, k_new, v_new
+
+
+def packed_kv(k: mx.array, v: mx.array, quant: KvQuant | None
+              ) -> tuple[list[mx.array], list[mx.array]]:
+    """New keys and values as the cache holds them: as they are, or quantized (data, scales,
+    biases) when `quant`."""
     if quant is None:
-        return q, [k], [v]
-    return (q, list(mx.quantize(k, group_size=quant.group, bits=quant.bits)),
+        return [k], [v]
+    return (list(mx.quantize(k, group_size=quant.group, bits=quant.bits)),
             list(mx.quantize(v, group_size=quant.group, bits=quant.bits)))
 
 
@@ -299,9 +307,7 @@ def kernel_layer_attention(q: mx.array, k: mx.array, v: mx.array, layer_keys: li
     """A fused layer's new keys and values packed as the cache holds them, put in the layer's
     caches by `write(keys, values, k_new, v_new)`, and the decode-attention kernel over the
     caches (or over `view` of each: a micro-batch's rows). Returns attention, keys, values."""
-    k_new, v_new = ([k], [v]) if quant is None else (
-        list(mx.quantize(k, group_size=quant.group, bits=quant.bits)),
-        list(mx.quantize(v, group_size=quant.group, bits=quant.bits)))
+    k_new, v_new = packed_kv(k, v, quant)
     k_cache, v_cache = write(layer_keys, layer_values, k_new, v_new)
     ks, vs = (k_cache, v_cache) if view is None else ([view(c) for c in k_cache],
                                                        [view(c) for c in v_cache])

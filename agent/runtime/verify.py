@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -37,6 +38,7 @@ from agent.runtime.step import (
     embed_tokens,
     fused_layers,
     new_layer_kv,
+    packed_kv,
     project_logits,
     projection,
     write_layer_kv,
@@ -109,20 +111,13 @@ def verify_step(
     masks = {w: grouped_mask(w) for w in {attention_window.window_of(dec, i)
                                           for i in range(len(dec.layers))}}
     parts = 1 if quant is None else 3
-    wheres = {a.shape[3]: mx.broadcast_to(positions[:, None, :, None],
-                                          (rows, kv_heads, width, a.shape[3]))
-              for a in keys[:parts]}
-    # A micro-batch's entries go straight into the whole cache: (row, head, position) each.
-    at = None if first is None else (
-        (mx.arange(rows) + first)[:, None, None], mx.arange(kv_heads)[None, :, None],
-        positions[:, None, :])
+    writes = _CacheWrites.at_positions(positions, keys[:parts], kv_heads, first)
     angles = _rope_angles(dec, positions)
     new_keys, new_values = [], []
     for i, layer in enumerate(dec.layers):
         k_cache, v_cache = keys[i * parts:(i + 1) * parts], values[i * parts:(i + 1) * parts]
         q, k_new, v_new = new_layer_kv(dec, layer, h, angles, starts, quant)
-        k_cache, v_cache = _write_layer(k_cache, v_cache, k_new, v_new, wheres, at, first, rows,
-                                        new_keys, new_values)
+        k_cache, v_cache = writes.layer(k_cache, v_cache, k_new, v_new, new_keys, new_values)
         window = attention_window.window_of(dec, i)
         sinks = layer.attn.sinks  # gpt_oss's, laid out as the grouped queries are
         attn = None
@@ -155,28 +150,20 @@ def _fused_verify_layers(dec: Decoder, h: mx.array, starts: mx.array, keys: list
     `first`: as `verify_step`'s (a micro-batch's rows of a larger cache)."""
     eps = dec.config.rms_norm_eps
     inv_freqs = _inv_freqs(dec)
-    rows, width = h.shape[0], h.shape[1]
+    width = h.shape[1]
     kv_heads, hd = dec.local_kv_heads, dec.config.head_dim
     scale = hd**-0.5
     parts = 1 if quant is None else 3
     positions = starts[:, None] + mx.arange(width)[None, :]  # (rows, width)
     flat = positions.reshape(-1)  # token t of row r at flat[r * width + t], as rope_qkv reads
-    wheres = {a.shape[3]: mx.broadcast_to(positions[:, None, :, None],
-                                          (rows, kv_heads, width, a.shape[3]))
-              for a in keys[:parts]}
-    at = None if first is None else (
-        (mx.arange(rows) + first)[:, None, None], mx.arange(kv_heads)[None, :, None],
-        positions[:, None, :])
+    writes = _CacheWrites.at_positions(positions, keys[:parts], kv_heads, first)
     new_keys, new_values = [], []
     delta: mx.array | None = None
     for i, layer in enumerate(dec.layers):
         h, q, k, v = _fused_layer_qkv(dec, layer, h, delta, flat, inv_freqs)
-        k_new, v_new = ([k], [v]) if quant is None else (
-            list(mx.quantize(k, group_size=quant.group, bits=quant.bits)),
-            list(mx.quantize(v, group_size=quant.group, bits=quant.bits)))
+        k_new, v_new = packed_kv(k, v, quant)
         k_cache, v_cache = keys[i * parts:(i + 1) * parts], values[i * parts:(i + 1) * parts]
-        k_cache, v_cache = _write_layer(k_cache, v_cache, k_new, v_new, wheres, at, first, rows,
-                                        new_keys, new_values)
+        k_cache, v_cache = writes.layer(k_cache, v_cache, k_new, v_new, new_keys, new_values)
         attn = _kernel_attention(q, k_cache, v_cache, starts, scale, quant)
         assert attn is not None  # fused_layers checked the kernels are loaded
         h, x = kernels.add_rms_norm(h, _all_sum(projection(attn, layer.attn.o), dec.group),
@@ -186,27 +173,49 @@ def _fused_verify_layers(dec: Decoder, h: mx.array, starts: mx.array, keys: list
     return h + delta, new_keys, new_values
 
 
-def _write_layer(k_cache: list[mx.array], v_cache: list[mx.array], k_new: list[mx.array],
-                 v_new: list[mx.array], wheres: dict[int, mx.array],
-                 at: tuple[mx.array, mx.array, mx.array] | None, first: int | None, rows: int,
-                 new_keys: list[mx.array], new_values: list[mx.array]
-                 ) -> tuple[list[mx.array], list[mx.array]]:
-    """Write one layer's new keys and values into its cache arrays, append the written arrays
-    to `new_keys` / `new_values` (the step's outputs), and return what attention reads: the
-    whole cache, or with `at` (a micro-batch's rows of a larger cache) its rows
-    `first:first + rows`."""
-    if at is None:
-        k_cache, v_cache = write_layer_kv(k_cache, v_cache, wheres, k_new, v_new)
+@dataclass(frozen=True)
+class _CacheWrites:
+    """Where a verify step's new keys and values go: `wheres` (per cache array's last dim) for
+    one input row per cache row, or `at` (row, head, position) indices into a cache holding
+    more rows, whose rows `first:first + rows` the step reads (a micro-batch)."""
+
+    wheres: dict[int, mx.array]
+    at: tuple[mx.array, mx.array, mx.array] | None
+    first: int | None
+    rows: int
+
+    @staticmethod
+    def at_positions(positions: mx.array, caches: list[mx.array], kv_heads: int,
+                     first: int | None) -> _CacheWrites:
+        rows, width = positions.shape
+        wheres = {a.shape[3]: mx.broadcast_to(positions[:, None, :, None],
+                                              (rows, kv_heads, width, a.shape[3]))
+                  for a in caches}
+        # A micro-batch's entries go straight into the whole cache: (row, head, position) each.
+        at = None if first is None else (
+            (mx.arange(rows) + first)[:, None, None], mx.arange(kv_heads)[None, :, None],
+            positions[:, None, :])
+        return _CacheWrites(wheres, at, first, rows)
+
+    def layer(self, k_cache: list[mx.array], v_cache: list[mx.array], k_new: list[mx.array],
+              v_new: list[mx.array], new_keys: list[mx.array], new_values: list[mx.array]
+              ) -> tuple[list[mx.array], list[mx.array]]:
+        """Write one layer's new keys and values, append the written arrays to `new_keys` /
+        `new_values` (the step's outputs), and return what attention reads: the whole cache,
+        or a micro-batch's rows of it."""
+        if self.at is None:
+            k_cache, v_cache = write_layer_kv(k_cache, v_cache, self.wheres, k_new, v_new)
+            new_keys.extend(k_cache)
+            new_values.extend(v_cache)
+            return k_cache, v_cache
+        at = self.at
+        k_cache = [_write_rows(c, at, n) for c, n in zip(k_cache, k_new, strict=True)]
+        v_cache = [_write_rows(c, at, n) for c, n in zip(v_cache, v_new, strict=True)]
         new_keys.extend(k_cache)
         new_values.extend(v_cache)
-        return k_cache, v_cache
-    k_cache = [_write_rows(c, at, n) for c, n in zip(k_cache, k_new, strict=True)]
-    v_cache = [_write_rows(c, at, n) for c, n in zip(v_cache, v_new, strict=True)]
-    new_keys.extend(k_cache)
-    new_values.extend(v_cache)
-    assert first is not None
-    return [c[first:first + rows] for c in k_cache], [c[first:first + rows] for c in v_cache]
-
+        assert self.first is not None
+        stop = self.first + self.rows
+        return [c[self.first:stop] for c in k_cache], [c[self.first:stop] for c in v_cache]
 
 def _kernel_attention(q: mx.array, k_cache: list[mx.array], v_cache: list[mx.array],
                       starts: mx.array, scale: float, quant: KvQuant | None) -> mx.array | None:
