@@ -321,6 +321,8 @@ class HeadCompute(LocalCompute):
         back = as_stage_dtype(back, self.decoder.dtype)  # the last stage may compute in another
         began = time.perf_counter()
         if isinstance(work, PrefillWork):
+            if self.balance is not None:
+                self.balance.interrupt()
             if not work.logits:
                 return work, None
             logits = self.project_fn(back[0, -1:])
@@ -339,7 +341,8 @@ class HeadCompute(LocalCompute):
             seconds = time.perf_counter() - began
             self.busy_s += seconds
             if self._pending and self.balance is not None:  # others in flight: pipelined
-                self.balance.note(waited, message.waited_s, seconds, message.vocab_from)
+                self.balance.note(waited, message.waited_s, seconds, message.vocab_from,
+                                  work.rows)
             return work, out
         else:
             logits = self.project_fn(back[:, 0, :])
