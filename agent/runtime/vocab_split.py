@@ -179,7 +179,9 @@ def tail_best(logits: mx.array, vocab_from: int) -> tuple[mx.array, mx.array]:
     value and its vocabulary id (the lowest of equal maxima)."""
     import mlx.core as mx
 
-    return mx.max(logits, axis=-1), mx.argmax(logits, axis=-1).astype(mx.uint32) + vocab_from
+    ids = mx.argmax(logits, axis=-1)  # one pass; the value is read at its index
+    values = mx.take_along_axis(logits, ids[:, None], axis=-1)[:, 0]
+    return values, ids.astype(mx.uint32) + vocab_from
 
 
 def join_best(own: mx.array, tail_values: mx.array, tail_ids: mx.array) -> mx.array:
@@ -188,8 +190,9 @@ def join_best(own: mx.array, tail_values: mx.array, tail_ids: mx.array) -> mx.ar
     tie goes to the lower id, as `argmax` over the joined logits would give."""
     import mlx.core as mx
 
-    own_ids = mx.argmax(own, axis=-1).astype(mx.uint32)
-    return mx.where(tail_values > mx.max(own, axis=-1), tail_ids.astype(mx.uint32), own_ids)
+    own_ids = mx.argmax(own, axis=-1)
+    own_best = mx.take_along_axis(own, own_ids[:, None], axis=-1)[:, 0]
+    return mx.where(tail_values > own_best, tail_ids.astype(mx.uint32), own_ids.astype(mx.uint32))
 
 
 def decoder_bytes(dec: Decoder) -> tuple[float, float]:
