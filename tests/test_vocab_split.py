@@ -59,29 +59,12 @@ def test_a_balance_decides_every_window_on_medians() -> None:
     assert balance.hi == VOCAB - balance.lo
     rows = balance.rows
     # One step after an idle spell (the last stage waited seconds) does not swing it.
-    balance.note(0.0, 5.0, 24576 * 1e-6, 24576, 8)
+    balance.note(0.0, 5.0, 24576 * 1e-6, 24576)
     for _ in range(REBALANCE_STEPS - 2):
-        balance.note(0.0, 0.0, 24576 * 1e-6, 24576, 8)
+        balance.note(0.0, 0.0, 24576 * 1e-6, 24576)
     assert balance.rows == rows
-    balance.note(0.0, 0.0, 24576 * 1e-6, 24576, 8)
+    balance.note(0.0, 0.0, 24576 * 1e-6, 24576)
     assert balance.rows == rows  # decided: balanced, it stays
     for _ in range(REBALANCE_STEPS):  # the head is the slower end: the last stage waits
-        balance.note(0.0, 1e-3, 24576 * 1e-6, 24576, 8)
+        balance.note(0.0, 1e-3, 24576 * 1e-6, 24576)
     assert balance.rows == rows - int(1e-3 / (2 * 1e-6 * q)) * q < rows
-
-
-def test_prefill_between_or_a_new_batch_size_starts_the_window_again() -> None:
-    balance = VocabBalance(VOCAB, VOCAB // 2)
-    rows = balance.rows
-    for _ in range(REBALANCE_STEPS - 1):
-        balance.note(0.0, 1e-3, 24576 * 1e-6, 24576, 8)
-    balance.interrupt()  # a prefill slice went round
-    balance.note(0.0, 1e-3, 24576 * 1e-6, 24576, 8)
-    assert balance.rows == rows
-    for _ in range(REBALANCE_STEPS - 2):
-        balance.note(0.0, 1e-3, 24576 * 1e-6, 24576, 8)
-    balance.note(0.0, 1e-3, 24576 * 1e-6, 24576, 7)  # a stream left: another window
-    assert balance.rows == rows
-    for _ in range(REBALANCE_STEPS - 1):
-        balance.note(0.0, 1e-3, 24576 * 1e-6, 24576, 7)
-    assert balance.rows < rows

@@ -321,8 +321,6 @@ class HeadCompute(LocalCompute):
         back = as_stage_dtype(back, self.decoder.dtype)  # the last stage may compute in another
         began = time.perf_counter()
         if isinstance(work, PrefillWork):
-            if self.balance is not None:
-                self.balance.interrupt()
             if not work.logits:
                 return work, None
             logits = self.project_fn(back[0, -1:])
@@ -341,8 +339,7 @@ class HeadCompute(LocalCompute):
             seconds = time.perf_counter() - began
             self.busy_s += seconds
             if self._pending and self.balance is not None:  # others in flight: pipelined
-                self.balance.note(waited, message.waited_s, seconds, message.vocab_from,
-                                  work.rows)
+                self.balance.note(waited, message.waited_s, seconds, message.vocab_from)
             return work, out
         else:
             logits = self.project_fn(back[:, 0, :])

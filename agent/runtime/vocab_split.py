@@ -82,24 +82,12 @@ class VocabBalance:
     def _reset(self) -> None:
         self.gaps: list[float] = []  # the last stage's wait less the head's, a step
         self.per_row: list[float] = []  # the head's projection seconds a vocabulary row
-        self.shape = 0  # the rows of the window's steps
 
-    def interrupt(self) -> None:
-        """Something else went round (a prefill slice): the waits around it are not the decode
-        steps' balance, so the window starts again."""
-        self._reset()
-
-    def note(self, head_wait_s: float, last_wait_s: float, project_s: float, rows: int,
-             batch: int) -> None:
-        """One decode step of `batch` rows back at the head while others were in flight: how
-        long the head waited for it, how long the last stage waited for it, and the seconds the
-        head took projecting its `rows` vocabulary rows (the step's boundary). A window holds
-        steps of one batch size only, without prefill between (`interrupt`), and decides on
-        medians, so streams joining or leaving and a step after an idle spell do not swing the
-        boundary."""
-        if batch != self.shape:
-            self._reset()
-            self.shape = batch
+    def note(self, head_wait_s: float, last_wait_s: float, project_s: float, rows: int) -> None:
+        """One decode step back at the head while others were in flight: how long the head
+        waited for it, how long the last stage waited for it, and the seconds the head took
+        projecting its `rows` vocabulary rows (the step's boundary). Medians over the window,
+        so a step after an idle spell (a long wait) does not swing the boundary."""
         self.gaps.append(last_wait_s - head_wait_s)
         self.per_row.append(project_s / max(1, rows))
         if len(self.gaps) >= REBALANCE_STEPS:
