@@ -3,19 +3,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from agent.models.tensors import LayerRange
-from agent.runtime.follower import Follower
-from agent.runtime.kv import KvGeometry, KvSlots
-from agent.runtime.model import load_decoder
-from agent.runtime.step import project_logits
-from agent.runtime.vocab_split import VocabBalance, join_best, tail_best
-from tests.tiny_models import make_tiny_model
+from agent.runtime.vocab_split import join_best, tail_best
 
 
 def pick(logits: mx.array, boundary: int) -> list[int]:
@@ -45,27 +37,3 @@ def test_random_logits_with_many_ties_pick_as_argmax(dtype: mx.Dtype) -> None:
 def test_the_tails_ids_count_from_its_first_vocabulary_row() -> None:
     values, ids = tail_best(mx.array([[0.5, 3.0, 1.0]]), 1000)
     assert ids.tolist() == [1001] and values.tolist() == [3.0]
-
-
-def test_the_last_stage_answers_any_boundary_in_its_window(tmp_path: Path) -> None:
-    """A last stage (`follower.Follower`, real weights) keeps the rows from the window's low
-    end and gives, for each boundary the head may send, the same logits of its rows as the
-    whole projection, and the pick `argmax` over the whole vocabulary gives."""
-    model_dir = make_tiny_model(tmp_path / "m", layers=2)
-    full = load_decoder(model_dir)
-    last = load_decoder(model_dir, layers=LayerRange(1, 2), embeds=False, projects=True)
-    kv = KvSlots(KvGeometry(len(last.layers), last.local_kv_heads, last.config.head_dim))
-    follower = Follower(last, kv, compiled=True)
-    hidden = full.config.hidden_size
-    h = mx.random.normal((5, 1, hidden), key=mx.random.key(3))
-    logits = project_logits(full, h[:, 0, :])
-    vocab = logits.shape[-1]
-    balance = VocabBalance(vocab, vocab // 2)
-    for boundary in (balance.lo, vocab // 2, balance.hi, balance.lo + balance.quantum):
-        joined = follower.with_tail_logits(h, boundary, balance.lo)
-        assert mx.array_equal(joined[:, hidden:], logits[:, boundary:])
-        back, tail_ids = follower.with_tail_best(h, boundary, balance.lo)
-        own = logits[:, :boundary]
-        ids = join_best(own, back[:, hidden], mx.array(tail_ids))
-        assert ids.tolist() == mx.argmax(logits, axis=-1).tolist()
-    assert follower.tail is not None and follower.tail[0] == balance.lo

@@ -37,7 +37,6 @@ from agent.runtime.seam import DecodeWork, Picks, PrefillWork, Work
 from agent.runtime.step import make_decode_fn, make_project_fn, prefill
 from agent.runtime.verify import RowsVerify, make_verify_fn
 from agent.runtime.vocab_split import (
-    VocabBalance,
     decoder_bytes,
     describe,
     head_vocab_rows,
@@ -165,9 +164,7 @@ class HeadCompute(LocalCompute):
         self.busy_s = 0.0  # this stage's computing seconds
         self.follower_busy_s: list[float] = []  # each follower's, as the last step brought back
         self.vocab = decoder.head.weight.shape[0]
-        # Decode's vocabulary split with the last stage (None: the head projects it all).
-        self.balance: VocabBalance | None = None
-        self._split: dict[int, tuple[Any, Any]] = {}
+        self.vocab_rows = self.vocab  # rows of the vocabulary the head projects in decode
         # How a lone prompt's slices round the ring are cut (ring.py, `pacing.equal_cost_slice`).
         self.prefill_key_cost = key_cost(decoder.config)
         if downstream is not None:
@@ -204,20 +201,10 @@ class HeadCompute(LocalCompute):
         layer_bytes, projection_bytes = decoder_bytes(dec)
         rows = head_vocab_rows(self.vocab, len(dec.layers), last.last_layers, layer_bytes,
                                projection_bytes)
-        if rows >= self.vocab or rows_of(dec.head, 0, rows, copy=False) is None:
+        part = rows_of(dec.head, 0, rows, copy=False) if rows < self.vocab else None
+        if part is None:
             return
-        self.balance = VocabBalance(self.vocab, rows)
-
-    def _split_fns(self, rows: int) -> tuple[Any, Any]:
-        """(join, pick) for a decode step whose boundary is `rows`: the head projects vocabulary
-        rows [0, rows) (views of its matrix) and joins the last stage's logits of the rest, or
-        picks each row's argmax from its own and the last stage's best."""
-        fns = self._split.get(rows)
-        if fns is not None:
-            return fns
-        dec = self.decoder
-        part = rows_of(dec.head, 0, rows, copy=False)
-        assert part is not None
+        self.vocab_rows = rows
         hidden = dec.config.hidden_size
 
         def join(back: mx.array) -> mx.array:
@@ -230,14 +217,8 @@ class HeadCompute(LocalCompute):
             own = project_rows(dec, part, back[:, :hidden])
             return join_best(own, back[:, hidden], tail_ids)
 
-        fns = (mx.compile(join), mx.compile(pick)) if self.compiled else (join, pick)
-        self._split[rows] = fns
-        return fns
-
-    @property
-    def vocab_rows(self) -> int:
-        """Rows of the vocabulary the head projects in decode (all of them: no split)."""
-        return self.vocab if self.balance is None else self.balance.rows
+        self.join_fn = mx.compile(join) if self.compiled else join
+        self.pick_fn = mx.compile(pick) if self.compiled else pick
 
     def _drain(self) -> Journal:
         ops = list(self.journal)
@@ -300,10 +281,9 @@ class HeadCompute(LocalCompute):
         mx.eval(out, self.kv.keys, self.kv.values)
         self.busy_s += time.perf_counter() - began
         vocab_from = self.vocab_rows if self.vocab_rows < self.vocab else 0
-        keep = self.balance.lo if self.balance is not None else 0
         self.downstream.send(StepMessage(op="decode", kv_ops=ops, positions=work.positions,
                                          first_row=work.first_row, stages=self.ring_stages,
-                                         vocab_from=vocab_from, vocab_keep=keep,
+                                         vocab_from=vocab_from,
                                          tail_best=work.greedy and vocab_from > 0),
                              out)
         self._pending.append(work)
@@ -313,9 +293,7 @@ class HeadCompute(LocalCompute):
             return self._done.popleft()
         assert self.upstream is not None and self._pending
         work = self._pending.popleft()
-        waiting = time.perf_counter()
         message, back = self.upstream.recv()
-        waited = time.perf_counter() - waiting
         assert back is not None
         self.follower_busy_s = message.busy_s
         back = as_stage_dtype(back, self.decoder.dtype)  # the last stage may compute in another
@@ -326,21 +304,13 @@ class HeadCompute(LocalCompute):
             logits = self.project_fn(back[0, -1:])
         elif work.width > 1:  # a verify micro-batch: logits at every position (rows, width, vocab)
             logits = self.project_fn(back)
+        elif message.best_ids:  # a greedy step: the upper rows' best logit and id a row
+            ids = self.pick_fn(back, mx.array(message.best_ids, dtype=mx.uint32))
+            mx.eval(ids)
+            self.busy_s += time.perf_counter() - began
+            return work, Picks(ids.tolist())
         elif message.vocab_from:  # the last stage projected the upper vocabulary rows
-            join, pick = self._split_fns(message.vocab_from)
-            out: mx.array | Picks
-            if message.best_ids:  # a greedy step: their best logit and its id, a row
-                ids = pick(back, mx.array(message.best_ids, dtype=mx.uint32))
-                mx.eval(ids)
-                out = Picks(ids.tolist())
-            else:
-                out = join(back)
-                mx.eval(out)
-            seconds = time.perf_counter() - began
-            self.busy_s += seconds
-            if self._pending and self.balance is not None:  # others in flight: pipelined
-                self.balance.note(waited, message.waited_s, seconds, message.vocab_from)
-            return work, out
+            logits = self.join_fn(back)
         else:
             logits = self.project_fn(back[:, 0, :])
         mx.eval(logits)  # here, so the projection counts as this stage's busy time

@@ -19,7 +19,6 @@ the head reports them as per-stage busy time.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import mlx.core as mx
 import msgspec
@@ -59,58 +58,47 @@ class Follower:
                                       quant=self.quant)
         self.saved: dict[int, tuple[list[mx.array], list[mx.array]]] = {}
         self.busy_s = 0.0  # seconds spent computing steps (and replaying their journal)
-        # (the first vocabulary row it keeps, those rows): the rows of every boundary the head
-        # may ask for (`vocab_split.VocabBalance`); and the step functions of each boundary.
-        self.tail: tuple[int, Linear] | None = None
-        self.tail_fns: dict[int, tuple[Any, Any]] = {}
+        self.tail: tuple[int, Linear] | None = None  # (first vocabulary row, those rows)
         self.compiled = compiled
+        self.tail_fn = self._project_tail
+        self.tail_best_fn = self._best_of_tail
 
-    def _tail_fns(self, vocab_from: int, keep: int) -> tuple[Any, Any]:
-        """The two tail functions (logits; greedy best) for vocabulary rows [vocab_from, vocab),
-        keeping rows [keep, vocab) of the projection on first use and freeing the rest."""
-        fns = self.tail_fns.get(vocab_from)
-        if fns is not None:
-            return fns
-        dec = self.decoder
-        if self.tail is None:
-            head = dec.head
-            first = min(keep or vocab_from, vocab_from)
-            kept = rows_of(head, first, head.weight.shape[0])
-            assert kept is not None, f"cannot slice a {type(head).__name__} projection"
-            self.tail = (first, kept)
-            # Only these rows are used from now on: the rest of the matrix can go.
-            dec.lm_head = dec.embed = None
-        first, kept = self.tail
-        assert first <= vocab_from, f"vocabulary row {vocab_from} is below the kept {first}"
-        part = kept if vocab_from == first else rows_of(kept, vocab_from - first,
-                                                        kept.weight.shape[0], copy=False)
-        assert part is not None
+    def _project_tail(self, h: mx.array) -> mx.array:
+        assert self.tail is not None
+        return mx.concatenate([h, project_rows(self.decoder, self.tail[1], h)], axis=-1)
 
-        def logits(h: mx.array) -> mx.array:
-            return mx.concatenate([h, project_rows(dec, part, h)], axis=-1)
+    def _best_of_tail(self, h: mx.array) -> tuple[mx.array, mx.array]:
+        assert self.tail is not None
+        values, ids = tail_best(project_rows(self.decoder, self.tail[1], h), self.tail[0])
+        return mx.concatenate([h, values[:, None]], axis=-1), ids
 
-        def best(h: mx.array) -> tuple[mx.array, mx.array]:
-            values, ids = tail_best(project_rows(dec, part, h), vocab_from)
-            return mx.concatenate([h, values[:, None]], axis=-1), ids
+    def _take_tail(self, vocab_from: int) -> None:
+        if self.tail is not None and self.tail[0] == vocab_from:
+            return
+        head = self.decoder.head
+        tail = rows_of(head, vocab_from, head.weight.shape[0])
+        assert tail is not None, f"cannot slice a {type(head).__name__} projection"
+        self.tail = (vocab_from, tail)
+        # Only these rows are used from now on: the rest of the matrix can go.
+        self.decoder.lm_head = self.decoder.embed = None
+        self.tail_fn = mx.compile(self._project_tail) if self.compiled else self._project_tail
+        self.tail_best_fn = (mx.compile(self._best_of_tail) if self.compiled
+                             else self._best_of_tail)
 
-        fns = (mx.compile(logits), mx.compile(best)) if self.compiled else (logits, best)
-        self.tail_fns[vocab_from] = fns
-        return fns
-
-    def with_tail_logits(self, h: mx.array, vocab_from: int, keep: int = 0) -> mx.array:
+    def with_tail_logits(self, h: mx.array, vocab_from: int) -> mx.array:
         """A decode step's hidden states (rows, 1, hidden) with the logits of vocabulary rows
-        [vocab_from, vocab) after them: (rows, hidden + vocab - vocab_from). `keep`: the lowest
-        row the head may ask for (0: vocab_from)."""
-        out = self._tail_fns(vocab_from, keep)[0](h[:, 0, :])
+        [vocab_from, vocab) after them: (rows, hidden + vocab - vocab_from)."""
+        self._take_tail(vocab_from)
+        out = self.tail_fn(h[:, 0, :])
         mx.eval(out)
         return out
 
-    def with_tail_best(self, h: mx.array, vocab_from: int,
-                       keep: int = 0) -> tuple[mx.array, list[int]]:
+    def with_tail_best(self, h: mx.array, vocab_from: int) -> tuple[mx.array, list[int]]:
         """A greedy decode step's hidden states (rows, 1, hidden) with, after them, each row's
         best logit over vocabulary rows [vocab_from, vocab): (rows, hidden + 1); and that
         logit's vocabulary id for each row (`vocab_split.tail_best`)."""
-        out, ids = self._tail_fns(vocab_from, keep)[1](h[:, 0, :])
+        self._take_tail(vocab_from)
+        out, ids = self.tail_best_fn(h[:, 0, :])
         mx.eval(out, ids)
         return out, ids.tolist()
 
@@ -169,12 +157,10 @@ def follow(follower: Follower, upstream: StageLink, downstream: StageLink | None
     `tp_peers`: a stage leader's tensor peers, who get each step before the leader computes.
     """
     while True:
-        waiting = time.perf_counter()
         try:
             incoming = next_step(upstream, control_fd)
         except StageLinkError:
             return 1
-        waited = time.perf_counter() - waiting  # idle before this step (the head balances it)
         if incoming is None:
             return 0  # the agent closed our control pipe
         message, h = incoming
@@ -213,11 +199,10 @@ def follow(follower: Follower, upstream: StageLink, downstream: StageLink | None
             if message.op == "prefill":
                 out = out[:, -1:]  # the head projects only the last position
             elif message.op == "decode" and message.vocab_from and message.tail_best:
-                out, best = follower.with_tail_best(out, message.vocab_from, message.vocab_keep)
-                forward = msgspec.structs.replace(forward, best_ids=best, waited_s=waited)
+                out, best = follower.with_tail_best(out, message.vocab_from)
+                forward = msgspec.structs.replace(forward, best_ids=best)
             elif message.op == "decode" and message.vocab_from:
-                out = follower.with_tail_logits(out, message.vocab_from, message.vocab_keep)
-                forward = msgspec.structs.replace(forward, waited_s=waited)
+                out = follower.with_tail_logits(out, message.vocab_from)
         follower.busy_s += time.perf_counter() - began
         downstream.send(msgspec.structs.replace(
             forward, busy_s=[*message.busy_s, follower.busy_s]), out)

@@ -54,10 +54,6 @@ class StepMessage(msgspec.Struct, frozen=True, kw_only=True):
     # each row's best logit of its rows after the hidden states, and their ids in `best_ids`.
     tail_best: bool = False
     best_ids: list[int] = []
-    # The lowest vocab_from the head may send (the last stage keeps the projection's rows from
-    # there: `vocab_split.VocabBalance`), and the last stage's wait before this step, back.
-    vocab_keep: int = 0
-    waited_s: float = 0.0
     # Each follower's busy seconds so far, appended as the step passes it (the head reports
     # them as stage metrics); on the ping, what the last stage is: its layer count, whether it
     # holds the vocabulary projection, and its compute dtype (each follower overwrites them).

@@ -16,21 +16,11 @@ compares them with the best of its own rows (`join_best`). A tie goes to the low
 index of equal maxima. At 8 rows of SmolLM2 that is 4 bytes a row back instead of 98 KB, and no
 (rows, vocab) join at the head.
 
-Bytes are not the whole of a stage's time: the head also samples, detokenizes and schedules
-between its steps. So the boundary then moves with what the ends measure (`VocabBalance`): in a
-pipeline whose stages are all busy the faster end waits for the slower one, so each decode step
-the head notes how long it waited for the step to come back and how long the last stage waited
-for it, and every `REBALANCE_STEPS` steps moves the boundary by whole quanta towards the end that
-waited more, within `WINDOW` of the vocabulary either side of where `head_vocab_rows` put it (the
-last stage keeps the rows of the whole window, so it can take any boundary in it).
-
-`head_vocab_rows` and `VocabBalance` are the pure decisions (tested without MLX); the rest slices
-and applies.
+`head_vocab_rows` is the pure decision (tested without MLX); the rest slices and applies.
 """
 
 from __future__ import annotations
 
-import statistics
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -56,60 +46,6 @@ def head_vocab_rows(vocab: int, head_layers: int, last_layers: int, layer_bytes:
     # Each end projects at least MIN_ROWS rows or none (a tiny matmul is all call overhead).
     rows = max(MIN_ROWS, round(min(1.0, max(0.0, share)) * vocab))
     return vocab if vocab - rows < MIN_ROWS else rows
-
-
-# The boundary moves within this share of the vocabulary either side of its first place, in
-# quanta of 1 / QUANTA of it, decided every REBALANCE_STEPS decode steps, at most MAX_MOVES
-# quanta at a time.
-WINDOW = 1 / 8
-QUANTA = 256
-REBALANCE_STEPS = 16
-MAX_MOVES = 4
-
-
-class VocabBalance:
-    """Where decode's vocabulary boundary is: the head projects rows [0, rows), the last stage the
-    rest. `lo` is the lowest the boundary can go (the last stage keeps rows [lo, vocab))."""
-
-    def __init__(self, vocab: int, rows: int) -> None:
-        self.rows = rows
-        self.quantum = max(1, vocab // QUANTA)
-        reach = round(vocab * WINDOW) // self.quantum * self.quantum
-        self.lo = max(MIN_ROWS, rows - reach)
-        self.hi = min(vocab - MIN_ROWS, rows + reach)
-        self._reset()
-
-    def _reset(self) -> None:
-        self.gaps: list[float] = []  # the last stage's wait less the head's, a step
-        self.per_row: list[float] = []  # the head's projection seconds a vocabulary row
-
-    def note(self, head_wait_s: float, last_wait_s: float, project_s: float, rows: int) -> None:
-        """One decode step back at the head while others were in flight: how long the head
-        waited for it, how long the last stage waited for it, and the seconds the head took
-        projecting its `rows` vocabulary rows (the step's boundary). Medians over the window,
-        so a step after an idle spell (a long wait) does not swing the boundary."""
-        self.gaps.append(last_wait_s - head_wait_s)
-        self.per_row.append(project_s / max(1, rows))
-        if len(self.gaps) >= REBALANCE_STEPS:
-            self.rows = rebalanced_rows(self.rows, 0.0, statistics.median(self.gaps),
-                                        statistics.median(self.per_row), self.lo, self.hi,
-                                        self.quantum)
-            self._reset()
-
-
-def rebalanced_rows(rows: int, head_wait_s: float, last_wait_s: float, s_per_row: float,
-                    lo: int, hi: int, quantum: int) -> int:
-    """The head's vocabulary rows after a window of steps in which, on average, the head waited
-    `head_wait_s` for a step to come back, the last stage `last_wait_s` for a step to arrive,
-    and the head projected a row in `s_per_row`. Moving k rows to the last stage takes k rows'
-    time from the head and gives it to the last stage, so the gap between their waits closes
-    by twice that: move the whole quanta that close it without overshooting (a gap under two
-    quanta's worth stays, so the boundary settles rather than swinging)."""
-    if s_per_row <= 0:
-        return rows
-    moves = int((last_wait_s - head_wait_s) / (2 * s_per_row * quantum))  # towards zero
-    moves = max(-MAX_MOVES, min(MAX_MOVES, moves))
-    return max(lo, min(hi, rows - moves * quantum))
 
 
 def rows_of(proj: Linear, start: int, stop: int, *, copy: bool = True) -> Linear | None:
