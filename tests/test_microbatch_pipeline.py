@@ -116,6 +116,37 @@ def test_eight_streams_match_one_process_stream_by_stream(pipelines: Pipelines,
 
     pipelines.run(overlapped())  # every stage had a micro-batch at once
     assert head.last_stats["pipeline_stages"] == stages
+    if stages == 2:  # greedy steps came back as each row's pick (the vocabulary is split)
+        assert head.last_stats["head_vocab_share"] < 1
+        assert head.last_stats["greedy_picks_total"] > 0
+
+
+async def greedy_beside_logprobs(runner: RunnerProcess) -> dict[str, Any]:
+    """Eight streams at once, every other one asking for logprobs: micro-batches that mix
+    rows wanting only their argmax with rows wanting their logits."""
+    async def one(i: int, rid: str) -> tuple[list[int], list[float]]:
+        sampling = {"logprobs": True, "top_logprobs": 3} if i % 2 else {}
+        ids: list[int] = []
+        values: list[float] = []
+        async for event in runner.generate(request(rid, PROMPTS[rid], 12 + i, **sampling)):
+            if isinstance(event, TokenChunk):
+                ids += event.token_ids
+                values += [t.logprob for lp in event.logprobs or [] for t in lp.top]
+        return ids, values
+
+    results = await asyncio.gather(*(one(i, rid) for i, rid in enumerate(PROMPTS)))
+    return dict(zip(PROMPTS, results, strict=True))
+
+
+def test_greedy_streams_beside_logprob_streams_match_one_process(pipelines: Pipelines) -> None:
+    expected = pipelines.run(greedy_beside_logprobs(pipelines.get("solo")))
+    got = pipelines.run(greedy_beside_logprobs(pipelines.get("pipe:2")))
+    for rid in PROMPTS:
+        assert got[rid][0] == expected[rid][0]
+        assert len(got[rid][1]) == len(expected[rid][1])
+        assert max((abs(a - b) for a, b in zip(got[rid][1], expected[rid][1], strict=True)),
+                   default=0.0) < 1e-4  # as test_tensor_groups_inside_stages_in_micro_batches
+    assert any(values for _, values in got.values())
 
 
 async def mixed_traffic(runner: RunnerProcess, stop_text: str) -> dict[str, Any]:

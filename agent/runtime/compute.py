@@ -33,13 +33,14 @@ from agent.runtime.links import StageLink, StepMessage, as_stage_dtype
 from agent.runtime.model import Decoder
 from agent.runtime.pacing import key_cost
 from agent.runtime.rowstep import RowsDecode
-from agent.runtime.seam import DecodeWork, PrefillWork, Work
+from agent.runtime.seam import DecodeWork, Picks, PrefillWork, Work
 from agent.runtime.step import make_decode_fn, make_project_fn, prefill
 from agent.runtime.verify import RowsVerify, make_verify_fn
 from agent.runtime.vocab_split import (
     decoder_bytes,
     describe,
     head_vocab_rows,
+    join_best,
     project_rows,
     rows_of,
 )
@@ -211,7 +212,13 @@ class HeadCompute(LocalCompute):
             return mx.concatenate([project_rows(dec, part, back[:, :hidden]), back[:, hidden:]],
                                   axis=-1)
 
+        def pick(back: mx.array, tail_ids: mx.array) -> mx.array:
+            # back: (rows, hidden + the last stage's best logit); tail_ids: that logit's ids
+            own = project_rows(dec, part, back[:, :hidden])
+            return join_best(own, back[:, hidden], tail_ids)
+
         self.join_fn = mx.compile(join) if self.compiled else join
+        self.pick_fn = mx.compile(pick) if self.compiled else pick
 
     def _drain(self) -> Journal:
         ops = list(self.journal)
@@ -276,11 +283,12 @@ class HeadCompute(LocalCompute):
         vocab_from = self.vocab_rows if self.vocab_rows < self.vocab else 0
         self.downstream.send(StepMessage(op="decode", kv_ops=ops, positions=work.positions,
                                          first_row=work.first_row, stages=self.ring_stages,
-                                         vocab_from=vocab_from),
+                                         vocab_from=vocab_from,
+                                         tail_best=work.greedy and vocab_from > 0),
                              out)
         self._pending.append(work)
 
-    def collect(self) -> tuple[Work, mx.array | None]:
+    def collect(self) -> tuple[Work, mx.array | Picks | None]:
         if self._done:
             return self._done.popleft()
         assert self.upstream is not None and self._pending
@@ -296,6 +304,11 @@ class HeadCompute(LocalCompute):
             logits = self.project_fn(back[0, -1:])
         elif work.width > 1:  # a verify micro-batch: logits at every position (rows, width, vocab)
             logits = self.project_fn(back)
+        elif message.best_ids:  # a greedy step: the upper rows' best logit and id a row
+            ids = self.pick_fn(back, mx.array(message.best_ids, dtype=mx.uint32))
+            mx.eval(ids)
+            self.busy_s += time.perf_counter() - began
+            return work, Picks(ids.tolist())
         elif message.vocab_from:  # the last stage projected the upper vocabulary rows
             logits = self.join_fn(back)
         else:

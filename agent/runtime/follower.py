@@ -11,8 +11,9 @@ sequence as at the head. A decode step may cover only a range of rows (`first_ro
 
 The last stage, when it holds the vocabulary projection, also projects the upper rows of the
 vocabulary for decode steps that ask for it (`vocab_split.py`), so the head is not the slow stage
-of decode. Each follower counts the seconds it computes and appends its total to every step it
-passes on: the head reports them as per-stage busy time.
+of decode; for a greedy step it hands back only each row's best logit of those rows and its id.
+Each follower counts the seconds it computes and appends its total to every step it passes on:
+the head reports them as per-stage busy time.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from agent.runtime.prefix import copy_rows
 from agent.runtime.rowstep import RowsDecode
 from agent.runtime.step import make_decode_fn, prefill
 from agent.runtime.verify import RowsVerify, make_verify_fn
-from agent.runtime.vocab_split import describe, project_rows, rows_of
+from agent.runtime.vocab_split import describe, project_rows, rows_of, tail_best
 from agent.runtime.watchdog import Watchdog
 
 
@@ -60,25 +61,46 @@ class Follower:
         self.tail: tuple[int, Linear] | None = None  # (first vocabulary row, those rows)
         self.compiled = compiled
         self.tail_fn = self._project_tail
+        self.tail_best_fn = self._best_of_tail
 
     def _project_tail(self, h: mx.array) -> mx.array:
         assert self.tail is not None
         return mx.concatenate([h, project_rows(self.decoder, self.tail[1], h)], axis=-1)
 
+    def _best_of_tail(self, h: mx.array) -> tuple[mx.array, mx.array]:
+        assert self.tail is not None
+        values, ids = tail_best(project_rows(self.decoder, self.tail[1], h), self.tail[0])
+        return mx.concatenate([h, values[:, None]], axis=-1), ids
+
+    def _take_tail(self, vocab_from: int) -> None:
+        if self.tail is not None and self.tail[0] == vocab_from:
+            return
+        head = self.decoder.head
+        tail = rows_of(head, vocab_from, head.weight.shape[0])
+        assert tail is not None, f"cannot slice a {type(head).__name__} projection"
+        self.tail = (vocab_from, tail)
+        # Only these rows are used from now on: the rest of the matrix can go.
+        self.decoder.lm_head = self.decoder.embed = None
+        self.tail_fn = mx.compile(self._project_tail) if self.compiled else self._project_tail
+        self.tail_best_fn = (mx.compile(self._best_of_tail) if self.compiled
+                             else self._best_of_tail)
+
     def with_tail_logits(self, h: mx.array, vocab_from: int) -> mx.array:
         """A decode step's hidden states (rows, 1, hidden) with the logits of vocabulary rows
         [vocab_from, vocab) after them: (rows, hidden + vocab - vocab_from)."""
-        if self.tail is None or self.tail[0] != vocab_from:
-            head = self.decoder.head
-            tail = rows_of(head, vocab_from, head.weight.shape[0])
-            assert tail is not None, f"cannot slice a {type(head).__name__} projection"
-            self.tail = (vocab_from, tail)
-            # Only these rows are used from now on: the rest of the matrix can go.
-            self.decoder.lm_head = self.decoder.embed = None
-            self.tail_fn = mx.compile(self._project_tail) if self.compiled else self._project_tail
+        self._take_tail(vocab_from)
         out = self.tail_fn(h[:, 0, :])
         mx.eval(out)
         return out
+
+    def with_tail_best(self, h: mx.array, vocab_from: int) -> tuple[mx.array, list[int]]:
+        """A greedy decode step's hidden states (rows, 1, hidden) with, after them, each row's
+        best logit over vocabulary rows [vocab_from, vocab): (rows, hidden + 1); and that
+        logit's vocabulary id for each row (`vocab_split.tail_best`)."""
+        self._take_tail(vocab_from)
+        out, ids = self.tail_best_fn(h[:, 0, :])
+        mx.eval(out, ids)
+        return out, ids.tolist()
 
     def apply(self, ops: list[KvOp]) -> None:
         for op in ops:
@@ -176,6 +198,9 @@ def follow(follower: Follower, upstream: StageLink, downstream: StageLink | None
             forward = msgspec.structs.replace(forward, kv_ops=[])
             if message.op == "prefill":
                 out = out[:, -1:]  # the head projects only the last position
+            elif message.op == "decode" and message.vocab_from and message.tail_best:
+                out, best = follower.with_tail_best(out, message.vocab_from)
+                forward = msgspec.structs.replace(forward, best_ids=best)
             elif message.op == "decode" and message.vocab_from:
                 out = follower.with_tail_logits(out, message.vocab_from)
         follower.busy_s += time.perf_counter() - began

@@ -50,6 +50,10 @@ class StepMessage(msgspec.Struct, frozen=True, kw_only=True):
     # A decode step: the last stage projects vocabulary rows [vocab_from, vocab) and hands their
     # logits back after the hidden states (`vocab_split.py`); 0: it hands back hidden states.
     vocab_from: int = 0
+    # With vocab_from, a greedy step (every row takes its argmax): the last stage hands back
+    # each row's best logit of its rows after the hidden states, and their ids in `best_ids`.
+    tail_best: bool = False
+    best_ids: list[int] = []
     # Each follower's busy seconds so far, appended as the step passes it (the head reports
     # them as stage metrics); on the ping, what the last stage is: its layer count, whether it
     # holds the vocabulary projection, and its compute dtype (each follower overwrites them).

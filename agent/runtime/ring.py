@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.runtime.pacing import equal_cost_slice, moving_average, prefill_slice
-from agent.runtime.seam import DecodeWork, PipelinedCompute, PrefillWork, Work
+from agent.runtime.seam import DecodeWork, Picks, PipelinedCompute, PrefillWork, Work
 from agent.runtime.sequences import SchedulerView, Sequence
 from agent.runtime.verify import step_width
 
@@ -100,6 +100,7 @@ class Ring:
         self.overlapped_steps_total = 0  # steps submitted while another was in flight
         self.in_flight_max = 0
         self.verify_microbatches_total = 0  # micro-batches that carried drafts round the ring
+        self.greedy_picks_total = 0  # decode steps that came back as picks, not logits
 
     @property
     def key_cost(self) -> float:
@@ -231,7 +232,9 @@ class Ring:
             draft = drafts.get(seq.request.id)
             row = [seq.next_token, *(draft.tokens if draft is not None else [])]
             tokens[seq.row - first][:len(row)] = row  # type: ignore[assignment]
-        work = DecodeWork(first, tokens, positions)
+        # Plain greedy rows need only their argmax: a head may hand back `Picks` for them.
+        greedy = width == 1 and not any(s.sampler.needs_logits for s in members)
+        work = DecodeWork(first, tokens, positions, greedy=greedy)
         sched.compute.will_decode([s.row for s in members])
         began = time.perf_counter()
         self.compute.submit(work)
@@ -301,6 +304,10 @@ class Ring:
             sched.stats.decode_seconds_total += now - since
             if live and flight.starts is not None:
                 self._take_verified(flight, live, logits)
+            elif live and isinstance(logits, Picks):  # a greedy step: each row's argmax
+                self.greedy_picks_total += 1
+                for seq, offset in live:
+                    sched._accept(seq, logits.ids[offset], None)
             elif live:
                 sched._sample_and_emit([s for s, _ in live], logits,  # type: ignore[arg-type]
                                        rows_of=[offset for _, offset in live])
@@ -321,4 +328,5 @@ class Ring:
                 "microbatches_in_flight": float(len(self.flights)),
                 "microbatches_in_flight_max": float(self.in_flight_max),
                 "overlapped_steps_total": float(self.overlapped_steps_total),
-                "verify_microbatches_total": float(self.verify_microbatches_total)}
+                "verify_microbatches_total": float(self.verify_microbatches_total),
+                "greedy_picks_total": float(self.greedy_picks_total)}

@@ -61,6 +61,9 @@ class DecodeWork:
     first_row: int
     tokens: list[list[int]]
     positions: list[int]
+    # Every member row only takes the argmax of its raw logits (plain greedy: no logprobs,
+    # penalties or constraint): a pipeline head may then hand back `Picks` instead of logits.
+    greedy: bool = False
 
     @property
     def rows(self) -> int:
@@ -79,6 +82,14 @@ class DecodeWork:
 Work = PrefillWork | DecodeWork
 
 
+@dataclass(frozen=True)
+class Picks:
+    """A greedy decode step's outcome without its logits: `ids[i]` is the argmax over the whole
+    vocabulary of row `first_row + i`'s logits (ties to the lowest id, as `mx.argmax`)."""
+
+    ids: list[int]
+
+
 class PipelinedCompute(Compute, Protocol):
     """A compute that can keep several steps in flight (a pipeline head): `submit` starts a
     step and returns once this process's share is queued, `collect` returns the oldest
@@ -91,9 +102,10 @@ class PipelinedCompute(Compute, Protocol):
 
     def submit(self, work: Work) -> None: ...
 
-    def collect(self) -> tuple[Work, mx.array | None]:
+    def collect(self) -> tuple[Work, mx.array | Picks | None]:
         """(the work, its logits): (1, vocab) for a prefill slice that ends its prompt (None
-        for one that does not), (rows, vocab) for a decode step."""
+        for one that does not), (rows, vocab) for a decode step, or for a `greedy` decode step
+        possibly its `Picks` (each row's argmax) instead."""
         ...
 
     @property
