@@ -22,7 +22,7 @@ native: $(STAMP)
 # pinned version matches the nanobind ABI MLX's own module was built with.
 kernels: $(STAMP)
 	@[ -f build/nanobind/nanobind/src/nb_combined.cpp ] || $(PY) -m pip install -q --target build/nanobind nanobind==3.1.0
-	@ls agent/runtime/native/_flockattn-*.so >/dev/null 2>&1 && [ -z "$$(find agent/runtime/native/flockattn.cpp agent/runtime/native/flockattn.h agent/runtime/native/flockdecode.cpp agent/runtime/native/flockops.cpp agent/runtime/native/flockdense.cpp agent/runtime/native/flocklayer.cpp agent/runtime/native/flockmoe.cpp -newer "$$(ls -t agent/runtime/native/_flockattn-*.so | head -1)")" ] || $(PY) -m agent.runtime.kernels build --out agent/runtime/native --nanobind build/nanobind/nanobind
+	@ls agent/runtime/native/_flockattn-*.so >/dev/null 2>&1 && [ -z "$$(find agent/runtime/native/flockattn.cpp agent/runtime/native/flockattn.h agent/runtime/native/flockthreads.cpp agent/runtime/native/flockkv.cpp agent/runtime/native/flockdecode.cpp agent/runtime/native/flockops.cpp agent/runtime/native/flockdense.cpp agent/runtime/native/flocklayer.cpp agent/runtime/native/flockmoe.cpp -newer "$$(ls -t agent/runtime/native/_flockattn-*.so | head -1)")" ] || $(PY) -m agent.runtime.kernels build --out agent/runtime/native --nanobind build/nanobind/nanobind
 
 demo: native
 	$(PY) -m agent demo

@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 NATIVE_DIR = Path(__file__).resolve().parent / "native"
 SOURCE = NATIVE_DIR / "flockattn.cpp"
 # Compiled into the one extension with SOURCE (flockattn.h declares what they share).
-SOURCES = (SOURCE, NATIVE_DIR / "flockdecode.cpp", NATIVE_DIR / "flockops.cpp",
+SOURCES = (SOURCE, NATIVE_DIR / "flockthreads.cpp", NATIVE_DIR / "flockkv.cpp",
+           NATIVE_DIR / "flockdecode.cpp", NATIVE_DIR / "flockops.cpp",
            NATIVE_DIR / "flockdense.cpp", NATIVE_DIR / "flocklayer.cpp",
            NATIVE_DIR / "flockmoe.cpp")
 MODULE = "_flockattn"  # the name NB_MODULE gives it: its PyInit__flockattn symbol

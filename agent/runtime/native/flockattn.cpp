@@ -9,26 +9,22 @@
 // heads. Both return the heads already interleaved, (batch, queries, heads * head_dim), which is
 // what the output projection consumes.
 //
-// BLAS: configure(path) dlopen()s the OpenBLAS that the flockblas shim forwards to and calls its
-// sgemm directly, switching OpenBLAS to one thread while the kernel's own threads run (MLX's CPU
-// stream is one thread, so no other BLAS call is in flight). Without a path, the cblas_sgemm the
-// process already has is used (the preloaded shim, else MLX's reference BLAS).
+// BLAS: configure(path) (flockthreads.cpp, with the thread pool) dlopen()s the OpenBLAS that the
+// flockblas shim forwards to and calls its sgemm directly, switching OpenBLAS to one thread while
+// the kernel's own threads run (MLX's CPU stream is one thread, so no other BLAS call is in
+// flight). Without a path, the cblas_sgemm the process already has is used (the preloaded shim,
+// else MLX's reference BLAS). Reading inputs in place (views, the KV cache's float32 or quantized
+// sides): flockkv.cpp.
 //
 // Build (what `python -m agent.runtime.kernels build` runs): g++ -O3 -std=c++20 -shared -fPIC
 // -fopenmp-simd with MLX's and nanobind's headers, nanobind's nb_combined.cpp, -lmlx.
 
-#include <dlfcn.h>
-
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstring>
 #include <functional>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <nanobind/nanobind.h>
@@ -40,156 +36,7 @@
 
 namespace nb = nanobind;
 
-extern "C" void cblas_sgemm(int order, int transa, int transb, int m, int n, int k, float alpha,
-                            const float* a, int lda, const float* b, int ldb, float beta,
-                            float* c, int ldc);
-
 namespace fk {
-
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-using sgemm_fn = void (*)(int, int, int, int, int, int, float, const float*, int, const float*,
-                          int, float, float*, int);
-using set_threads_fn = void (*)(int);
-using get_threads_fn = int (*)(void);
-
-struct Blas {
-  sgemm_fn sgemm = &cblas_sgemm;
-  set_threads_fn set_threads = nullptr;
-  get_threads_fn get_threads = nullptr;
-  std::string origin = "linked cblas_sgemm";
-};
-
-Blas blas;
-int kernel_threads = 1;
-
-void sgemm(int transb, int m, int n, int k, float alpha, const float* a, int lda,
-           const float* b, int ldb, float beta, float* c, int ldc) {
-  blas.sgemm(kRowMajor, kNoTrans, transb ? kTrans : kNoTrans, m, n, k, alpha, a, lda, b, ldb,
-             beta, c, ldc);
-}
-
-// ---------------------------------------------------------------------------------- threads
-
-// A persistent pool: decode calls the kernels several times a layer per step, too often to
-// spawn threads or to sleep between calls. Workers spin (with pause, yielding to other processes
-// now and then) for kSpin after a job before sleeping on the condition variable, so the next
-// call of the same step finds them awake: a futex wake-up costs ~10-50 us, ~150 a decode step.
-class Pool {
- public:
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
-    wake_.notify_all();
-    for (auto& t : workers_) t.join();
-  }
-
-  // f(thread_index) on `threads` threads, the caller being thread 0; returns when all are done.
-  void run(int threads, const std::function<void(int)>& f) {
-    if (threads <= 1) {
-      f(0);
-      return;
-    }
-    std::lock_guard<std::mutex> serial(run_mu_);
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      while (static_cast<int>(workers_.size()) < threads - 1) {
-        int index = static_cast<int>(workers_.size()) + 1;
-        workers_.emplace_back([this, index] { loop(index); });
-      }
-    }
-    job_ = &f;
-    pending_.store(threads - 1);
-    // The thread count travels in the generation's low byte: a worker sees both at once.
-    generation_.store(((generation_.load() >> 8) + 1) << 8 | static_cast<unsigned long>(threads));
-    if (sleepers_.load() > 0) {
-      std::lock_guard<std::mutex> lock(mu_);
-      wake_.notify_all();
-    }
-    f(0);
-    for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
-      if (spins < 4096)
-        pause();
-      else
-        std::this_thread::yield();
-    }
-    job_ = nullptr;
-  }
-
- private:
-  static constexpr auto kSpin = std::chrono::microseconds(300);
-
-  static void pause() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-  }
-
-  void loop(int index) {
-    unsigned long seen = 0;
-    for (;;) {
-      // Spin a while for the next job, then sleep.
-      auto start = std::chrono::steady_clock::now();
-      for (int spins = 0; generation_.load(std::memory_order_acquire) == seen; ++spins) {
-        if ((spins & 255) != 255) {
-          pause();
-          continue;
-        }
-        if (std::chrono::steady_clock::now() - start > kSpin) {
-          std::unique_lock<std::mutex> lock(mu_);
-          sleepers_.fetch_add(1);
-          wake_.wait(lock, [&] { return stop_ || generation_.load() != seen; });
-          sleepers_.fetch_sub(1);
-          if (stop_) return;
-          break;
-        }
-        if ((spins & 4095) == 4095) std::this_thread::yield();
-      }
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        if (stop_) return;
-      }
-      seen = generation_.load(std::memory_order_acquire);
-      if (index < static_cast<int>(seen & 255)) {
-        (*job_.load())(index);
-        pending_.fetch_sub(1, std::memory_order_release);
-      }
-    }
-  }
-
-  std::mutex run_mu_, mu_;
-  std::condition_variable wake_;
-  std::vector<std::thread> workers_;
-  std::atomic<const std::function<void(int)>*> job_{nullptr};
-  std::atomic<unsigned long> generation_{0};
-  std::atomic<int> pending_{0}, sleepers_{0};
-  bool stop_ = false;
-};
-
-Pool& pool() {
-  static Pool* p = new Pool();  // leaked on purpose: joining threads at exit races interpreter teardown
-  return *p;
-}
-
-// Runs f on the kernel's threads with OpenBLAS on one thread meanwhile: each of our threads
-// calls sgemm, and OpenBLAS's own workers would oversubscribe the runner's cores (even with one
-// kernel thread, OpenBLAS splitting these small block products costs more than it gains: a 4K
-// prefill layer took 17.7 s of CPU instead of ~1).
-void run_threads(int threads, const std::function<void(int)>& f) { pool().run(threads, f); }
-
-void parallel(int threads, const std::function<void(int)>& f) {
-  int previous = 0;
-  bool restore = blas.set_threads && blas.get_threads && (previous = blas.get_threads()) > 1;
-  if (restore) blas.set_threads(1);
-  try {
-    pool().run(threads, f);
-  } catch (...) {
-    if (restore) blas.set_threads(previous);
-    throw;
-  }
-  if (restore) blas.set_threads(previous);
-}
 
 // -------------------------------------------------------------------------------- softmax math
 
@@ -219,103 +66,6 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void scaled_copy(float* dst, const float* src, int n, float a) {
 #pragma omp simd
   for (int i = 0; i < n; ++i) dst[i] = src[i] * a;
-}
-
-// ----------------------------------------------------------------------------- array helpers
-
-View view_of(const mx::array& a) {
-  View v;
-  const auto& st = a.strides();
-  v.strides.assign(st.begin(), st.end());
-  if (a.ndim() == 0 || st.back() == 1 || a.shape().back() == 1) {
-    v.data = a.data<float>();
-    return v;
-  }
-  // Gather into row-major order (rare: every caller's last axis is contiguous today).
-  size_t total = a.size();
-  v.owned.resize(total);
-  const float* src = a.data<float>();
-  int nd = a.ndim();
-  std::vector<int> idx(nd, 0);
-  for (size_t i = 0; i < total; ++i) {
-    int64_t off = 0;
-    for (int d = 0; d < nd; ++d) off += idx[d] * st[d];
-    v.owned[i] = src[off];
-    for (int d = nd - 1; d >= 0; --d) {
-      if (++idx[d] < a.shape(d)) break;
-      idx[d] = 0;
-    }
-  }
-  int64_t stride = 1;
-  for (int d = nd - 1; d >= 0; --d) {
-    v.strides[d] = stride;
-    stride *= a.shape(d);
-  }
-  v.data = v.owned.data();
-  return v;
-}
-
-KvSource kv_source(const std::vector<mx::array>& parts, int bits, int group, int head_dim) {
-  KvSource s;
-  s.head_dim = head_dim;
-  if (bits == 0) {
-    s.plain = view_of(parts[0]);
-    return s;
-  }
-  const auto& codes = parts[0];
-  if (codes.strides().back() != 1 && codes.shape().back() != 1)
-    throw std::invalid_argument("quantized cache: codes must be contiguous along head_dim");
-  s.codes = codes.data<uint32_t>();
-  s.code_strides.assign(codes.strides().begin(), codes.strides().end());
-  s.scales = view_of(parts[1]);
-  s.biases = view_of(parts[2]);
-  s.bits = bits;
-  s.group = group;
-  return s;
-}
-
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-void dequantize_row(const uint32_t* codes, const float* scales, const float* biases, int bits,
-                    int group, int d, float* dst) {
-  // As mx.dequantize: w = scale * q + bias, element i in bits [(i % per) * bits, ...) of word
-  // i / per, per = 32 / bits elements a word.
-  const int per = 32 / bits;
-  const uint32_t mask = (1u << bits) - 1;
-  for (int g0 = 0; g0 < d; g0 += group) {
-    const float s = scales[g0 / group], b = biases[g0 / group];
-#pragma omp simd
-    for (int i = g0; i < g0 + group; ++i) {
-      uint32_t q = (codes[i / per] >> ((i % per) * bits)) & mask;
-      dst[i] = s * static_cast<float>(q) + b;
-    }
-  }
-}
-
-void KvSource::copy_rows(int b, int g, int j0, int n, float* dst) const {
-  const int d = head_dim;
-  if (!quantized()) {
-    const float* src = plain.data + b * plain.strides[0] + g * plain.strides[1];
-    for (int j = 0; j < n; ++j)
-      std::memcpy(dst + static_cast<size_t>(j) * d, src + (j0 + j) * plain.strides[2],
-                  sizeof(float) * d);
-    return;
-  }
-  const uint32_t* c = codes + b * code_strides[0] + g * code_strides[1];
-  const float* sc = scales.data + b * scales.strides[0] + g * scales.strides[1];
-  const float* bi = biases.data + b * biases.strides[0] + g * biases.strides[1];
-  for (int j = j0; j < j0 + n; ++j)
-    dequantize_row(c + j * code_strides[2], sc + j * scales.strides[2], bi + j * biases.strides[2],
-                   bits, group, d, dst + static_cast<size_t>(j - j0) * d);
-}
-
-const float* KvSource::rows(int b, int g, int j0, int n, float* scratch, int& ld) const {
-  if (!quantized()) {
-    ld = static_cast<int>(plain.strides[2]);
-    return plain.data + b * plain.strides[0] + g * plain.strides[1] + j0 * plain.strides[2];
-  }
-  copy_rows(b, g, j0, n, scratch);
-  ld = head_dim;
-  return scratch;
 }
 
 // ---------------------------------------------------------------------------- prefill kernel
@@ -393,8 +143,8 @@ void prefill_kernel(const PrefillShape& sh, const View& q, const KvSource& k, co
           kblock = k.rows(b, g, j0, width, nullptr, ldk);
           vblock = v.rows(b, g, j0, width, nullptr, ldv);
         }
-        blas.sgemm(kRowMajor, kNoTrans, kTrans, rows, kKeyBlock, d, 1.f, qs.data(), d, kblock,
-                   ldk, 0.f, scores.data(), kKeyBlock);
+        sgemm(1, rows, kKeyBlock, d, 1.f, qs.data(), d, kblock, ldk, 0.f, scores.data(),
+              kKeyBlock);
         for (int r = 0; r < rows; ++r) {
           int ii = r % kQueryBlock;
           if (ii < lo || ii >= hi) continue;  // padding rows: zero queries, zero scores
@@ -407,8 +157,8 @@ void prefill_kernel(const PrefillShape& sh, const View& q, const KvSource& k, co
           float alpha = online_softmax_row(s, kKeyBlock, visible, row_max[r], row_sum[r]);
           if (alpha != 1.f) scale_row(&acc[static_cast<size_t>(r) * d], d, alpha);
         }
-        blas.sgemm(kRowMajor, kNoTrans, kNoTrans, rows, d, kKeyBlock, 1.f, scores.data(),
-                   kKeyBlock, vblock, ldv, 1.f, acc.data(), d);
+        sgemm(0, rows, d, kKeyBlock, 1.f, scores.data(), kKeyBlock, vblock, ldv, 1.f,
+              acc.data(), d);
       }
       for (int gi = 0; gi < group; ++gi) {
         int h = g * group + gi;
@@ -422,16 +172,6 @@ void prefill_kernel(const PrefillShape& sh, const View& q, const KvSource& k, co
     }
   };
   parallel(std::min(threads, items), work);
-}
-
-// Inputs: q, then the keys' parts and the values' parts (one array each float32, three each
-// quantized: codes, scales, biases).
-std::pair<KvSource, KvSource> kv_sources(const std::vector<mx::array>& inputs, size_t first,
-                                         int bits, int group, int head_dim) {
-  size_t parts = bits ? 3 : 1;
-  std::vector<mx::array> ks(inputs.begin() + first, inputs.begin() + first + parts);
-  std::vector<mx::array> vs(inputs.begin() + first + parts, inputs.begin() + first + 2 * parts);
-  return {kv_source(ks, bits, group, head_dim), kv_source(vs, bits, group, head_dim)};
 }
 
 class PrefillAttention : public mx::Primitive {
@@ -554,27 +294,6 @@ mx::array decode_attention(const mx::array& q, const std::vector<mx::array>& k,
   return mx::array(shape, mx::float32,
                    make_decode_attention(cpu_stream(), scale, kernel_threads, bits, group),
                    kernel_inputs({q, pos}, k, v));
-}
-
-// Which BLAS the kernels call: the library at `path` (what FLOCK_BLAS_LIB names), or "" for
-// the process's own cblas_sgemm. Returns a description, or raises when the path does not load.
-std::string configure(const std::string& path, int threads) {
-  kernel_threads = std::clamp(threads, 1, 255);  // the pool's generation carries it in a byte
-  if (path.empty()) {
-    blas = Blas{};
-    return blas.origin;
-  }
-  void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
-  if (lib == nullptr) throw std::runtime_error(std::string("cannot load ") + dlerror());
-  const char* prefix = dlsym(lib, "scipy_cblas_sgemm") ? "scipy_" : "";
-  auto sym = [&](const char* name) { return dlsym(lib, (std::string(prefix) + name).c_str()); };
-  auto sgemm = reinterpret_cast<sgemm_fn>(sym("cblas_sgemm"));
-  if (sgemm == nullptr) throw std::runtime_error(path + " has no cblas_sgemm");
-  blas.sgemm = sgemm;
-  blas.set_threads = reinterpret_cast<set_threads_fn>(sym("openblas_set_num_threads"));
-  blas.get_threads = reinterpret_cast<get_threads_fn>(sym("openblas_get_num_threads"));
-  blas.origin = path;
-  return blas.origin;
 }
 
 }  // namespace fk

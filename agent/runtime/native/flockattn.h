@@ -1,6 +1,7 @@
-// flockattn.h: what the extension's translation units share (flockattn.cpp: the BLAS, threads,
-// prefill attention and the module; flockdecode.cpp: decode attention; flockops.cpp: the fused
-// small ops of a decoder layer).
+// flockattn.h: what the extension's translation units share (flockattn.cpp: prefill attention and
+// the module; flockthreads.cpp: the BLAS and the thread pool; flockkv.cpp: array views and KV
+// cache sources; flockdecode.cpp: decode attention; flockops.cpp: the fused small ops of a
+// decoder layer).
 
 #pragma once
 
@@ -35,6 +36,9 @@ void parallel(int threads, const std::function<void(int)>& f);
 
 // f(thread_index) on the pool without touching OpenBLAS's threads (for kernels that call no BLAS).
 void run_threads(int threads, const std::function<void(int)>& f);
+
+// Which BLAS the kernels call and how many threads they use (flockthreads.cpp).
+std::string configure(const std::string& path, int threads);
 
 // Row-major sgemm through the configured BLAS: C = alpha * A @ op(B) + beta * C.
 void sgemm(int transb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
