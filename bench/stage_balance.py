@@ -39,8 +39,8 @@ def worker(model_dir: str, splits: list[list[Any]], steps: int, slice_tokens: in
     from agent.models.tensors import LayerRange
     from agent.runtime.kv import KvGeometry, KvSlots
     from agent.runtime.model import DecoderConfig, load_decoder
-    from agent.runtime.pacing import equal_cost_slice, key_cost
-    from agent.runtime.ring import PIPELINE_MIN_SLICE, pipelined_slice
+    from agent.runtime.pacing import key_cost
+    from agent.runtime.ring import lone_prompt_slices
     from agent.runtime.rowstep import RowsDecode
     from agent.runtime.step import make_decode_fn, prefill
     from agent.runtime.vocab_split import decoder_bytes, head_vocab_rows, project_rows, rows_of
@@ -79,17 +79,12 @@ def worker(model_dir: str, splits: list[list[Any]], steps: int, slice_tokens: in
         return timed(step)
 
     def plan() -> list[int]:
-        """Slice lengths: `slice_tokens` each, or (0) the ring's equal-work slices."""
+        """Slice lengths: `slice_tokens` each, or (0) the ring's slices for a lone prompt."""
         if slice_tokens:
             return [min(slice_tokens, PROMPT - s) for s in range(0, PROMPT, slice_tokens)]
-        slices = -(-PROMPT // pipelined_slice(PROMPT, 2, 2048))
         per_key = key_cost(DecoderConfig.from_hf(
             json.loads((directory / "config.json").read_text())))
-        sizes: list[int] = []
-        while sum(sizes) < PROMPT:
-            sizes.append(equal_cost_slice(PROMPT, sum(sizes), slices, per_key,
-                                          least=PIPELINE_MIN_SLICE, most=2048))
-        return sizes
+        return lone_prompt_slices(PROMPT, 0, 2, per_key, 2048)
 
     def slices_ms(dec: Any, kv: KvSlots, embed: bool) -> list[float]:
         hidden = dec.config.hidden_size
@@ -152,8 +147,8 @@ def main() -> None:
                         help="head layers:head|shared (who projects decode's vocabulary), ...")
     parser.add_argument("--steps", type=int, default=8, help="timed decode steps")
     parser.add_argument("--slice", type=int, default=0,
-                        help="prefill slice tokens (0: the ring's equal-work slices for a lone "
-                             "2,000-token prompt on 2 stages)")
+                        help="prefill slice tokens (0: the ring's slices for a lone 2,000-token "
+                             "prompt on 2 stages, `ring.lone_prompt_slices`)")
     args = parser.parse_args()
     splits = [[int(h), mode] for h, _, mode in (s.partition(":") for s in args.splits.split(","))]
     env, _ = runner_env(gemv=True, threads=1)

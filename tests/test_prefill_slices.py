@@ -1,10 +1,19 @@
-"""A lone prompt's slices round a pipeline: equal work each (pure, no MLX)."""
+"""A lone prompt's slices round a pipeline: equal work each, on the attention kernel's query
+blocks (pure, no MLX)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.runtime.pacing import equal_cost_slice, key_cost, slice_cost
+from agent.runtime.pacing import (
+    PREFILL_QUERY_BLOCK,
+    SLICE_FIXED_TOKENS,
+    equal_cost_slice,
+    key_cost,
+    pipeline_slices,
+    slice_cost,
+)
+from agent.runtime.ring import PIPELINE_MIN_SLICE, lone_prompt_slices
 
 
 @dataclass(frozen=True)
@@ -32,7 +41,7 @@ def cut(prompt: int, slices: int, per_key: float, least: int = 128,
 
 def test_slices_of_equal_work_shrink_as_the_keys_grow() -> None:
     per_key = key_cost(Geometry())
-    assert 6e-4 < per_key < 1e-3  # fitted on SmolLM2: ~8.2e-4 measured
+    assert 3e-4 < per_key < 6e-4  # fitted on SmolLM2's aligned slices: ~4.6e-4
     sizes = cut(2000, 8, per_key)
     assert sum(sizes) == 2000 and len(sizes) == 8
     assert sizes == sorted(sizes, reverse=True)
@@ -47,3 +56,58 @@ def test_without_attention_cost_the_slices_are_equal_and_bounds_hold() -> None:
     sizes = cut(2000, 12, 8e-4)  # the floor of 128 tokens leaves a remainder: split, not doubled
     assert sum(sizes) == 2000 and min(sizes) >= 100 and max(sizes[-2:]) <= 128
     assert max(cut(100_000, 8, 1e-4)) == 2048
+
+
+def estimate(done: int, sizes: list[int], stages: int, per_key: float) -> float:
+    costs, start = [], done
+    for size in sizes:
+        costs.append(SLICE_FIXED_TOKENS + slice_cost(start, size, per_key))
+        start += size
+    return sum(costs) + (stages - 1) * max(costs)
+
+
+def ends(done: int, sizes: list[int]) -> list[int]:
+    out = []
+    for size in sizes:
+        done += size
+        out.append(done)
+    return out
+
+
+def test_lone_prompt_slices_end_on_query_blocks() -> None:
+    per_key = key_cost(Geometry())
+    for prompt, done in [(2000, 0), (2100, 0), (4000, 0), (2000, 37), (700, 300), (9000, 0)]:
+        for stages in (2, 3, 4):
+            sizes = lone_prompt_slices(prompt, done, stages, per_key, 2048)
+            assert sum(sizes) == prompt - done
+            assert all(e % PREFILL_QUERY_BLOCK == 0 for e in ends(done, sizes)[:-1])
+            assert min(sizes[:-1], default=PIPELINE_MIN_SLICE) >= PIPELINE_MIN_SLICE
+            assert max(sizes) <= 2048
+
+
+def test_the_plan_for_2000_tokens_on_2_stages() -> None:
+    """What bench.cluster_throughput's prefill figure runs: seven slices, the early ones longer
+    (fewer keys to attend over), the dearest within a few percent of an even share."""
+    per_key = key_cost(Geometry())
+    sizes = lone_prompt_slices(2000, 0, 2, per_key, 2048)
+    assert sizes == [384, 384, 256, 256, 256, 256, 208]
+    # Fewer (longer) and more (shorter, each paying the fixed cost) both estimate worse.
+    for other in ([256] * 7 + [208], [512, 512, 512, 464], [384] * 5 + [80], [2000]):
+        assert estimate(0, sizes, 2, per_key) <= estimate(0, other, 2, per_key)
+
+
+def test_pipeline_slices_bounds_and_short_prompts() -> None:
+    per_key = key_cost(Geometry())
+    assert pipeline_slices(100, 0, 2, per_key, least=256, most=2048) == [100]
+    assert pipeline_slices(2000, 2000, 2, per_key, least=256, most=2048) == []
+    # One stage: nothing fills or drains, the fewest slices are best.
+    assert len(pipeline_slices(3000, 0, 1, per_key, least=256, most=2048)) == 2
+    # A long prompt: slices as long as `most` allows first, shrinking as the keys grow.
+    sizes = pipeline_slices(100_000, 0, 2, 1e-4, least=256, most=2048)
+    assert sum(sizes) == 100_000 and max(sizes) == 2048 and sizes[0] >= sizes[-2]
+    # Without attention cost, equal slices of whole blocks.
+    sizes = pipeline_slices(2048, 0, 2, 0.0, least=256, most=2048)
+    assert sizes == [256] * 8
+    # `most` shorter than a block: slices of at most `most`, ending on a block where they can.
+    sizes = pipeline_slices(250, 0, 2, 0.0, block=128, least=16, most=100)
+    assert sum(sizes) == 250 and max(sizes) <= 100 and 128 in ends(0, sizes)
