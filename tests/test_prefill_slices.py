@@ -11,6 +11,7 @@ from agent.runtime.pacing import (
     equal_cost_slice,
     key_cost,
     pipeline_slices,
+    ring_makespan,
     slice_cost,
 )
 from agent.runtime.ring import PIPELINE_MIN_SLICE, lone_prompt_slices
@@ -63,7 +64,7 @@ def estimate(done: int, sizes: list[int], stages: int, per_key: float) -> float:
     for size in sizes:
         costs.append(SLICE_FIXED_TOKENS + slice_cost(start, size, per_key))
         start += size
-    return sum(costs) + (stages - 1) * max(costs)
+    return ring_makespan(costs, stages)
 
 
 def ends(done: int, sizes: list[int]) -> list[int]:
@@ -86,14 +87,30 @@ def test_lone_prompt_slices_end_on_query_blocks() -> None:
 
 
 def test_the_plan_for_2000_tokens_on_2_stages() -> None:
-    """What bench.cluster_throughput's prefill figure runs: seven slices, the early ones longer
-    (fewer keys to attend over), the dearest within a few percent of an even share."""
+    """What bench.cluster_throughput's prefill figure runs: eight slices of two blocks (the
+    last the remainder), which the ring finishes sooner than fewer, longer slices (a dearer
+    fill and drain), more, shorter ones (each pays the fixed cost) or longer early ones (the
+    head waits for the ring to drain a step)."""
     per_key = key_cost(Geometry())
     sizes = lone_prompt_slices(2000, 0, 2, per_key, 2048)
-    assert sizes == [384, 384, 256, 256, 256, 256, 208]
-    # Fewer (longer) and more (shorter, each paying the fixed cost) both estimate worse.
-    for other in ([256] * 7 + [208], [512, 512, 512, 464], [384] * 5 + [80], [2000]):
-        assert estimate(0, sizes, 2, per_key) <= estimate(0, other, 2, per_key)
+    assert sizes == [256] * 7 + [208]
+    for other in ([384, 384, 256, 256, 256, 256, 208], [512, 512, 512, 464],
+                  [384] * 5 + [80], [256] * 7 + [128, 80], [2000]):
+        assert estimate(0, sizes, 2, per_key) < estimate(0, other, 2, per_key)
+    # ~0.64 of the prompt on one node (sum + dearest slice, over two stages).
+    one = SLICE_FIXED_TOKENS + slice_cost(0, 2000, per_key)
+    assert 0.6 < estimate(0, sizes, 2, per_key) / (2 * one) < 0.65
+
+
+def test_ring_makespan() -> None:
+    assert ring_makespan([], 2) == 0.0
+    assert ring_makespan([1.0, 1.0, 1.0], 2) == 4.0  # the prompt once, plus a slice to fill
+    assert ring_makespan([3.0], 3) == 9.0  # one slice: every stage in turn
+    assert ring_makespan([1.0, 1.0, 1.0], 1) == 3.0
+    # With sum + (S - 1) x max: the dearest slice fills and drains, wherever it is.
+    assert ring_makespan([1.0, 3.0, 1.0], 2) == ring_makespan([3.0, 1.0, 1.0], 2) == 8.0
+    # The ring holds S steps: the head waits for slice k - S to come back before slice k.
+    assert ring_makespan([4.0, 1.0, 1.0, 1.0], 2) == 12.0  # not 7 + 4
 
 
 def test_pipeline_slices_bounds_and_short_prompts() -> None:

@@ -107,12 +107,12 @@ def pipeline_slices(prompt_tokens: int, done: int, stages: int, per_key: float, 
     Each slice ends on a multiple of `block` (the attention kernel's query block) or at the
     prompt's end, and is at least `least` tokens (but a remainder) and at most `most`. With S
     stages and slice costs c (`fixed` + `slice_cost`), the ring finishes after about
-    (sum(c) + (S - 1) x max(c)) / S: the whole prompt once, plus its dearest slice filling and
-    draining the ring. Each slice adds `fixed` to the sum, each longer slice to the max. So for
-    each slice count n (from the fewest `most` allows, up to 16 a stage more) this finds the
-    least cap on a slice's cost within which the greedy cut (the longest slice that fits, at
-    every step) takes at most n slices, and keeps the plan of least estimate (the fewer slices
-    on a tie)."""
+    (sum(c) + (S - 1) x max(c)) / S (`ring_makespan`): the whole prompt once, plus its dearest
+    slice filling and draining the ring. Each slice adds `fixed` to the sum, each longer slice
+    to the max. So for each slice count n (from the fewest `most` allows, up to 16 a stage more)
+    this finds the least cap on a slice's cost within which the greedy cut (the longest slice
+    that fits, at every step) takes at most n slices, and keeps the plan the ring finishes
+    soonest (the fewer slices on a tie)."""
     left = prompt_tokens - done
     if left <= 0:
         return []
@@ -130,11 +130,28 @@ def pipeline_slices(prompt_tokens: int, done: int, stages: int, per_key: float, 
         for size in plan:
             costs.append(fixed + slice_cost(start, size, per_key))
             start += size
-        estimate = sum(costs) + (stages - 1) * max(costs)
+        estimate = ring_makespan(costs, stages)
         if best is None or estimate < best[0] - 1e-9:
             best = (estimate, plan)
     assert best is not None
     return best[1]
+
+
+def ring_makespan(costs: list[float], stages: int) -> float:
+    """When the last of a prompt's slices leaves the ring, each slice costing every stage
+    `costs[k]` (stages of equal speed, so in units of one stage's share): stage s starts slice
+    k once it has finished slice k - 1 and stage s - 1 has finished slice k, and the head
+    starts slice k only once slice k - S is back (the ring holds at most S steps, ring.py)."""
+    done = [[0.0] * len(costs) for _ in range(stages)]
+    for k, cost in enumerate(costs):
+        for s in range(stages):
+            ready = done[s][k - 1] if k else 0.0
+            if s:
+                ready = max(ready, done[s - 1][k])
+            elif k >= stages:
+                ready = max(ready, done[stages - 1][k - stages])
+            done[s][k] = ready + cost
+    return done[-1][-1] if costs else 0.0
 
 
 def _within_slices(prompt_tokens: int, done: int, n: int, per_key: float, *, block: int,
