@@ -110,7 +110,7 @@ def test_ring_makespan() -> None:
     # With sum + (S - 1) x max: the dearest slice fills and drains, wherever it is.
     assert ring_makespan([1.0, 3.0, 1.0], 2) == ring_makespan([3.0, 1.0, 1.0], 2) == 8.0
     # The ring holds S steps: the head waits for slice k - S to come back before slice k.
-    assert ring_makespan([4.0, 1.0, 1.0, 1.0], 2) == 12.0  # not 7 + 4
+    assert ring_makespan([3.0, 1.0, 3.0, 1.0], 2) == 13.0  # not 8 + 3
 
 
 def test_pipeline_slices_bounds_and_short_prompts() -> None:
