@@ -9,7 +9,6 @@ the pipelined one in `ring.py`) size slices by the same rule.
 from __future__ import annotations
 
 import bisect
-import math
 from typing import Any
 
 MIN_PREFILL_SLICE = 16  # tokens: below this a slice is mostly weight traffic
@@ -73,29 +72,6 @@ def slice_cost(start: int, tokens: int, per_key: float) -> float:
     """Prefill work of prompt tokens [start, start + tokens), in tokens' matmul work: each
     token's matmuls plus its attention over every key up to itself."""
     return tokens * (1.0 + per_key * (start + (tokens + 1) / 2))
-
-
-def equal_cost_slice(prompt_tokens: int, done: int, slices: int, per_key: float, *,
-                     least: int, most: int) -> int:
-    """Tokens for the slice starting at `done` when the prompt is cut into about `slices`
-    slices of equal work (`slice_cost`): later slices attend over more keys, so they get fewer
-    tokens. A pipelined prompt finishes after the work of the whole prompt plus its dearest
-    slice (the ring fills and drains by one slice), so equal work is the least dear. Within
-    [least, most]; a remainder smaller than `least` joins this slice when that leaves it at
-    most half as long again, else the rest is cut in two halves."""
-    left = prompt_tokens - done
-    if left <= 0:
-        return 0
-    target = slice_cost(0, prompt_tokens, per_key) / max(1, slices)
-    if per_key <= 0:
-        n = target
-    else:  # tokens n with slice_cost(done, n) == target: a quadratic in n
-        linear = 1.0 + per_key * (done + 0.5)
-        n = (-linear + math.sqrt(linear * linear + 2 * per_key * target)) / per_key
-    size = max(least, min(most, round(n)))
-    if left - size >= least:
-        return size
-    return left if left <= size + least // 2 else -(-left // 2)
 
 
 def pipeline_slices(prompt_tokens: int, done: int, stages: int, per_key: float, *,
