@@ -15,7 +15,7 @@ from agent.runtime.compute import LocalCompute
 from agent.runtime.kv import KvGeometry, KvSlots
 from agent.runtime.model import load_decoder
 from agent.runtime.prefix import PrefixCache
-from agent.runtime.ring import pipelined_slice, split_rows
+from agent.runtime.ring import lone_prompt_slices, split_rows
 from agent.runtime.scheduler import Scheduler, SchedulerLimits
 from tests.scheduler_tools import finished, run_all, tokens_of
 from tests.tiny_models import make_tiny_model
@@ -65,9 +65,9 @@ def test_pure_splits() -> None:
     assert split_rows([5, 1, 3, 0], 8, 2) == [0, 1, 3, 5]
     assert split_rows([9, 8, 10], 16, 2) == [8, 9, 10]
     assert split_rows([2, 0, 1], 3, 3) == [0]
-    assert pipelined_slice(2000, 2, 2048) == 250
-    assert pipelined_slice(100, 2, 2048) == 128
-    assert pipelined_slice(100_000, 2, 2048) == 2048
+    assert lone_prompt_slices(2000, 0, 2, 0.0, 2048) == [256] * 7 + [208]
+    assert lone_prompt_slices(100, 0, 2, 0.0, 2048) == [100]
+    assert max(lone_prompt_slices(100_000, 0, 2, 0.0, 2048)) == 2048
 
 
 @pytest.mark.parametrize("stages", [2, 3])

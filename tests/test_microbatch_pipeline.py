@@ -248,3 +248,20 @@ def test_stage_busy_time_moves_under_load(pipelines: Pipelines) -> None:
     after = pipelines.run(moved())
     assert "stage_busy_seconds_total_2" not in after
     assert 0 < after["head_vocab_share"] < 1
+
+
+def test_a_lone_long_prompt_in_block_aligned_slices_matches_one_process(
+        pipelines: Pipelines) -> None:
+    """A prompt prefilled alone goes round in slices ending on the attention kernel's query
+    blocks (`ring.lone_prompt_slices`: 500 tokens are 256 + 244); a second that shares its
+    first 100 tokens (where the prefix cache has them, its first slice starts mid-block)."""
+    first = [(13 * j) % 190 + 3 for j in range(500)]
+    second = first[:100] + [(17 * j) % 190 + 3 for j in range(400)]
+
+    async def lone(runner: RunnerProcess) -> list[list[int]]:
+        return [(await collect(runner, request(f"lone{i}", p, 8)))[0]
+                for i, p in enumerate((first, second))]
+
+    expected = pipelines.run(lone(pipelines.get("solo")))
+    for stages in (2, 3):
+        assert pipelines.run(lone(pipelines.get(f"pipe:{stages}"))) == expected

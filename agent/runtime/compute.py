@@ -165,7 +165,7 @@ class HeadCompute(LocalCompute):
         self.follower_busy_s: list[float] = []  # each follower's, as the last step brought back
         self.vocab = decoder.head.weight.shape[0]
         self.vocab_rows = self.vocab  # rows of the vocabulary the head projects in decode
-        # How a lone prompt's slices round the ring are cut (ring.py, `pacing.equal_cost_slice`).
+        # How a lone prompt's slices round the ring are cut (ring.py, `pacing.pipeline_slices`).
         self.prefill_key_cost = key_cost(decoder.config)
         if downstream is not None:
             self.decode_fn = make_decode_fn(decoder, compiled=compiled, embed=True,

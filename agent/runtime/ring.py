@@ -37,7 +37,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.runtime.pacing import equal_cost_slice, moving_average, prefill_slice
+from agent.runtime.pacing import moving_average, pipeline_slices, prefill_slice
 from agent.runtime.seam import DecodeWork, Picks, PipelinedCompute, PrefillWork, Work
 from agent.runtime.sequences import SchedulerView, Sequence
 from agent.runtime.verify import step_width
@@ -45,27 +45,26 @@ from agent.runtime.verify import step_width
 if TYPE_CHECKING:
     from agent.runtime.speculation import Draft
 
-# A lone long prompt is cut into about this many slices per stage (so the ring fills and
-# drains in a small part of its prefill), none shorter than PIPELINE_MIN_SLICE tokens. Each
-# slice pays a fixed cost per layer, so fewer, larger slices: `bench.stage_balance --splits
-# 15:shared --slice N` estimated a 2,000-token prompt on 2 stages at 0.705x one node with six
-# slices a stage (167 tokens) and 0.603x with four (250); bench.cluster_throughput then measured
-# 0.706x with four (the estimate leaves out the hops). The slices are of equal work rather than
-# equal length (`pacing.equal_cost_slice`): a prompt's last slices attend over the most keys,
-# and the dearest slice is what filling and draining the ring adds.
-SLICES_PER_STAGE = 4
-PIPELINE_MIN_SLICE = 128
+# A lone long prompt is cut into slices on the attention kernel's query blocks, sized from the
+# cost model in pacing.py (`lone_prompt_slices`): as few and as even as the ring's fill and
+# drain allow, none shorter than PIPELINE_MIN_SLICE tokens but the prompt's last. Below 256 rows
+# a slice's matmuls lose speed (a 128-token slice costs 1.2-1.6 ms a token on SmolLM2's 15 head
+# layers, one BLAS thread, against ~1.0 at 256-512), so the floor is two blocks. 2,000 tokens on
+# 2 stages: seven slices of 256 and one of 208 (the dearest ~17% of one pass through a stage).
+PIPELINE_MIN_SLICE = 256
 # One stream with drafts: its verify step goes round alone, stop-and-wait (`_speculate`), rather
 # than as a one-row verify micro-batch. The same work either way; on a 3-stage SmolLM2 pipeline
 # (3 interleaved rounds, a busy machine) the two measured within noise of each other.
 SOLO_VERIFY = True
 
 
-def pipelined_slice(prompt_tokens: int, stages: int, most: int) -> int:
-    """Slice size for a prompt prefilled while nothing decodes: small enough that every stage
-    has work after the first slice, large enough to stay matrix-shaped work."""
-    share = -(-prompt_tokens // (SLICES_PER_STAGE * stages))
-    return max(1, min(most, max(PIPELINE_MIN_SLICE, share)))
+def lone_prompt_slices(prompt_tokens: int, done: int, stages: int, per_key: float,
+                       most: int) -> list[int]:
+    """Slice lengths for a prompt's tokens [done, prompt_tokens) prefilled while nothing
+    decodes (`pacing.pipeline_slices`): every stage has work after the first slice, and each
+    slice is matrix-shaped work ending on a query block."""
+    return pipeline_slices(prompt_tokens, done, stages, per_key, least=PIPELINE_MIN_SLICE,
+                           most=most)
 
 
 def split_rows(ready_rows: list[int], total_decoding: int, stages: int) -> list[int]:
@@ -74,6 +73,16 @@ def split_rows(ready_rows: list[int], total_decoding: int, stages: int) -> list[
     parts = max(1, min(stages, total_decoding))
     size = -(-total_decoding // parts)
     return sorted(ready_rows)[:size]
+
+
+@dataclass
+class SlicePlan:
+    """A lone prompt's slices still to go: its request, where its next slice starts, and the
+    lengths of the slices from there."""
+
+    request: str
+    start: int
+    sizes: deque[int]
 
 
 @dataclass
@@ -101,6 +110,7 @@ class Ring:
         self.in_flight_max = 0
         self.verify_microbatches_total = 0  # micro-batches that carried drafts round the ring
         self.greedy_picks_total = 0  # decode steps that came back as picks, not logits
+        self.plan: SlicePlan | None = None  # the lone prompt being sliced
 
     @property
     def key_cost(self) -> float:
@@ -186,10 +196,7 @@ class Ring:
             sched.kv.ensure_capacity(min(start + chunk, len(seq.prompt)) + 1)
         else:
             start, prompt = seq.prefilled, len(seq.prompt)
-            most = limits.solo_prefill_chunk
-            slices = -(-prompt // pipelined_slice(prompt, self.stages, most))
-            chunk = equal_cost_slice(prompt, start, slices, self.key_cost,
-                                     least=PIPELINE_MIN_SLICE, most=most)
+            chunk = self._planned_slice(seq)
             # Room for the whole prompt at once: growing the cache slice by slice copied it
             # at every stage before each slice (6-14 ms a slice at 2,000 tokens on SmolLM2).
             sched.kv.ensure_capacity(prompt + 1)
@@ -203,6 +210,22 @@ class Ring:
         per_token = (time.perf_counter() - began) / len(tokens)
         sched.prefill_s_per_token = moving_average(sched.prefill_s_per_token, per_token)
         return self._fly(work, [(seq, 0)])
+
+    def _planned_slice(self, seq: Sequence) -> int:
+        """The next slice of a prompt prefilled alone. Its plan is made at its first slice, and
+        again wherever it does not resume where the plan's last slice ended (slices taken while
+        others decoded)."""
+        start = seq.prefilled
+        plan = self.plan
+        if plan is None or (plan.request, plan.start) != (seq.request.id, start):
+            plan = SlicePlan(seq.request.id, start,
+                             deque(lone_prompt_slices(len(seq.prompt), start, self.stages,
+                                                      self.key_cost,
+                                                      self.sched.limits.solo_prefill_chunk)))
+        size = plan.sizes.popleft()
+        plan.start += size
+        self.plan = plan if plan.sizes else None
+        return size
 
     def _next_decode(self) -> Flight | None:
         sched = self.sched
