@@ -30,7 +30,7 @@ def test_expected_tokens() -> None:
 def test_cpu_cost_grows_with_positions() -> None:
     assert cpu_step_cost(1, 1) == pytest.approx(1.0)
     # Any second position costs a lot on a CPU (sgemv -> GEMM), more positions a little more.
-    assert cpu_step_cost(1, 2) > 2.0
+    assert cpu_step_cost(1, 2) > 1.4
     assert cpu_step_cost(1, 2) < cpu_step_cost(1, 13) < cpu_step_cost(8, 13)
     assert cpu_step_cost(8, 1) < cpu_step_cost(8, 2)
 
@@ -38,7 +38,9 @@ def test_cpu_cost_grows_with_positions() -> None:
 def test_a_doubtful_draft_at_one_row_is_not_verified() -> None:
     # Chat: a short echo (prior ~0.5) never pays the wider step.
     assert choose_width(1, [RowDraft(4, match_prior(2))], WIDTHS) == 1
-    assert choose_width(1, [RowDraft(4, 0.6)], WIDTHS) == 1
+    assert choose_width(1, [RowDraft(4, 0.4)], WIDTHS) == 1
+    # At 0.6 a kept token a position pays for the fused verify step's measured cost.
+    assert choose_width(1, [RowDraft(4, 0.6)], WIDTHS) > 1
     # A copied span: verified, as wide as the draft.
     assert choose_width(1, [RowDraft(12, 0.95)], WIDTHS) == 13
     assert choose_width(1, [RowDraft(4, 0.95)], WIDTHS) == 5

@@ -3,12 +3,12 @@ step is expected to yield) against what the wider step costs. Pure Python: no ML
 
 A verification step computes `width` positions for every KV row, drafted or not. On a CPU that
 is far from free: a one-row decode step's projections are sgemv, and any second position turns
-them into a GEMM, which OpenBLAS runs at a third of sgemv's speed for so few columns (measured
-by `bench.speculative_cost`: a one-row verify step of 2 positions costs ~2.3 plain steps, of
-13 ~4.1; eight rows of 13 positions ~4.6 eight-row plain steps). A draft that the model then
-rejects makes the stream slower, so a lookup draft is verified only when the expected yield,
-from each row's estimated per-token acceptance, beats a plain step's one token a row by
-`MARGIN` per unit of cost. Drafts the caller must verify (a request's prediction, a configured
+them into a GEMM, which OpenBLAS runs well below sgemv's speed for so few columns (measured by
+`bench.speculative_cost` on the fused verify layers: a one-row verify step of 2 positions costs
+1.42 plain steps, of 13 2.85; eight rows of 13 positions 5.94 eight-row plain steps). A draft
+that the model then rejects makes the stream slower, so a lookup draft is verified only when
+the expected yield, from each row's estimated per-token acceptance, beats a plain step's one
+token a row by `MARGIN` per unit of cost. Drafts the caller must verify (a request's prediction, a configured
 draft model) still get the width that pays best among the verifying ones.
 """
 
@@ -37,13 +37,15 @@ def expected_tokens(drafted: int, p: float) -> float:
 def cpu_step_cost(rows: int, width: int) -> float:
     """A CPU step of `rows` KV rows, `width` positions each, in one-row plain steps.
 
-    Fitted to `bench.speculative_cost`'s SmolLM2 figures (2 OpenBLAS threads, ~400 positions
-    of context): a plain step of 1 row costs 1, of 8 rows 2.5; a verify step of 1 row 2.3 at
-    width 2 and 4.1 at 13, of 8 rows 3.4 at width 2 and 11.5 at 13. The fixed part is the
-    switch from sgemv to GEMM, the rest grows with the positions and, a little, the width."""
+    Fitted to `bench.speculative_cost`'s SmolLM2 figures on the fused verify layers (2
+    OpenBLAS threads, ~400 positions of context, SWAPPED_MAX_ROWS 128): a plain step of 1 row
+    costs 1, of 8 rows 2.1; a verify step of 1 row 1.4 at width 2 and 2.8 at 13, of 8 rows 3.1
+    at width 2 and 12.4 at 13. The fixed part is the switch from sgemv to GEMM, the rest grows
+    with the positions and, a little, the width. Only a prior: `MeasuredCost` replaces it with
+    the runner's own step times once a shape has samples."""
     if width <= 1:
-        return 0.79 + 0.21 * rows
-    return 1.93 + 0.082 * rows * width + 0.084 * width
+        return 0.85 + 0.15 * rows
+    return 1.3 + 0.10 * rows * width + 0.03 * width
 
 
 def accelerator_step_cost(rows: int, width: int) -> float:
