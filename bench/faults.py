@@ -28,14 +28,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import bench_models, warn_if_busy  # noqa: E402
-from tests.cluster_tools import (  # noqa: E402
-    MODEL,
-    ClusterBase,
-    LoopbackCluster,
-    fault_during_streams,
-    first_success,
-    netns_cluster,
-)
+from tests.cluster_requests import fault_during_streams, first_success  # noqa: E402
+from tests.cluster_tools import MODEL, ClusterBase, LoopbackCluster, netns_cluster  # noqa: E402
 
 
 @contextlib.contextmanager

@@ -14,17 +14,14 @@ from typing import Any
 import pytest
 
 from agent.spec import parse_spec, spec_hash
+from tests.cluster_requests import StreamRecord, chat, complete, stream_chat
 from tests.cluster_tools import (
     MODEL,
     Agent,
     ClusterBase,
-    StreamRecord,
-    chat,
-    complete,
     loopback_cluster,
     netns_cluster,
     shared_models_dir,
-    stream_chat,
 )
 
 pytestmark = pytest.mark.slow

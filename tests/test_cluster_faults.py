@@ -34,14 +34,12 @@ from agent.serving.pool import RunnerPool
 from agent.serving.router import Router
 from agent.settings import NodeSettings
 from agent.spec import ClusterSpec, VersionedSpec
+from tests.cluster_requests import StreamRecord, fault_during_streams, first_success
 from tests.cluster_tools import (
     MODEL,
     QUESTION,
     Agent,
     NetnsCluster,
-    StreamRecord,
-    fault_during_streams,
-    first_success,
     metric_total,
     netns_cluster,
     runner_pids,

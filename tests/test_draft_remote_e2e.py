@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from agent.models.store import ModelStore
+from tests.cluster_requests import complete
 from tests.cluster_tools import (
     MODEL,
-    complete,
     loopback_cluster,
     metric_total,
     runner_config,

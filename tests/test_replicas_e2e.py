@@ -18,17 +18,15 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.cluster_requests import StreamRecord, complete, stream_api
 from tests.cluster_tools import (
     MODEL,
     ClusterBase,
-    StreamRecord,
-    complete,
     kill9,
     loopback_cluster,
     metric_total,
     runner_pids,
     shared_models_dir,
-    stream_api,
 )
 
 pytestmark = pytest.mark.slow

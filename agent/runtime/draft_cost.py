@@ -8,8 +8,9 @@ them into a GEMM, which OpenBLAS runs well below sgemv's speed for so few column
 1.42 plain steps, of 13 2.85; eight rows of 13 positions 5.94 eight-row plain steps). A draft
 that the model then rejects makes the stream slower, so a lookup draft is verified only when
 the expected yield, from each row's estimated per-token acceptance, beats a plain step's one
-token a row by `MARGIN` per unit of cost. Drafts the caller must verify (a request's prediction, a configured
-draft model) still get the width that pays best among the verifying ones.
+token a row by `MARGIN` per unit of cost. Drafts the caller must verify (a request's
+prediction, a configured draft model) still get the width that pays best among the verifying
+ones.
 """
 
 from __future__ import annotations
