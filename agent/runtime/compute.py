@@ -305,16 +305,15 @@ class HeadCompute(LocalCompute):
         elif work.width > 1:  # a verify micro-batch: logits at every position (rows, width, vocab)
             logits = self.project_fn(back)
         elif message.best_ids:  # a greedy step: the upper rows' best logit and id a row
-            ids = self.pick_fn(back, mx.array(message.best_ids, dtype=mx.uint32))
-            mx.eval(ids)
-            self.busy_s += time.perf_counter() - began
-            return work, Picks(ids.tolist())
+            logits = self.pick_fn(back, mx.array(message.best_ids, dtype=mx.uint32))
         elif message.vocab_from:  # the last stage projected the upper vocabulary rows
             logits = self.join_fn(back)
         else:
             logits = self.project_fn(back[:, 0, :])
         mx.eval(logits)  # here, so the projection counts as this stage's busy time
         self.busy_s += time.perf_counter() - began
+        if message.best_ids:  # each row's pick, not logits
+            return work, Picks(logits.tolist())
         return work, logits
 
     @property

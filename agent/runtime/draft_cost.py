@@ -40,10 +40,11 @@ def cpu_step_cost(rows: int, width: int) -> float:
 
     Fitted to `bench.speculative_cost`'s SmolLM2 figures on the fused verify layers (2
     OpenBLAS threads, ~400 positions of context, SWAPPED_MAX_ROWS 128): a plain step of 1 row
-    costs 1, of 8 rows 2.1; a verify step of 1 row 1.4 at width 2 and 2.8 at 13, of 8 rows 3.1
-    at width 2 and 12.4 at 13. The fixed part is the switch from sgemv to GEMM, the rest grows
-    with the positions and, a little, the width. Only a prior: `MeasuredCost` replaces it with
-    the runner's own step times once a shape has samples."""
+    costs 1, of 8 rows 2.1; a verify step of 1 row 1.4 at width 2 and 2.8 at 13, of 8 rows 3.2
+    at width 2 and 12.6 at 13 (the printed ratios times the 8-row plain step's 2.1). The fixed
+    part is the switch from sgemv to GEMM, the rest grows with the positions and, a little, the
+    width. Only a prior: `MeasuredCost` replaces it with the runner's own step times once a
+    shape has samples."""
     if width <= 1:
         return 0.85 + 0.15 * rows
     return 1.3 + 0.10 * rows * width + 0.03 * width

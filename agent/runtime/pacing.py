@@ -35,21 +35,20 @@ def moving_average(previous: float | None, sample: float, weight: float = 0.25) 
 # Attention runs this many times slower per multiply-add than a layer's matmuls on the CPU
 # backend (a prompt slice's queries against the keys before it): fitted to the CPU times of
 # SmolLM2's 15 head layers (one BLAS thread) for block-aligned slices of 128-2,000 tokens at
-# 0-1,792 tokens in: ~0.82 ms a token of matmul work, +0.096 ms a 256-token slice for every
-# key before it. (2.5 was fitted to slices that started inside a query block, whose padded
+# 0-1,792 tokens in. (2.5 was fitted to slices that started inside a query block, whose padded
 # block the kernel computed twice.)
 ATTENTION_SLOWDOWN = 1.4
 # The attention kernel's query block (flockattn.cpp `kQueryBlock`): a prefill call computes
 # every block its queries touch at full size, aligned to absolute positions (so chunked prefill
 # gives one pass's bits), so a slice that starts or ends inside a block pays for the whole
-# block, and its neighbour pays for it again. Measured: a 2,000-token prompt in 8 unaligned
-# slices of equal work cost 1.22x one pass through SmolLM2's 15 head layers, in 7 aligned
-# 256-token slices and the rest 1.05-1.10x.
+# block, and its neighbour pays for it again. `bench.stage_balance --splits 15:shared`
+# estimated a 2,000-token prompt on 2 stages at 0.730x one node in the old unaligned slices
+# of equal work and 0.626x in aligned ones.
 PREFILL_QUERY_BLOCK = 128
 # What a prefill slice costs a stage whatever its length, in tokens of matmul work: reading
 # (and packing) every weight matrix once, the hop and the per-step bookkeeping. Fitted with
-# ATTENTION_SLOWDOWN: 128 tokens took 0.154 s, 256 0.258 s, 512 0.504 s on 15 layers (~37 ms,
-# 45 tokens, a slice).
+# ATTENTION_SLOWDOWN to the CPU times of 128-, 256- and 512-token slices through SmolLM2's 15
+# head layers on one BLAS thread.
 SLICE_FIXED_TOKENS = 45.0
 
 

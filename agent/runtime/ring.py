@@ -48,9 +48,8 @@ if TYPE_CHECKING:
 # A lone long prompt is cut into slices on the attention kernel's query blocks, sized from the
 # cost model in pacing.py (`lone_prompt_slices`): as few and as even as the ring's fill and
 # drain allow, none shorter than PIPELINE_MIN_SLICE tokens but the prompt's last. Below 256 rows
-# a slice's matmuls lose speed (a 128-token slice costs 1.2-1.6 ms a token on SmolLM2's 15 head
-# layers, one BLAS thread, against ~1.0 at 256-512), so the floor is two blocks. 2,000 tokens on
-# 2 stages: seven slices of 256 and one of 208 (the dearest ~17% of one pass through a stage).
+# a slice's matmuls lose speed (a 128-row slice takes `matmul.linear`'s swapped form), so the
+# floor is two blocks. 2,000 tokens on 2 stages: seven slices of 256 and one of 208.
 PIPELINE_MIN_SLICE = 256
 # One stream with drafts: its verify step goes round alone, stop-and-wait (`_speculate`), rather
 # than as a one-row verify micro-batch. The same work either way; on a 3-stage SmolLM2 pipeline

@@ -217,6 +217,7 @@ class _CacheWrites:
         stop = self.first + self.rows
         return [c[self.first:stop] for c in k_cache], [c[self.first:stop] for c in v_cache]
 
+
 def _kernel_attention(q: mx.array, k_cache: list[mx.array], v_cache: list[mx.array],
                       starts: mx.array, scale: float, quant: KvQuant | None) -> mx.array | None:
     """q (rows, heads, width, hd) over the caches as `width` one-query steps of the decode
