@@ -182,3 +182,47 @@ def test_the_route_table_lists_every_replica_and_which_drain() -> None:
     assert [r.local_key for r in replicas] == ["m-0/0", "m-1/0", None]
     assert replicas[2].remote is not None and replicas[2].node_id == peer.node_id
     assert table.draining == frozenset({"m-2"})
+
+
+def test_a_book_is_busy_while_a_request_is_open_and_for_a_window_after() -> None:
+    book = LoadBook()
+    assert not book.busy_within(10.0)
+    ticket = book.open("a", prompt_tokens=5, max_tokens=5)
+    assert book.busy_within(10.0, now=ticket.started_at + 60)  # still open
+    book.close(ticket)
+    assert book.busy_within(10.0, now=ticket.started_at + 9)
+    assert not book.busy_within(10.0, now=ticket.started_at + 11)
+
+
+def test_a_load_shows_work_when_running_queued_streaming_or_recently_asked() -> None:
+    from agent.cluster.load_reports import load_busy
+
+    assert not load_busy(load("a"))
+    assert not load_busy(load("a", idle_s=3.0))  # never served: idle since it came up
+    assert load_busy(load("a", running=1))
+    assert load_busy(load("a", queued=1))
+    assert load_busy(load("a", in_flight=1))
+    assert load_busy(load("a", requests_total=4, idle_s=3.0))
+    assert not load_busy(load("a", requests_total=4, idle_s=30.0))
+
+
+def test_loads_are_polled_fast_while_this_node_routes_requests_and_slowly_when_idle(
+    tmp_path: object,
+) -> None:
+    from pathlib import Path
+
+    from agent.cluster.load_reports import LoadReports
+    from agent.cluster.peers import PeerClient
+    from agent.serving.pool import RunnerPool
+    from agent.serving.router import Router
+    from agent.settings import NodeSettings
+
+    settings = NodeSettings(state_dir=Path(str(tmp_path)) / "state", discovery_enabled=False)
+    router = Router(RunnerPool(settings), wait_s=1.0)
+    reports = LoadReports(PeerClient(node_id="n0", secret=None, timeout_s=1.0), router,
+                          lambda: [], interval_s=0.5, idle_interval_s=2.0)
+    assert reports.next_interval_s() == 2.0
+    ticket = router.outgoing.open("m-1", prompt_tokens=10, max_tokens=10)
+    assert reports.next_interval_s() == 0.5
+    router.outgoing.close(ticket)
+    assert reports.next_interval_s() == 0.5  # within the busy window after it

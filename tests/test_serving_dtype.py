@@ -93,3 +93,28 @@ def test_holders_send_every_formats_shape_to_peers(smollm2_4bit_dir: Path, dtype
     shapes = ModelCatalogue.shapes_of(smollm2_4bit_dir, "s4")
     assert set(shapes) == {"keep", "float32", "float16", "bfloat16"}
     assert shapes[dtype].dtype == dtype
+
+
+def test_the_catalogue_resolves_auto_per_call_and_reads_each_format_once(
+    tmp_path: Path, smollm2_4bit_dir: Path,
+) -> None:
+    from agent.cluster.peers import PeerClient
+    from agent.models.store import ModelStore
+
+    store = ModelStore(tmp_path / "models")
+    store.add("s4", lambda d: shutil.copytree(smollm2_4bit_dir, d, dirs_exist_ok=True),
+              source="test")
+    catalogue = ModelCatalogue(store, PeerClient(node_id="n0", secret=None, timeout_s=1.0))
+    f32 = model_shape(smollm2_4bit_dir, "s4", dtype="float32")
+    kept = model_shape(smollm2_4bit_dir, "s4", dtype="keep")
+    roomy = [node(0, 64 * GiB)]
+    tight = [node(0, model_bytes(kept) + (1 << 27))]
+    assert catalogue.shape("s4", "auto", roomy) == f32
+    assert catalogue.shape("s4", "auto", tight) == kept
+    # Free memory moves all the time; the shapes come from what was read once: with the
+    # weights' headers unreadable now, every node size still gets its answer, the right one.
+    for path in store.resolve("s4").glob("*.safetensors"):
+        path.write_bytes(b"\xff" * 16)
+    for memory in (64 * GiB, 63 * GiB, 1 * GiB + 7):
+        expected = f32 if model_bytes(f32) <= node(0, memory).usable_memory_bytes else kept
+        assert catalogue.shape("s4", "auto", [node(0, memory)]) == expected

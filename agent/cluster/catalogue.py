@@ -15,7 +15,13 @@ from urllib.parse import quote
 import msgspec
 
 from agent.cluster.peers import PeerClient, PeerError, base_url
-from agent.cluster.shape import SERVING_DTYPES, model_bytes, serving_dtype, shape_for_dtype
+from agent.cluster.shape import (
+    SERVING_DTYPES,
+    model_bytes,
+    model_shape,
+    serving_dtype,
+    shape_for_dtype,
+)
 from agent.cluster.state import ModelShape, NodeProfile
 from agent.engine import ModelInfo, ModelNotFound, canonical_name
 from agent.models.store import ModelStore
@@ -34,25 +40,26 @@ class ModelCatalogue:
     def shape(self, model: str, dtype: str = "float32",
               nodes: list[NodeProfile] | None = None) -> ModelShape | None:
         """`model`'s placement shape at the format `dtype` resolves to on `nodes`."""
-        nodes = nodes or []
-        auto = dtype == "auto"
-        key = (model, dtype if not auto else "auto:" + ",".join(
-            f"{n.backend}{n.usable_memory_bytes}" for n in sorted(nodes, key=lambda n: n.node_id)))
+        f32 = self._stored_shape(model, "float32")
+        if f32 is None:
+            return None
+        chosen = serving_dtype(dtype, float32_bytes=model_bytes(f32), nodes=nodes or [])
+        return f32 if chosen == "float32" else self._stored_shape(model, chosen)
+
+    def _stored_shape(self, model: str, dtype: str) -> ModelShape | None:
+        """The shape at one concrete format, read once (from the safetensors headers here, or
+        as the holder sent it); "auto" is resolved by the caller, so the nodes' free memory,
+        which moves all the time, never forces a read again."""
+        key = (model, dtype)
         if key not in self._shapes:
             try:
-                self._shapes[key] = shape_for_dtype(self.store.resolve(model), model, dtype,
-                                                    nodes)
+                self._shapes[key] = model_shape(self.store.resolve(model), model, dtype=dtype)
             except (ModelNotFound, OSError, ValueError, KeyError) as exc:
                 remote = self._remote.get(model)
-                if remote is None or "float32" not in remote[1]:
+                if remote is None or dtype not in remote[1]:
                     log.debug("no shape for %s: %s", model, exc)
                     return None
-                shapes = remote[1]
-                chosen = serving_dtype(dtype, float32_bytes=model_bytes(shapes["float32"]),
-                                       nodes=nodes)
-                if chosen not in shapes:
-                    return None
-                self._shapes[key] = shapes[chosen]
+                self._shapes[key] = remote[1][dtype]
         return self._shapes[key]
 
     def remote_info(self, model: str) -> ModelInfo | None:

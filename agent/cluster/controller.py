@@ -17,6 +17,7 @@ import asyncio
 import logging
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from agent.engine import ModelInfo, ModelNotFound, canonical_name
 from agent.models.store import ModelStore
 from agent.runtime.kernels import describe_kernels
 from agent.runtime.protocol import RunnerConfig
+from agent.sampled import Sampled
 from agent.serving.pool import RunnerPool
 from agent.serving.router import Router
 from agent.settings import NodeSettings
@@ -55,6 +57,14 @@ from agent.spec import ClusterSpec, VersionedSpec, draft_errors, parse_spec, spe
 log = logging.getLogger("flock.cluster")
 
 PUSH_EVERY_S = 5.0
+# How stale this node's own store listing and free memory may be in its profile.
+LOCAL_FACTS_MAX_AGE_S = 1.0
+
+
+@dataclass(frozen=True)
+class LocalFacts:
+    models: tuple[str, ...]  # what the store holds
+    memory_available_bytes: int
 
 
 class ClusterController:
@@ -74,6 +84,9 @@ class ClusterController:
         self.speed = ComputeSpeed("", 0.0, 0.0, "")  # measured in start()
         self._kernels = describe_kernels(settings)  # looks for the built file; loads nothing
         self._addresses: list[str] = []
+        # This node's own facts that cost I/O to read (the store's manifests; vm_stat on
+        # macOS): every view of the cluster includes this node's profile (see agent/sampled.py).
+        self.local_facts = Sampled(self._read_local_facts, LOCAL_FACTS_MAX_AGE_S)
         self.client = PeerClient(node_id=self.node_id, secret=self.secret,
                                  timeout_s=settings.peer_timeout_s)
         self.link_meter = LinkMeter(self.client)
@@ -109,9 +122,14 @@ class ClusterController:
     def node_id(self) -> str:
         return self.identity.node_id
 
+    def _read_local_facts(self) -> LocalFacts:
+        return LocalFacts(models=tuple(sorted(m.name for m in self.store.list())),
+                          memory_available_bytes=sysinfo.available_memory_bytes())
+
     def profile(self) -> NodeProfile:
         s = self.settings
         spec = self.assignment.spec
+        facts = self.local_facts.get()
         return NodeProfile(
             node_id=self.node_id,
             name=s.node_name or platform.node() or self.node_id[:8],
@@ -120,7 +138,7 @@ class ClusterController:
             api_port=s.port,
             backend=sysinfo.backend_name(),  # type: ignore[arg-type]
             memory_total_bytes=sysinfo.total_memory_bytes(),
-            memory_available_bytes=sysinfo.available_memory_bytes(),
+            memory_available_bytes=facts.memory_available_bytes,
             memory_cap_bytes=s.memory_cap_bytes,
             compute_gflops=self.speed.matmul_gflops,
             decode_gflops=self.speed.matvec_gflops,
@@ -130,7 +148,7 @@ class ClusterController:
             kernels=self._kernels,
             spec_generation=spec.generation if spec else 0,
             spec_hash=spec.hash if spec else "",
-            models=sorted(m.name for m in self.store.list()),
+            models=list(facts.models),
             data_port=s.data_port_base,
         )
 

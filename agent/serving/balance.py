@@ -248,6 +248,12 @@ class LoadBook:
     def started(self, instance_id: str) -> int:
         return self._started.get(instance_id, 0)
 
+    def busy_within(self, window_s: float, now: float | None = None) -> bool:
+        """Whether a request is open, or one started within the last `window_s` seconds."""
+        now = time.monotonic() if now is None else now
+        return any(self._open.values()) or any(
+            now - started < window_s for started in self._last_start.values())
+
     def oldest_waiting_s(self, instance_id: str, now: float | None = None) -> float:
         """Age of the oldest open request that has no first token yet (0 when none)."""
         now = time.monotonic() if now is None else now

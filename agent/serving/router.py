@@ -170,6 +170,10 @@ class Router:
         return measured_load(route.instance_id, self._table.node_id, stats, max_batch,
                              self.serving, ready=runner is not None)
 
+    def busy_within(self, window_s: float) -> bool:
+        """Whether this node sent or ran a request within the last `window_s` seconds."""
+        return self.serving.busy_within(window_s) or self.outgoing.busy_within(window_s)
+
     def local_loads(self) -> list[ReplicaLoad]:
         """Loads of every head this node runs (what `/cluster/load` answers)."""
         return [load for routes in self._table.routes.values()
