@@ -11,6 +11,12 @@ Prints `name: value` lines:
                                two replicas, one per node, each runner on its own core / the
                                same 16 streams on one replica on one core) / ceiling_16_over_8
   replicas2_multi_vs_single    that ratio before dividing by the ceiling
+  independent2_multi_vs_ceiling  the control: two separate single-replica models, one per node
+                               and core, 8 streams sent straight to each node (no routing, no
+                               relay) / the same ceiling: what two cores give two independent
+                               replicas on this machine at all (they slow each other: shared
+                               memory bandwidth and clock, and the agents and this client run on
+                               the runners' cores), so the ceiling that routing can reach here
   autoscale_second_replica_s   `max_replicas = 2`, short thresholds, `--max-batch 4`: from the
                                start of a sustained overload (12 streams) to the second replica
                                answering a request
@@ -27,6 +33,7 @@ import asyncio
 import os
 import re
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -53,9 +60,9 @@ def pin(pid: int, core: int) -> None:
                    check=True, capture_output=True)
 
 
-async def aggregate_tok_s(url: str, model: str, streams: int, tokens: int) -> float:
-    """Completion tokens of `streams` concurrent greedy chats / wall time from start to last end.
-    Prompts are new to every prefix cache (a nonce leads each)."""
+async def streamed_tokens(url: str, model: str, streams: int, tokens: int) -> int:
+    """Completion tokens of `streams` concurrent greedy chats. Prompts are new to every prefix
+    cache (a nonce leads each)."""
     async def one(client: httpx.AsyncClient, i: int) -> int:
         nonce = secrets.token_hex(4)
         messages = [{"role": "user", "content": f"[{nonce}] Tell story {i} about a lighthouse."}]
@@ -66,10 +73,16 @@ async def aggregate_tok_s(url: str, model: str, streams: int, tokens: int) -> fl
     limits = httpx.Limits(max_connections=streams + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, trust_env=False,
                                  limits=limits) as client:
-        started = time.perf_counter()
         counts = await asyncio.gather(*(one(client, i) for i in range(streams)))
-        elapsed = time.perf_counter() - started
-    return sum(counts) / elapsed
+    return sum(counts)
+
+
+async def aggregate_tok_s(url: str, model: str, streams: int, tokens: int) -> float:
+    """Completion tokens of `streams` concurrent greedy chats / wall time from start to last
+    end."""
+    started = time.perf_counter()
+    total = await streamed_tokens(url, model, streams, tokens)
+    return total / (time.perf_counter() - started)
 
 
 def _routed(metrics: str, instance: str) -> float:
@@ -90,49 +103,78 @@ def _ready_heads(cluster: LoopbackCluster) -> set[str]:
     return ready
 
 
+def _linked_copy(model_dir: Path, directory: Path) -> Path:
+    """`model_dir`'s files hard-linked (copied where links fail) into `directory`."""
+    directory.mkdir()
+    for item in model_dir.iterdir():
+        if item.is_file():
+            try:
+                os.link(item, directory / item.name)
+            except OSError:
+                shutil.copy2(item, directory / item.name)
+    return directory
+
+
+async def _independent_tok_s(urls: tuple[str, str], models: tuple[str, str], streams: int,
+                             tokens: int) -> float:
+    """`streams` to each (url, model) at once: all their tokens / the wall time of both."""
+    started = time.perf_counter()
+    totals = await asyncio.gather(*(streamed_tokens(u, m, streams, tokens)
+                                    for u, m in zip(urls, models, strict=True)))
+    return sum(totals) / (time.perf_counter() - started)
+
+
 def throughput_figures(models: Path, model_dir: Path, rounds: int, tokens: int
                        ) -> dict[str, float]:
     """Two loopback agents: MODEL as two replicas (one per node), the same weights by path as
-    one replica on n0; replica runners pinned to cores 0 and 1, the baseline's to core 0."""
-    spec_text = (f'[[models]]\nmodel = "{MODEL}"\nreplicas = 2\n\n'
-                 f'[[models]]\nmodel = "{model_dir}"\nnodes = ["n0"]\n')
+    one replica on n0 (the baseline) and, hard-linked, as another on n1 (the control); replica
+    runners pinned to cores 0 and 1, the baseline's to core 0, the control's to core 1."""
     single: dict[int, list[float]] = {8: [], 16: []}
     replicas: list[float] = []
+    independent: list[float] = []
     with tempfile.TemporaryDirectory(prefix="flock-bench-replicas-") as tmp:
         root = Path(tmp)
+        control = _linked_copy(model_dir, root / "control-copy")
         spec = root / "cluster.toml"
-        spec.write_text(spec_text)
+        spec.write_text(f'[[models]]\nmodel = "{MODEL}"\nreplicas = 2\n\n'
+                        f'[[models]]\nmodel = "{model_dir}"\nnodes = ["n0"]\n\n'
+                        f'[[models]]\nmodel = "{control}"\nnodes = ["n1"]\n')
         cluster = LoopbackCluster(root=root, models_dir=models)
         try:
             agents = [cluster.start(f"n{i}", cluster_file=spec) for i in range(2)]
             cluster.wait_up(timeout=180)
-            cluster.wait_for("three runners ready", lambda: len(_ready_heads(cluster)) == 3,
+            cluster.wait_for("four runners ready", lambda: len(_ready_heads(cluster)) == 4,
                              timeout=600)
+            cores = {str(model_dir): 0, str(control): 1}
             for core, agent in enumerate(agents):
                 for pid in runner_pids(agent.pid):
-                    name = runner_config(pid).get("model_name")
-                    pin(pid, 0 if name == str(model_dir) else core)
+                    pin(pid, cores.get(runner_config(pid).get("model_name"), core))
             url = agents[0].url
+            pair = ((agents[0].url, agents[1].url), (str(model_dir), str(control)))
             asyncio.run(aggregate_tok_s(url, MODEL, 16, 8))  # warm-up: compile the shapes
             asyncio.run(aggregate_tok_s(url, str(model_dir), 16, 8))
+            asyncio.run(_independent_tok_s(*pair, 8, 8))
             for _ in range(rounds):
                 single[8].append(asyncio.run(aggregate_tok_s(url, str(model_dir), 8, tokens)))
                 single[16].append(asyncio.run(aggregate_tok_s(url, str(model_dir), 16, tokens)))
                 replicas.append(asyncio.run(aggregate_tok_s(url, MODEL, 16, tokens)))
+                independent.append(asyncio.run(_independent_tok_s(*pair, 8, tokens)))
             metrics = cluster.metrics(agents[0])
             share = [_routed(metrics, f"{_slug(MODEL)}-{r}") for r in range(2)]
         finally:
             cluster.close()
-    one8, one16, two16 = (statistics.median(single[8]), statistics.median(single[16]),
-                          statistics.median(replicas))
+    one8, one16, two16, both16 = (statistics.median(single[8]), statistics.median(single[16]),
+                                  statistics.median(replicas), statistics.median(independent))
     ceiling = 2 * one8 / one16
     return {
         "ceiling_16_over_8": ceiling,
         "replicas2_multi_vs_single": two16 / one16,
         "replicas2_multi_vs_ceiling": two16 / one16 / ceiling,
+        "independent2_multi_vs_ceiling": both16 / one16 / ceiling,
         "single_8_streams_tok_s": one8,
         "single_16_streams_tok_s": one16,
         "replicas2_16_streams_tok_s": two16,
+        "independent2_16_streams_tok_s": both16,
         "replicas2_share_of_replica_1": share[1] / max(1.0, sum(share)),
     }
 
@@ -240,10 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_autoscale:
         figures.update(autoscale_figure(models, tokens))
     for name in ("ceiling_16_over_8", "replicas2_multi_vs_ceiling", "replicas2_multi_vs_single",
-                 "replicas2_share_of_replica_1"):
+                 "independent2_multi_vs_ceiling", "replicas2_share_of_replica_1"):
         emit(name, figures[name], 3)
     for name in ("single_8_streams_tok_s", "single_16_streams_tok_s",
-                 "replicas2_16_streams_tok_s"):
+                 "replicas2_16_streams_tok_s", "independent2_16_streams_tok_s"):
         emit(name, figures[name], 1)
     for name in ("autoscale_second_replica_s", "autoscale_decision_s"):
         if name in figures:

@@ -287,7 +287,7 @@ def replicas_section(args: argparse.Namespace) -> None:
                     else "ceiling_16_over_8")
     emit(ceiling_name, figures["ceiling_16_over_8"], 3)
     for name in ("replicas2_multi_vs_ceiling", "replicas2_multi_vs_single",
-                 "replicas2_share_of_replica_1"):
+                 "independent2_multi_vs_ceiling", "replicas2_share_of_replica_1"):
         emit(name, figures[name], 3)
     scaled = autoscale_figure(models, min(args.tokens, 64))
     for name in ("autoscale_second_replica_s", "autoscale_decision_s"):
