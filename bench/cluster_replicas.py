@@ -33,7 +33,6 @@ import asyncio
 import os
 import re
 import secrets
-import shutil
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import bench_models, chat_body, emit, stream_chat_async, warn_if_busy  # noqa: E402
-from tests.cluster_tools import MODEL, LoopbackCluster, runner_config  # noqa: E402
+from tests.cluster_tools import MODEL, LoopbackCluster, link_files, runner_config  # noqa: E402
 from tests.live_agent import runner_pids, wait_until  # noqa: E402
 
 SINGLE = "single-replica"  # the baseline model entry's name in the bench store (same weights)
@@ -104,14 +103,9 @@ def _ready_heads(cluster: LoopbackCluster) -> set[str]:
 
 
 def _linked_copy(model_dir: Path, directory: Path) -> Path:
-    """`model_dir`'s files hard-linked (copied where links fail) into `directory`."""
+    """`model_dir`'s files hard-linked (copied where links fail) into a new `directory`."""
     directory.mkdir()
-    for item in model_dir.iterdir():
-        if item.is_file():
-            try:
-                os.link(item, directory / item.name)
-            except OSError:
-                shutil.copy2(item, directory / item.name)
+    link_files(model_dir, directory)
     return directory
 
 

@@ -43,8 +43,6 @@ import argparse
 import asyncio
 import hashlib
 import json
-import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -144,14 +142,12 @@ def instance_key(model: str) -> str:
 
 def frobnicator_dir(root: Path, template: Path) -> Path:
     """A model directory like `template` (its weights linked) whose architecture nobody runs."""
+    from tests.cluster_tools import link_files
+
     out = root / "frobnicator"
     out.mkdir(parents=True, exist_ok=True)
-    for item in template.iterdir():
-        if item.is_file() and item.name != "config.json":
-            try:
-                os.link(item, out / item.name)
-            except OSError:
-                shutil.copy2(item, out / item.name)
+    link_files(template, out)
+    (out / "config.json").unlink()  # a link to the template's: written anew, not through it
     config = json.loads((template / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, "model_type": "frobnicator"}))
     return out
@@ -195,7 +191,7 @@ def pipeline_figures(models: dict[str, tuple[Path, list[int]]],
                      want: dict[str, str]) -> dict[str, str]:
     """arch -> "" when a 2-stage pipeline instance of it gives mlx-lm's text, else why."""
     from agent.models.store import ModelStore
-    from tests.cluster_tools import LoopbackCluster
+    from tests.cluster_tools import LoopbackCluster, link_files
 
     failing: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="flock-bench-models-pipe-") as tmp:
@@ -203,12 +199,7 @@ def pipeline_figures(models: dict[str, tuple[Path, list[int]]],
         store = ModelStore(root / "store")
         for arch, (directory, _) in models.items():
             def build(out: Path, source: Path = directory) -> None:
-                for item in source.iterdir():
-                    if item.is_file():
-                        try:
-                            os.link(item, out / item.name)
-                        except OSError:
-                            shutil.copy2(item, out / item.name)
+                link_files(source, out)
 
             store.add(f"tiny-{arch.replace('_', '-')}", build, source=f"path:{directory}",
                       dtype="float32")

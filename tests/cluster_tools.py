@@ -54,6 +54,17 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 # ---- the model store agents share -------------------------------------------------------------
 
 
+def link_files(source: Path, directory: Path) -> None:
+    """`source`'s files (not its folders) hard-linked into `directory`, copied where the
+    filesystem refuses links: a model's weights without a second copy on disk."""
+    for item in source.iterdir():
+        if item.is_file():
+            try:
+                os.link(item, directory / item.name)
+            except OSError:
+                shutil.copy2(item, directory / item.name)
+
+
 def shared_models_dir(root: Path, model_dir: Path) -> Path:
     """A model store at `root` holding `model_dir` (an mlx-lm directory) as `smollm2-135m`.
 
@@ -66,15 +77,8 @@ def shared_models_dir(root: Path, model_dir: Path) -> Path:
     if MODEL in {m.name for m in store.list()}:
         return root
 
-    def build(directory: Path) -> None:
-        for item in model_dir.iterdir():
-            if item.is_file():
-                try:
-                    os.link(item, directory / item.name)
-                except OSError:
-                    shutil.copy2(item, directory / item.name)
-
-    store.add(MODEL, build, source=f"path:{model_dir}", dtype="float32")
+    store.add(MODEL, lambda directory: link_files(model_dir, directory),
+              source=f"path:{model_dir}", dtype="float32")
     return root
 
 

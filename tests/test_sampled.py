@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 from agent.sampled import Sampled
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.test_membership import ManualClock
 
 
 def test_a_reading_is_reused_until_it_is_too_old_or_invalidated() -> None:
     reads: list[int] = []
-    clock = Clock()
+    clock = ManualClock()
+    clock.now = 100.0
 
     def read() -> int:
         reads.append(len(reads))

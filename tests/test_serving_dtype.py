@@ -17,6 +17,7 @@ from agent.cluster.placement import place
 from agent.cluster.shape import model_bytes, model_shape, serving_dtype, shape_for_dtype
 from agent.cluster.state import NodeProfile
 from agent.cluster.wiring import runner_configs
+from agent.models.store import ModelStore
 
 GiB = 1 << 30
 
@@ -50,18 +51,22 @@ def test_kept_4bit_shape_counts_the_stored_bytes(smollm2_4bit_dir: Path) -> None
     assert shape_for_dtype(smollm2_4bit_dir, "s4", "auto", tight).dtype == "keep"
 
 
+def store_holding(root: Path, name: str, model_dir: Path) -> ModelStore:
+    """A model store at `root` holding a copy of `model_dir` as `name`."""
+    store = ModelStore(root)
+    store.add(name, lambda d: shutil.copytree(model_dir, d, dirs_exist_ok=True), source="test")
+    return store
+
+
 def test_spec_dtype_reaches_the_placement_and_every_ranks_runner_config(
     tmp_path: Path, smollm2_4bit_dir: Path,
 ) -> None:
     from agent.cluster.controller import ClusterController
-    from agent.models.store import ModelStore
     from agent.serving.pool import RunnerPool
     from agent.serving.router import Router
     from agent.settings import NodeSettings
 
-    store = ModelStore(tmp_path / "models")
-    store.add("smollm2-4bit", lambda d: shutil.copytree(smollm2_4bit_dir, d, dirs_exist_ok=True),
-              source="test")
+    store = store_holding(tmp_path / "models", "smollm2-4bit", smollm2_4bit_dir)
     settings = NodeSettings(state_dir=tmp_path / "state", models_dir=tmp_path / "models",
                             discovery_enabled=False, dtype="float16")
     pool = RunnerPool(settings)
@@ -99,11 +104,8 @@ def test_the_catalogue_resolves_auto_per_call_and_reads_each_format_once(
     tmp_path: Path, smollm2_4bit_dir: Path,
 ) -> None:
     from agent.cluster.peers import PeerClient
-    from agent.models.store import ModelStore
 
-    store = ModelStore(tmp_path / "models")
-    store.add("s4", lambda d: shutil.copytree(smollm2_4bit_dir, d, dirs_exist_ok=True),
-              source="test")
+    store = store_holding(tmp_path / "models", "s4", smollm2_4bit_dir)
     catalogue = ModelCatalogue(store, PeerClient(node_id="n0", secret=None, timeout_s=1.0))
     f32 = model_shape(smollm2_4bit_dir, "s4", dtype="float32")
     kept = model_shape(smollm2_4bit_dir, "s4", dtype="keep")
