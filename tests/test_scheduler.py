@@ -267,3 +267,27 @@ def test_the_stream_carries_every_generated_token_id(tiny_dir: Path) -> None:
         assert len([t for c in chunks for t in c.token_ids]) == end.usage.completion_tokens == 40
         held_back += sum(len(c.token_ids) > 1 for c in chunks)
     assert held_back > 0  # tokens really were held back
+
+
+def test_short_prompts_arriving_together_start_in_one_round(tiny_dir: Path) -> None:
+    prompts = {"a": [10, 20, 30], "long": list(range(40, 90)), "b": [200, 201],
+               "c": [5, 6, 7, 8]}
+    alone = {}
+    for rid, prompt in prompts.items():
+        sched, events = make_scheduler(tiny_dir)
+        sched.submit(request(rid, prompt, 6))
+        run_all(sched)
+        alone[rid] = tokens_of(events, rid)
+    sched, events = make_scheduler(tiny_dir)
+    for rid, prompt in prompts.items():
+        sched.submit(request(rid, prompt, 6))
+    sched.step()
+    # The first prompt's chunk, then every later one that fits whole in what is left of the
+    # round's slice (32 tokens before the prefill speed is measured): the long one waits its
+    # turn untouched (no partial chunk), the short ones after it start now.
+    started = {e.id for e in events if isinstance(e, TokenChunk)}
+    assert started == {"a", "b", "c"}
+    assert sched.running["long"].prefilled == 0
+    run_all(sched)
+    for rid in prompts:
+        assert tokens_of(events, rid) == alone[rid]

@@ -283,13 +283,8 @@ class Scheduler:
                     if not s.in_prefill and s.next_token is not None]
         prefilling = [s for s in self.running.values() if s.in_prefill]
         if prefilling:
-            self._period = None  # this round's prefill chunk is no decode step's cost
-            if decoding:
-                chunk = prefill_slice(self.limits.prefill_chunk, self.limits.prefill_gap_steps,
-                                      self.decode_step_s, self.prefill_s_per_token)
-            else:
-                chunk = self.limits.solo_prefill_chunk
-            self._prefill_chunk(prefilling[0], chunk)
+            self._period = None  # this round's prefill chunks are no decode step's cost
+            self._prefill_round(prefilling, bool(decoding))
         if decoding:
             self._decode(decoding)
         self._compact()
@@ -300,6 +295,24 @@ class Scheduler:
             if seq is not None:
                 self.cancelled.discard(request_id)
                 self._finish(seq, "cancelled")
+
+    def _prefill_round(self, prefilling: list[Sequence], others_decode: bool) -> None:
+        """This round's prefill: the oldest prompt's next chunk (sized by time while others
+        decode, `solo_prefill_chunk` when none does), then every later prompt that fits whole in
+        what is left of the time-sized slice, so short prompts arriving together start in one
+        round rather than one per decode step; a prompt that does not fit waits its turn (no
+        small partial chunks)."""
+        timed = prefill_slice(self.limits.prefill_chunk, self.limits.prefill_gap_steps,
+                              self.decode_step_s, self.prefill_s_per_token)
+        first, *later = prefilling
+        chunk = timed if others_decode else self.limits.solo_prefill_chunk
+        left = timed - min(chunk, len(first.prompt) - first.prefilled)
+        self._prefill_chunk(first, chunk)
+        for seq in later:
+            remaining = len(seq.prompt) - seq.prefilled
+            if remaining <= left:
+                self._prefill_chunk(seq, remaining)
+                left -= remaining
 
     def _prefill_chunk(self, seq: Sequence, chunk: int) -> None:
         start = seq.prefilled
