@@ -55,14 +55,21 @@ def request(rid: str, prompt: list[int], max_tokens: int = 8, **sampling: object
 
 
 
-def test_batched_requests_generate_what_each_generates_alone(tiny_dir: Path) -> None:
-    prompts = {"a": [10, 20, 30], "b": list(range(40, 75)), "c": [200, 201]}
+def each_alone(model_dir: Path, prompts: dict[str, list[int]], max_tokens: int
+               ) -> dict[str, list[int]]:
+    """The greedy ids each prompt generates on a scheduler of its own."""
     alone = {}
     for rid, prompt in prompts.items():
-        sched, events = make_scheduler(tiny_dir)
-        sched.submit(request(rid, prompt, 12))
+        sched, events = make_scheduler(model_dir)
+        sched.submit(request(rid, prompt, max_tokens))
         run_all(sched)
         alone[rid] = tokens_of(events, rid)
+    return alone
+
+
+def test_batched_requests_generate_what_each_generates_alone(tiny_dir: Path) -> None:
+    prompts = {"a": [10, 20, 30], "b": list(range(40, 75)), "c": [200, 201]}
+    alone = each_alone(tiny_dir, prompts, 12)
     sched, events = make_scheduler(tiny_dir)
     sched.submit(request("a", prompts["a"], 12))
     sched.step()
@@ -272,12 +279,7 @@ def test_the_stream_carries_every_generated_token_id(tiny_dir: Path) -> None:
 def test_short_prompts_arriving_together_start_in_one_round(tiny_dir: Path) -> None:
     prompts = {"a": [10, 20, 30], "long": list(range(40, 90)), "b": [200, 201],
                "c": [5, 6, 7, 8]}
-    alone = {}
-    for rid, prompt in prompts.items():
-        sched, events = make_scheduler(tiny_dir)
-        sched.submit(request(rid, prompt, 6))
-        run_all(sched)
-        alone[rid] = tokens_of(events, rid)
+    alone = each_alone(tiny_dir, prompts, 6)
     sched, events = make_scheduler(tiny_dir)
     for rid, prompt in prompts.items():
         sched.submit(request(rid, prompt, 6))
