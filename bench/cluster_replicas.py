@@ -102,13 +102,6 @@ def _ready_heads(cluster: LoopbackCluster) -> set[str]:
     return ready
 
 
-def _linked_copy(model_dir: Path, directory: Path) -> Path:
-    """`model_dir`'s files hard-linked (copied where links fail) into a new `directory`."""
-    directory.mkdir()
-    link_files(model_dir, directory)
-    return directory
-
-
 async def _independent_tok_s(urls: tuple[str, str], models: tuple[str, str], streams: int,
                              tokens: int) -> float:
     """`streams` to each (url, model) at once: all their tokens / the wall time of both."""
@@ -128,7 +121,9 @@ def throughput_figures(models: Path, model_dir: Path, rounds: int, tokens: int
     independent: list[float] = []
     with tempfile.TemporaryDirectory(prefix="flock-bench-replicas-") as tmp:
         root = Path(tmp)
-        control = _linked_copy(model_dir, root / "control-copy")
+        control = root / "control-copy"  # the same weights, hard-linked, by another path
+        control.mkdir()
+        link_files(model_dir, control)
         spec = root / "cluster.toml"
         spec.write_text(f'[[models]]\nmodel = "{MODEL}"\nreplicas = 2\n\n'
                         f'[[models]]\nmodel = "{model_dir}"\nnodes = ["n0"]\n\n'

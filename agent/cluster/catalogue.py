@@ -15,13 +15,7 @@ from urllib.parse import quote
 import msgspec
 
 from agent.cluster.peers import PeerClient, PeerError, base_url
-from agent.cluster.shape import (
-    SERVING_DTYPES,
-    model_bytes,
-    model_shape,
-    serving_dtype,
-    shape_for_dtype,
-)
+from agent.cluster.shape import SERVING_DTYPES, model_shape, resolved_shape, shape_for_dtype
 from agent.cluster.state import ModelShape, NodeProfile
 from agent.engine import ModelInfo, ModelNotFound, canonical_name
 from agent.models.store import ModelStore
@@ -40,11 +34,7 @@ class ModelCatalogue:
     def shape(self, model: str, dtype: str = "float32",
               nodes: list[NodeProfile] | None = None) -> ModelShape | None:
         """`model`'s placement shape at the format `dtype` resolves to on `nodes`."""
-        f32 = self._stored_shape(model, "float32")
-        if f32 is None:
-            return None
-        chosen = serving_dtype(dtype, float32_bytes=model_bytes(f32), nodes=nodes or [])
-        return f32 if chosen == "float32" else self._stored_shape(model, chosen)
+        return resolved_shape(dtype, nodes or [], lambda fmt: self._stored_shape(model, fmt))
 
     def _stored_shape(self, model: str, dtype: str) -> ModelShape | None:
         """The shape at one concrete format, read once (from the safetensors headers here, or

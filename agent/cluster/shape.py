@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.cluster.state import ModelShape, NodeProfile
@@ -92,12 +93,24 @@ def serving_dtype(requested: str, *, float32_bytes: int, nodes: list[NodeProfile
     return "float32" if float32_bytes <= largest else "keep"
 
 
+def resolved_shape(requested: str, nodes: list[NodeProfile],
+                   read: Callable[[str], ModelShape | None]) -> ModelShape | None:
+    """The shape at the dtype `requested` resolves to on these nodes, from `read` (the shape at
+    one concrete dtype, or None when it cannot be had): the float32 shape decides "auto"."""
+    f32 = read("float32")
+    if f32 is None:
+        return None
+    chosen = serving_dtype(requested, float32_bytes=model_bytes(f32), nodes=nodes)
+    return f32 if chosen == "float32" else read(chosen)
+
+
 def shape_for_dtype(model_dir: Path, name: str, requested: str,
                     nodes: list[NodeProfile]) -> ModelShape:
     """The placement shape at the dtype `requested` resolves to on these nodes."""
-    f32 = model_shape(model_dir, name, dtype="float32")
-    chosen = serving_dtype(requested, float32_bytes=model_bytes(f32), nodes=nodes)
-    return f32 if chosen == "float32" else model_shape(model_dir, name, dtype=chosen)
+    shape = resolved_shape(requested, nodes,
+                           lambda dtype: model_shape(model_dir, name, dtype=dtype))
+    assert shape is not None  # model_shape raises rather than answering None
+    return shape
 
 
 def _tensor_shapes(model_dir: Path) -> dict[str, tuple[str, list[int]]]:

@@ -306,13 +306,12 @@ class Scheduler:
                               self.decode_step_s, self.prefill_s_per_token)
         first, *later = prefilling
         chunk = timed if others_decode else self.limits.solo_prefill_chunk
-        left = timed - min(chunk, len(first.prompt) - first.prefilled)
+        left = timed - min(chunk, first.prompt_left)
         self._prefill_chunk(first, chunk)
         for seq in later:
-            remaining = len(seq.prompt) - seq.prefilled
-            if remaining <= left:
-                self._prefill_chunk(seq, remaining)
-                left -= remaining
+            if seq.prompt_left <= left:
+                left -= seq.prompt_left
+                self._prefill_chunk(seq, seq.prompt_left)
 
     def _prefill_chunk(self, seq: Sequence, chunk: int) -> None:
         start = seq.prefilled

@@ -66,6 +66,11 @@ class Sequence:
         return self.prefilled < len(self.prompt)
 
     @property
+    def prompt_left(self) -> int:
+        """Prompt tokens not prefilled yet."""
+        return len(self.prompt) - self.prefilled
+
+    @property
     def reserved_tokens(self) -> int:
         return len(self.prompt) + self.max_tokens
 

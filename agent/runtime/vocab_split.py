@@ -104,9 +104,17 @@ def tail_best(logits: mx.array, vocab_from: int) -> tuple[mx.array, mx.array]:
     value and its vocabulary id (the lowest of equal maxima)."""
     import mlx.core as mx
 
-    ids = mx.argmax(logits, axis=-1)  # one pass; the value is read at its index
-    values = mx.take_along_axis(logits, ids[:, None], axis=-1)[:, 0]
+    values, ids = _row_best(logits)
     return values, ids.astype(mx.uint32) + vocab_from
+
+
+def _row_best(logits: mx.array) -> tuple[mx.array, mx.array]:
+    """Per row, the best value and its index (the lowest of equal maxima): one argmax pass, the
+    value read at its index."""
+    import mlx.core as mx
+
+    ids = mx.argmax(logits, axis=-1)
+    return mx.take_along_axis(logits, ids[:, None], axis=-1)[:, 0], ids
 
 
 def join_best(own: mx.array, tail_values: mx.array, tail_ids: mx.array) -> mx.array:
@@ -115,8 +123,7 @@ def join_best(own: mx.array, tail_values: mx.array, tail_ids: mx.array) -> mx.ar
     tie goes to the lower id, as `argmax` over the joined logits would give."""
     import mlx.core as mx
 
-    own_ids = mx.argmax(own, axis=-1)
-    own_best = mx.take_along_axis(own, own_ids[:, None], axis=-1)[:, 0]
+    own_best, own_ids = _row_best(own)
     return mx.where(tail_values > own_best, tail_ids.astype(mx.uint32), own_ids.astype(mx.uint32))
 
 
